@@ -1,0 +1,190 @@
+/* The fault path. A handler thread (a Python thread that released the GIL
+ * in a cffi call) reads batches of userfaultfd messages here; the C fast path
+ * resolves write faults without returning to Python at all. Every resolved
+ * fault leaves a wp_record in a single-producer ring that Python drains. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/sdt.h>
+#include <unistd.h>
+#include "wp_kernel.h"
+#include "wp.h"
+
+struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size)
+{
+	struct wp_loop *loop = calloc(1, sizeof(*loop));
+	if (!loop)
+		return NULL;
+	uint64_t size = 1;
+	while (size < ring_size)
+		size <<= 1;
+	loop->ring = calloc(size, sizeof(*loop->ring));
+	loop->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (!loop->ring || loop->stopfd < 0) {
+		free(loop->ring);
+		free(loop);
+		return NULL;
+	}
+	loop->uffd = uffd;
+	loop->page_size = page_size;
+	loop->ring_size = size;
+	return loop;
+}
+
+void wp_loop_free(struct wp_loop *loop)
+{
+	if (!loop)
+		return;
+	close(loop->stopfd);
+	free(loop->ring);
+	free(loop);
+}
+
+void wp_loop_stop(struct wp_loop *loop)
+{
+	uint64_t one = 1;
+	__atomic_store_n(&loop->stop, 1, __ATOMIC_RELEASE);
+	(void)!write(loop->stopfd, &one, sizeof(one));
+}
+
+static int stopped(struct wp_loop *loop)
+{
+	return __atomic_load_n(&loop->stop, __ATOMIC_ACQUIRE);
+}
+
+static void record(struct wp_loop *loop, const struct wp_msg *msg, uint32_t how)
+{
+	uint64_t head = loop->head;
+	uint64_t tail = __atomic_load_n(&loop->tail, __ATOMIC_ACQUIRE);
+	if (head - tail >= loop->ring_size) {
+		/* Full: drop the oldest record, never block the fault path. */
+		__atomic_compare_exchange_n(&loop->tail, &tail, tail + 1, 0,
+					    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+		loop->dropped++;
+	}
+	struct wp_record *r = &loop->ring[head & (loop->ring_size - 1)];
+	r->addr = msg->addr;
+	r->tid = msg->tid;
+	r->how = how;
+	r->t_read_ns = msg->t_read_ns;
+	r->t_resolved_ns = wp_now_ns();
+	__atomic_store_n(&loop->head, head + 1, __ATOMIC_RELEASE);
+}
+
+uint64_t wp_loop_drain(struct wp_loop *loop, struct wp_record *out, uint64_t max)
+{
+	uint64_t n = 0;
+	for (;;) {
+		uint64_t tail = __atomic_load_n(&loop->tail, __ATOMIC_ACQUIRE);
+		uint64_t head = __atomic_load_n(&loop->head, __ATOMIC_ACQUIRE);
+		if (tail == head || n == max)
+			return n;
+		out[n] = loop->ring[tail & (loop->ring_size - 1)];
+		/* The producer may have dropped this record meanwhile. */
+		if (__atomic_compare_exchange_n(&loop->tail, &tail, tail + 1, 0,
+						__ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+			n++;
+	}
+}
+
+/* Blocks until the uffd is readable or the loop is stopped. In spin mode it
+ * never sleeps: on this VM a sleeping handler costs a wakeup (tens of us)
+ * per fault, a spinning one costs a CPU. */
+static int wait_readable(struct wp_loop *loop, int timeout_ms)
+{
+	if (loop->spin)
+		return stopped(loop) ? -ECANCELED : 1;
+	struct pollfd fds[2] = {
+		{ .fd = loop->uffd, .events = POLLIN },
+		{ .fd = loop->stopfd, .events = POLLIN },
+	};
+	int n = poll(fds, 2, timeout_ms);
+	if (n < 0)
+		return errno == EINTR ? 0 : -errno;
+	if (stopped(loop))
+		return -ECANCELED;
+	if (fds[0].revents & (POLLERR | POLLHUP))
+		return -EPIPE;
+	return n;
+}
+
+int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_ms)
+{
+	uint64_t deadline = timeout_ms >= 0 ? wp_now_ns() + timeout_ms * 1000000ull : 0;
+	for (;;) {
+		int r = wait_readable(loop, timeout_ms);
+		if (r < 0)
+			return r;
+		if (r > 0) {
+			int n = wp_uffd_read(loop->uffd, out, max);
+			if (n != 0) {
+				for (int i = 0; i < n; i++) {
+					if (out[i].event == UFFD_EVENT_PAGEFAULT) {
+						loop->faults++;
+						DTRACE_PROBE3(wp, fault_read, out[i].addr,
+							      out[i].tid, out[i].flags);
+					} else {
+						loop->events++;
+					}
+				}
+				return n;
+			}
+		}
+		if (timeout_ms >= 0 && wp_now_ns() >= deadline)
+			return 0;
+	}
+}
+
+int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
+		    uint64_t start, uint64_t len, uint32_t how)
+{
+	int r;
+	if (how & WP_HOW_UNPROTECT)
+		r = wp_uffd_writeprotect(loop->uffd, start, len, 0);
+	else
+		r = wp_uffd_wake(loop->uffd, start, len);
+	if (r < 0) {
+		loop->errors++;
+		how |= WP_HOW_ERROR;
+		/* Never leave the writer blocked: at least wake it. */
+		wp_uffd_wake(loop->uffd, msg->addr & ~(loop->page_size - 1), loop->page_size);
+	}
+	loop->resolved++;
+	DTRACE_PROBE3(wp, fault_resolved, msg->addr, msg->tid, how);
+	record(loop, msg, how);
+	return r;
+}
+
+int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
+{
+	struct wp_msg batch[64];
+	for (;;) {
+		int n = wp_loop_next(loop, batch, 64, -1);
+		if (n < 0)
+			return n;
+		int other = 0;
+		for (int i = 0; i < n; i++) {
+			struct wp_msg *m = &batch[i];
+			if (m->event == UFFD_EVENT_PAGEFAULT && (m->flags & UFFD_PAGEFAULT_FLAG_WP)) {
+				uint64_t page = m->addr & ~(loop->page_size - 1);
+				wp_loop_resolve(loop, m, page, loop->page_size,
+						WP_HOW_UNPROTECT | WP_HOW_C);
+			} else if (other < max) {
+				out[other++] = *m;
+			}
+		}
+		if (other)
+			return other;
+	}
+}
+
+void wp_usdt_callback(uint64_t addr, uint32_t tid, int enter)
+{
+	if (enter)
+		DTRACE_PROBE2(wp, callback_enter, addr, tid);
+	else
+		DTRACE_PROBE2(wp, callback_exit, addr, tid);
+}
