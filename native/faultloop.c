@@ -158,6 +158,14 @@ int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
 	return r;
 }
 
+/* Counts and records a fault the fast path already unprotected. */
+static void resolved_c(struct wp_loop *loop, const struct wp_msg *m)
+{
+	loop->resolved++;
+	DTRACE_PROBE3(wp, fault_resolved, m->addr, m->tid, WP_HOW_UNPROTECT | WP_HOW_C);
+	record(loop, m, WP_HOW_UNPROTECT | WP_HOW_C);
+}
+
 int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 {
 	struct wp_msg batch[64];
@@ -170,8 +178,16 @@ int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 			struct wp_msg *m = &batch[i];
 			if (m->event == UFFD_EVENT_PAGEFAULT && (m->flags & UFFD_PAGEFAULT_FLAG_WP)) {
 				uint64_t page = m->addr & ~(loop->page_size - 1);
-				wp_loop_resolve(loop, m, page, loop->page_size,
-						WP_HOW_UNPROTECT | WP_HOW_C);
+				/* hugetlbfs only takes ranges aligned to its page
+				 * size (EINVAL otherwise); 2 MiB is the one we map. */
+				if (wp_uffd_writeprotect(loop->uffd, page, loop->page_size, 0) == -EINVAL)
+					page = m->addr & ~((2ull << 20) - 1);
+				else
+					page = 0;
+				if (page)
+					wp_loop_resolve(loop, m, page, 2ull << 20, WP_HOW_UNPROTECT | WP_HOW_C);
+				else
+					resolved_c(loop, m);
 			} else if (other < max) {
 				out[other++] = *m;
 			}

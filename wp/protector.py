@@ -1,0 +1,91 @@
+"""The WriteProtector API: Python objects that decide what happens on a write.
+
+A protector sees each write fault before the writer continues::
+
+    class CountWrites(WriteProtector):
+        name = "count"
+        def on_write(self, fault):
+            self.n += 1
+            return UNPROTECT          # let this page be written from now on
+
+What ``on_write`` returns says how the fault is resolved:
+
+- ``None`` or ``UNPROTECT``: unprotect the faulting page, wake the writer.
+- ``Unprotect(start, length)``: unprotect a larger (or other) range.
+- ``WAKE``: wake the writer and keep the protection; it retries the write and
+  faults again unless the protector changed the page meanwhile (e.g. it
+  unprotected it itself, or replaced the mapping).
+
+Work that must happen before the write lands (copying the old contents, as
+a snapshot does) happens inside ``on_write``: the writer is blocked until it
+returns. A protector that raises still gets its fault resolved (unprotected)
+and the error is counted and logged: no writer is left blocked.
+"""
+from dataclasses import dataclass
+
+__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE"]
+
+UNPROTECT = "unprotect"
+WAKE = "wake"
+
+
+@dataclass(frozen=True)
+class Unprotect:
+    """Resolve by unprotecting [start, start+length)."""
+    start: int
+    length: int
+
+
+class Fault:
+    """One write fault, as the handler read it from the uffd."""
+    __slots__ = ("addr", "page", "tid", "flags", "kind", "t_read_ns", "region", "pid")
+
+    def __init__(self, addr, page, tid, flags, kind, t_read_ns, region, pid):
+        self.addr = addr          # faulting address (page aligned unless EXACT_ADDRESS)
+        self.page = page          # start of the faulting page
+        self.tid = tid            # the writer's thread id
+        self.flags = flags        # UFFD_PAGEFAULT_FLAG_* bits
+        self.kind = kind          # "wp", "minor" or "missing"
+        self.t_read_ns = t_read_ns  # CLOCK_MONOTONIC when the daemon read it
+        self.region = region      # the Region it belongs to (or None)
+        self.pid = pid            # the target process
+
+    def __repr__(self):
+        return "Fault(%s %#x tid=%d)" % (self.kind, self.addr, self.tid)
+
+
+class WriteProtector:
+    """Base class of write protectors. Subclasses override what they need.
+
+    The session calls, in order: ``attach(session)`` once; ``on_write`` for
+    every sync write fault (on the fault thread); ``on_written`` with the
+    pages written since the last scan of an async region; ``on_event`` for
+    fork, remap, remove and unmap; ``stats()`` whenever asked; ``detach()``
+    once, after protection is dropped.
+    """
+
+    name = "base"
+    #: regions to protect when the user names none: "all" writable memory.
+    default_regions = ("all",)
+
+    def attach(self, session):
+        self.session = session
+
+    def on_write(self, fault):
+        return UNPROTECT
+
+    def on_minor(self, fault):
+        """A minor fault (a MINOR-registered range): default maps the page."""
+        return UNPROTECT
+
+    def on_written(self, region, runs, t_ns):
+        """Async regions: runs [(start, end), ...] were written since the last scan."""
+
+    def on_event(self, event):
+        """A non-cooperative event (dict with "event" and its fields)."""
+
+    def stats(self):
+        return {}
+
+    def detach(self):
+        pass

@@ -1,0 +1,37 @@
+"""trace: note each page's first write, then let the page be written freely."""
+import threading
+
+from wp.protector import UNPROTECT, WriteProtector
+
+__all__ = ["TraceProtector"]
+
+
+class TraceProtector(WriteProtector):
+    """Records (page, tid, t_read_ns) of every first write; keeps the last
+    ``keep`` of them in memory and counts all of them."""
+
+    name = "trace"
+
+    def __init__(self, keep=100000):
+        self.keep = keep
+        self.writes = []
+        self.count = 0
+        self.async_pages = 0
+        self._lock = threading.Lock()
+
+    def on_write(self, fault):
+        self.count += 1
+        if len(self.writes) < self.keep:
+            self.writes.append((fault.page, fault.tid, fault.t_read_ns, fault.pid))
+        return UNPROTECT
+
+    def on_written(self, region, runs, t_ns):
+        with self._lock:
+            for start, end in runs:
+                for page in range(start, end, region.page_size):
+                    self.async_pages += 1
+                    if len(self.writes) < self.keep:
+                        self.writes.append((page, 0, t_ns, region and self.session.pid))
+
+    def stats(self):
+        return {"first_writes": self.count, "async_pages_written": self.async_pages}

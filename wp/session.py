@@ -1,0 +1,407 @@
+"""A protection session: one target, its regions, its uffds, one protector.
+
+The session validates every requested region before it changes anything,
+registers and write-protects them, runs a FaultLoop for sync memory and a
+scanner for async memory, follows the target's address space through the
+uffd's non-cooperative events, and on close leaves memory as it found it:
+protection removed, ranges unregistered, uffds closed.
+"""
+import bisect
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from wp import maps as _maps
+from wp.errors import BadRange, UnsupportedMemory, NotRoot
+from wp.faults import FaultLoop
+from wp.pagemap import Pagemap
+from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
+
+__all__ = ["Session", "Region", "resolve_regions"]
+
+log = logging.getLogger("wp.session")
+
+
+@dataclass(eq=False)
+class Region:
+    start: int
+    end: int
+    kind: str
+    mode: str          # "sync" or "async"
+    path: str = ""
+    page_size: int = 4096
+    faults: int = 0    # sync write faults handled
+    written: int = 0   # async: pages reported written
+
+    @property
+    def length(self):
+        return self.end - self.start
+
+    def as_dict(self):
+        return {"start": "%#x" % self.start, "end": "%#x" % self.end, "kind": self.kind,
+                "mode": self.mode, "path": self.path, "pages": self.length // self.page_size,
+                "faults": self.faults, "written_pages": self.written}
+
+
+NAMED_REGIONS = ("all", "anon", "shmem", "hugetlb")
+
+
+def _looks_like_range(spec):
+    return "-" in spec and not spec.startswith("file:")
+
+
+def _parse_range(spec):
+    try:
+        a, b = spec.split("-")
+        return int(a, 16), int(b, 16)
+    except ValueError:
+        raise BadRange("bad region %r: use all, anon, shmem, hugetlb, file:PATH or START-END in hex"
+                       % spec) from None
+
+
+def _mode_for(kind, force_async, what):
+    if kind == _maps.SPECIAL:
+        raise UnsupportedMemory("%s is special memory (vdso, device or pfn map): it cannot be "
+                                "write-protected; leave it out of --region" % what)
+    if force_async:
+        return "async"
+    return "sync" if kind in _maps.SYNC_KINDS else "async"
+
+
+def resolve_regions(mappings, specs, pid, mode=None):
+    """Returns the Regions that specs name, validated against mappings.
+
+    Args:
+        mappings: the target's maps (wp.maps.read_maps).
+        specs: "all", "anon", "shmem", "hugetlb", "file:PATH", "START-END"
+            strings or (start, end) tuples.
+        mode: None (sync where the memory allows, else async), "sync" or "async".
+    Raises:
+        BadRange: unaligned, unmapped, or spanning several kinds of memory.
+        UnsupportedMemory: sync asked for memory that only async can protect,
+            or special memory.
+    """
+    force_async = mode == "async"
+    out = []
+    writable = [m for m in mappings if m.writable and m.kind != _maps.SPECIAL]
+    for spec in specs:
+        if isinstance(spec, str) and (spec in NAMED_REGIONS or not _looks_like_range(spec)):
+            if spec == "all":
+                chosen = writable
+            elif spec == "anon":
+                chosen = [m for m in writable if m.kind == _maps.PRIVATE_ANON]
+            elif spec == "shmem":
+                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM)]
+            elif spec == "hugetlb":
+                chosen = [m for m in writable if m.kind == _maps.HUGETLB]
+            elif spec.startswith("file:"):
+                path = os.path.realpath(spec[5:])
+                chosen = [m for m in mappings if m.path in (path, spec[5:])]
+                if not chosen:
+                    raise BadRange("%s is not mapped in pid %d (see /proc/%d/maps)" % (spec[5:], pid, pid))
+            else:
+                raise BadRange("unknown region %r: use all, anon, shmem, hugetlb, file:PATH or START-END"
+                               % spec)
+            for m in chosen:
+                what = "%#x-%#x (%s)" % (m.start, m.end, m.path or m.kind)
+                out.append(Region(m.start, m.end, m.kind, _mode_for(m.kind, force_async, what),
+                                  m.path, m.page_size))
+            continue
+        start, end = _parse_range(spec) if isinstance(spec, str) else spec
+        what = "%#x-%#x" % (start, end)
+        if end <= start:
+            raise BadRange("empty range %s: END must be above START" % what)
+        covering = [m for m in mappings if m.end > start and m.start < end]
+        psize = max((m.page_size for m in covering), default=4096)
+        if start % psize or end % psize:
+            raise BadRange("range %s is not aligned to the %d kB pages there: round START down "
+                           "to %#x and END up to %#x" % (what, psize // 1024, start - start % psize,
+                                                          -(-end // psize) * psize))
+        pos = start
+        for m in covering:
+            if m.start > pos:
+                break
+            pos = max(pos, m.end)
+        if not covering or pos < end:
+            raise BadRange("range %s is not mapped in pid %d (hole at %#x; see /proc/%d/maps)"
+                           % (what, pid, pos if covering else start, pid))
+        kinds = sorted({m.kind for m in covering})
+        if len(kinds) > 1:
+            raise BadRange("range %s spans %s memory: protect each kind as a separate range"
+                           % (what, " and ".join(kinds)))
+        kind = kinds[0]
+        m0 = covering[0]
+        r_mode = _mode_for(kind, force_async, what)
+        if mode == "sync" and kind not in _maps.SYNC_KINDS:
+            raise UnsupportedMemory(
+                "sync write protection needs anonymous, shmem or hugetlbfs memory; %s is a %s "
+                "mapping%s: use async mode (--async)" % (what, kind, " of " + m0.path if m0.path else ""))
+        out.append(Region(start, end, kind, r_mode, m0.path, psize))
+    # Overlapping specs (e.g. "all" and a range) would register twice.
+    out.sort(key=lambda r: r.start)
+    for a, b in zip(out, out[1:]):
+        if b.start < a.end:
+            raise BadRange("regions %#x-%#x and %#x-%#x overlap" % (a.start, a.end, b.start, b.end))
+    return out
+
+
+class Session:
+    """Write protection of one target's memory by one protector.
+
+    Args:
+        space: a wp.space.Space (the target's memory and its uffds).
+        protector: a WriteProtector instance.
+        regions: region specs (see resolve_regions); default the protector's.
+        mode: None, "sync" or "async" (see resolve_regions).
+        handler: "python" (protector.on_write) or "c" (C fast path, trace-less).
+        spin: busy-poll in the fault loop.
+        cpu: pin the fault loop thread to this CPU.
+        scan_interval: seconds between PAGEMAP_SCANs of async regions; None
+            scans only when scan_written() is called.
+        follow_fork: protect children the target forks (True) or release them.
+    """
+
+    def __init__(self, space, protector, regions=None, mode=None, handler="python",
+                 spin=False, cpu=None, scan_interval=None, follow_fork=True):
+        if os.geteuid() != 0:
+            raise NotRoot("write-protecting another process needs root: run wpd as root")
+        self.space = space
+        self.pid = space.pid
+        self.protector = protector
+        self.specs = list(regions or protector.default_regions)
+        self.mode = mode
+        self.handler = handler
+        self.spin = spin
+        self.cpu = cpu
+        self.scan_interval = scan_interval
+        self.follow_fork = follow_fork
+        self.regions = []
+        self.sync_uffd = None
+        self.async_uffd = None
+        self.loops = []
+        self.children = []
+        self.events = {}
+        self._starts = []
+        self._pagemap = None
+        self._scanner = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.started_ns = None
+
+    # -- setup -------------------------------------------------------------
+
+    def start(self):
+        """Validates, registers and protects; starts the fault loop."""
+        self.regions = resolve_regions(self.space.maps(), self.specs, self.pid, self.mode)
+        if not self.regions:
+            raise BadRange("no memory to protect in pid %d for regions %s" % (self.pid, self.specs))
+        self._index()
+        try:
+            if any(r.mode == "sync" for r in self.regions):
+                self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
+            if any(r.mode == "async" for r in self.regions):
+                self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
+                self._pagemap = Pagemap(self.pid)
+            self.protector.attach(self)
+            if self.sync_uffd:
+                self._start_loop(self.sync_uffd, self.pid)
+            done = []
+            for r in self.regions:
+                u = self.sync_uffd if r.mode == "sync" else self.async_uffd
+                try:
+                    u.register(r.start, r.length, MODE_WP)
+                except OSError as err:
+                    raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
+                                            % (r.start, r.end, r.kind, r.path, r.mode, err)) from err
+                done.append(r)
+                u.protect(r.start, r.length)
+            if self.async_uffd and self.scan_interval:
+                self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
+                self._scanner.start()
+        except BaseException:
+            self.close()
+            raise
+        self.started_ns = time.monotonic_ns()
+        log.info("pid %d: protecting %d regions (%d sync, %d async) with %s",
+                 self.pid, len(self.regions), sum(r.mode == "sync" for r in self.regions),
+                 sum(r.mode == "async" for r in self.regions), self.protector.name)
+        return self
+
+    def _index(self):
+        self.regions.sort(key=lambda r: r.start)
+        self._starts = [r.start for r in self.regions]
+
+    def region_of(self, addr):
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if addr < r.end:
+                return r
+        return None
+
+    def _start_loop(self, uffd, pid):
+        loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
+                         spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
+                         name="wp-faults-%d" % pid)
+        loop.start()
+        self.loops.append(loop)
+        return loop
+
+    # -- events ------------------------------------------------------------
+
+    def _on_event(self, event):
+        name = event["event"]
+        self.events[name] = self.events.get(name, 0) + 1
+        if name == "fork":
+            self._on_fork(event)
+        elif name == "unmap":
+            self._trim(event["start"], event["end"])
+        elif name == "remap":
+            self._remap(event["start"], event["to"], event["length"])
+        self.protector.on_event(event)
+
+    def _on_fork(self, event):
+        # The kernel installed a new uffd in *our* fd table for the child; it
+        # already carries the parent's features and registrations.
+        fd = event["uffd"]
+        if not self.follow_fork:
+            os.close(fd)  # the kernel drops the child's protection
+            return
+        child = _newest_child(self.pid, {c for c, _ in self.children})
+        u = Userfaultfd.adopt(fd, self.sync_uffd.features)
+        loop = self._start_loop(u, child or 0)
+        self.children.append((child, loop))
+        event["child"] = child
+        log.info("pid %d forked %s: protecting the child too", self.pid, child)
+
+    def _trim(self, start, end):
+        with self._lock:
+            keep = []
+            for r in self.regions:
+                if r.end <= start or r.start >= end:
+                    keep.append(r)
+                    continue
+                if r.start < start:
+                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults))
+                if r.end > end:
+                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size))
+            self.regions = keep
+            self._index()
+
+    def _remap(self, old, new, length):
+        with self._lock:
+            for r in self.regions:
+                if r.start >= old and r.end <= old + length:
+                    r.start += new - old
+                    r.end += new - old
+            self._index()
+
+    # -- async regions -----------------------------------------------------
+
+    def scan_written(self):
+        """Reports pages written in async regions since the last scan to the
+        protector, re-protects them, and returns {region: [(start, end)]}."""
+        out = {}
+        if not self._pagemap:
+            return out
+        t = time.monotonic_ns()
+        for r in list(self.regions):
+            if r.mode != "async":
+                continue
+            runs = self._pagemap.take_written(r.start, r.end)
+            if runs:
+                r.written += sum(e - s for s, e in runs) // r.page_size
+                out[r] = runs
+                self.protector.on_written(r, runs, t)
+        return out
+
+    def _scan_loop(self):
+        while not self._stop.wait(self.scan_interval):
+            try:
+                self.scan_written()
+            except OSError as err:
+                log.warning("pid %d: PAGEMAP_SCAN failed: %s", self.pid, err)
+
+    # -- results -----------------------------------------------------------
+
+    def faults(self):
+        return sum(loop.counters()["faults"] for loop in self.loops)
+
+    def records(self):
+        """Drains and returns the fault records of every loop."""
+        out = []
+        for loop in self.loops:
+            out.extend(loop.drain())
+        return out
+
+    def stats(self):
+        loops = [loop.counters() for loop in self.loops]
+        total = {k: sum(c[k] for c in loops) for k in loops[0]} if loops else {}
+        return {
+            "pid": self.pid,
+            "protector": self.protector.name,
+            "handler": self.handler,
+            "faults": total.get("faults", 0),
+            "resolved": total.get("resolved", 0),
+            "callback_errors": total.get("callback_errors", 0),
+            "resolve_errors": total.get("resolve_errors", 0),
+            "written_pages": sum(r.written for r in self.regions),
+            "events": dict(self.events),
+            "children": [c for c, _ in self.children],
+            "regions": [r.as_dict() for r in self.regions],
+            "protector_stats": self.protector.stats(),
+        }
+
+    # -- teardown ----------------------------------------------------------
+
+    def close(self):
+        """Removes protection, wakes every writer, stops loops, closes uffds.
+        Safe to call twice and after a failed start."""
+        self._stop.set()
+        for r in self.regions:
+            u = self.sync_uffd if r.mode == "sync" else self.async_uffd
+            if u is None or u.fd < 0:
+                continue
+            for op in (u.unprotect, u.unregister):
+                try:
+                    op(r.start, r.length)
+                except OSError as err:
+                    # ENOENT/EINVAL: unregistered already (never registered,
+                    # or unmapped by the target); ESRCH: the target is gone.
+                    log.debug("pid %d: %s %#x-%#x: %s", self.pid, op.__name__, r.start, r.end, err)
+        for loop in self.loops:
+            loop.stop()
+        for _, loop in self.children:
+            loop.uffd.close()
+        if self._scanner:
+            self._scanner.join(5)
+        for u in (self.sync_uffd, self.async_uffd):
+            if u:
+                u.close()
+        if self._pagemap:
+            self._pagemap.close()
+        if self.started_ns is not None:
+            self.protector.detach()
+            self.started_ns = None
+        self.space.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _newest_child(pid, known):
+    """Returns the most recent child of pid not in known (None if none)."""
+    kids = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                kids.extend(int(x) for x in f.read().split())
+    except OSError:
+        return None
+    kids = [k for k in kids if k not in known]
+    return max(kids) if kids else None
