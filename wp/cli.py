@@ -39,6 +39,177 @@ def _add_bench(sub):
     return bsub
 
 
+class Refused(Exception):
+    """wpd said no; carries its message and the exit code."""
+
+    def __init__(self, reply):
+        super().__init__(reply.get("error", "failed"))
+        self.type = reply.get("type", "")
+        self.code = EXIT_REFUSED if self.type in _REFUSALS else EXIT_FAIL
+
+
+_REFUSALS = {"TargetError", "BadRange", "UnsupportedMemory", "ProcessLookupError", "NotRoot",
+             "PermissionError", "ValueError"}
+
+
+def _connect(args):
+    from wp import protocol
+    path = args.socket or protocol.DEFAULT_SOCKET
+    try:
+        return protocol.Connection.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print("wp: wpd is not running at %s: start it with `wpd` (or `systemctl start wpd`)" % path,
+              file=sys.stderr)
+        raise SystemExit(EXIT_NO_DAEMON)
+    except PermissionError:
+        print("wp: cannot reach %s: wpd serves root only; run wp as root" % path, file=sys.stderr)
+        raise SystemExit(EXIT_NO_DAEMON)
+
+
+def _request(args, req):
+    conn = _connect(args)
+    try:
+        reply = conn.request(req)
+    finally:
+        conn.close()
+    if not reply.get("ok"):
+        raise Refused(reply)
+    return reply
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=None))
+
+
+def _regions_table(regions):
+    for r in regions:
+        print("  %s-%s %-11s %-5s %6d pages %s" % (r["start"], r["end"], r["kind"], r["mode"],
+                                                   r["pages"], r["path"]))
+
+
+def cmd_attach(args):
+    req = {"op": "attach", "pid": args.pid, "protector": args.protector,
+           "regions": args.region or None, "mode": "async" if args.async_ else None,
+           "handler": args.handler, "follow_fork": not args.no_follow_fork}
+    reply = _request(args, req)
+    if args.json:
+        _print_json(reply)
+    else:
+        regs = reply["regions"]
+        print("attached pid %d: %d regions, %d kB, protector %s" % (
+            args.pid, len(regs), sum(int(r["end"], 16) - int(r["start"], 16) for r in regs) // 1024,
+            args.protector))
+        if args.verbose:
+            _regions_table(regs)
+    return EXIT_OK
+
+
+def cmd_detach(args):
+    reply = _request(args, {"op": "detach", "pid": args.pid})
+    if args.json:
+        _print_json(reply)
+    else:
+        st = reply["stats"]
+        print("detached pid %d: %d write faults handled" % (args.pid, st["faults"]))
+    return EXIT_OK
+
+
+def cmd_status(args):
+    reply = _request(args, {"op": "status"})
+    if args.json:
+        _print_json(reply)
+        return EXIT_OK
+    print("wpd pid %d, %d targets" % (reply["daemon_pid"], len(reply["targets"])))
+    if reply["targets"]:
+        print("%8s %-16s %-9s %8s %12s %10s" % ("PID", "COMM", "PROTECTOR", "REGIONS", "KB", "FAULTS"))
+    for t in reply["targets"]:
+        print("%8d %-16s %-9s %8d %12d %10d" % (t["pid"], t["comm"] or "?", t["protector"], t["regions"],
+                                                t["bytes"] // 1024, t["faults"]))
+    return EXIT_OK
+
+
+def cmd_stats(args):
+    st = _request(args, {"op": "stats", "pid": args.pid})["stats"]
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    print("pid %d: protector %s, %d faults, %d async pages written, %d callback errors"
+          % (st["pid"], st["protector"], st["faults"], st["written_pages"], st["callback_errors"]))
+    for k, v in sorted(st["protector_stats"].items()):
+        print("  %s: %s" % (k, v))
+    _regions_table(st["regions"])
+    return EXIT_OK
+
+
+def cmd_run(args):
+    """Forks CMD, has wpd seize it before exec, lets it exec, and waits."""
+    import os
+    import signal
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("wp run: no command given: wp run [options] -- CMD ARGS...", file=sys.stderr)
+        return EXIT_USAGE
+    conn = _connect(args)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        # The child: wait until wpd has seized us, then become CMD.
+        os.close(w)
+        if os.read(r, 1) != b"x":
+            os._exit(127)
+        os.close(r)
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as err:
+            print("wp run: cannot run %s: %s" % (cmd[0], err.strerror), file=sys.stderr)
+        os._exit(127)
+    os.close(r)
+    try:
+        conn.send({"op": "run", "pid": pid, "argv": cmd, "protector": args.protector,
+                   "regions": args.region or None, "mode": "async" if args.async_ else None,
+                   "handler": args.handler, "follow_fork": not args.no_follow_fork})
+        armed = conn.recv()
+        if not armed or not armed.get("ok"):
+            os.close(w)
+            os.waitpid(pid, 0)
+            raise Refused(armed or {"error": "wpd closed the connection"})
+        os.write(w, b"x")
+        os.close(w)
+        done = conn.recv()
+        if done is not None and not done.get("ok"):
+            print("wp run: %s" % done.get("error"), file=sys.stderr)
+        elif done is not None and not args.json:
+            print("wp run: pid %d protected from exec: %d regions, protector %s"
+                  % (pid, len(done["regions"]), args.protector), file=sys.stderr)
+        elif done is not None:
+            print(json.dumps(done), file=sys.stderr)
+    finally:
+        conn.close()
+    # Like a shell: the terminal's signals are for CMD, not for us.
+    old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)]
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGQUIT, old[1])
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def _add_target_args(p):
+    p.add_argument("--protector", default="trace",
+                   help="trace (default), dedupe, snapshot, track, or module:Class")
+    p.add_argument("--region", action="append", metavar="SPEC",
+                   help="all (default), anon, shmem, hugetlb, file:PATH or START-END (hex); repeatable")
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="async WP everywhere (the kernel resolves faults; pages are scanned)")
+    p.add_argument("--handler", default="python", choices=["python", "c"],
+                   help="python: the protector decides (default); c: fast path, unprotect only")
+    p.add_argument("--no-follow-fork", action="store_true",
+                   help="release children the target forks instead of protecting them")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="wp", description="Generic page write protection for running processes.",
@@ -46,6 +217,33 @@ def build_parser():
     parser.add_argument("--socket", default=None, help="wpd's socket (default /run/wp/wpd.sock)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("attach", help="protect a running process",
+                       epilog="example: wp attach 1234 --region anon --protector trace")
+    p.add_argument("pid", type=int)
+    _add_target_args(p)
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("run", help="start a command protected from its first instruction",
+                       epilog="example: wp run --region anon -- python3 -c 'print(1)'")
+    _add_target_args(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("detach", help="drop protection, leave the process as it was",
+                       epilog="example: wp detach 1234")
+    p.add_argument("pid", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_detach)
+
+    p = sub.add_parser("status", help="list attached processes", epilog="example: wp status --json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stats", help="counters of one attached process", epilog="example: wp stats 1234 --json")
+    p.add_argument("pid", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
     parser._wp_bench = _add_bench(sub)
     parser._wp_sub = sub
     return parser
@@ -56,6 +254,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
+    except Refused as err:
+        print("wp: %s" % err, file=sys.stderr)
+        return err.code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

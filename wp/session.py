@@ -249,6 +249,40 @@ class Session:
         self.loops.append(loop)
         return loop
 
+    def refresh(self):
+        """Protects memory that appeared since start (new mmaps, a grown heap)
+        when the regions were named ("all", "anon", ...). Returns the new
+        Regions. Explicit START-END ranges are never extended."""
+        named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
+        if not named:
+            return []
+        try:
+            wanted = resolve_regions(self.space.maps(), named, self.pid, self.mode)
+        except (BadRange, UnsupportedMemory, OSError):
+            return []
+        added = []
+        with self._lock:
+            for w in wanted:
+                for start, end in _subtract((w.start, w.end), [(r.start, r.end) for r in self.regions]):
+                    u = self.sync_uffd if w.mode == "sync" else self.async_uffd
+                    if u is None:
+                        continue  # that kind of uffd was not opened at start
+                    try:
+                        u.register(start, end - start, MODE_WP)
+                        u.protect(start, end - start)
+                    except OSError as err:
+                        # The mapping changed under us (unmapped, merged): next round.
+                        log.debug("pid %d: cannot add %#x-%#x: %s", self.pid, start, end, err)
+                        continue
+                    added.append(Region(start, end, w.kind, w.mode, w.path, w.page_size))
+            if added:
+                self.regions.extend(added)
+                self._index()
+        if added:
+            log.info("pid %d: protecting %d new regions (%d kB)", self.pid, len(added),
+                     sum(r.length for r in added) // 1024)
+        return added
+
     # -- events ------------------------------------------------------------
 
     def _on_event(self, event):
@@ -392,6 +426,21 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _subtract(span, taken):
+    """Returns the parts of span = (start, end) not covered by taken ranges."""
+    out = []
+    pos, end = span
+    for s, e in sorted(taken):
+        if e <= pos or s >= end:
+            continue
+        if s > pos:
+            out.append((pos, s))
+        pos = max(pos, e)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 def _newest_child(pid, known):

@@ -1,0 +1,37 @@
+"""Write protectors that ship with wp, and lookup by name.
+
+``load("trace")`` returns a shipped protector class; ``load("pkg.mod:Cls")``
+imports a user's (wpd runs it as root, so only root clients may name one).
+"""
+import importlib
+
+from wp.protector import WriteProtector
+
+__all__ = ["load", "BUILTIN"]
+
+BUILTIN = {
+    "trace": "wp.protectors.trace:TraceProtector",
+    "dedupe": "wp.protectors.dedupe:DedupeProtector",
+    "snapshot": "wp.protectors.snapshot:SnapshotProtector",
+    "track": "wp.protectors.track:TrackProtector",
+}
+
+
+def load(name):
+    """Returns the WriteProtector subclass that name denotes.
+
+    Raises:
+        ValueError: unknown name, or not a WriteProtector.
+    """
+    spec = BUILTIN.get(name, name)
+    if ":" not in spec:
+        raise ValueError("unknown protector %r: use one of %s or module:Class"
+                         % (name, ", ".join(sorted(BUILTIN))))
+    module, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError("cannot load protector %r: %s" % (name, err)) from err
+    if not (isinstance(cls, type) and issubclass(cls, WriteProtector)):
+        raise ValueError("%s is not a wp.protector.WriteProtector subclass" % spec)
+    return cls

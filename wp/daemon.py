@@ -1,0 +1,324 @@
+"""wpd: the root daemon that attaches to processes and protects their memory.
+
+One thread per client connection; one Target per attached process, each
+with its own fault loop thread(s) and a watcher thread that notices the
+target's exit (pidfd) and memory that appears later (maps rescan).
+
+# What the kernel does for us when things go wrong
+The daemon holds the only copy of each target's userfaultfd (taken with
+pidfd_getfd, the target's copy closed). If wpd dies, even by SIGKILL, the
+kernel closes that copy: every range is unregistered, write protection is
+dropped and blocked writers are woken, so targets carry on with their data.
+"""
+import argparse
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+
+from wp import protocol
+from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+from wp.protectors import load as load_protector
+from wp.session import Session
+from wp.space import ProcessSpace
+
+__all__ = ["Daemon", "main"]
+
+log = logging.getLogger("wpd")
+
+RESCAN_SECONDS = 1.0
+
+
+class Target:
+    """One attached process."""
+
+    def __init__(self, daemon, pid, session, argv=None):
+        self.daemon = daemon
+        self.pid = pid
+        self.session = session
+        self.argv = argv
+        self.attached_at = time.time()
+        self.pidfd = os.pidfd_open(pid)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="wp-watch-%d" % pid, daemon=True)
+
+    def start(self):
+        self._watcher.start()
+
+    def _watch(self):
+        # The pidfd becomes readable when the process exits.
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.pidfd], [], [], RESCAN_SECONDS)
+            if self._stop.is_set():
+                return
+            if ready:
+                log.info("pid %d exited; dropping its session", self.pid)
+                self.daemon.forget(self.pid, reason="exited")
+                return
+            try:
+                self.session.refresh()
+            except Exception:
+                log.exception("pid %d: rescan failed", self.pid)
+
+    def close(self):
+        self._stop.set()
+        try:
+            self.session.close()
+        finally:
+            os.close(self.pidfd)
+        if threading.current_thread() is not self._watcher:
+            self._watcher.join(5)
+
+    def status(self):
+        s = self.session
+        return {"pid": self.pid, "protector": s.protector.name, "handler": s.handler,
+                "regions": len(s.regions), "bytes": sum(r.length for r in s.regions),
+                "faults": s.faults(), "attached_at": self.attached_at,
+                "comm": _comm(self.pid)}
+
+
+def _comm(pid):
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _remote_uffd_source(pid):
+    """Returns source(n) that creates a uffd in pid by syscall injection and
+    hands the daemon the only copy."""
+    from wp.remote import RemoteProcess
+
+    def source(_n):
+        with RemoteProcess(pid) as rp:
+            return rp.open_userfaultfd()
+    return source
+
+
+def check_target(pid):
+    """Raises TargetError/ProcessLookupError unless pid is a process wp may attach."""
+    if pid == os.getpid():
+        raise TargetError("pid %d is wpd itself: wpd cannot protect its own memory" % pid)
+    if pid == 1:
+        raise TargetError("pid 1 is init: wp refuses to stop it; attach to a service's own pid")
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        raise ProcessLookupError(3, "no such process %d (check the pid with ps)" % pid) from None
+    flags = int(fields[6])
+    if flags & 0x00200000:  # PF_KTHREAD
+        raise TargetError("pid %d is a kernel thread: it has no user memory to protect" % pid)
+    if fields[0] in ("Z", "X"):
+        raise TargetError("pid %d is a zombie: it has no memory left" % pid)
+
+
+class Daemon:
+    def __init__(self, socket_path=protocol.DEFAULT_SOCKET):
+        self.socket_path = socket_path
+        self.targets = {}
+        self.lock = threading.Lock()
+        self._attaching = set()
+        self._stopping = threading.Event()
+        self._sock = None
+
+    # -- target management -------------------------------------------------
+
+    def attach(self, pid, protector="trace", regions=None, mode=None, handler="python",
+               follow_fork=True, options=None, uffd_source=None, argv=None):
+        check_target(pid)
+        with self.lock:
+            if pid in self.targets or pid in self._attaching:
+                raise TargetError("pid %d is already attached: run `wp detach %d` first" % (pid, pid))
+            self._attaching.add(pid)
+        try:
+            cls = load_protector(protector)
+            prot = cls(**(options or {}))
+            space = ProcessSpace(pid, uffd_source or _remote_uffd_source(pid))
+            session = Session(space, prot, regions=regions or None, mode=mode, handler=handler,
+                              follow_fork=follow_fork, scan_interval=1.0)
+            session.start()
+            target = Target(self, pid, session, argv)
+            with self.lock:
+                self.targets[pid] = target
+            target.start()
+        finally:
+            with self.lock:
+                self._attaching.discard(pid)
+        log.info("attached pid %d (%s): %d regions, protector %s", pid, _comm(pid),
+                 len(session.regions), protector)
+        return target
+
+    def detach(self, pid):
+        with self.lock:
+            target = self.targets.pop(pid, None)
+        if target is None:
+            raise TargetError("pid %d is not attached (see `wp status`)" % pid)
+        stats = target.session.stats()
+        target.close()
+        log.info("detached pid %d after %d faults", pid, stats["faults"])
+        return stats
+
+    def forget(self, pid, reason):
+        with self.lock:
+            target = self.targets.pop(pid, None)
+        if target is not None:
+            target.close()
+
+    def detach_all(self):
+        for pid in list(self.targets):
+            try:
+                self.detach(pid)
+            except WPError:
+                pass
+
+    # -- requests ----------------------------------------------------------
+
+    def handle(self, req):
+        op = req.get("op")
+        if op == "attach":
+            t = self.attach(int(req["pid"]), req.get("protector") or "trace", req.get("regions"),
+                            req.get("mode"), req.get("handler") or "python",
+                            req.get("follow_fork", True), req.get("options"))
+            return {"pid": t.pid, "regions": [r.as_dict() for r in t.session.regions]}
+        if op == "detach":
+            return {"stats": self.detach(int(req["pid"]))}
+        if op == "status":
+            with self.lock:
+                targets = list(self.targets.values())
+            return {"daemon_pid": os.getpid(), "targets": [t.status() for t in targets]}
+        if op == "stats":
+            pid = int(req["pid"])
+            with self.lock:
+                t = self.targets.get(pid)
+            if t is None:
+                raise TargetError("pid %d is not attached (see `wp status`)" % pid)
+            return {"stats": t.session.stats()}
+        if op == "ping":
+            return {"daemon_pid": os.getpid()}
+        raise ValueError("unknown op %r" % op)
+
+    def serve_client(self, conn):
+        try:
+            while True:
+                req = conn.recv()
+                if req is None:
+                    return
+                try:
+                    reply = {"ok": True}
+                    reply.update(self.handle(req))
+                except (WPError, OSError, ValueError, KeyError) as err:
+                    log.info("request %s failed: %s", req.get("op"), err)
+                    reply = {"ok": False, "error": str(err) if not isinstance(err, KeyError)
+                             else "missing field %s" % err, "type": type(err).__name__}
+                except Exception as err:  # a bug: say so, keep serving
+                    log.exception("request %r", req)
+                    reply = {"ok": False, "error": "internal error: %s" % err, "type": type(err).__name__}
+                conn.send(reply)
+        except (ConnectionError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    # -- the socket --------------------------------------------------------
+
+    def listen(self):
+        d = os.path.dirname(self.socket_path)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        if os.path.exists(self.socket_path):
+            if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
+                try:
+                    protocol.Connection.connect(self.socket_path, timeout=1).close()
+                    raise SystemExit("wpd: another wpd is serving %s" % self.socket_path)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    os.unlink(self.socket_path)  # stale, from a killed wpd
+            else:
+                raise SystemExit("wpd: %s exists and is not a socket" % self.socket_path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            s.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        os.chmod(self.socket_path, 0o600)
+        s.listen(16)
+        self._sock = s
+        log.info("wpd %d listening on %s", os.getpid(), self.socket_path)
+
+    def serve_forever(self):
+        while not self._stopping.is_set():
+            try:
+                ready, _, _ = select.select([self._sock], [], [], 0.5)
+            except InterruptedError:
+                continue
+            if not ready:
+                continue
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                continue
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            conn = protocol.Connection(sock)
+            if uid != 0:
+                log.warning("refused client pid %d uid %d: not root", pid, uid)
+                try:
+                    conn.send({"ok": False, "type": "NotRoot",
+                               "error": "wpd serves root only: run wp as root (sudo wp ...)"})
+                finally:
+                    conn.close()
+                continue
+            threading.Thread(target=self.serve_client, args=(conn,), daemon=True,
+                             name="wp-client-%d" % pid).start()
+
+    def shutdown(self):
+        self._stopping.set()
+
+    def close(self):
+        self.detach_all()
+        if self._sock:
+            self._sock.close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="wpd", description="The wp daemon: attaches to processes and write-protects their memory.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  wpd                         serve /run/wp/wpd.sock in the foreground\n"
+               "  wpd --socket /tmp/wpd.sock -v\n  systemctl start wpd         (scripts/wpd.service)\n")
+    parser.add_argument("--socket", default=protocol.DEFAULT_SOCKET, help="Unix socket (default %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        print("wpd: must run as root (it uses ptrace, userfaultfd on other processes and bcc)", file=sys.stderr)
+        return 1
+    daemon = Daemon(args.socket)
+    daemon.listen()
+
+    def on_signal(signum, _frame):
+        log.info("%s: detaching %d targets", signal.Signals(signum).name, len(daemon.targets))
+        daemon.shutdown()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.close()
+        log.info("wpd stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
