@@ -196,6 +196,28 @@ def cmd_run(args):
     return code if code >= 0 else 128 - code
 
 
+def cmd_info(args):
+    """What this kernel offers wp: uffd features, PAGEMAP_SCAN, tracing."""
+    import os
+    from wp import uffd
+    feats = uffd.supported_features()
+    info = {
+        "kernel": os.uname().release,
+        "uffd_features": uffd.feature_names(feats),
+        "async_wp": "wp_async" in uffd.feature_names(feats),
+        "missing_for_sync": uffd.feature_names(uffd.SYNC_FEATURES & ~feats),
+        "missing_for_async": uffd.feature_names(uffd.ASYNC_FEATURES & ~feats),
+        "tracefs": os.path.exists("/sys/kernel/tracing/events"),
+        "cpus": os.cpu_count(),
+    }
+    if args.json:
+        _print_json(info)
+    else:
+        for k, v in info.items():
+            print("%-18s %s" % (k + ":", " ".join(v) if isinstance(v, list) else v))
+    return EXIT_OK
+
+
 def _add_target_args(p):
     p.add_argument("--protector", default="trace",
                    help="trace (default), dedupe, snapshot, track, or module:Class")
@@ -243,6 +265,10 @@ def build_parser():
     p.add_argument("pid", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("info", help="what this kernel offers (uffd features, tracing)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     parser._wp_bench = _add_bench(sub)
     parser._wp_sub = sub
