@@ -1,0 +1,17 @@
+/* snapshot.c: stopping a target's threads briefly, for their registers.
+ * Read by cffi's cdef too: plain declarations only. All ptrace calls for one
+ * thread must come from the thread of ours that seized it (the tracer). */
+#ifndef WP_SNAPSHOT_H
+#define WP_SNAPSHOT_H
+#include <stdint.h>
+
+/* PTRACE_SEIZE + PTRACE_INTERRUPT tid and wait for it to stop. A signal that
+ * stopped it first is stored in *sig (to hand back at release), else 0. */
+int wp_thread_stop(int tid, int *sig);
+/* Reads the stopped thread's general registers (27 words, in the order of
+ * struct user_regs_struct = elf_gregset_t) and its 512-byte FXSAVE area. */
+int wp_thread_regs(int tid, uint64_t *regs, uint8_t *fpregs);
+/* PTRACE_DETACH, delivering sig (0: none): the thread runs again. */
+int wp_thread_release(int tid, int sig);
+
+#endif

@@ -1,0 +1,647 @@
+"""snapshot: a point-in-time image of a running process, taken while it runs.
+
+The instant is the moment write protection is installed. From then on:
+
+- a background thread copies pages into the output in big batches and
+  unprotects each batch once it is safely copied, so the target soon runs at
+  full speed again;
+- a write to a page not copied yet faults; ``on_write`` copies the chunk of
+  pages around it (``chunk`` bytes) before it lets the writer go.
+
+Either way a page's bytes are taken before anyone can change them, so the
+image holds exactly the memory of the instant (no page is torn, not even the
+one under a writer: the writer is blocked before its store lands).
+
+Registers. To put the threads' registers of that same instant in the core,
+the threads are stopped (PTRACE_SEIZE + PTRACE_INTERRUPT) just before the
+protection is installed and let go right after, having read their registers.
+That stop is the whole cost to the target (milliseconds; measured and
+reported as ``stop_ms``); gcore stops it for the whole dump.
+
+Memory sync WP cannot protect. Writable file mappings (a program's .data,
+MAP_SHARED files on disk) can only have async WP, where the kernel resolves
+the write itself and nobody can copy the page first. They are copied while
+the threads are stopped (consistent, at the price of a longer stop) up to
+``freeze_copy_limit`` bytes; past that they are copied afterwards and the
+pages written before their copy are counted as ``inconsistent_pages`` (from
+PAGEMAP_SCAN, an upper bound) with a warning, or refused with ``strict``.
+A MAP_SHARED file is only ever consistent for this process: other processes
+and write() can change it at any time.
+
+Other limits: pages the target discards (MADV_DONTNEED) or unmaps before they
+are copied read as zeros (the kernel's REMOVE/UNMAP events let the target go
+as soon as they are read: counted as ``discarded_pages``); mappings created
+after the instant are not in the image; children forked during the snapshot
+are released.
+
+Output: an ELF core that ``gdb PROGRAM FILE`` opens (wp.elfcore), or with
+``raw`` exactly the bytes of the single region.
+"""
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from wp import elfcore
+from wp._native import ffi, lib
+from wp.errors import BadRange, UnsupportedMemory, WPError
+from wp.protector import UNPROTECT, Unprotect, WriteProtector
+
+__all__ = ["SnapshotProtector", "snapshot", "add_parser", "main"]
+
+log = logging.getLogger("wp.snapshot")
+
+_CLAIMED = b"\x01"
+_FREE = b"\x00"
+
+
+class _Piece:
+    """A stretch of the image: [start, end) copied under one rule.
+
+    how: "sync" (write-protected: copied on write or by the copier, then
+    unprotected), "async" (copied while the threads are stopped, or late),
+    "plain" (read-only memory: copied any time), "none" (not dumped).
+    """
+    __slots__ = ("start", "end", "how", "page_size", "claimed", "seg")
+
+    def __init__(self, start, end, how, page_size, seg):
+        self.start = start
+        self.end = end
+        self.how = how
+        self.page_size = page_size
+        self.seg = seg
+        self.claimed = bytearray((end - start) // page_size) if how == "sync" else None
+
+    @property
+    def npages(self):
+        return (self.end - self.start) // self.page_size
+
+
+def _runs(bm, i0, i1, want=0):
+    """Returns [(a, b)] runs of indices in [i0, i1) where bm[i] == want."""
+    out = []
+    hit, miss = (_FREE, _CLAIMED) if want == 0 else (_CLAIMED, _FREE)
+    i = bm.find(hit, i0, i1)
+    while i != -1:
+        j = bm.find(miss, i, i1)
+        if j == -1:
+            j = i1
+        out.append((i, j))
+        i = bm.find(hit, j, i1)
+    return out
+
+
+def _smaps_anonymous(pid):
+    """Returns {mapping start: Anonymous bytes} from /proc/PID/smaps."""
+    out = {}
+    start = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            c = line[0]
+            if c in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                start = int(line.split("-", 1)[0], 16)
+            elif line.startswith("Anonymous:"):
+                out[start] = int(line.split()[1]) * 1024
+    return out
+
+
+class SnapshotProtector(WriteProtector):
+    """Copies the target's memory as of the moment protection is installed.
+
+    Args:
+        path: output file (default: wp-core.PID in the temp directory).
+        raw: write exactly the bytes of the single region instead of a core.
+        regs: stop the threads for the instant to put their registers in the
+            core (default: yes for a core, no for raw output).
+        chunk: bytes copied around a faulting page before its writer goes.
+        batch: bytes the background thread copies per read.
+        freeze_copy_limit: most bytes of async-only memory copied while the
+            threads are stopped.
+        strict: refuse (UnsupportedMemory) rather than copy async-only memory
+            inconsistently.
+        copier_cpu: pin the background copier to this CPU.
+    """
+
+    name = "snapshot"
+
+    def __init__(self, path=None, raw=False, regs=None, chunk=256 << 10, batch=4 << 20,
+                 freeze_copy_limit=64 << 20, strict=False, copier_cpu=None):
+        self.path = path
+        self.raw = raw
+        self.regs = (not raw) if regs is None else regs
+        self.chunk = chunk
+        self.batch = batch
+        self.freeze_copy_limit = freeze_copy_limit
+        self.strict = strict
+        self.copier_cpu = copier_cpu
+        self.pieces = []
+        self.out = None
+        self.threads = []
+        self.error = None
+        self.warnings = []
+        self._starts = []
+        self._lock = threading.Lock()
+        self._protected = threading.Event()
+        self._frozen = threading.Event()
+        self._stopping = threading.Event()
+        self.done = threading.Event()
+        self._freezer = None
+        self._copier = None
+        self._async_data = []
+        self._late_async = []
+        self.total_bytes = 0
+        self.copied_bytes = 0
+        self.cow_faults = 0
+        self.cow_pages = 0
+        self.unreadable_pages = 0
+        self.discarded_pages = 0
+        self.inconsistent_pages = 0
+        self.stop_ns = None
+        self.unprotect_calls = 0
+        self.t_attach = self.t_protected = self.t_done = None
+
+    # -- setup -------------------------------------------------------------
+
+    def attach(self, session):
+        """Plans the image, stops the threads (when registers are wanted or
+        async-only memory must be copied), copies async-only memory, creates
+        the output and starts the copier. Runs before protection is installed."""
+        self.session = session
+        self.space = session.space
+        self.pid = session.pid
+        self.page_size = self.space.page_size
+        self.t_attach = time.monotonic_ns()
+        if self.path is None:
+            self.path = os.path.join(tempfile.gettempdir(), "wp-core.%d" % self.pid)
+        maps = self.space.maps()
+        self._plan(session.regions, maps)
+        async_bytes = sum(p.end - p.start for p in self.pieces if p.how == "async")
+        if async_bytes and self.strict:
+            raise UnsupportedMemory(
+                "%d kB of the snapshot is memory only async WP can protect (writable file "
+                "mappings): it cannot be copied at one instant; leave it out of --region or drop "
+                "--strict" % (async_bytes // 1024))
+        freeze = self.regs or (async_bytes and async_bytes <= self.freeze_copy_limit)
+        if freeze:
+            self._freezer = threading.Thread(target=self._freeze_threads, name="wp-snap-freeze",
+                                             daemon=True)
+            self._freezer.start()
+            self._frozen.wait()
+            if self.error:
+                raise self.error
+        else:
+            self.threads = [elfcore.Thread(t) for t in _tids(self.pid)]
+        for p in self.pieces:
+            if p.how != "async":
+                continue
+            if freeze and async_bytes <= self.freeze_copy_limit:
+                self._async_data.append((p, self._read(p.start, p.end - p.start)))
+            else:
+                self._late_async.append(p)
+        if self._late_async:
+            self._warn("%d kB of writable file mappings cannot be write-protected synchronously: "
+                       "copied after the instant, pages written meanwhile are counted as "
+                       "inconsistent_pages" % (sum(p.end - p.start for p in self._late_async) // 1024))
+        try:
+            if self.raw:
+                p = self.pieces[0]
+                self.out = elfcore.RawFile(self.path, p.start, p.end)
+            else:
+                notes = elfcore.process_notes(self.pid, maps, self.threads, self.page_size)
+                self.out = elfcore.CoreFile(self.path, [p.seg for p in self.pieces if p.seg],
+                                            notes, self.page_size)
+        except BaseException:
+            self._stopping.set()
+            raise
+        self._copier = threading.Thread(target=self._copy_all, name="wp-snap-copy", daemon=True)
+        self._copier.start()
+
+    def _plan(self, regions, maps):
+        """Sets self.pieces: the session's regions and, for a core, every
+        other mapping (read-only ones with their bytes where gcore has them)."""
+        pieces = []
+        if self.raw:
+            if len(regions) != 1:
+                raise BadRange("--raw writes one range: name exactly one --region START-END "
+                               "(got %d regions)" % len(regions))
+        covered = []
+        for r in regions:
+            m = next((m for m in maps if m.start <= r.start < m.end), None)
+            flags = elfcore.flags_of(m.perms) if m else elfcore.PF_R | elfcore.PF_W
+            how = "sync" if r.mode == "sync" else "async"
+            seg = elfcore.Segment(r.start, r.end, flags, True)
+            pieces.append(_Piece(r.start, r.end, how, r.page_size, seg))
+            covered.append((r.start, r.end))
+        if not self.raw:
+            anon = _smaps_anonymous(self.pid)
+            for m in maps:
+                for start, end in _subtract((m.start, m.end), covered):
+                    readable = m.perms[0] == "r" and m.path not in ("[vvar]", "[vvar_vclock]",
+                                                                    "[vsyscall]")
+                    if m.writable:
+                        dump = False     # writable memory left out of the regions
+                    elif m.path.startswith("/") and m.inode:
+                        dump = readable and anon.get(m.start, 0) > 0   # relocated (RELRO)
+                    else:
+                        dump = readable
+                    seg = elfcore.Segment(start, end, elfcore.flags_of(m.perms), dump)
+                    pieces.append(_Piece(start, end, "plain" if dump else "none", m.page_size, seg))
+        pieces.sort(key=lambda p: p.start)
+        self.pieces = pieces
+        self._sync = [p for p in pieces if p.how == "sync"]
+        self._starts = [p.start for p in self._sync]
+        self.total_bytes = sum(p.end - p.start for p in pieces if p.how != "none")
+
+    # -- the instant -------------------------------------------------------
+
+    def protected(self):
+        """Says protection is installed (Session.start returned): the threads
+        may go and the copier may start. Without this call the copier notices
+        session.started_ns by itself, a fraction of a millisecond later."""
+        self.t_protected = time.monotonic_ns()
+        self._protected.set()
+
+    def _wait_protected(self, limit_s=30.0):
+        # Session.start() does not tell a protector that it failed after
+        # attach (it closes without detach): watch its stop flag, and never
+        # keep the target stopped longer than limit_s.
+        deadline = time.monotonic() + limit_s
+        failed = getattr(self.session, "_stop", None)
+        while not self._protected.wait(0.0002):
+            if self._stopping.is_set() or (failed is not None and failed.is_set()):
+                self._stopping.set()
+                return False
+            if self.session.started_ns is not None:
+                self.protected()
+            elif time.monotonic() > deadline:
+                self.error = TimeoutError("protection not installed after %.0f s" % limit_s)
+                self._stopping.set()
+                return False
+        return not self._stopping.is_set()
+
+    def _freeze_threads(self):
+        # ptrace requests must come from the thread that seized (the tracer):
+        # this thread stops, reads and releases every target thread.
+        stopped = {}
+        failed = {}
+        sig = ffi.new("int *")
+        regs = ffi.new("uint64_t[27]")
+        fp = ffi.new("uint8_t[512]")
+        t0 = time.monotonic_ns()
+        try:
+            while True:
+                new = [t for t in _tids(self.pid) if t not in stopped and t not in failed]
+                if not new:
+                    break
+                for tid in new:
+                    r = lib.wp_thread_stop(tid, sig)
+                    if r < 0:
+                        failed[tid] = r
+                    else:
+                        stopped[tid] = sig[0]
+            if self.pid in failed and failed[self.pid] != -3:
+                self.error = OSError(-failed[self.pid], "cannot stop pid %d for its registers: %s "
+                                     "(originated from ptrace(PTRACE_SEIZE)); another tracer "
+                                     "(gdb, strace)? use --no-regs" % (self.pid, os.strerror(-failed[self.pid])))
+            for tid in stopped:
+                t = elfcore.Thread(tid)
+                if lib.wp_thread_regs(tid, regs, fp) == 0:
+                    t.regs = list(regs)
+                    t.fpregs = bytes(ffi.buffer(fp))
+                self.threads.append(t)
+        except BaseException as err:
+            self.error = err
+        finally:
+            self._frozen.set()
+        try:
+            if not self.error:
+                self._wait_protected()
+        finally:
+            for tid, s in stopped.items():
+                lib.wp_thread_release(tid, s)
+            self.stop_ns = time.monotonic_ns() - t0
+        if failed:
+            log.debug("pid %d: threads not stopped: %s", self.pid, failed)
+
+    # -- copying -----------------------------------------------------------
+
+    def _read(self, addr, length):
+        """Returns the target's bytes at addr (zeros where unreadable)."""
+        try:
+            data = self.space.read(addr, length)
+        except OSError:
+            data = b""
+        if len(data) < length:
+            # Unmapped or unreadable from here on: try page by page.
+            ps = self.page_size
+            parts = [data[:len(data) - len(data) % ps]]
+            pos = addr + len(parts[0])
+            while pos < addr + length:
+                try:
+                    d = self.space.read(pos, ps)
+                except OSError:
+                    d = b""
+                if len(d) < ps:
+                    self.unreadable_pages += 1
+                    d = bytes(ps)
+                parts.append(d)
+                pos += ps
+            data = b"".join(parts)
+        return data
+
+    def on_write(self, fault):
+        """Copies the not-yet-copied pages of the chunk around the faulting
+        page, then unprotects the chunk. The writer is blocked meanwhile."""
+        p = self._sync_piece(fault.page)
+        if p is None:
+            return UNPROTECT
+        ps = p.page_size
+        cpages = max(1, self.chunk // ps)
+        i = (fault.page - p.start) // ps
+        c0 = i - i % cpages
+        c1 = min(c0 + cpages, p.npages)
+        with self._lock:
+            runs = _runs(p.claimed, c0, c1)
+            for a, b in runs:
+                p.claimed[a:b] = _CLAIMED * (b - a)
+        # Claimed pages stay protected until this returns: their bytes are
+        # still those of the instant.
+        n = 0
+        for a, b in runs:
+            addr = p.start + a * ps
+            self.out.write(addr, self._read(addr, (b - a) * ps))
+            n += b - a
+        if n:
+            self.cow_faults += 1
+            self.cow_pages += n
+            self.copied_bytes += n * ps
+        return Unprotect(p.start + c0 * ps, (c1 - c0) * ps)
+
+    def _sync_piece(self, addr):
+        import bisect
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self._sync[i].end:
+            return self._sync[i]
+        return None
+
+    def _copy_all(self):
+        try:
+            if self.copier_cpu is not None:
+                os.sched_setaffinity(0, {self.copier_cpu})
+            if not self._wait_protected():
+                return
+            for p, data in self._async_data:
+                self.out.write(p.start, data)
+                self.copied_bytes += len(data)
+            self._async_data = []
+            for p in self.pieces:
+                if self._stopping.is_set():
+                    return
+                if p.how == "sync":
+                    self._copy_sync(p)
+            for p in self.pieces:
+                if self._stopping.is_set():
+                    return
+                if p.how == "plain" or p in self._late_async:
+                    self._copy_plain(p)
+            if self._late_async:
+                # Pages written since protection, before or after their copy.
+                for runs in self.session.scan_written().values():
+                    self.inconsistent_pages += sum(e - s for s, e in runs) // self.page_size
+        except BaseException as err:  # reported by wait() and stats()
+            self.error = err
+            log.exception("snapshot of pid %d failed", self.pid)
+        finally:
+            self.t_done = time.monotonic_ns()
+            self.done.set()
+
+    def _copy_plain(self, p):
+        step = self.batch
+        for a in range(p.start, p.end, step):
+            n = min(step, p.end - a)
+            self.out.write(a, self._read(a, n))
+            self.copied_bytes += n
+
+    def _copy_sync(self, p):
+        ps = p.page_size
+        wpages = max(1, self.batch // ps)
+        uffd = self.session.sync_uffd
+        for w0 in range(0, p.npages, wpages):
+            if self._stopping.is_set():
+                return
+            w1 = min(w0 + wpages, p.npages)
+            with self._lock:
+                runs = _runs(p.claimed, w0, w1)
+            if not runs:
+                continue
+            # Read first, claim after: a page still unclaimed now was never
+            # unprotected, so what was read is the instant's bytes.
+            datas = [self._read(p.start + a * ps, (b - a) * ps) for a, b in runs]
+            todo = []
+            with self._lock:
+                for (a, b), data in zip(runs, datas):
+                    for x, y in _runs(p.claimed, a, b):
+                        p.claimed[x:y] = _CLAIMED * (y - x)
+                        todo.append((x, y, memoryview(data)[(x - a) * ps:(y - a) * ps]))
+            for x, y, data in todo:
+                self.out.write(p.start + x * ps, data)
+                self.copied_bytes += (y - x) * ps
+            for x, y, _ in todo:
+                try:
+                    uffd.unprotect(p.start + x * ps, (y - x) * ps)
+                    self.unprotect_calls += 1
+                except OSError as err:   # unmapped meanwhile
+                    log.debug("unprotect %#x: %s", p.start + x * ps, err)
+
+    # -- events and results ------------------------------------------------
+
+    def on_event(self, event):
+        if event["event"] in ("remove", "unmap") and not self.done.is_set():
+            lost = 0
+            with self._lock:
+                for p in self._sync:
+                    s, e = max(p.start, event["start"]), min(p.end, event["end"])
+                    if s < e:
+                        i0, i1 = (s - p.start) // p.page_size, -(-(e - p.start) // p.page_size)
+                        lost += sum(b - a for a, b in _runs(p.claimed, i0, i1))
+            if lost:
+                self.discarded_pages += lost
+                self._warn("the target discarded %d pages (%s) before they were copied: they "
+                           "read as zeros in the snapshot" % (lost, event["event"]))
+
+    def _warn(self, msg):
+        self.warnings.append(msg)
+        log.warning("pid %d: %s", self.pid, msg)
+
+    def wait(self, timeout=None):
+        """Waits until every page is copied; returns stats(). Raises the
+        copier's error, if any."""
+        if not self.done.wait(timeout):
+            raise TimeoutError("snapshot of pid %d not done after %s s" % (self.pid, timeout))
+        if self.error:
+            raise WPError("snapshot of pid %d failed: %s" % (self.pid, self.error)) from self.error
+        return self.stats()
+
+    def stats(self):
+        t_end = self.t_done or time.monotonic_ns()
+        return {
+            "output": self.path,
+            "format": "raw" if self.raw else "elf-core",
+            "done": self.done.is_set(),
+            "total_bytes": self.total_bytes,
+            "copied_bytes": self.copied_bytes,
+            "copied_on_write_pages": self.cow_pages,
+            "copy_on_write_faults": self.cow_faults,
+            "unprotect_calls": self.unprotect_calls,
+            "threads": len(self.threads),
+            "threads_with_registers": sum(t.regs is not None for t in self.threads),
+            "stop_ms": None if self.stop_ns is None else round(self.stop_ns / 1e6, 3),
+            "copy_s": (round((t_end - self.t_protected) / 1e9, 3) if self.t_protected else None),
+            "unreadable_pages": self.unreadable_pages,
+            "discarded_pages": self.discarded_pages,
+            "inconsistent_pages": self.inconsistent_pages,
+            "warnings": list(self.warnings),
+            "error": str(self.error) if self.error else None,
+        }
+
+    def detach(self):
+        self._stopping.set()
+        self._protected.set()
+        for t in (self._freezer, self._copier):
+            if t is not None and t is not threading.current_thread():
+                t.join(10)
+        if self.out:
+            self.out.close()
+
+
+def _tids(pid):
+    try:
+        return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+    except FileNotFoundError:
+        raise ProcessLookupError(3, "no such process %d" % pid) from None
+
+
+def _subtract(span, taken):
+    out = []
+    pos, end = span
+    for s, e in sorted(taken):
+        if e <= pos or s >= end:
+            continue
+        if s > pos:
+            out.append((pos, s))
+        pos = max(pos, e)
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
+# -- driver and command line -------------------------------------------------
+
+def snapshot(space, path=None, regions=None, raw=False, regs=None, progress=None, cpu=None,
+             spin=False, handler="python", **options):
+    """Takes one snapshot of space's process; returns its stats (a dict).
+
+    Args:
+        space: a wp.space.Space of the target.
+        path: output file (default wp-core.PID in the temp directory).
+        regions: region specs (wp.session.resolve_regions); default "all".
+        raw: write the bytes of one region instead of an ELF core.
+        regs: stop the threads for their registers (default: not for raw).
+        progress: callable(stats) called about every 0.5 s while copying.
+        cpu, spin: placement of the fault handler thread (wp.session.Session).
+        options: more SnapshotProtector arguments (chunk, batch, ...).
+    Raises:
+        BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
+    """
+    from wp.session import Session
+    prot = SnapshotProtector(path, raw=raw, regs=regs, **options)
+    session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
+                      handler=handler)
+    session.start()
+    try:
+        prot.protected()
+        while not prot.done.wait(0.5):
+            if progress:
+                progress(prot.stats())
+        st = prot.wait()
+        st["faults"] = session.faults()
+        return st
+    finally:
+        session.close()
+
+
+def add_parser(subparsers):
+    """Registers `wp snapshot` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "snapshot", help="a point-in-time core (or raw copy) of a running process",
+        description="Copies a running process's memory as of one instant while it keeps running: "
+                    "write-protect, copy in the background, copy a page first when the target "
+                    "writes it. The default output is an ELF core that `gdb PROGRAM FILE` opens.",
+        epilog="examples:\n  wp snapshot 1234 -o core.1234\n"
+               "  wp snapshot 1234 --raw --region 7f0000000000-7f0000100000 -o region.bin\n",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("pid", type=int)
+    p.add_argument("-o", "--output", help="output file (default core.PID, or PID.raw with --raw)")
+    p.add_argument("--region", action="append",
+                   help="all, anon, shmem, hugetlb, file:PATH or START-END in hex (repeatable; "
+                        "default all)")
+    p.add_argument("--raw", action="store_true",
+                   help="write exactly the bytes of the single --region START-END")
+    p.add_argument("--no-regs", action="store_true",
+                   help="do not stop the threads for their registers (the core has none)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse memory that cannot be copied at one instant (writable files)")
+    p.add_argument("--uffd", type=int, action="append",
+                   help="a userfaultfd the target created itself (its fd number; repeat for a "
+                        "second); default: create them by syscall injection")
+    p.add_argument("--cpu", type=int, help="pin the fault handler to this CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print the stats as one JSON object")
+    p.set_defaults(func=main)
+    return p
+
+
+def space_for(pid, uffds=None):
+    """Returns a ProcessSpace for pid: cooperative when the target's own uffd
+    numbers are given, else uffds made by syscall injection (wp.remote)."""
+    from wp.space import ProcessSpace
+    if uffds:
+        return ProcessSpace.cooperative(pid, uffds)
+    from wp.daemon import _remote_uffd_source
+    return ProcessSpace(pid, _remote_uffd_source(pid))
+
+
+def main(args):
+    """`wp snapshot`: see add_parser for args. Returns the exit code."""
+    import json
+    if args.raw and (not args.region or len(args.region) != 1):
+        print("wp snapshot: --raw needs exactly one --region START-END", file=sys.stderr)
+        return 2
+    out = args.output or ("%d.raw" % args.pid if args.raw else "core.%d" % args.pid)
+
+    def progress(st):
+        if not args.quiet:
+            print("wp snapshot: %d/%d MiB, %d pages copied on write, target stopped %s ms"
+                  % (st["copied_bytes"] >> 20, st["total_bytes"] >> 20, st["copied_on_write_pages"],
+                     st["stop_ms"]), file=sys.stderr)
+    try:
+        st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
+                      regs=False if args.no_regs else None, progress=progress, cpu=args.cpu,
+                      strict=args.strict)
+    except (BadRange, UnsupportedMemory) as err:
+        print("wp snapshot: %s" % err, file=sys.stderr)
+        return 4
+    except (WPError, OSError) as err:
+        print("wp snapshot: %s" % err, file=sys.stderr)
+        return 1
+    for w in st["warnings"]:
+        print("wp snapshot: warning: %s" % w, file=sys.stderr)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        print("wrote %s: %d MiB in %.2f s, target stopped %s ms, %d pages copied on write"
+              % (out, st["copied_bytes"] >> 20, st["copy_s"] or 0, st["stop_ms"],
+                 st["copied_on_write_pages"]), file=sys.stderr)
+    return 0
