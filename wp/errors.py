@@ -1,7 +1,7 @@
 """wp's exceptions. Kernel errors stay OSError (PermissionError,
 ProcessLookupError, ...); these sit above them and say what the user can do."""
 
-__all__ = ["WPError", "UnsupportedMemory", "BadRange", "TargetError", "NotRoot"]
+__all__ = ["WPError", "UnsupportedMemory", "BadRange", "TargetError", "NotRoot", "NoSuchProcess"]
 
 
 class WPError(Exception):
@@ -22,3 +22,7 @@ class TargetError(WPError):
 
 class NotRoot(WPError, PermissionError):
     """The operation needs root."""
+
+
+class NoSuchProcess(TargetError, ProcessLookupError):
+    """The target pid does not exist (or exited while wp worked on it)."""
