@@ -25,7 +25,7 @@ __all__ = ["RemoteProcess", "SYS", "choose_thread"]
 
 # x86_64 syscall numbers used here and by callers.
 SYS = {
-    "read": 0, "write": 1, "close": 3, "fstat": 5, "mmap": 9, "mprotect": 10,
+    "read": 0, "write": 1, "close": 3, "pause": 34, "fstat": 5, "mmap": 9, "mprotect": 10,
     "munmap": 11, "madvise": 28, "nanosleep": 35, "getpid": 39, "exit_group": 231,
     "getppid": 110, "gettid": 186, "tgkill": 234, "userfaultfd": 323,
     "memfd_create": 319,
@@ -41,7 +41,7 @@ BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
 
 def _syscall_name(nr, args=()):
     return "%s(%s)" % (_NAMES.get(nr, "syscall %d" % nr),
-                       ", ".join(hex(a) if a > 9 else str(a) for a in args))
+                       ", ".join(hex(a) if a >= 1 << 16 else str(a) for a in args))
 
 
 def _stat_fields(pid, tid=None):
@@ -136,8 +136,13 @@ class RemoteProcess:
         self.stop()
         return self
 
-    def __exit__(self, *exc):
-        self.detach()
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.detach()
+        except (OSError, TargetError):
+            if exc_type is None:
+                raise
+            # The error in flight (often the same exit) says more.
 
     def stop(self):
         """Seizes and stops one thread; blocks its signals until detach.

@@ -1,0 +1,341 @@
+"""Syscalls injected into real running targets (tests/targets/*.c).
+
+Each target checks its own invariants (no EINTR, no short sleep, no lost
+byte, every register unchanged) and reports them when told to quit; the
+tests check what the kernel says about the target afterwards (State,
+TracerPid, /proc/PID/maps) and what the injected syscalls did.
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from wp.errors import NoSuchProcess, TargetError
+from wp.remote import SYS, RemoteProcess
+
+PAGE = 4096
+MADV_NORMAL = 0
+
+
+def wait_ready(p):
+    assert p.stdout.readline().strip() in ("ready", b"ready")
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def assert_released(pid, stopped=False):
+    """The target is not traced and not stopped (or stopped by job control
+    when stopped is True: 'T', never ptrace's 't')."""
+    st = proc_status(pid)
+    assert st["TracerPid"] == "0"
+    state = st["State"].split()[0]
+    if stopped:
+        assert state == "T", st["State"]
+    else:
+        assert state in ("S", "R", "D"), st["State"]
+
+
+def wait_state(pid, want, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc_status(pid)["State"].split()[0] == want:
+            return
+        time.sleep(0.01)
+    raise AssertionError("pid %d never reached state %s" % (pid, want))
+
+
+def exercise(rp, pid, rounds=40):
+    """Runs 5 injected syscalls a round (200 for 40 rounds): getpid, mmap,
+    munmap, userfaultfd and the close inside take_fd; checks each result."""
+    for i in range(rounds):
+        assert rp.syscall(SYS["getpid"]) == pid
+        addr = rp.mmap_scratch(PAGE)
+        assert addr % PAGE == 0
+        data = bytes([i & 0xFF]) * 64
+        rp.write_memory(addr, data)
+        assert rp.read_memory(addr, 64) == data
+        rp.munmap(addr, PAGE)
+        fd = rp.open_userfaultfd()
+        try:
+            assert os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
+            os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+def quit_target(p, cmd="q"):
+    if not isinstance(p.stdout.read(0), str):
+        cmd = cmd.encode()
+    out, _ = p.communicate(cmd, timeout=20)
+    return out.strip() if isinstance(out, str) else out.decode().strip()
+
+
+def target_uffds(pid):
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:[userfaultfd]":
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+# -- targets in the states that matter --------------------------------------
+
+def test_sleeper(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    for _ in range(3):
+        time.sleep(0.05)
+        with RemoteProcess(p.pid) as rp:
+            exercise(rp, p.pid)
+            regs = rp.saved_registers()
+            assert rp.stops >= 400
+        assert_released(p.pid)
+    # It was stopped inside clock_nanosleep (230), which the kernel restarts.
+    assert regs["orig_rax"] in (230, 219)   # clock_nanosleep or restart_syscall
+    assert target_uffds(p.pid) == 0
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_pipereader_loses_nothing(target_bin, spawn):
+    p = spawn([target_bin("pipereader")], text=False)
+    wait_ready(p)
+    chunks = [bytes((i * 7 + j) & 0xFF for j in range(1000 + i)) for i in range(60)]
+    stop = threading.Event()
+
+    def feed():
+        for c in chunks:
+            p.stdin.write(c)
+            p.stdin.flush()
+            time.sleep(0.005)
+        stop.set()
+
+    th = threading.Thread(target=feed)
+    th.start()
+    try:
+        while not stop.is_set():
+            with RemoteProcess(p.pid) as rp:
+                exercise(rp, p.pid, rounds=8)
+            assert_released(p.pid)
+    finally:
+        th.join()
+    # And once more, blocked in read on an idle pipe.
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        exercise(rp, p.pid)
+        assert rp.saved_registers()["orig_rax"] == SYS["read"]
+    assert_released(p.pid)
+    data = b"".join(chunks)
+    out = quit_target(p, "")
+    wsum = sum(b * (i + 1) for i, b in enumerate(data))
+    assert out == "total %d sum %d wsum %d eintr 0 usr1 0" % (len(data), sum(data), wsum)
+
+
+def test_signal_during_injection_is_delivered(target_bin, spawn):
+    """SIGUSR1 sent while the thread is held stays pending and runs the
+    target's handler after detach; read() restarts (SA_RESTART), no EINTR."""
+    p = spawn([target_bin("pipereader")])
+    wait_ready(p)
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        rp.syscall(SYS["getpid"])
+        os.kill(p.pid, signal.SIGUSR1)
+        exercise(rp, p.pid, rounds=4)
+        assert "SigPnd" in proc_status(p.pid)
+    assert_released(p.pid)
+    p.stdin.write("abc")
+    out = quit_target(p, "")
+    assert out == "total 3 sum %d wsum %d eintr 0 usr1 1" % (
+        sum(b"abc"), sum(b * (i + 1) for i, b in enumerate(b"abc")))
+
+
+def test_threads(target_bin, spawn):
+    p = spawn([target_bin("threads")])
+    wait_ready(p)
+    time.sleep(0.1)
+    tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % p.pid))
+    assert len(tids) == 9
+    for tid in (p.pid, tids[1], tids[-1], p.pid):
+        with RemoteProcess(p.pid, tid=tid) as rp:
+            assert rp.tid == tid
+            exercise(rp, p.pid)
+        assert_released(p.pid)
+        for t in tids:
+            assert proc_status(p.pid)["TracerPid"] == "0"
+            with open("/proc/%d/task/%d/status" % (p.pid, t)) as f:
+                assert "TracerPid:\t0\n" in f.read()
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_busy_loop_registers(target_bin, spawn):
+    p = spawn([target_bin("rt_busy")])
+    wait_ready(p)
+    for _ in range(3):
+        time.sleep(0.05)
+        with RemoteProcess(p.pid) as rp:
+            exercise(rp, p.pid)
+            assert rp.saved_registers()["orig_rax"] == 2**64 - 1   # not in a syscall
+        assert_released(p.pid)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+# -- job control and stop signals --------------------------------------------
+
+def test_job_control_stopped_target_stays_stopped(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    os.kill(p.pid, signal.SIGSTOP)
+    wait_state(p.pid, "T")
+    with RemoteProcess(p.pid) as rp:
+        assert rp.was_group_stopped
+        exercise(rp, p.pid, rounds=10)
+    assert_released(p.pid, stopped=True)
+    time.sleep(0.2)
+    assert_released(p.pid, stopped=True)
+    os.kill(p.pid, signal.SIGCONT)
+    wait_state(p.pid, "S")
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_sigstop_during_injection_is_not_lost(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        os.kill(p.pid, signal.SIGSTOP)
+        exercise(rp, p.pid, rounds=10)
+    wait_state(p.pid, "T")
+    assert_released(p.pid, stopped=True)
+    os.kill(p.pid, signal.SIGCONT)
+    wait_state(p.pid, "S")
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+# -- batches -------------------------------------------------------------------
+
+def test_batch_10000(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    with RemoteProcess(p.pid) as rp:
+        res = rp.syscalls([(SYS["getppid"], ())] * 10000)
+        assert res == [os.getpid()] * 10000
+        # More than one blob's worth, mixed, with failures reported as -errno.
+        addr = rp.mmap_scratch(PAGE)
+        calls = []
+        for i in range(20000):
+            calls.append([(SYS["getpid"], ()), (SYS["madvise"], (addr, PAGE, MADV_NORMAL)),
+                          (SYS["close"], (-1,))][i % 3])
+        res = rp.syscalls(calls)
+        assert res == [[p.pid, 0, -9][i % 3] for i in range(20000)]   # -EBADF
+        assert rp.syscalls(calls[:10], stop_on_error=True) == [p.pid, 0, -9]
+        rp.munmap(addr, PAGE)
+    assert_released(p.pid)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_batch_effects_seen_in_maps(target_bin, spawn):
+    """1000 mprotects in one batch split a region into 1000 VMAs."""
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    n = 1000
+    with RemoteProcess(p.pid) as rp:
+        base = rp.mmap_scratch(n * PAGE)
+        res = rp.syscalls((SYS["mprotect"], (base + i * PAGE, PAGE, 1 if i % 2 else 3))
+                          for i in range(n))
+        assert res == [0] * n
+        vmas = []
+        with open("/proc/%d/maps" % p.pid) as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo < base + n * PAGE and hi > base:
+                    vmas.append((lo, hi, line.split()[1]))
+        # One VMA a page (the first or last may merge with a neighbour).
+        assert len(vmas) == n
+        for i in range(n):
+            addr = base + i * PAGE
+            perms = [v[2] for v in vmas if v[0] <= addr < v[1]]
+            assert perms == ["r--p" if i % 2 else "rw-p"]
+        rp.munmap(base, n * PAGE)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+# -- errors ------------------------------------------------------------------
+
+def test_bad_targets():
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    with pytest.raises(NoSuchProcess, match="no such process") as ei:
+        RemoteProcess(pid_max + 1)
+    assert isinstance(ei.value, ProcessLookupError)
+    with pytest.raises(TargetError, match="init"):
+        RemoteProcess(1)
+    with pytest.raises(TargetError, match="kernel thread"):
+        RemoteProcess(2)
+    with pytest.raises(TargetError, match="this process"):
+        RemoteProcess(os.getpid())
+    for pid in (1, 2):
+        assert proc_status(pid)["TracerPid"] == "0"
+
+
+def test_injected_error_names_the_syscall(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    with RemoteProcess(p.pid) as rp:
+        with pytest.raises(OSError, match=r"close\(12345\)") as ei:
+            rp.syscall(SYS["close"], 12345)
+        assert ei.value.errno == 9
+        assert rp.syscall(SYS["getpid"]) == p.pid
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_target_exits_during_injection(target_bin, spawn):
+    p = spawn([target_bin("threads")])
+    wait_ready(p)
+    t0 = time.monotonic()
+    with pytest.raises(NoSuchProcess, match="exit_group"):
+        with RemoteProcess(p.pid) as rp:
+            rp.syscall(SYS["exit_group"], 7)
+    assert time.monotonic() - t0 < 5
+    assert p.wait(timeout=5) is not None
+
+
+def test_target_killed_during_blocking_injection(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    killer = threading.Timer(0.3, os.kill, (p.pid, signal.SIGKILL))
+    t0 = time.monotonic()
+    with pytest.raises(NoSuchProcess):
+        with RemoteProcess(p.pid) as rp:
+            killer.start()
+            rp.syscall(SYS["pause"])   # returns only for a signal
+    killer.join()
+    assert time.monotonic() - t0 < 5
+    p.wait(timeout=5)
+
+
+def test_blocking_injection_times_out(target_bin, spawn):
+    """pause() never returns: after the timeout the thread is interrupted,
+    put back as it was and released; the target goes on unharmed."""
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    with RemoteProcess(p.pid, timeout=0.3) as rp:
+        with pytest.raises(TimeoutError, match=r"pause\(\)"):
+            rp.syscall(SYS["pause"])
+    assert_released(p.pid)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
