@@ -113,8 +113,12 @@ class SnapshotProtector(WriteProtector):
     Args:
         path: output file (default: wp-core.PID in the temp directory).
         raw: write exactly the bytes of the single region instead of a core.
-        regs: stop the threads for the instant to put their registers in the
-            core (default: yes for a core, no for raw output).
+        freeze: stop the threads while protection is installed, so that the
+            instant is one instant. Without it UFFDIO_WRITEPROTECT walks the
+            range while the threads run: each page's instant is when the walk
+            passed it (a few ms spread for 1 GiB), and there are no registers.
+        regs: put the stopped threads' registers in the core (default: yes,
+            when frozen and not raw).
         chunk: bytes copied around a faulting page before its writer goes.
         batch: bytes the background thread copies per read.
         freeze_copy_limit: most bytes of async-only memory copied while the
@@ -126,11 +130,12 @@ class SnapshotProtector(WriteProtector):
 
     name = "snapshot"
 
-    def __init__(self, path=None, raw=False, regs=None, chunk=256 << 10, batch=4 << 20,
-                 freeze_copy_limit=64 << 20, strict=False, copier_cpu=None):
+    def __init__(self, path=None, raw=False, freeze=True, regs=None, chunk=256 << 10,
+                 batch=4 << 20, freeze_copy_limit=64 << 20, strict=False, copier_cpu=None):
         self.path = path
         self.raw = raw
-        self.regs = (not raw) if regs is None else regs
+        self.freeze = freeze
+        self.regs = (freeze and not raw) if regs is None else regs
         self.chunk = chunk
         self.batch = batch
         self.freeze_copy_limit = freeze_copy_limit
@@ -183,7 +188,7 @@ class SnapshotProtector(WriteProtector):
                 "%d kB of the snapshot is memory only async WP can protect (writable file "
                 "mappings): it cannot be copied at one instant; leave it out of --region or drop "
                 "--strict" % (async_bytes // 1024))
-        freeze = self.regs or (async_bytes and async_bytes <= self.freeze_copy_limit)
+        freeze = self.freeze or self.regs or (async_bytes and async_bytes <= self.freeze_copy_limit)
         if freeze:
             self._freezer = threading.Thread(target=self._freeze_threads, name="wp-snap-freeze",
                                              daemon=True)
@@ -304,10 +309,10 @@ class SnapshotProtector(WriteProtector):
             if self.pid in failed and failed[self.pid] != -3:
                 self.error = OSError(-failed[self.pid], "cannot stop pid %d for its registers: %s "
                                      "(originated from ptrace(PTRACE_SEIZE)); another tracer "
-                                     "(gdb, strace)? use --no-regs" % (self.pid, os.strerror(-failed[self.pid])))
+                                     "(gdb, strace)? use --no-freeze" % (self.pid, os.strerror(-failed[self.pid])))
             for tid in stopped:
                 t = elfcore.Thread(tid)
-                if lib.wp_thread_regs(tid, regs, fp) == 0:
+                if self.regs and lib.wp_thread_regs(tid, regs, fp) == 0:
                     t.regs = list(regs)
                     t.fpregs = bytes(ffi.buffer(fp))
                 self.threads.append(t)
@@ -539,8 +544,8 @@ def _subtract(span, taken):
 
 # -- driver and command line -------------------------------------------------
 
-def snapshot(space, path=None, regions=None, raw=False, regs=None, progress=None, cpu=None,
-             spin=False, handler="python", **options):
+def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, progress=None,
+             cpu=None, spin=False, handler="python", **options):
     """Takes one snapshot of space's process; returns its stats (a dict).
 
     Args:
@@ -548,7 +553,8 @@ def snapshot(space, path=None, regions=None, raw=False, regs=None, progress=None
         path: output file (default wp-core.PID in the temp directory).
         regions: region specs (wp.session.resolve_regions); default "all".
         raw: write the bytes of one region instead of an ELF core.
-        regs: stop the threads for their registers (default: not for raw).
+        freeze: stop the threads while protection is installed (one instant).
+        regs: registers in the core (default: when frozen and not raw).
         progress: callable(stats) called about every 0.5 s while copying.
         cpu, spin: placement of the fault handler thread (wp.session.Session).
         options: more SnapshotProtector arguments (chunk, batch, ...).
@@ -556,7 +562,7 @@ def snapshot(space, path=None, regions=None, raw=False, regs=None, progress=None
         BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
     """
     from wp.session import Session
-    prot = SnapshotProtector(path, raw=raw, regs=regs, **options)
+    prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
     session.start()
@@ -589,8 +595,9 @@ def add_parser(subparsers):
                         "default all)")
     p.add_argument("--raw", action="store_true",
                    help="write exactly the bytes of the single --region START-END")
-    p.add_argument("--no-regs", action="store_true",
-                   help="do not stop the threads for their registers (the core has none)")
+    p.add_argument("--no-freeze", action="store_true",
+                   help="do not stop the threads while protecting: no stop at all, but the instant "
+                        "is spread over the protection walk and the core has no registers")
     p.add_argument("--strict", action="store_true",
                    help="refuse memory that cannot be copied at one instant (writable files)")
     p.add_argument("--uffd", type=int, action="append",
@@ -628,7 +635,7 @@ def main(args):
                      st["stop_ms"]), file=sys.stderr)
     try:
         st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
-                      regs=False if args.no_regs else None, progress=progress, cpu=args.cpu,
+                      freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
                       strict=args.strict)
     except (BadRange, UnsupportedMemory) as err:
         print("wp snapshot: %s" % err, file=sys.stderr)
