@@ -323,7 +323,9 @@ int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
 	r->pid = pid;
 	r->tid = tid;
 	r->timeout_ms = timeout_ms;
-	snprintf(path, sizeof(path), "/proc/%d/mem", pid);
+	/* The thread's own file: a leader that called pthread_exit() has no mm
+	 * left, and /proc/PID/mem would read nothing. */
+	snprintf(path, sizeof(path), "/proc/%d/task/%d/mem", pid, tid);
 	r->memfd = open(path, O_RDWR | O_CLOEXEC);
 	if (r->memfd < 0)
 		return -errno;

@@ -339,3 +339,52 @@ def test_blocking_injection_times_out(target_bin, spawn):
     assert_released(p.pid)
     out = quit_target(p)
     assert out.startswith("ok"), out
+
+
+def test_zombie_leader_uses_another_thread(target_bin, spawn):
+    """The main thread called pthread_exit(): a live thread is chosen, and
+    its maps, memory and file table are used."""
+    p = spawn([target_bin("rt_zombie_leader")])
+    wait_ready(p)
+    time.sleep(0.1)
+    assert proc_status(p.pid)["State"].startswith("Z")
+    with RemoteProcess(p.pid) as rp:
+        assert rp.tid != p.pid
+        exercise(rp, p.pid, rounds=10)
+    with open("/proc/%d/task/%d/status" % (p.pid, rp.tid)) as f:
+        assert "TracerPid:\t0\n" in f.read()
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_seccomp_filter_suspended_while_injecting(target_bin, spawn):
+    """The target's filter kills it for getpid/userfaultfd; ours still run
+    (PTRACE_O_SUSPEND_SECCOMP) and the filter is back in force after."""
+    p = spawn([target_bin("rt_seccomp")])
+    wait_ready(p)
+    with RemoteProcess(p.pid) as rp:
+        assert rp.seccomp_suspended
+        exercise(rp, p.pid, rounds=5)
+    assert_released(p.pid)
+    assert proc_status(p.pid)["Seccomp"] == "2"
+    assert p.poll() is None
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_signal_during_batch_is_delivered(target_bin, spawn):
+    """SIGUSR1 sent while the blob runs a long batch: every call still runs,
+    and the target's handler runs once after detach."""
+    p = spawn([target_bin("pipereader")])
+    wait_ready(p)
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        rp.syscalls([(SYS["getppid"], ())])
+        t = threading.Timer(0.02, os.kill, (p.pid, signal.SIGUSR1))
+        t.start()
+        res = rp.syscalls([(SYS["getppid"], ())] * 300000)
+        t.join()
+        assert res == [os.getpid()] * 300000
+    assert_released(p.pid)
+    out = quit_target(p, "xy")
+    assert out.endswith("eintr 0 usr1 1"), out

@@ -35,6 +35,7 @@ _NAMES = {nr: name for name, nr in SYS.items()}
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 PF_KTHREAD = 0x00200000
+PIDFD_THREAD = os.O_EXCL
 
 BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
 
@@ -78,7 +79,7 @@ def validate_target(pid):
         raise NoSuchProcess(errno.ESRCH, "no such process %d (check the pid with ps)" % pid)
     if int(fields[6]) & PF_KTHREAD:
         raise TargetError("pid %d is a kernel thread: it has no user memory to attach to" % pid)
-    if fields[0] in ("Z", "X"):
+    if fields[0] in ("Z", "X") and int(fields[17]) <= 1:   # num_threads
         raise TargetError("pid %d is a zombie: it has no memory left" % pid)
     try:
         tracer = int(_status(pid).get("TracerPid", "0"))
@@ -227,7 +228,7 @@ class RemoteProcess:
         that in its first executable mapping that has one. The bytes need not
         be an instruction of the original code: the CPU decodes from rip."""
         maps = []
-        with open("/proc/%d/maps" % self.pid) as f:
+        with open("/proc/%d/task/%d/maps" % (self.pid, self.tid)) as f:
             for line in f:
                 parts = line.split()
                 start, end = (int(x, 16) for x in parts[0].split("-"))
@@ -341,7 +342,13 @@ class RemoteProcess:
         """Moves fd remote_fd out of the target: returns our copy (O_CLOEXEC)
         and closes the target's."""
         self._check_thread()
-        pidfd = check(lib.wp_pidfd_open(self.pid), "pidfd_open(%d)" % self.pid)
+        # pidfd_getfd takes the fd from the pidfd's task. A process pidfd
+        # names the leader, whose file table is gone if it called
+        # pthread_exit(); a thread pidfd (PIDFD_THREAD, 6.9+) names ours.
+        if self.tid == self.pid:
+            pidfd = check(lib.wp_pidfd_open(self.pid), "pidfd_open(%d)" % self.pid)
+        else:
+            pidfd = os.pidfd_open(self.tid, PIDFD_THREAD)
         try:
             fd = check(lib.wp_pidfd_getfd(pidfd, remote_fd),
                        "pidfd_getfd(pid %d, fd %d)" % (self.pid, remote_fd))
