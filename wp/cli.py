@@ -70,6 +70,9 @@ def _request(args, req):
     conn = _connect(args)
     try:
         reply = conn.request(req)
+    except BrokenPipeError:
+        # wpd may have answered and closed before reading us: read its reply.
+        reply = conn.recv() or {"ok": False, "error": "wpd closed the connection", "type": "ConnectionError"}
     finally:
         conn.close()
     if not reply.get("ok"):
@@ -286,7 +289,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        return 0  # our stdout was closed (e.g. | head)
+    except ConnectionError as err:
+        print("wp: lost the connection to wpd: %s (see its log)" % err, file=sys.stderr)
+        return EXIT_NO_DAEMON
 
 
 if __name__ == "__main__":

@@ -269,8 +269,14 @@ class Daemon:
             if uid != 0:
                 log.warning("refused client pid %d uid %d: not root", pid, uid)
                 try:
+                    # Read its request first, so that it sees the reply
+                    # rather than a reset connection.
+                    sock.settimeout(1.0)
+                    conn.recv()
                     conn.send({"ok": False, "type": "NotRoot",
                                "error": "wpd serves root only: run wp as root (sudo wp ...)"})
+                except (OSError, ValueError):
+                    pass
                 finally:
                     conn.close()
                 continue

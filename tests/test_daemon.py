@@ -1,0 +1,265 @@
+"""wpd and wp against real targets: attach, protect, detach, and bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from wp import pagemap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WP = [sys.executable, "-m", "wp.cli"]
+WPD = [sys.executable, "-m", "wp.daemon"]
+
+
+class Target:
+    """A memtarget process: one mapping, driven line by line."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        words = proc.stdout.readline().split()
+        assert words[0] == "ready", words
+        self.pid = int(words[1])
+        self.addr = int(words[2], 16)
+        self.length = int(words[3], 16)
+        self.page_size = int(words[4])
+
+    def cmd(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def write(self, idx, val):
+        out = self.cmd("w %d %d" % (idx, val))
+        assert out[0] == "done", out
+        return int(out[1])
+
+    def read(self, idx):
+        out = self.cmd("r %d" % idx)
+        return int(out[2]), int(out[3])
+
+    def page(self, idx):
+        return self.addr + idx * self.page_size
+
+    def wp_bits(self):
+        with pagemap.Pagemap(self.pid) as pm:
+            return [bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096)]
+
+
+@pytest.fixture
+def memtarget(target_bin, spawn):
+    def start(kind="anon", npages=16, *extra):
+        return Target(spawn([target_bin("memtarget"), kind, str(npages), *extra]))
+    return start
+
+
+@pytest.fixture
+def wpd(tmp_path):
+    """A wpd of our own on a private socket; stopped with SIGTERM at teardown."""
+    # Not under tmp_path: its parents are 0700, and one test connects as nobody.
+    sockdir = tempfile.mkdtemp(prefix="wpd-test-")
+    sock = os.path.join(sockdir, "wpd.sock")
+    log = open(tmp_path / "wpd.log", "w+")
+    proc = subprocess.Popen(WPD + ["--socket", sock], stderr=log, cwd=ROOT)
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        raise AssertionError("wpd did not start: " + slurp(tmp_path / "wpd.log"))
+    proc.sock = sock
+    proc.logfile = tmp_path / "wpd.log"
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, slurp(proc.logfile)
+    log.close()
+    shutil.rmtree(sockdir)
+
+
+def wp(wpd, *args, check=True):
+    r = subprocess.run(WP + ["--socket", wpd.sock, *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    if check:
+        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def slurp(path):
+    with open(path) as f:
+        return f.read()
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def assert_untouched(t):
+    st = proc_status(t.pid)
+    assert st["TracerPid"].strip() == "0"
+    assert st["State"][0] in "SR", st["State"]
+    assert not any(t.wp_bits())
+
+
+def test_attach_trace_detach(wpd, memtarget):
+    t = memtarget("anon", 16)
+    r = wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length), "--json")
+    reply = json.loads(r.stdout)
+    assert [(int(x["start"], 16), int(x["end"], 16)) for x in reply["regions"]] == [(t.addr, t.addr + t.length)]
+    assert all(t.wp_bits()), "every page of the range is write-protected"
+    assert proc_status(t.pid)["TracerPid"].strip() == "0", "not left traced after attach"
+    for i in range(10):
+        t.write(i, i + 1)
+    t.write(0, 50)  # second write to a page: no new fault
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["faults"] == 10
+    assert st["regions"][0]["faults"] == 10
+    assert st["protector_stats"]["first_writes"] == 10
+    bits = t.wp_bits()
+    assert bits[:10] == [False] * 10 and all(bits[10:])
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+    assert t.read(0) == (50, 50 * 4096)
+    assert t.read(9) == (10, 10 * 4096)
+    assert t.cmd("q") == []
+    assert t.proc.wait(5) == 0
+
+
+def test_attach_all_regions_and_status(wpd, memtarget):
+    t = memtarget("memfd", 8)
+    wp(wpd, "attach", t.pid)
+    status = json.loads(wp(wpd, "status", "--json").stdout)
+    [entry] = status["targets"]
+    assert entry["pid"] == t.pid and entry["comm"] == "memtarget"
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    kinds = {r["kind"] for r in st["regions"]}
+    assert {"anon", "memfd"} <= kinds
+    before = st["faults"]
+    for i in range(8):
+        t.write(i, 7)
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    memfd = [r for r in st["regions"] if r["kind"] == "memfd"]
+    assert sum(r["faults"] for r in memfd) == 8
+    assert st["faults"] >= before + 8
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+    assert [t.read(i)[0] for i in range(8)] == [7] * 8
+
+
+@pytest.mark.parametrize("pid, message", [
+    (999999, "no such process"),
+    (1, "init"),
+    (2, "kernel thread"),
+])
+def test_bad_pids(wpd, pid, message):
+    r = wp(wpd, "attach", pid, check=False)
+    assert r.returncode == 4
+    assert message in r.stderr
+
+
+def test_refuse_self_second_attach_and_bad_ranges(wpd, memtarget):
+    r = wp(wpd, "attach", wpd.pid, check=False)
+    assert r.returncode == 4 and "wpd itself" in r.stderr
+    t = memtarget("anon", 4)
+    maps_before = slurp("/proc/%d/maps" % t.pid)
+    end = t.addr + t.length
+    for spec, msg in [("%x-%x" % (t.addr + 1, end), "not aligned"),
+                      ("%x-%x" % (0x1000, 0x3000), "not mapped"),
+                      ("nonsense", "unknown region")]:
+        r = wp(wpd, "attach", t.pid, "--region", spec, check=False)
+        assert r.returncode == 4, r.stderr
+        assert msg in r.stderr
+    assert slurp("/proc/%d/maps" % t.pid) == maps_before
+    assert_untouched(t)
+    wp(wpd, "attach", t.pid, "--region", "anon")
+    r = wp(wpd, "attach", t.pid, check=False)
+    assert r.returncode == 4 and "already attached" in r.stderr
+    t.write(1, 3)
+    wp(wpd, "detach", t.pid)
+    r = wp(wpd, "detach", t.pid, check=False)
+    assert r.returncode == 4 and "not attached" in r.stderr
+    assert t.read(1) == (3, 3 * 4096)
+
+
+def test_non_root_client(wpd):
+    # The socket is 0600: a non-root client cannot even connect. Open it up to
+    # check that wpd's own credential check (SO_PEERCRED) refuses it too.
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    r = subprocess.run(base + WP + ["--socket", wpd.sock, "status"], capture_output=True, text=True, env=env)
+    assert r.returncode == 3 and "root" in r.stderr
+    os.chmod(os.path.dirname(wpd.sock), 0o755)
+    os.chmod(wpd.sock, 0o666)
+    r = subprocess.run(base + WP + ["--socket", wpd.sock, "status"], capture_output=True, text=True, env=env)
+    assert r.returncode == 4 and "serves root only" in r.stderr
+
+
+def test_kill9_daemon_leaves_target_running(wpd, memtarget):
+    t = memtarget("anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "anon")
+    for i in range(4):
+        t.write(i, 9)
+    assert any(t.wp_bits())
+    wpd.kill()
+    wpd.wait(10)
+    # The kernel dropped the uffd with wpd: no protection, writes go through.
+    for i in range(8):
+        t.write(i, 11)
+    assert_untouched(t)
+    assert [t.read(i)[0] for i in range(8)] == [11] * 8
+
+
+def test_sigterm_detaches(wpd, memtarget):
+    t = memtarget("shared-anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "shmem")
+    t.write(0, 5)
+    wpd.send_signal(signal.SIGTERM)
+    assert wpd.wait(20) == 0
+    assert "detaching 1 targets" in slurp(wpd.logfile)
+    assert_untouched(t)
+    t.write(1, 6)
+    assert t.read(0)[0] == 5 and t.read(1)[0] == 6
+
+
+def test_target_exit_while_protected(wpd, memtarget):
+    t = memtarget("anon", 4)
+    wp(wpd, "attach", t.pid, "--region", "anon")
+    t.write(0, 1)
+    t.cmd("q")
+    assert t.proc.wait(5) == 0
+    for _ in range(50):
+        if not json.loads(wp(wpd, "status", "--json").stdout)["targets"]:
+            break
+        time.sleep(0.1)
+    assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+
+
+def test_fork_child_protected(wpd, memtarget):
+    t = memtarget("shared-anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "shmem")
+    child = int(t.cmd("f 2 33")[1])
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["events"].get("fork") == 1
+    assert st["children"] == [child]
+    assert st["faults"] == 1, "the child's write was caught by the child's uffd"
+    assert t.read(2)[0] == 33
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+
+
+def test_run_passes_exit_status(wpd, target_bin):
+    r = wp(wpd, "run", "--region", "anon", "--", "sh", "-c", "exit 7", check=False)
+    assert r.returncode == 7, r.stderr
+    assert "protected from exec" in r.stderr
+    r = wp(wpd, "run", "--", sys.executable, "-c",
+           "b = bytearray(8 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint(sum(b))")
+    assert r.stdout.strip() == str(2048)
+    r = wp(wpd, "run", "--", "/nonexistent/cmd", check=False)
+    assert r.returncode == 127
