@@ -1,0 +1,278 @@
+"""Fault anatomy with bcc: probes, records, report, Perfetto, plots.
+
+A memtarget writes N known pages once each under the trace protector, with
+the session (the daemon side) in this process; the bcc probes must see each
+of those writes as exactly one `wp` record whose phases add up.
+"""
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from wp.protectors.trace import TraceProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+from wp.tracing import probes, records, report
+from wp.tracing.trace import Tracer
+
+N = 16
+
+
+def _probe_reason():
+    try:
+        probes.check_prerequisites()
+    except probes.TracingUnavailable as err:
+        return str(err)
+    return None
+
+
+_REASON = _probe_reason()
+needs_bcc = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+class Target:
+    """A memtarget and its protection session, driven line by line."""
+
+    def __init__(self, proc, session, addr, length, psize):
+        self.proc, self.session = proc, session
+        self.addr, self.length, self.psize = addr, length, psize
+
+    def cmd(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+
+@pytest.fixture
+def traced(target_bin, spawn):
+    """Yields (target, tracer): N pages of anon memory protected by the trace
+    protector, traced with USDT callbacks on; both closed at teardown."""
+    p = spawn([target_bin("memtarget"), "anon", str(N)])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    tracer = Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)])
+    tracer.start()
+    session = None
+    try:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        session = Session(space, TraceProtector(), regions=[(addr, addr + length)]).start()
+        for loop in session.loops:
+            loop.usdt = True
+        t = Target(p, session, addr, length, psize)
+        yield t, tracer
+    finally:
+        if session:
+            session.close()
+        tracer.stop()
+        p.stdin.write("q\n")
+        p.stdin.flush()
+
+
+@pytest.fixture
+def trace_file(traced, tmp_path):
+    """A trace file of N page writes (path, records, meta, target)."""
+    t, tracer = traced
+    for i in range(N):
+        assert t.cmd("w %d %d" % (i, i + 1)).startswith("done")
+    tracer.pump(100)
+    counters = tracer.stop()
+    path = tmp_path / "trace.jsonl"
+    w = records.TraceWriter(str(path), {"target_pid": t.proc.pid, "daemon_pid": os.getpid()})
+    for r in tracer.records:
+        w.write(r)
+    w.close({"lost": counters["lost"], "counters": counters})
+    recs, meta = records.read_trace(str(path))
+    return path, recs, meta, t
+
+
+@needs_bcc
+def test_one_wp_record_per_written_page(trace_file):
+    path, recs, meta, t = trace_file
+    assert meta["lost"] == 0
+    wp = [r for r in recs if r["kind"] == "wp"]
+    pages = sorted(int(r["addr"], 16) & ~(t.psize - 1) for r in wp)
+    assert pages == [t.addr + i * t.psize for i in range(N)]
+    # what the kernel did: each page holds what its writer wrote
+    for i in (0, N - 1):
+        assert t.cmd("r %d" % i).split()[2] == str(i + 1)
+    for r in wp:
+        assert r["decision"] == "unprotect"
+        assert r["latency_ns"] > 0
+        # phases add up (the clamping keeps them exact; allow clock error anyway)
+        assert abs(sum(r["phases"].values()) - r["latency_ns"]) <= 1000
+        assert all(v >= 0 for v in r["phases"].values())
+        # the Python callback ran between the read and the resolve
+        assert r["phases"].get("callback", 0) > 0
+        assert r["handler"] == "python"
+        times = r["times"]
+        assert times["fault"] <= times["cb_enter"] <= times["cb_exit"] <= times["ioctl"] <= times["run"]
+    # the writer threads are distinct (one new thread per "w")
+    assert len({r["tid"] for r in wp}) == N
+
+
+@needs_bcc
+def test_report_text_json_csv(trace_file, capsys):
+    path = str(trace_file[0])
+    assert report.main([path]) == 0
+    out = capsys.readouterr().out
+    assert "wp" in out and "usecs" in out and "to_read" in out and "callback" in out
+    assert report.main([path, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["kinds"]["wp"]["count"] == N
+    assert s["kinds"]["wp"]["latency_ns"]["p50"] > 0
+    assert report.main([path, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    wp_rows = [r for r in rows if r["kind"] == "wp"]
+    assert len(wp_rows) == N
+    for r in wp_rows:
+        phases = sum(int(r["phase_" + p]) for p in records.PHASES if r["phase_" + p])
+        assert phases == int(r["latency_ns"])
+
+
+@needs_bcc
+def test_perfetto_slices_and_flows(trace_file, tmp_path):
+    path, recs, meta, t = trace_file
+    out = tmp_path / "trace.json"
+    assert report.main([str(path), "--format", "perfetto", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    ev = doc["traceEvents"]
+    faults = [e for e in ev if e["ph"] == "X" and e.get("cat") == "fault" and e["name"].startswith("wp ")]
+    callbacks = [e for e in ev if e["ph"] == "X" and e.get("cat") == "daemon"]
+    assert len(faults) == N and len(callbacks) == N
+    assert {e["pid"] for e in faults} == {t.proc.pid}
+    assert {e["pid"] for e in callbacks} == {os.getpid()}
+    starts = {e["id"] for e in ev if e["ph"] == "s"}
+    ends = {e["id"] for e in ev if e["ph"] == "f"}
+    assert len(starts) == 2 * N and starts == ends
+    # every callback slice lies inside its fault's slice
+    by_addr = {e["args"]["addr"]: e for e in faults}
+    for c in callbacks:
+        f = by_addr[c["args"]["addr"]]
+        assert f["ts"] <= c["ts"] and c["ts"] + c["dur"] <= f["ts"] + f["dur"]
+
+
+def _png_chunks(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        n, = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + n]
+        crc, = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(kind + body) & 0xffffffff == crc
+        chunks.append((kind, body))
+        pos += 12 + n
+    return chunks
+
+
+@needs_bcc
+def test_plot_is_a_valid_png(trace_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "faults.png"
+    assert report.main([str(trace_file[0]), "--plot", str(png), "-o", os.devnull]) == 0
+    data = png.read_bytes()
+    chunks = _png_chunks(data)
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height = struct.unpack(">II", chunks[0][1][:8])
+    assert width > 100 and height > 100
+    pixels = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    assert len(pixels) > width * height      # decodes: at least one byte per pixel
+
+
+@needs_bcc
+def test_c_handler_merges_the_callback_phase(target_bin, spawn):
+    p = spawn([target_bin("memtarget"), "anon", "4"])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c"):
+            for i in range(4):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+            tr.pump(100)
+    wp = [r for r in tr.records if r["kind"] == "wp"]
+    assert len(wp) == 4
+    for r in wp:
+        assert "callback" not in r["phases"] and r["phases"]["to_resolve"] > 0
+        assert sum(r["phases"].values()) == r["latency_ns"]
+        assert r["decision"] == "unprotect"
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
+@needs_bcc
+def test_trace_cli_writes_a_file(traced, tmp_path):
+    """`wp trace PID -o FILE --daemon-pid` from another process."""
+    t, tracer = traced
+    tracer.stop()
+    out = tmp_path / "cli.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "wp.tracing.trace", str(t.proc.pid), "-o", str(out),
+                             "--duration", "30", "--daemon-pid", str(os.getpid())],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "Tracing" in line, line + proc.stderr.read()
+        for i in range(4):
+            t.cmd("w %d 3" % i)
+    finally:
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    recs, meta = records.read_trace(str(out))
+    assert meta["lost"] == 0 and meta["target_pid"] == t.proc.pid
+    assert sorted(int(r["addr"], 16) & ~4095 for r in recs if r["kind"] == "wp") == \
+        [t.addr + i * t.psize for i in range(4)]
+
+
+def test_live_histogram_format():
+    lines = report.format_log2_hist(report.log2_hist([500, 1500, 3000, 3500, 40000]))
+    assert lines[0].split()[:3] == ["usecs", ":", "count"]
+    assert lines[1].split()[:4] == ["0", "->", "1", ":"]          # 0.5 us and 1.5 us
+    assert any(line.split()[:5] == ["2", "->", "3", ":", "2"] for line in lines)
+    assert lines[-1].split()[:5] == ["32", "->", "63", ":", "1"]
+
+
+def test_missing_tracefs_names_the_fix(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    with pytest.raises(probes.TracingUnavailable, match="mount -t tracefs nodev /sys/kernel/tracing"):
+        probes.check_prerequisites(tracefs=str(tmp_path / "no-tracefs"))
+
+
+def test_missing_headers_names_the_fix(tmp_path):
+    if os.geteuid() != 0 or not os.path.isdir("/sys/kernel/tracing/events"):
+        pytest.skip("needs root and tracefs (scripts/setup)")
+    with pytest.raises(probes.TracingUnavailable, match="linux-headers-amd64"):
+        probes.check_prerequisites(modules_dir=str(tmp_path))
+
+
+def test_missing_bcc_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcc", None)     # import bcc -> ImportError
+    with pytest.raises(probes.TracingUnavailable, match="apt install python3-bpfcc"):
+        probes._import_bcc()
+
+
+def test_phases_clamp_and_add_up():
+    raw = probes.RawEvent(ts_fault=1000, ts_block=5000, ts_read=4000, ts_msg=4100, ts_cb_enter=6000,
+                          ts_cb_exit=8000, ts_ioctl=9000, ts_waking=9500, ts_run=12000, addr=0x1000,
+                          uffd_flags=3, ioctl_cmd=0xc018aa06, outcome=probes.OUT_UFFD | probes.OUT_BLOCKED
+                          | probes.OUT_DAEMON_WAKE, type=probes.REC_FAULT, pid=1, tid=2, handler_tid=3)
+    rec = records.to_record(raw)
+    assert rec["kind"] == "wp" and rec["decision"] == "unprotect"
+    assert rec["latency_ns"] == 11000
+    assert rec["phases"] == {"to_block": 4000, "to_read": 0, "to_callback": 1000, "callback": 2000,
+                             "to_resolve": 1000, "wake": 500, "to_run": 2500}
+    # an ordinary fault that did not block has no end
+    raw = probes.RawEvent(ts_fault=1000, addr=0x2000, error_code=6, outcome=probes.OUT_NO_END,
+                          type=probes.REC_FAULT)
+    rec = records.to_record(raw)
+    assert rec["kind"] == "page" and rec["latency_ns"] is None
+    assert records.to_record(raw, async_regions=[(0x2000, 0x3000)])["kind"] == "async"

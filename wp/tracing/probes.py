@@ -1,0 +1,237 @@
+"""The bcc probes of the fault path: load bpf/faults.c, poll its ring buffer.
+
+    probes = FaultProbes(target_pid, daemon_pid=os.getpid())
+    probes.open()                    # compiles, attaches; raises TracingUnavailable
+    raws = probes.poll(100)          # list of RawEvent, as the ring buffer gave them
+    probes.counters()                # {"lost": 0, "faults": ..., ...}
+    probes.close()
+
+Only tracepoints and USDT probes are used: kprobes and fentry do not work on
+the kernels wp runs on (DESIGN.md). The USDT probes live in the cffi
+extension (wp/_wpffi*.so, native/faultloop.c); bcc attaches them in the
+daemon process, which must have that extension loaded already.
+"""
+import ctypes as ct
+import os
+import pathlib
+import platform
+
+from wp.errors import WPError
+
+__all__ = ["TracingUnavailable", "FaultProbes", "RawEvent", "check_prerequisites",
+           "program_path", "wpffi_path", "DEFAULT_TRACEFS", "COUNTER_NAMES",
+           "REC_FAULT", "REC_KSM_MERGE", "REC_KSM_MERGE_KSM", "REC_KSM_REMOVE", "REC_KSM_REMOVE_RMAP",
+           "OUT_UFFD", "OUT_BLOCKED", "OUT_NO_END", "OUT_RETRY", "OUT_EXITED", "OUT_DAEMON_WAKE"]
+
+DEFAULT_TRACEFS = "/sys/kernel/tracing"
+
+# Mirrors of the constants in bpf/faults.c.
+REC_FAULT, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE, REC_KSM_REMOVE_RMAP = 1, 2, 3, 4, 5
+OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE = 1, 2, 4, 8, 16, 32
+COUNTER_NAMES = ("lost", "faults", "emitted", "unmatched_reads", "resolved", "overwritten", "ksm",
+                 "unmatched_callbacks")
+
+_TRACEPOINTS = ("exceptions/page_fault_user", "sched/sched_switch", "sched/sched_waking",
+                "sched/sched_process_exit", "syscalls/sys_enter_read", "syscalls/sys_exit_read",
+                "syscalls/sys_enter_ioctl", "syscalls/sys_exit_ioctl")
+_KSM_TRACEPOINTS = ("ksm/ksm_merge_one_page", "ksm/ksm_merge_with_ksm_page",
+                    "ksm/ksm_remove_ksm_page", "ksm/ksm_remove_rmap_item")
+_USDT = (("fault_read", "on_fault_read"), ("fault_resolved", "on_fault_resolved"),
+         ("callback_enter", "on_callback_enter"), ("callback_exit", "on_callback_exit"))
+
+
+class TracingUnavailable(WPError):
+    """Something the bcc probes need is missing; the message names the fix."""
+
+
+class RawEvent(ct.Structure):
+    """struct rec of bpf/faults.c, field for field."""
+    _fields_ = [(name, ct.c_uint64) for name in (
+        "ts_fault", "ts_block", "ts_read", "ts_msg", "ts_cb_enter", "ts_cb_exit", "ts_ioctl",
+        "ts_waking", "ts_run", "addr", "ip", "error_code", "uffd_flags", "ioctl_cmd")] + \
+        [(name, ct.c_uint32) for name in (
+            "pid", "tid", "handler_tid", "waker_tid", "how", "type", "outcome", "state", "cpu", "pad")]
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name, _ in self._fields_ if name != "pad"}
+
+
+def program_path(name="faults"):
+    """Returns the path of bpf/NAME.c: shipped in the package (wp/bpf) or,
+    in a source checkout, beside it (wp/../bpf).
+
+    Raises:
+        TracingUnavailable: neither exists.
+    """
+    here = pathlib.Path(__file__).resolve().parent.parent   # wp/
+    for cand in (here / "bpf" / (name + ".c"), here.parent / "bpf" / (name + ".c")):
+        if cand.is_file():
+            return str(cand)
+    raise TracingUnavailable("bpf/%s.c not found beside the wp package (%s): reinstall wp "
+                             "(pip install -e .) from a checkout that has bpf/" % (name, here))
+
+
+def wpffi_path():
+    """Returns the path of the cffi extension that holds the USDT probes."""
+    from wp import _wpffi
+    return os.path.realpath(_wpffi.__file__)
+
+
+def _import_bcc():
+    try:
+        import bcc
+    except ImportError as err:
+        raise TracingUnavailable(
+            "bcc is not importable (%s): apt install python3-bpfcc; use /usr/bin/python3 or a "
+            "venv made with --system-site-packages (scripts/setup makes one)" % err) from err
+    return bcc
+
+
+def check_prerequisites(tracefs=DEFAULT_TRACEFS, modules_dir=None, ksm=False):
+    """Checks that the probes can load; returns the bcc module.
+
+    Args:
+        tracefs: where tracefs is mounted.
+        modules_dir: /lib/modules/$(uname -r) (where bcc finds kernel headers).
+        ksm: also require the ksm tracepoints.
+    Raises:
+        TracingUnavailable: not root, tracefs not mounted, a tracepoint or the
+            kernel headers missing, or bcc not importable; the message names the fix.
+    """
+    if os.geteuid() != 0:
+        raise TracingUnavailable("tracing the fault path needs root (bcc loads BPF programs): "
+                                 "run as root")
+    events = os.path.join(tracefs, "events")
+    if not os.path.isdir(events):
+        raise TracingUnavailable("tracefs is not mounted at %s: mount -t tracefs nodev "
+                                 "/sys/kernel/tracing or run scripts/setup" % tracefs)
+    for tp in _TRACEPOINTS + (_KSM_TRACEPOINTS if ksm else ()):
+        if not os.path.isdir(os.path.join(events, tp)):
+            raise TracingUnavailable("tracepoint %s is missing in %s: this kernel does not offer "
+                                     "it (CONFIG_FTRACE_SYSCALLS / CONFIG_KSM?)" % (tp, events))
+    if modules_dir is None:
+        modules_dir = "/lib/modules/" + platform.release()
+    if not os.path.isdir(os.path.join(modules_dir, "build", "include")):
+        raise TracingUnavailable(
+            "no kernel headers at %s/build: apt install linux-headers-amd64 and link %s/build to "
+            "/usr/src/linux-headers-*-amd64 and %s/source to the -common one, or run "
+            "scripts/setup" % (modules_dir, modules_dir, modules_dir))
+    return _import_bcc()
+
+
+class FaultProbes:
+    """The probes of one target's faults and one daemon's fault loop.
+
+    Args:
+        target_pid: the protected process.
+        daemon_pid: the process running the FaultLoop (wpd; os.getpid() when
+            the session runs in this process). None: no daemon-side probes
+            (read, ioctl, USDT) - only faults, blocking and wakeups.
+        ksm: also trace KSM merges and unmerges (system wide).
+        usdt: attach the USDT probes of the daemon's wp/_wpffi*.so.
+        ringbuf_pages: ring buffer size in pages (a power of two).
+        tracefs, modules_dir: see check_prerequisites.
+    """
+
+    def __init__(self, target_pid, daemon_pid=None, ksm=False, usdt=True, ringbuf_pages=256,
+                 tracefs=DEFAULT_TRACEFS, modules_dir=None):
+        self.target_pid = target_pid
+        self.daemon_pid = daemon_pid
+        self.ksm = ksm
+        self.usdt = usdt and daemon_pid is not None
+        self.ringbuf_pages = ringbuf_pages
+        self.tracefs = tracefs
+        self.modules_dir = modules_dir
+        self.bpf = None
+        self._pending = []
+        self.events_read = 0
+
+    def cflags(self):
+        flags = ["-DTARGET_PID=%d" % self.target_pid, "-DDAEMON_PID=%d" % (self.daemon_pid or 0),
+                 "-DRINGBUF_PAGES=%d" % self.ringbuf_pages]
+        if self.ksm:
+            flags.append("-DWITH_KSM=1")
+        return flags
+
+    def text(self):
+        """Returns the BPF program's source (what --ebpf prints)."""
+        with open(program_path()) as f:
+            return f.read()
+
+    def open(self):
+        """Compiles and attaches the probes. Returns self.
+
+        Raises:
+            TracingUnavailable: prerequisites missing, the program failed to
+                load, or the daemon has no USDT probes to attach.
+        """
+        bcc = check_prerequisites(self.tracefs, self.modules_dir, self.ksm)
+        contexts = []
+        if self.usdt:
+            path = wpffi_path()
+            try:
+                u = bcc.USDT(pid=self.daemon_pid, path=path)
+                for probe, fn in _USDT:
+                    u.enable_probe(probe=probe, fn_name=fn)
+            except Exception as err:
+                raise TracingUnavailable(
+                    "cannot attach the USDT probes of %s in pid %d (%s): the daemon must have "
+                    "wp's extension loaded; rebuild it with systemtap-sdt-dev installed "
+                    "(scripts/setup)" % (path, self.daemon_pid, err)) from err
+            contexts.append(u)
+        try:
+            self.bpf = bcc.BPF(src_file=program_path().encode(), cflags=self.cflags(),
+                               usdt_contexts=contexts)
+        except Exception as err:
+            raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
+                                     "(scripts/setup links them)" % (program_path(), err)) from err
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        return self
+
+    def _on_event(self, ctx, data, size):
+        self._pending.append(RawEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(RawEvent))))
+
+    def poll(self, timeout_ms=0):
+        """Returns the events the ring buffer holds, waiting up to timeout_ms
+        (0: do not wait; -1: until one arrives)."""
+        if timeout_ms == 0:
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
+        out, self._pending = self._pending, []
+        self.events_read += len(out)
+        return out
+
+    def counters(self):
+        """Returns the program's counters summed over CPUs: lost (ring buffer
+        full), faults (page_fault_user of the target), emitted, and the
+        joins that failed."""
+        table = self.bpf[b"counters"]
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            out[name] = int(sum(table[ct.c_int(i)]))
+        return out
+
+    def in_flight(self):
+        """Returns the faults still in the join map (not emitted) as RawEvents
+        and empties it: ordinary faults that ended without blocking and were
+        the thread's last, or faults cut off by the end of tracing."""
+        table = self.bpf[b"inflight"]
+        out = []
+        for k, v in list(table.items()):
+            if v.state != 4:   # DONE: emitted already
+                out.append(RawEvent.from_buffer_copy(bytes(v)))
+        table.clear()
+        return out
+
+    def close(self):
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()

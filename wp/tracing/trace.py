@@ -1,0 +1,289 @@
+"""wp trace: record or watch the fault path of one protected target.
+
+Entry point for the CLI: ``main(argv)`` (argv without the program name)::
+
+    wp trace PID -o FILE [--duration S] [--region START-END ...]
+                                 JSON lines, one per fault (wp.tracing.records)
+    wp trace PID [interval [count]]
+                                 live: log2 latency histograms per interval
+    common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm,
+            --no-usdt, --ebpf (print the BPF program and exit), --json (live:
+            one JSON summary per interval)
+
+In-process use (tests, benchmarks: the session runs in this process)::
+
+    with Tracer(target_pid, daemon_pid=os.getpid(), path="t.jsonl") as tr:
+        ...                 # faults happen; tr.pump() drains the ring buffer
+    tr.records              # the records (also written to path)
+
+Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+from wp.tracing import probes as _probes
+from wp.tracing.records import TraceWriter, addr_of, to_record
+
+__all__ = ["Tracer", "main", "build_parser"]
+
+
+class Tracer:
+    """Probes + records: drains the ring buffer into records, filters them to
+    regions, writes them to a file, keeps them (up to ``keep``).
+
+    Args:
+        target_pid, daemon_pid, ksm, usdt: see wp.tracing.probes.FaultProbes.
+        path: trace file to write (None: keep in memory only).
+        regions: [(start, end)]: keep only faults in these ranges (KSM events
+            are always kept). None: all faults of the target.
+        async_regions: [(start, end)] of async-WP memory (kind "async").
+        keep: how many records to keep in .records (all are written).
+        background: drain from a thread of its own every poll_ms.
+    """
+
+    def __init__(self, target_pid, daemon_pid=None, path=None, regions=None, async_regions=(),
+                 ksm=False, usdt=True, keep=1000000, background=False, poll_ms=100, meta=None,
+                 **probe_kw):
+        self.probes = _probes.FaultProbes(target_pid, daemon_pid, ksm=ksm, usdt=usdt, **probe_kw)
+        self.path = path
+        self.regions = list(regions) if regions else None
+        self.async_regions = list(async_regions)
+        self.keep = keep
+        self.records = []
+        self.dropped_by_region = 0
+        self.background = background
+        self.poll_ms = poll_ms
+        self.meta = dict(meta or {})
+        self._writer = None
+        self._thread = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.started_ns = None
+        self.written = 0
+
+    def start(self):
+        """Loads the probes and starts recording. Raises TracingUnavailable."""
+        self.probes.open()
+        self.started_ns = time.monotonic_ns()
+        if self.path:
+            meta = {"version": 1, "target_pid": self.probes.target_pid,
+                    "daemon_pid": self.probes.daemon_pid, "started_ns": self.started_ns,
+                    "regions": [["%#x" % s, "%#x" % e] for s, e in self.regions or ()],
+                    "async_regions": [["%#x" % s, "%#x" % e] for s, e in self.async_regions]}
+            meta.update(self.meta)
+            self._writer = TraceWriter(self.path, meta)
+        if self.background:
+            self._thread = threading.Thread(target=self._run, name="wp-trace", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.pump(self.poll_ms)
+
+    def _keep(self, rec):
+        if self.regions is None or rec["kind"].startswith("ksm"):
+            return True
+        a = addr_of(rec)
+        return any(s <= a < e for s, e in self.regions)
+
+    def _take(self, raws):
+        out = []
+        for raw in raws:
+            rec = to_record(raw, self.async_regions)
+            if not self._keep(rec):
+                self.dropped_by_region += 1
+                continue
+            out.append(rec)
+        with self._lock:
+            if self._writer:
+                for rec in out:
+                    self._writer.write(rec)
+            room = self.keep - len(self.records)
+            if room > 0:
+                self.records.extend(out[:room])
+        return out
+
+    def pump(self, timeout_ms=0):
+        """Drains the ring buffer (waiting up to timeout_ms); returns the new records."""
+        return self._take(self.probes.poll(timeout_ms))
+
+    def counters(self):
+        c = self.probes.counters()
+        c["outside_regions"] = self.dropped_by_region
+        return c
+
+    def stop(self):
+        """Drains what is left, the faults still in flight too, writes the
+        closing meta line; returns the counters (``lost`` among them)."""
+        if self._thread:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self.probes.bpf is None:
+            return {}
+        self.pump(0)
+        self._take(self.probes.in_flight())
+        counters = self.counters()
+        if self._writer:
+            self.written = self._writer.count
+            self._writer.close({"lost": counters["lost"], "counters": counters,
+                                "ended_ns": time.monotonic_ns(),
+                                "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3)})
+            self._writer = None
+        self.probes.close()
+        self.final_counters = counters
+        return counters
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# -- the command ------------------------------------------------------------
+
+def _region(spec):
+    try:
+        a, b = spec.split("-")
+        return int(a, 16), int(b, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError("bad region %r: START-END in hex" % spec) from None
+
+
+def build_parser(prog="wp trace"):
+    p = argparse.ArgumentParser(
+        prog=prog, description="Trace the write faults of a target protected by wpd: where each "
+        "fault's microseconds go (bcc).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  wp trace 1234 -o faults.jsonl --duration 10   record 10 s, then `wp report faults.jsonl`\n"
+               "  wp trace 1234                                  live log2 histograms, Ctrl-C to end\n"
+               "  wp trace 1234 1 5                              five 1-second intervals\n"
+               "  wp trace 1234 --ebpf                           print the BPF program\n")
+    p.add_argument("pid", type=int, help="the target (attached with `wp attach`)")
+    p.add_argument("interval", nargs="?", type=float, default=None,
+                   help="live mode: seconds between summaries (default: at the end)")
+    p.add_argument("count", nargs="?", type=int, default=None, help="live mode: number of summaries")
+    p.add_argument("-p", dest="pid_opt", type=int, help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", help="write JSON lines (one per fault) to this file")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--region", action="append", type=_region, metavar="START-END",
+                   help="only faults in this range (hex, repeatable)")
+    p.add_argument("--daemon-pid", type=int, help="pid of the process running the fault loop "
+                   "(default: ask wpd)")
+    p.add_argument("--socket", help="wpd's socket")
+    p.add_argument("--ksm", action="store_true", help="also trace KSM merges and unmerges")
+    p.add_argument("--no-usdt", action="store_true", help="do not attach the daemon's USDT probes")
+    p.add_argument("--json", action="store_true", help="live mode: one JSON summary per interval")
+    p.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
+    return p
+
+
+def _ask_wpd(args):
+    """Returns (daemon_pid, async_regions) from wpd, and asks it to fire the
+    callback USDT probes for the target (if it knows the "usdt" op)."""
+    from wp import protocol
+    path = args.socket or protocol.DEFAULT_SOCKET
+    conn = protocol.Connection.connect(path, timeout=10)
+    try:
+        st = conn.request({"op": "status"})
+        daemon_pid = st.get("daemon_pid")
+        async_regions = []
+        stats = conn.request({"op": "stats", "pid": args.pid})
+        for r in (stats.get("stats") or {}).get("regions", []):
+            if r.get("mode") == "async":
+                async_regions.append((int(r["start"], 16), int(r["end"], 16)))
+        usdt = conn.request({"op": "usdt", "pid": args.pid, "on": True})
+        return daemon_pid, async_regions, bool(usdt.get("ok"))
+    finally:
+        conn.close()
+
+
+def main(argv=None):
+    """Runs `wp trace`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.pid_opt:
+        args.pid = args.pid_opt
+    if args.ebpf:
+        print(_probes.FaultProbes(args.pid).text())
+        return 0
+    async_regions = []
+    daemon_pid = args.daemon_pid
+    if daemon_pid is None:
+        try:
+            daemon_pid, async_regions, usdt_on = _ask_wpd(args)
+            if not usdt_on and not args.no_usdt:
+                print("wp trace: wpd does not fire the callback probes: the callback is part of "
+                      "to_resolve", file=sys.stderr)
+        except OSError as err:
+            print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
+                  file=sys.stderr)
+            return 1
+    tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=args.region,
+                    async_regions=async_regions, ksm=args.ksm, usdt=not args.no_usdt,
+                    keep=0 if args.output else 1000000)
+    try:
+        tracer.start()
+    except _probes.TracingUnavailable as err:
+        print("wp trace: %s" % err, file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    deadline = time.monotonic() + args.duration if args.duration else None
+    what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
+    if args.output:
+        print("Tracing %s to %s... Hit Ctrl-C to end." % (what, args.output), file=sys.stderr)
+    else:
+        print("Tracing %s... Hit Ctrl-C to end." % what, file=sys.stderr)
+    from wp.tracing.report import format_summary, summarize
+    intervals = 0
+    next_print = time.monotonic() + args.interval if args.interval else float("inf")
+    try:
+        while not stop.is_set():
+            now = time.monotonic()
+            if deadline and now >= deadline:
+                break
+            tracer.pump(100)
+            if not args.output and time.monotonic() >= next_print:
+                _live_print(tracer, args, format_summary, summarize)
+                intervals += 1
+                next_print += args.interval
+                if args.count and intervals >= args.count:
+                    break
+    finally:
+        signal.signal(signal.SIGINT, old)
+        counters = tracer.stop()
+    if not args.output and (args.count is None or intervals < args.count):
+        _live_print(tracer, args, format_summary, summarize)
+    if args.output:
+        print("%d records written to %s, %d events lost" % (tracer.written, args.output,
+                                                             counters.get("lost", 0)), file=sys.stderr)
+    elif counters.get("lost"):
+        print("WARNING: %d events lost (ring buffer full)" % counters["lost"], file=sys.stderr)
+    return 0
+
+
+def _live_print(tracer, args, format_summary, summarize):
+    with tracer._lock:
+        recs, tracer.records = tracer.records, []
+    lost = tracer.probes.counters()["lost"] if tracer.probes.bpf is not None else 0
+    if args.json:
+        s = summarize(recs, {"lost": lost})
+        s["time"] = time.strftime("%H:%M:%S")
+        print(json.dumps(s))
+    else:
+        print()
+        print(time.strftime("%H:%M:%S"))
+        lines = format_summary(recs, {"lost": lost})
+        print("\n".join(lines[2:] if recs else ["no faults"]))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
