@@ -205,6 +205,23 @@ class Daemon:
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)
 
+    def run(self, conn, req):
+        """wp run: seize the client's child, tell the client to let it exec,
+        protect it at its first instruction, let it go. Two replies."""
+        from wp import launch
+        pid = int(req["pid"])
+        check_target(pid)
+        launch.seize_for_exec(pid)
+        conn.send({"ok": True, "phase": "armed"})
+        launch.stop_at_exec(pid)
+        try:
+            t = self.attach(pid, req.get("protector") or "trace", req.get("regions"), req.get("mode"),
+                            req.get("handler") or "python", req.get("follow_fork", True),
+                            req.get("options"), argv=req.get("argv"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return {"pid": pid, "phase": "running", "regions": [r.as_dict() for r in t.session.regions]}
+
     def serve_client(self, conn):
         try:
             while True:
@@ -212,6 +229,11 @@ class Daemon:
                 if req is None:
                     return
                 try:
+                    if req.get("op") == "run":
+                        reply = {"ok": True}
+                        reply.update(self.run(conn, req))
+                        conn.send(reply)
+                        continue
                     reply = {"ok": True}
                     reply.update(self.handle(req))
                 except (WPError, OSError, ValueError, KeyError) as err:
