@@ -17,6 +17,7 @@
  *   p                stop it -> "ok GEN POS PAGES"
  *   w IDX N VAL      write VAL in every word of pages IDX..IDX+N-1 -> "done"
  *   c                -> "count PAGES"
+ *   u                two fresh userfaultfds (the old ones closed) -> "uffds U1 U2"
  *   q                exit 0
  */
 #define _GNU_SOURCE
@@ -63,7 +64,9 @@ static void *sweeper(void *arg)
 		uint64_t g = stats.gen + 1;
 		for (size_t i = 0; i < npages && stats.running; i++) {
 			stats.pos = i;
+			__asm__ volatile("" ::: "memory");
 			fill(i, g);
+			__asm__ volatile("" ::: "memory");
 			stats.pages++;
 		}
 		if (stats.running) {
@@ -142,6 +145,12 @@ int main(int argc, char **argv)
 					fill(i, val);
 				printf("done\n");
 			}
+		} else if (cmd == 'u') {
+			close(u1);
+			close(u2);
+			u1 = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+			u2 = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+			printf("uffds %d %d\n", u1, u2);
 		} else if (cmd == 'c') {
 			printf("count %lu\n", (unsigned long)stats.pages);
 		} else if (cmd == 'q') {

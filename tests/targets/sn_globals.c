@@ -22,9 +22,11 @@ volatile long sn_data = 0x5eed0123456789abL;
 volatile long sn_bss;
 volatile long *sn_heap;
 volatile long *sn_anon;
+static volatile int sleeping;
 
 __attribute__((noinline)) void sn_sleeper(void)
 {
+	sleeping = 1;
 	for (;;)
 		pause();
 }
@@ -45,6 +47,8 @@ int main(void)
 	sn_anon = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	sn_anon[0] = 0xa404000000000003L;
 	pthread_create(&t, NULL, thread_main, NULL);
+	while (!sleeping)
+		usleep(100);
 	int u1 = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	int u2 = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 	printf("ready %d %d %d\n", getpid(), u1, u2);

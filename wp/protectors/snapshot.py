@@ -148,6 +148,8 @@ class SnapshotProtector(WriteProtector):
         self.warnings = []
         self._starts = []
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._inflight = 0          # on_write copies under way
         self._protected = threading.Event()
         self._frozen = threading.Event()
         self._stopping = threading.Event()
@@ -371,17 +373,24 @@ class SnapshotProtector(WriteProtector):
             runs = _runs(p.claimed, c0, c1)
             for a, b in runs:
                 p.claimed[a:b] = _CLAIMED * (b - a)
-        # Claimed pages stay protected until this returns: their bytes are
-        # still those of the instant.
-        n = 0
-        for a, b in runs:
-            addr = p.start + a * ps
-            self.out.write(addr, self._read(addr, (b - a) * ps))
-            n += b - a
-        if n:
-            self.cow_faults += 1
-            self.cow_pages += n
-            self.copied_bytes += n * ps
+            if runs:
+                self._inflight += 1
+        if runs:
+            # Claimed pages stay protected until this returns: their bytes
+            # are still those of the instant.
+            n = 0
+            try:
+                for a, b in runs:
+                    addr = p.start + a * ps
+                    self.out.write(addr, self._read(addr, (b - a) * ps))
+                    n += b - a
+            finally:
+                with self._lock:
+                    self.cow_faults += 1
+                    self.cow_pages += n
+                    self.copied_bytes += n * ps
+                    self._inflight -= 1
+                    self._idle.notify_all()
         return Unprotect(p.start + c0 * ps, (c1 - c0) * ps)
 
     def _sync_piece(self, addr):
@@ -399,7 +408,8 @@ class SnapshotProtector(WriteProtector):
                 return
             for p, data in self._async_data:
                 self.out.write(p.start, data)
-                self.copied_bytes += len(data)
+                with self._lock:
+                    self.copied_bytes += len(data)
             self._async_data = []
             for p in self.pieces:
                 if self._stopping.is_set():
@@ -411,6 +421,9 @@ class SnapshotProtector(WriteProtector):
                     return
                 if p.how == "plain" or p in self._late_async:
                     self._copy_plain(p)
+            with self._lock:
+                # Every page is claimed; wait for on_write copies in flight.
+                self._idle.wait_for(lambda: self._inflight == 0)
             if self._late_async:
                 # Pages written since protection, before or after their copy.
                 for runs in self.session.scan_written().values():
@@ -419,6 +432,8 @@ class SnapshotProtector(WriteProtector):
             self.error = err
             log.exception("snapshot of pid %d failed", self.pid)
         finally:
+            if self._freezer is not None:
+                self._freezer.join()   # the threads are let go before "done"
             self.t_done = time.monotonic_ns()
             self.done.set()
 
@@ -427,7 +442,8 @@ class SnapshotProtector(WriteProtector):
         for a in range(p.start, p.end, step):
             n = min(step, p.end - a)
             self.out.write(a, self._read(a, n))
-            self.copied_bytes += n
+            with self._lock:
+                self.copied_bytes += n
 
     def _copy_sync(self, p):
         ps = p.page_size
@@ -452,7 +468,8 @@ class SnapshotProtector(WriteProtector):
                         todo.append((x, y, memoryview(data)[(x - a) * ps:(y - a) * ps]))
             for x, y, data in todo:
                 self.out.write(p.start + x * ps, data)
-                self.copied_bytes += (y - x) * ps
+            with self._lock:
+                self.copied_bytes += sum(y - x for x, y, _ in todo) * ps
             for x, y, _ in todo:
                 try:
                     uffd.unprotect(p.start + x * ps, (y - x) * ps)

@@ -1,0 +1,226 @@
+"""snapshot against real targets: one instant per image, cores gdb can read.
+
+The sweeping target (targets/gen_sweep.c) writes generation numbers word by
+word, in address order, as fast as it can: at any instant its region reads
+g+1 up to the writer's position and g after it. So an image holds one
+instant exactly when its words are [g+1]*m + [g]*(N-m) for some m; only the
+page holding word m (the page under the writer) is torn.
+"""
+import array
+import os
+import shutil
+import struct
+import subprocess
+import time
+
+import pytest
+
+from wp import maps, pagemap
+from wp.errors import BadRange, UnsupportedMemory
+from wp.protectors.snapshot import SnapshotProtector, snapshot
+from wp.session import Session
+from wp.space import ProcessSpace
+
+NCPU = os.cpu_count()
+
+
+class Sweep:
+    """A gen_sweep process."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        w = proc.stdout.readline().split()
+        assert w[0] == "ready", w
+        self.pid = int(w[1])
+        self.addr = int(w[2], 16)
+        self.length = int(w[3], 16)
+        self.page_size = int(w[4])
+        self.uffds = [int(w[5]), int(w[6])]
+        self.stats_addr = int(w[7], 16)
+
+    def cmd(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def space(self):
+        """A Space for one session: the target makes two fresh uffds (a uffd
+        takes UFFDIO_API once)."""
+        if self.uffds is None:
+            w = self.cmd("u")
+            assert w[0] == "uffds", w
+            self.uffds = [int(w[1]), int(w[2])]
+        fds, self.uffds = self.uffds, None
+        return ProcessSpace.cooperative(self.pid, fds)
+
+    def range(self):
+        return "%x-%x" % (self.addr, self.addr + self.length)
+
+    def swept(self):
+        return int(self.cmd("c")[1])
+
+    def wp_pages(self):
+        with pagemap.Pagemap(self.pid) as pm:
+            return sum(bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096))
+
+
+@pytest.fixture
+def sweep(target_bin, spawn):
+    def start(kind="anon", npages=2048, *extra):
+        return Sweep(spawn([target_bin("gen_sweep"), kind, str(npages), *extra]))
+    return start
+
+
+def one_instant(data, page_size=4096):
+    """Asserts data is [g+1]*m + [g]*(N-m); returns (g_high, m, torn_pages)."""
+    a = array.array("Q", data)
+    hi, lo = a[0], a[-1]
+    assert hi in (lo, lo + 1), "first word gen %d, last %d: not one sweep" % (hi, lo)
+    if hi == lo:
+        assert a.count(hi) == len(a), "gens vary inside one generation"
+        return hi, len(a), 0
+    m = a.index(lo)
+    assert a.count(hi) == m and a.count(lo) == len(a) - m, "more than one boundary"
+    torn = 0 if m % (page_size // 8) == 0 else 1
+    return hi, m, torn
+
+
+def read_core_range(path, start, length):
+    """Returns bytes [start, start+length) from an ELF core's PT_LOADs."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\x7fELF" and struct.unpack_from("<H", data, 16)[0] == 4  # ET_CORE
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+    for i in range(phnum):
+        ptype, _, off, vaddr, _, filesz, memsz, _ = struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * i)
+        if ptype == 1 and vaddr <= start and start + length <= vaddr + filesz:
+            return data[off + start - vaddr:off + start - vaddr + length]
+    raise AssertionError("%#x+%#x not dumped in %s" % (start, length, path))
+
+
+@pytest.mark.parametrize("kind", ["anon", "memfd"])
+def test_every_snapshot_holds_one_instant(sweep, tmp_path, kind):
+    t = sweep(kind, 2048)
+    assert t.cmd("s 0") == ["ok"]
+    time.sleep(0.05)
+    gens = []
+    for i in range(4):
+        out = tmp_path / ("snap%d" % i)
+        st = snapshot(t.space(), str(out), regions=[t.range()], raw=True, cpu=NCPU - 1)
+        assert st["stop_ms"] is not None and st["copied_bytes"] == t.length
+        assert out.stat().st_size == t.length
+        g, m, torn = one_instant(out.read_bytes())
+        assert torn <= 1
+        gens.append(g)
+        # Protection is gone: the target runs at full speed again.
+        assert t.wp_pages() == 0
+    # The target kept sweeping during and between the snapshots.
+    assert gens == sorted(gens) and gens[-1] > gens[0]
+    before = t.swept()
+    time.sleep(0.02)
+    assert t.swept() > before
+    assert t.cmd("p")[0] == "ok"
+
+
+def test_core_of_sweeping_target_holds_one_instant(sweep, tmp_path):
+    t = sweep("anon", 4096)
+    assert t.cmd("s 0") == ["ok"]
+    time.sleep(0.05)
+    core = tmp_path / "core"
+    st = snapshot(t.space(), str(core), cpu=NCPU - 1)
+    assert st["threads"] == 2 and st["threads_with_registers"] == 2
+    g, m, torn = one_instant(read_core_range(str(core), t.addr, t.length))
+    assert torn <= 1
+    # The sweeper's own counters, in the same image, agree with its pages:
+    # gen is the last finished sweep, pos the page it was writing.
+    gen, pos, _pages, running = struct.unpack("<4Q", read_core_range(str(core), t.stats_addr, 32))
+    assert running == 1
+    if m == t.length // 8:
+        assert g in (gen, gen + 1)
+    elif m % 512:
+        assert g == gen + 1 and pos == m // 512      # stopped inside page pos
+    else:
+        assert g == gen + 1 and pos in (m // 512 - 1, m // 512)   # between two pages
+    t.cmd("p")
+
+
+def test_snapshot_without_freeze_has_no_stop(sweep, tmp_path):
+    t = sweep("anon", 1024)
+    out = tmp_path / "raw"
+    t.cmd("w 0 1024 7")
+    st = snapshot(t.space(), str(out), regions=[t.range()], raw=True, freeze=False)
+    assert st["stop_ms"] is None and st["threads_with_registers"] == 0
+    assert out.read_bytes() == struct.pack("<Q", 7) * (t.length // 8)
+
+
+def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
+    """Pages written while the copier has not reached them are copied first."""
+    t = sweep("anon", 4096)
+    t.cmd("w 0 4096 1")
+    out = tmp_path / "raw"
+    prot = SnapshotProtector(str(out), raw=True, batch=64 << 10)
+    s = Session(t.space(), prot, regions=[t.range()], follow_fork=False, cpu=NCPU - 1)
+    s.start()
+    try:
+        prot.protected()
+        assert t.cmd("w 2048 2048 2") == ["done"]   # the copier is still near the start
+        prot.wait(20)
+    finally:
+        s.close()
+    assert out.read_bytes() == struct.pack("<Q", 1) * (t.length // 8)
+    assert prot.stats()["copied_on_write_pages"] > 0
+    assert t.cmd("w 0 1 3") == ["done"]   # unprotected, unregistered
+
+
+def test_shared_file_copied_while_stopped(sweep, tmp_path):
+    """Async-only memory (MAP_SHARED on ext4) is copied during the stop."""
+    t = sweep("file", 512, str(tmp_path / "shared"))
+    kinds = {m.kind for m in maps.read_maps(t.pid) if m.start < t.addr + t.length and m.end > t.addr}
+    assert kinds == {maps.FILE}, "tmp_path must be on a disk filesystem, not tmpfs"
+    assert t.cmd("s 0") == ["ok"]
+    time.sleep(0.05)
+    out = tmp_path / "raw"
+    st = snapshot(t.space(), str(out), regions=[t.range()], raw=True, cpu=NCPU - 1)
+    assert st["stop_ms"] is not None and not st["warnings"]
+    _, _, torn = one_instant(out.read_bytes())
+    assert torn <= 1
+    with pytest.raises(UnsupportedMemory, match="only async WP"):
+        snapshot(t.space(), str(out), regions=[t.range()], raw=True, strict=True)
+    t.cmd("p")
+
+
+def test_raw_needs_one_range(sweep, tmp_path):
+    t = sweep("anon", 16)
+    with pytest.raises(BadRange, match="one range"):
+        snapshot(t.space(), str(tmp_path / "x"), regions=["all"], raw=True)
+    # Refused before anything was protected or stopped.
+    assert t.wp_pages() == 0 and t.cmd("w 0 1 5") == ["done"]
+
+
+@pytest.mark.skipif(not shutil.which("gdb"), reason="gdb is not installed")
+def test_gdb_reads_the_core(target_bin, spawn, tmp_path):
+    exe = target_bin("sn_globals")
+    p = spawn([exe])
+    _, pid, u1, u2 = p.stdout.readline().split()
+    p.stdin.write("b 0x0b55000000000042\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"
+    core = tmp_path / "core"
+    st = snapshot(ProcessSpace.cooperative(int(pid), [int(u1), int(u2)]), str(core))
+    assert st["threads_with_registers"] == 2 and st["stop_ms"] < 1000
+    out = subprocess.run(
+        ["gdb", "-nx", "-batch", "-ex", "print/x sn_data", "-ex", "print/x sn_bss",
+         "-ex", "print/x *sn_heap", "-ex", "print/x sn_anon[0]", "-ex", "info threads",
+         "-ex", "thread apply all bt", exe, str(core)],
+        capture_output=True, text=True, timeout=60).stdout
+    assert "$1 = 0x5eed0123456789ab" in out
+    assert "$2 = 0xb55000000000042" in out
+    assert "$3 = 0x4ea9000000000002" in out
+    assert "$4 = 0xa404000000000003" in out
+    assert "LWP %s" % pid in out and out.count("LWP") >= 2
+    assert "sn_sleeper" in out and "in main ()" in out
+    # The target went on: its read() was restarted, not broken.
+    p.stdin.write("b 1\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"
