@@ -163,6 +163,8 @@ class FaultLoop:
             kind = "minor"
         else:
             kind = "missing"
+        if not self.pid:  # a forked child's loop learns its pid from a fault
+            self.pid = _tgid(m.tid)
         fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
         if self.usdt:
             lib.wp_usdt_callback(m.addr, m.tid, 1)
@@ -207,3 +209,15 @@ class FaultLoop:
             self.on_event(event)
         except Exception:
             log.exception("handling %s event of pid %d", event["event"], self.pid)
+
+
+def _tgid(tid):
+    """Returns the process (thread group) id of thread tid, or 0."""
+    try:
+        with open("/proc/%d/status" % tid) as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

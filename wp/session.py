@@ -303,12 +303,19 @@ class Session:
         if not self.follow_fork:
             os.close(fd)  # the kernel drops the child's protection
             return
-        child = _newest_child(self.pid, {c for c, _ in self.children})
+        # The event comes while the kernel is still inside fork(): the child
+        # is not linked to its parent yet, so its pid is found later.
         u = Userfaultfd.adopt(fd, self.sync_uffd.features)
-        loop = self._start_loop(u, child or 0)
-        self.children.append((child, loop))
-        event["child"] = child
-        log.info("pid %d forked %s: protecting the child too", self.pid, child)
+        loop = self._start_loop(u, 0)
+        self.children.append([None, loop])
+        log.info("pid %d forked: protecting the child too", self.pid)
+
+    def _resolve_children(self):
+        for entry in self.children:
+            if entry[0] is None:
+                entry[0] = entry[1].pid or _newest_child(self.pid, {c for c, _ in self.children if c})
+                entry[1].pid = entry[0] or 0
+        return [c for c, _ in self.children]
 
     def _trim(self, start, end):
         with self._lock:
@@ -383,7 +390,7 @@ class Session:
             "resolve_errors": total.get("resolve_errors", 0),
             "written_pages": sum(r.written for r in self.regions),
             "events": dict(self.events),
-            "children": [c for c, _ in self.children],
+            "children": self._resolve_children(),
             "regions": [r.as_dict() for r in self.regions],
             "protector_stats": self.protector.stats(),
         }
