@@ -301,7 +301,7 @@ static int resume(struct wp_remote *r, int req, enum want want)
 		if (ptrace(PTRACE_GETSIGINFO, r->tid, 0, &si) < 0)
 			return -errno;
 		if (want == WANT_BLOB_END && sig == SIGTRAP &&
-		    ((si.si_code == SI_TKILL && si.si_pid == r->pid) || si.si_code == SI_KERNEL))
+		    ((si.si_code == SI_TKILL && si.si_pid == r->ns_pid) || si.si_code == SI_KERNEL))
 			return 0;   /* the blob's end; the caller checks rip */
 		if (want == WANT_BLOB_END && is_fault_signal(sig) && si.si_code > 0)
 			return -EFAULT;   /* the blob faulted (bad record?): drop it */
@@ -320,8 +320,8 @@ int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
 	int ret, status;
 
 	memset(r, 0, sizeof(*r));
-	r->pid = pid;
-	r->tid = tid;
+	r->pid = r->ns_pid = pid;
+	r->tid = r->ns_tid = tid;
 	r->timeout_ms = timeout_ms;
 	/* The thread's own file: a leader that called pthread_exit() has no mm
 	 * left, and /proc/PID/mem would read nothing. */
@@ -475,6 +475,10 @@ int wp_remote_blob_setup(struct wp_remote *r, uint64_t size)
 	ret = inject(r, SYS_mprotect, addr, BLOB_PAGE, PROT_READ | PROT_EXEC, 0, 0, 0, &res);
 	if (ret < 0)
 		goto unmap;
+	/* A fork by another thread of the target must not copy our blob. */
+	ret = inject(r, SYS_madvise, addr, size, MADV_DONTFORK, 0, 0, 0, &res);
+	if (ret < 0)
+		goto unmap;
 	r->blob = addr;
 	r->blob_size = size;
 	return 0;
@@ -506,8 +510,8 @@ int64_t wp_remote_batch(struct wp_remote *r, struct wp_call *calls, uint64_t n, 
 		regs.r12 = recs;
 		regs.r13 = k;
 		regs.r14 = stop_on_error ? 1 : 0;
-		regs.rbp = r->pid;
-		regs.r15 = r->tid;
+		regs.rbp = r->ns_pid;   /* the blob's tgkill runs in the target's pid namespace */
+		regs.r15 = r->ns_tid;
 		ret = wp_remote_setregs(r->tid, &regs);
 		if (ret < 0)
 			return ret;

@@ -35,6 +35,8 @@ struct wp_remote {
 	int32_t memfd;         /* /proc/PID/mem, read-write */
 	int32_t flags;         /* WP_REMOTE_* */
 	int32_t timeout_ms;    /* per wait; < 0: wait forever */
+	int32_t ns_pid;        /* pid and tid as the target sees them (its pid */
+	int32_t ns_tid;        /* namespace); set to pid and tid by attach */
 	int32_t nsigs;         /* entries used in sigs */
 	int32_t sigs[16];      /* signals held back during injection, re-sent at detach */
 	uint64_t sigmask;      /* the thread's blocked mask when we came */

@@ -388,3 +388,67 @@ def test_signal_during_batch_is_delivered(target_bin, spawn):
     assert_released(p.pid)
     out = quit_target(p, "xy")
     assert out.endswith("eintr 0 usr1 1"), out
+
+
+def test_ppoll_temporary_mask_survives(target_bin, spawn):
+    """Stopped inside ppoll() with a temporary signal mask: the real mask
+    is what we put back, ppoll restarts with its temporary one, and a later
+    SIGUSR1 still interrupts it (EINTR, handler) — once per signal."""
+    p = spawn([target_bin("rt_ppoll")])
+    wait_ready(p)
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        assert rp.saved_registers()["orig_rax"] == 271   # ppoll
+        exercise(rp, p.pid, rounds=5)
+    assert_released(p.pid)
+    time.sleep(0.05)
+    # Back in the restarted ppoll, its temporary (empty) mask in force; the
+    # target checks its real one each time ppoll returns.
+    assert int(proc_status(p.pid)["SigBlk"], 16) == 0
+    os.kill(p.pid, signal.SIGUSR1)
+    time.sleep(0.1)
+    with RemoteProcess(p.pid) as rp:
+        os.kill(p.pid, signal.SIGUSR1)   # held while we hold the thread
+        exercise(rp, p.pid, rounds=2)
+    time.sleep(0.1)
+    out = quit_target(p)
+    assert out == "ok 2 2", out
+
+
+def test_uffd_acts_on_target_memory(target_bin, spawn):
+    """The uffd taken out of the target write-protects the target's pages:
+    pagemap shows the uffd-wp bit (57) on them."""
+    from wp.uffd import SYNC_FEATURES, Userfaultfd
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    n = 16
+    with RemoteProcess(p.pid) as rp:
+        fd = rp.open_userfaultfd()
+        addr = rp.mmap_scratch(n * PAGE)
+        rp.write_memory(addr, b"\xab" * (n * PAGE))
+    assert target_uffds(p.pid) == 0
+    with Userfaultfd(fd, SYNC_FEATURES) as u:
+        u.register(addr, n * PAGE)
+        u.protect(addr, n * PAGE)
+        with open("/proc/%d/pagemap" % p.pid, "rb") as f:
+            f.seek(addr // PAGE * 8)
+            entries = [int.from_bytes(f.read(8), "little") for _ in range(n)]
+        assert all(e >> 63 & 1 and e >> 57 & 1 for e in entries)   # present, uffd-wp
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_pid_namespace(target_bin, spawn):
+    """A target in its own pid namespace (a container): it sees itself as
+    pid 1, and the batch blob signals itself by that pid."""
+    u = spawn(["unshare", "--pid", "--fork", target_bin("sleeper")])
+    wait_ready(u)
+    with open("/proc/%d/task/%d/children" % (u.pid, u.pid)) as f:
+        pid = int(f.read().split()[0])
+    with RemoteProcess(pid) as rp:
+        assert rp.syscall(SYS["getpid"]) == 1
+        assert rp.syscalls([(SYS["getpid"], ())] * 1000) == [1] * 1000
+        exercise(rp, 1, rounds=2)
+    assert_released(pid)
+    out = quit_target(u)
+    assert out.startswith("ok"), out

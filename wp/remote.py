@@ -90,6 +90,17 @@ def validate_target(pid):
                           "detach that first" % (pid, tracer))
 
 
+def _ns_ids(pid, tid):
+    """Returns (pid, tid) as the target sees them: the last NStgid / NSpid
+    entries, its own pid namespace (a container) being the innermost."""
+    try:
+        with open("/proc/%d/task/%d/status" % (pid, tid)) as f:
+            st = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        return int(st["NStgid"].split()[-1]), int(st["NSpid"].split()[-1])
+    except (OSError, KeyError, ValueError):
+        return pid, tid
+
+
 def choose_thread(pid):
     """Returns the thread to seize: the main thread, unless it has exited
     (pthread_exit leaves a zombie leader) — then the first live one."""
@@ -167,6 +178,7 @@ class RemoteProcess:
         check(ret, "ptrace(PTRACE_SEIZE/INTERRUPT, %d)" % self.tid)
         self._owner = threading.get_ident()
         try:
+            self._r.ns_pid, self._r.ns_tid = _ns_ids(self.pid, self.tid)
             self._r.syscall_ip = self._find_syscall_insn()
         except BaseException:
             self.detach()
