@@ -2,10 +2,12 @@
  * registers, detach. No code or register of the target is changed, so a
  * syscall the interrupt broke restarts by the kernel's usual rules. */
 #define _GNU_SOURCE
+#include <cpuid.h>
 #include <errno.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ptrace.h>
+#include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #include "snapshot.h"
@@ -54,6 +56,45 @@ int wp_thread_regs(int tid, uint64_t *regs, uint8_t *fpregs)
 		return -errno;
 	memcpy(fpregs, &f, sizeof(f));
 	return 0;
+}
+
+int64_t wp_thread_xstate(int tid, uint8_t *buf, uint64_t len)
+{
+	struct iovec iov = { buf, len };
+
+	if (ptrace(PTRACE_GETREGSET, tid, (void *)0x202 /* NT_X86_XSTATE */, &iov) < 0)
+		return -errno;
+	return iov.iov_len;
+}
+
+static const struct { int bit; uint32_t off, size; } std_layout[] = {
+	{ 2, 576, 256 }, { 3, 960, 64 }, { 4, 1024, 64 }, { 5, 1088, 64 },
+	{ 6, 1152, 512 }, { 7, 1664, 1024 }, { 9, 2688, 8 },
+};
+
+int64_t wp_xstate_to_standard(const uint8_t *in, uint64_t inlen, uint8_t *out, uint64_t outlen)
+{
+	uint64_t xcr0, end = 576;
+	unsigned eax, ebx, ecx, edx;
+
+	if (inlen < 576 || outlen < 576)
+		return -EINVAL;
+	memset(out, 0, outlen);
+	memcpy(out, in, 576);          /* FXSAVE area (XCR0 at 464) + XSAVE header */
+	memcpy(&xcr0, in + 464, 8);
+	for (unsigned i = 0; i < sizeof(std_layout) / sizeof(std_layout[0]); i++) {
+		int bit = std_layout[i].bit;
+		if (!(xcr0 & (1ULL << bit)))
+			continue;
+		if (!__get_cpuid_count(0xd, bit, &eax, &ebx, &ecx, &edx) || eax != std_layout[i].size)
+			continue;
+		if ((uint64_t)ebx + eax > inlen || std_layout[i].off + eax > outlen)
+			continue;
+		memcpy(out + std_layout[i].off, in + ebx, eax);
+		if (std_layout[i].off + eax > end)
+			end = std_layout[i].off + eax;
+	}
+	return end;
 }
 
 int wp_thread_release(int tid, int sig)

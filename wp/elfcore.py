@@ -32,7 +32,7 @@ import struct
 
 __all__ = ["Segment", "CoreFile", "RawFile", "Thread", "process_notes", "thread_notes",
            "note", "prstatus", "prpsinfo", "nt_file", "NT_PRSTATUS", "NT_FPREGSET",
-           "NT_PRPSINFO", "NT_AUXV", "NT_FILE", "PF_R", "PF_W", "PF_X", "flags_of"]
+           "NT_PRPSINFO", "NT_AUXV", "NT_FILE", "NT_X86_XSTATE", "PF_R", "PF_W", "PF_X", "flags_of"]
 
 ET_CORE = 4
 EM_X86_64 = 62
@@ -44,6 +44,7 @@ NT_FPREGSET = 2
 NT_PRPSINFO = 3
 NT_AUXV = 6
 NT_FILE = 0x46494C45
+NT_X86_XSTATE = 0x202     # owner "LINUX"
 PN_XNUM = 0xFFFF
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")     # 64 bytes
@@ -86,12 +87,13 @@ class Segment:
 class Thread:
     """A thread as a core records it: tid, 27 general registers (or None
     when they could not be read) and the 512-byte FXSAVE area (or None)."""
-    __slots__ = ("tid", "regs", "fpregs")
+    __slots__ = ("tid", "regs", "fpregs", "xstate")
 
-    def __init__(self, tid, regs=None, fpregs=None):
+    def __init__(self, tid, regs=None, fpregs=None, xstate=None):
         self.tid = tid
         self.regs = regs
         self.fpregs = fpregs
+        self.xstate = xstate     # XSAVE area (AVX and later registers), or None
 
 
 # -- notes -------------------------------------------------------------------
@@ -173,12 +175,15 @@ def nt_file(mappings, page_size=4096):
 
 
 def thread_notes(pid, threads):
-    """Returns the per-thread notes (NT_PRSTATUS, NT_FPREGSET), main thread first."""
+    """Returns the per-thread notes (NT_PRSTATUS, NT_FPREGSET,
+    NT_X86_XSTATE), main thread first."""
     out = []
     for t in sorted(threads, key=lambda t: (t.tid != pid, t.tid)):
         out.append(prstatus(pid, t.tid, t.regs))
         if t.fpregs is not None:
             out.append(note("CORE", NT_FPREGSET, bytes(t.fpregs)))
+        if t.xstate:
+            out.append(note("LINUX", NT_X86_XSTATE, bytes(t.xstate)))
     return b"".join(out)
 
 

@@ -250,7 +250,12 @@ class SnapshotProtector(WriteProtector):
                     if m.writable:
                         dump = False     # writable memory left out of the regions
                     elif m.path.startswith("/") and m.inode:
-                        dump = readable and anon.get(m.start, 0) > 0   # relocated (RELRO)
+                        # As gcore: file pages the process changed (RELRO
+                        # relocations), and the mapping with the ELF header
+                        # (build ids, for finding the right binaries).
+                        dump = readable and (anon.get(m.start, 0) > 0 or
+                                             (m.offset == 0 and start == m.start
+                                              and self._is_elf(m.start)))
                     else:
                         dump = readable
                     seg = elfcore.Segment(start, end, elfcore.flags_of(m.perms), dump)
@@ -260,6 +265,12 @@ class SnapshotProtector(WriteProtector):
         self._sync = [p for p in pieces if p.how == "sync"]
         self._starts = [p.start for p in self._sync]
         self.total_bytes = sum(p.end - p.start for p in pieces if p.how != "none")
+
+    def _is_elf(self, addr):
+        try:
+            return self.space.read(addr, 4) == b"\x7fELF"
+        except OSError:
+            return False
 
     # -- the instant -------------------------------------------------------
 
@@ -296,6 +307,8 @@ class SnapshotProtector(WriteProtector):
         sig = ffi.new("int *")
         regs = ffi.new("uint64_t[27]")
         fp = ffi.new("uint8_t[512]")
+        xs = ffi.new("uint8_t[]", 1 << 15)
+        xs_std = ffi.new("uint8_t[]", 1 << 15)
         t0 = time.monotonic_ns()
         try:
             while True:
@@ -317,6 +330,11 @@ class SnapshotProtector(WriteProtector):
                 if self.regs and lib.wp_thread_regs(tid, regs, fp) == 0:
                     t.regs = list(regs)
                     t.fpregs = bytes(ffi.buffer(fp))
+                    n = lib.wp_thread_xstate(tid, xs, len(xs))
+                    if n > 0:
+                        n = lib.wp_xstate_to_standard(xs, n, xs_std, len(xs_std))
+                    if n > 0:
+                        t.xstate = bytes(ffi.buffer(xs_std, n))
                 self.threads.append(t)
         except BaseException as err:
             self.error = err
