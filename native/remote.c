@@ -18,7 +18,10 @@
  *   registers byte for byte, so the kernel's own restart code runs as if we
  *   had never been there. (The hand-made restart of DESIGN.md would also
  *   restart a syscall that a signal, arrived meanwhile, should have made
- *   return EINTR.)
+ *   return EINTR.) Seen here: PTRACE_DETACH itself sets TIF_SIGPENDING
+ *   (__ptrace_unlink() wakes a traced task with ptrace_signal_wake_up()),
+ *   so the same restart runs even when detaching from a syscall-exit stop;
+ *   we do not rely on that and trap first.
  *
  * - An injected syscall: rip at an existing `0f 05` (in the vdso; we patch no
  *   code, other threads run the same text), rax = nr, orig_rax = -1 so the
@@ -216,7 +219,8 @@ static void hold_signal(struct wp_remote *r, int sig)
 {
 	for (int i = 0; i < r->nsigs; i++)
 		if (r->sigs[i] == sig)
-			return;     /* standard signals do not queue twice either */
+			return;     /* once per number: re-sent, a second copy of a
+				     * standard signal would merge anyway */
 	if (r->nsigs < (int)(sizeof(r->sigs) / sizeof(r->sigs[0])))
 		r->sigs[r->nsigs++] = sig;
 }

@@ -2,7 +2,8 @@
  * (count, sum, and a position-weighted sum that catches reordering) and at
  * EOF prints "total N sum S wsum W eintr E usr1 U". A read that fails with
  * EINTR is counted, not retried: an attach must never cause one.
- * SIGUSR1 has an SA_RESTART handler that counts deliveries. */
+ * SIGUSR1 and SIGTRAP have SA_RESTART handlers that count deliveries
+ * ("usr1 U trap T" at the end). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -10,12 +11,14 @@
 #include <string.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t usr1;
+static volatile sig_atomic_t usr1, trap;
 
-static void on_usr1(int sig)
+static void on_signal(int sig)
 {
-	(void)sig;
-	usr1++;
+	if (sig == SIGUSR1)
+		usr1++;
+	else
+		trap++;
 }
 
 int main(void)
@@ -25,9 +28,10 @@ int main(void)
 	unsigned long long total = 0, sum = 0, wsum = 0, eintr = 0;
 
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_usr1;
+	sa.sa_handler = on_signal;
 	sa.sa_flags = SA_RESTART;
 	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGTRAP, &sa, NULL);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("ready\n");
 	for (;;) {
@@ -44,7 +48,7 @@ int main(void)
 		}
 		total += n;
 	}
-	printf("total %llu sum %llu wsum %llu eintr %llu usr1 %d\n", total, sum, wsum, eintr,
-	       (int)usr1);
+	printf("total %llu sum %llu wsum %llu eintr %llu usr1 %d trap %d\n", total, sum, wsum,
+	       eintr, (int)usr1, (int)trap);
 	return 0;
 }
