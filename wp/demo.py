@@ -1,46 +1,99 @@
-"""The demo behind scripts/demo: a target is started, protected, written,
-and what the protector saw is reported with latency percentiles."""
+"""The demo behind scripts/demo: the main job end to end.
+
+A built-in target (a python3 program that keeps writing to 32 MiB of its
+memory and prints a checksum at the end) is started; wpd attaches to it,
+write-protects its memory with the trace protector, the fault path is
+traced with bcc, the target is detached, and a report is printed. The
+target's checksum is compared with a run that was never attached.
+"""
+import json
+import os
+import shlex
+import subprocess
 import sys
+import tempfile
 import time
 
-from wp.bench._writer import Writer
-from wp.protectors.trace import TraceProtector
-from wp.session import Session
-from wp.space import ProcessSpace
+TARGET = r"""
+import hashlib, sys, time
+pages = [bytearray(4096) for _ in range(8192)]          # 32 MiB
+print("target: ready", flush=True)
+sys.stdin.readline()
+h = hashlib.sha256()
+for rnd in range(60):
+    for i in range(rnd % 7, len(pages), 3):
+        pages[i][(rnd * 31 + i) % 4096] = (rnd + i) % 251
+    h.update(bytes(pages[rnd * 131 % len(pages)]))
+    time.sleep(0.03)
+print("target: checksum", h.hexdigest(), flush=True)
+"""
 
 
-def _pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p / 100))]
+def sh(argv, **kw):
+    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    return subprocess.run(argv, **kw)
 
 
 def main():
-    npages = 4096
-    print("demo: starting a writer process with %d pages (16 MiB) of private anonymous memory" % npages)
-    w = Writer("anon", npages, cpu=0)
+    venv_bin = os.path.dirname(sys.executable)
+    wp = os.path.join(venv_bin, "wp")
+    workdir = tempfile.mkdtemp(prefix="wp-demo-")
+    sock = os.path.join(workdir, "wpd.sock")
+    log = open(os.path.join(workdir, "wpd.log"), "w")
+    print("demo: starting wpd on %s (log %s)" % (sock, log.name), flush=True)
+    wpd = subprocess.Popen([os.path.join(venv_bin, "wpd"), "--socket", sock], stderr=log)
+    target = None
     try:
-        trace = TraceProtector()
-        space = ProcessSpace(w.pid, w.take_uffd)
-        with Session(space, trace, regions=[(w.addr, w.addr + w.length)], cpu=0) as s:
-            print("demo: pid %d protected: %#x-%#x (%s), protector %s"
-                  % (w.pid, w.addr, w.addr + w.length, s.regions[0].kind, trace.name))
-            t0 = time.monotonic()
-            lat = w.write()
-            took = time.monotonic() - t0
-            records = s.records()
-            stats = s.stats()
-        print("demo: the writer wrote every page once in %.1f ms" % (took * 1000))
-        print("demo: the protector saw %d first writes from %d thread(s); the handler resolved %d"
-              % (trace.count, len({t for _, t, _, _ in trace.writes}), stats["resolved"]))
-        handler_us = [(r[3] - r[2]) / 1000 for r in records]
-        print("\n%-32s %8s %8s %8s %8s" % ("latency (us)", "p50", "p90", "p99", "max"))
-        for name, vals in (("write, as the writer saw it", [x / 1000 for x in lat]),
-                           ("read -> resolved, in handler", handler_us)):
-            print("%-32s %8.1f %8.1f %8.1f %8.1f" % (name, _pct(vals, 50), _pct(vals, 90),
-                                                     _pct(vals, 99), max(vals)))
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.02)
+        ref = subprocess.run(["python3", "-c", TARGET], input="\n", capture_output=True, text=True)
+        expected = ref.stdout.split()[-1]
+        target = subprocess.Popen(["python3", "-c", TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        target.stdout.readline()
+        print("demo: target is python3, pid %d, 32 MiB of pages it keeps writing" % target.pid)
+        sh([wp, "--socket", sock, "attach", str(target.pid), "--region", "anon"], check=True)
+        trace_file = os.path.join(workdir, "faults.jsonl")
+        tracer = None
+        if _have_tracing():
+            tracer = subprocess.Popen([wp, "--socket", sock, "trace", str(target.pid), "-o", trace_file,
+                                       "--duration", "3"])
+            print("$ wp trace %d -o %s --duration 3" % (target.pid, trace_file), flush=True)
+            time.sleep(1.5)   # the probes compile and attach
+        target.stdin.write("\n")
+        target.stdin.flush()
+        time.sleep(1.0)
+        st = json.loads(sh([wp, "--socket", sock, "stats", str(target.pid), "--json"], check=True,
+                           capture_output=True, text=True).stdout)
+        print("demo: %d write faults so far; handler read->resolved us: %s"
+              % (st["faults"], json.dumps(st["handler_us"])))
+        if tracer:
+            tracer.wait(30)
+        sh([wp, "--socket", sock, "detach", str(target.pid)], check=True)
+        out = target.communicate(timeout=60)[0]
+        got = out.split()[-1]
+        print("demo: target's checksum %s, unattached run %s: %s"
+              % (got[:16], expected[:16], "same" if got == expected else "DIFFERENT"))
+        if tracer and os.path.exists(trace_file):
+            sh([wp, "report", trace_file], check=False)
+        return 0 if got == expected else 1
     finally:
-        w.close()
-    return 0
+        if target and target.poll() is None:
+            target.kill()
+            target.wait()
+        wpd.terminate()
+        wpd.wait(30)
+        log.close()
+
+
+def _have_tracing():
+    try:
+        from wp.tracing import trace  # noqa: F401
+        return True
+    except Exception:
+        return False
 
 
 if __name__ == "__main__":

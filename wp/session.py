@@ -377,6 +377,17 @@ class Session:
             out.extend(loop.drain())
         return out
 
+    def handler_latency(self):
+        """Returns percentiles (us) of read -> resolved in the handler over
+        the faults resolved since the last call (drains the rings)."""
+        recs = self.records()
+        self._recent = ([(r[3] - r[2]) / 1000 for r in recs] or getattr(self, "_recent", []))[-100000:]
+        lat = sorted(self._recent)
+        if not lat:
+            return {}
+        pick = lambda p: round(lat[min(len(lat) - 1, int(len(lat) * p))], 2)  # noqa: E731
+        return {"samples": len(lat), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": lat[-1]}
+
     def stats(self):
         loops = [loop.counters() for loop in self.loops]
         total = {k: sum(c[k] for c in loops) for k in loops[0]} if loops else {}
@@ -393,6 +404,7 @@ class Session:
             "children": self._resolve_children(),
             "regions": [r.as_dict() for r in self.regions],
             "protector_stats": self.protector.stats(),
+            "handler_us": self.handler_latency(),
         }
 
     # -- teardown ----------------------------------------------------------
