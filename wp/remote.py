@@ -124,16 +124,20 @@ def _ns_ids(pid, tid):
 
 def choose_thread(pid):
     """Returns the thread to seize: the main thread, unless it has exited
-    (pthread_exit leaves a zombie leader) — then the first live one."""
+    (pthread_exit leaves a zombie leader) or sits in uninterruptible sleep
+    (D: our interrupt would wait for it) — then the first other live one."""
     try:
         tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
     except FileNotFoundError:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
+    live = []
     for tid in [pid] + [t for t in tids if t != pid]:
         fields = _stat_fields(pid, tid)
         if fields is not None and fields[0] not in ("Z", "X"):
-            return tid
-    raise TargetError("pid %d has no live thread left" % pid)
+            live.append((fields[0] == "D", tid))
+    if not live:
+        raise TargetError("pid %d has no live thread left" % pid)
+    return min(live, key=lambda dt: dt[0])[1]   # stable: the leader first
 
 
 class RemoteProcess:
