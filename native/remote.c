@@ -251,11 +251,16 @@ static void recover_stop(struct wp_remote *r)
 			r->flags |= WP_REMOTE_AT_TRAP;
 		if (WSTOPSIG(status) == SYSGOOD_TRAP || (status >> 16) == PTRACE_EVENT_STOP)
 			return;
-		/* a signal-delivery-stop: keep the signal, take the trap that follows */
-		if (WSTOPSIG(status) != SIGTRAP)
-			hold_signal(r, WSTOPSIG(status));
+		/* A signal-delivery-stop: treat the signal as resume() does
+		 * (the blob's own SIGTRAP is dropped) and take the trap that
+		 * follows. */
+		int sig = WSTOPSIG(status), pass = 0;
+		if (sig == SIGSTOP)
+			pass = sig;
+		else if (sig != SIGTRAP)
+			hold_signal(r, sig);
 		r->flags &= ~WP_REMOTE_STOPPED;
-		if (ptrace(PTRACE_CONT, r->tid, 0, 0) < 0)
+		if (ptrace(PTRACE_CONT, r->tid, 0, pass) < 0)
 			return;
 	}
 }

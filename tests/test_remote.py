@@ -471,3 +471,30 @@ def test_pid_namespace(target_bin, spawn):
     assert_released(pid)
     out = quit_target(u)
     assert out.startswith("ok"), out
+
+
+def test_blocking_batch_times_out(target_bin, spawn):
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    with RemoteProcess(p.pid, timeout=0.3) as rp:
+        with pytest.raises(TimeoutError, match="batch"):
+            rp.syscalls([(SYS["getpid"], ()), (SYS["pause"], ())])
+        assert rp.syscall(SYS["getpid"]) == p.pid   # still held, still usable
+    assert_released(p.pid)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
+
+
+def test_many_short_attaches(target_bin, spawn):
+    """50 attach/detach cycles on every kind of thread of a busy target."""
+    p = spawn([target_bin("threads")])
+    wait_ready(p)
+    tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % p.pid))
+    for i in range(50):
+        with RemoteProcess(p.pid, tid=tids[i % len(tids)]) as rp:
+            for _ in range(10):
+                assert rp.syscall(SYS["getpid"]) == p.pid
+            assert rp.syscalls([(SYS["getppid"], ())] * 100) == [os.getpid()] * 100
+        assert_released(p.pid)
+    out = quit_target(p)
+    assert out.startswith("ok"), out
