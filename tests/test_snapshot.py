@@ -224,3 +224,24 @@ def test_gdb_reads_the_core(target_bin, spawn, tmp_path):
     p.stdin.write("b 1\n")
     p.stdin.flush()
     assert p.stdout.readline().strip() == "ok"
+
+
+def test_cli_entry_point(sweep, tmp_path, capsys):
+    import argparse
+    import json
+    from wp.protectors import snapshot as snap_mod
+    parser = argparse.ArgumentParser(prog="wp")
+    snap_mod.add_parser(parser.add_subparsers(dest="cmd"))
+    t = sweep("anon", 64)
+    t.cmd("w 0 64 9")
+    out = tmp_path / "r.bin"
+    args = parser.parse_args(["snapshot", str(t.pid), "--raw", "--region", t.range(), "-o", str(out),
+                              "--json", "--uffd", str(t.uffds[0]), "--uffd", str(t.uffds[1])])
+    assert args.func(args) == 0
+    cap = capsys.readouterr()
+    st = json.loads(cap.out)
+    assert st["format"] == "raw" and st["copied_bytes"] == t.length and st["stop_ms"] is not None
+    assert out.read_bytes() == struct.pack("<Q", 9) * (t.length // 8)
+    # --raw without a single range is a usage error, before touching the target.
+    args = parser.parse_args(["snapshot", str(t.pid), "--raw", "-o", str(out)])
+    assert args.func(args) == 2
