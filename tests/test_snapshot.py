@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -155,21 +156,29 @@ def test_snapshot_without_freeze_has_no_stop(sweep, tmp_path):
 
 
 def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
-    """Pages written while the copier has not reached them are copied first."""
+    """Pages written before the copier reaches them are copied first."""
+    class Held(SnapshotProtector):
+        go = threading.Event()
+
+        def _copy_sync(self, p):      # the copier waits until the target wrote
+            self.go.wait(10)
+            super()._copy_sync(p)
+
     t = sweep("anon", 4096)
     t.cmd("w 0 4096 1")
     out = tmp_path / "raw"
-    prot = SnapshotProtector(str(out), raw=True, batch=64 << 10)
+    prot = Held(str(out), raw=True)
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False, cpu=NCPU - 1)
     s.start()
     try:
         prot.protected()
-        assert t.cmd("w 2048 2048 2") == ["done"]   # the copier is still near the start
+        assert t.cmd("w 2048 2048 2") == ["done"]
+        prot.go.set()
         prot.wait(20)
     finally:
         s.close()
     assert out.read_bytes() == struct.pack("<Q", 1) * (t.length // 8)
-    assert prot.stats()["copied_on_write_pages"] > 0
+    assert prot.stats()["copied_on_write_pages"] == 2048
     assert t.cmd("w 0 1 3") == ["done"]   # unprotected, unregistered
 
 
