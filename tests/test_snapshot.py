@@ -17,7 +17,7 @@ import time
 import pytest
 
 from wp import maps, pagemap
-from wp.errors import BadRange, UnsupportedMemory
+from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protectors.snapshot import SnapshotProtector, snapshot
 from wp.session import Session
 from wp.space import ProcessSpace
@@ -180,6 +180,29 @@ def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
     assert out.read_bytes() == struct.pack("<Q", 1) * (t.length // 8)
     assert prot.stats()["copied_on_write_pages"] == 2048
     assert t.cmd("w 0 1 3") == ["done"]   # unprotected, unregistered
+
+
+def test_target_exit_fails_the_snapshot(sweep, tmp_path):
+    class Held(SnapshotProtector):
+        go = threading.Event()
+
+        def _copy_sync(self, p):
+            self.go.wait(10)
+            super()._copy_sync(p)
+
+    t = sweep("anon", 256)
+    prot = Held(str(tmp_path / "raw"), raw=True)
+    s = Session(t.space(), prot, regions=[t.range()], follow_fork=False)
+    s.start()
+    try:
+        prot.protected()
+        t.proc.kill()
+        t.proc.wait()
+        prot.go.set()
+        with pytest.raises(WPError, match="exited during the snapshot"):
+            prot.wait(20)
+    finally:
+        s.close()
 
 
 def test_shared_file_copied_while_stopped(sweep, tmp_path):

@@ -130,7 +130,7 @@ class SnapshotProtector(WriteProtector):
 
     name = "snapshot"
 
-    def __init__(self, path=None, raw=False, freeze=True, regs=None, chunk=256 << 10,
+    def __init__(self, path=None, raw=False, freeze=True, regs=None, chunk=1 << 20,
                  batch=4 << 20, freeze_copy_limit=64 << 20, strict=False, copier_cpu=None):
         self.path = path
         self.raw = raw
@@ -356,6 +356,9 @@ class SnapshotProtector(WriteProtector):
         """Returns the target's bytes at addr (zeros where unreadable)."""
         try:
             data = self.space.read(addr, length)
+        except ProcessLookupError as err:
+            raise ProcessLookupError(err.errno, "pid %d exited during the snapshot (%s)"
+                                     % (self.pid, err.strerror)) from err
         except OSError:
             data = b""
         if len(data) < length:
