@@ -37,6 +37,7 @@ are released.
 Output: an ELF core that ``gdb PROGRAM FILE`` opens (wp.elfcore), or with
 ``raw`` exactly the bytes of the single region.
 """
+import bisect
 import logging
 import os
 import sys
@@ -415,7 +416,6 @@ class SnapshotProtector(WriteProtector):
         return Unprotect(p.start + c0 * ps, (c1 - c0) * ps)
 
     def _sync_piece(self, addr):
-        import bisect
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0 and addr < self._sync[i].end:
             return self._sync[i]
