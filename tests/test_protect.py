@@ -1,0 +1,370 @@
+"""The write-protection core against the real kernel, for each kind of memory.
+
+Every test drives a memtarget (tests/targets/memtarget.c): its threads and
+forked children write pages, and the assertions are on what the kernel did —
+the uffd-wp bit in /proc/PID/pagemap, the bytes the target reads back, the
+thread ids the kernel put in each fault — never on our own bookkeeping alone.
+"""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fixtures_core import (  # noqa: F401  (fixtures)
+    ALL_KINDS, SHARED_KINDS, SYNC_KINDS, layout, memtarget, sessions)
+from wp.errors import BadRange, NotRoot, UnsupportedMemory
+from wp.protectors.trace import TraceProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# memtarget KIND -> the kind wp.maps gives its mapping.
+MAPS_KIND = {"anon": "anon", "anon-unpop": "anon", "shared-anon": "shared-anon", "memfd": "memfd",
+             "memfd-private": "memfd", "shm": "shmem", "hugetlb": "hugetlb", "file": "file"}
+
+
+def first_writes(prot):
+    """(page, tid, pid) of each first write the trace protector saw."""
+    return [(page, tid, pid) for page, tid, _t, pid in prot.writes]
+
+
+def settled(session, **want):
+    """Returns session.stats() once its counters reach want. The fault loop
+    counts a fault resolved just after the ioctl that wakes the writer, so a
+    target's answer can overtake the count by a few microseconds."""
+    deadline = time.monotonic() + 2
+    while True:
+        st = session.stats()
+        if all(st[k] == v for k, v in want.items()) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.001)
+
+
+def children(session, want):
+    """Returns stats()["children"] once it equals want (or after 2 s).
+
+    Session._on_fork starts the child's fault loop before it appends the
+    child to session.children, so the child's fault can be handled and the
+    target answer "done" before the session lists the child (seen in about
+    1 run in 50; reported to the core's author). Wait for it briefly."""
+    deadline = time.monotonic() + 2
+    while True:
+        got = session.stats()["children"]
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.001)
+
+
+def wp_threads():
+    return {t for t in threading.enumerate() if t.name.startswith("wp-")}
+
+
+# -- 1. protect, write, unprotect, protect again -----------------------------
+
+
+@pytest.mark.parametrize("kind", SYNC_KINDS)
+def test_sync_first_write_faults_once(memtarget, sessions, kind):
+    t = memtarget(kind, 4)
+    ps = t.page_size
+    prot = TraceProtector()
+    s = sessions(t, prot)
+    assert [(r.kind, r.mode, r.page_size) for r in s.regions] == [(MAPS_KIND[kind], "sync", ps)]
+
+    # Every page carries the uffd-wp bit: present pages in their PTE, the
+    # never-touched ones of anon-unpop as markers (WP_UNPOPULATED).
+    assert t.wp_bits() == [True] * 4
+    assert t.present_bits() == [kind != "anon-unpop"] * 4
+
+    tid1 = t.write(1, 0x11)
+    tid3 = t.write(3, 0x33)
+    assert tid1 != t.pid and tid3 != t.pid and tid1 != tid3
+    assert first_writes(prot) == [(t.page(1), tid1, t.pid), (t.page(3), tid3, t.pid)]
+    assert t.wp_bits() == [True, False, True, False]
+
+    # A second write to an unprotected page does not fault.
+    t.write(1, 0x12)
+    t.write(3, 0x34)
+    assert prot.count == 2
+    st = settled(s, resolved=2)
+    assert (st["faults"], st["resolved"], st["callback_errors"], st["resolve_errors"]) == (2, 2, 0, 0)
+    assert [r["faults"] for r in st["regions"]] == [2]
+
+    # The bytes landed: as the target reads them and through the space.
+    assert t.read(0) == (0, 0)
+    assert t.read(1) == (0x12, 0x12 * ps)
+    assert t.read(3) == (0x34, 0x34 * ps)
+    assert s.space.read(t.page(1), ps) == bytes([0x12]) * ps
+    assert s.space.read(t.page(2), ps) == bytes(ps)
+
+    s.close()
+    assert t.wp_bits() == [False] * 4
+    t.write(0, 0x50)   # would stay blocked (and time out) if still protected
+    t.write(2, 0x52)
+    assert prot.count == 2
+    assert t.read(0) == (0x50, 0x50 * ps)
+
+    # Protect again (the target's second uffd): first writes fault again.
+    prot2 = TraceProtector()
+    s2 = sessions(t, prot2)
+    assert t.wp_bits() == [True] * 4
+    tid = t.write(1, 0x61)
+    t.write(1, 0x62)
+    assert first_writes(prot2) == [(t.page(1), tid, t.pid)]
+    assert t.wp_bits() == [True, False, True, True]
+    assert t.read(1) == (0x62, 0x62 * ps)
+    s2.close()
+    assert t.wp_bits() == [False] * 4
+
+
+def only_runs(out):
+    """The runs of the single region scan_written() reported ([] if none)."""
+    assert len(out) <= 1, out
+    return [list(v) for v in out.values()][0] if out else []
+
+
+@pytest.mark.parametrize("kind,mode", [("file", None), ("anon", "async"), ("memfd", "async")])
+def test_async_scan_reports_pages_written_since_last_scan(memtarget, sessions, kind, mode):
+    t = memtarget(kind, 8)
+    ps = t.page_size
+    prot = TraceProtector()
+    s = sessions(t, prot, mode=mode)
+    assert [(r.kind, r.mode) for r in s.regions] == [(MAPS_KIND[kind], "async")]
+    assert t.wp_bits() == [True] * 8
+    assert s.scan_written() == {}
+
+    for idx, val in ((1, 1), (2, 2), (5, 5), (5, 6)):
+        t.write(idx, val)
+    # The kernel resolved the faults itself (async): no fault reached us,
+    # and the written pages lost their uffd-wp bit.
+    assert prot.count == 0 and s.stats()["faults"] == 0
+    assert t.wp_bits() == [i not in (1, 2, 5) for i in range(8)]
+    assert only_runs(s.scan_written()) == [(t.page(1), t.page(3)), (t.page(5), t.page(6))]
+    assert t.wp_bits() == [True] * 8          # the scan re-armed them
+    assert s.scan_written() == {}             # nothing written since
+
+    t.write(2, 7)
+    t.write(7, 8)
+    assert only_runs(s.scan_written()) == [(t.page(2), t.page(3)), (t.page(7), t.page(8))]
+    assert s.scan_written() == {}
+    assert s.stats()["written_pages"] == 5
+    assert prot.async_pages == 5
+    assert sorted(p for p, *_ in prot.writes) == [t.page(i) for i in (1, 2, 2, 5, 7)]
+
+    assert t.read(5) == (6, 6 * ps)
+    assert t.read(2) == (7, 7 * ps)
+    assert s.space.read(t.page(7), ps) == bytes([8]) * ps
+    if kind == "file":
+        with open(t.path, "rb") as f:
+            data = f.read()
+        assert data[5 * ps:6 * ps] == bytes([6]) * ps and data[:ps] == bytes(ps)
+
+    s.close()
+    assert t.wp_bits() == [False] * 8
+
+    s2 = sessions(t, TraceProtector(), mode=mode)
+    assert t.wp_bits() == [True] * 8
+    assert s2.scan_written() == {}
+    t.write(3, 9)
+    assert only_runs(s2.scan_written()) == [(t.page(3), t.page(4))]
+    assert s2.scan_written() == {}
+
+
+# -- 2. another process sharing the mapping: fork ----------------------------
+
+
+@pytest.mark.parametrize("kind", ("anon",) + SHARED_KINDS)
+def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind):
+    t = memtarget(kind, 4)
+    ps = t.page_size
+    prot = TraceProtector()
+    s = sessions(t, prot, follow_fork=True)
+
+    c1 = t.fork_write(2, 0x22)
+    assert first_writes(prot) == [(t.page(2), c1, c1)]
+    assert s.events == {"fork": 1}
+    assert children(s, [c1]) == [c1]
+    # A private copy stays the parent's own; a shared page shows the child's write.
+    assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
+    # The parent's own mapping is still protected, page 2 included.
+    assert t.wp_bits() == [True] * 4
+
+    # A second child is followed as well: its own first write faults.
+    c2 = t.fork_write(2, 0x23)
+    assert c2 != c1
+    assert first_writes(prot)[1:] == [(t.page(2), c2, c2)]
+    assert children(s, [c1, c2]) == [c1, c2]
+
+    tid = t.write(2, 0x24)
+    assert first_writes(prot)[2:] == [(t.page(2), tid, t.pid)]
+    assert t.read(2) == (0x24, 0x24 * ps)
+    assert prot.count == 3
+
+
+@pytest.mark.parametrize("kind", ("anon",) + SHARED_KINDS)
+def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
+    t = memtarget(kind, 4)
+    ps = t.page_size
+    prot = TraceProtector()
+    s = sessions(t, prot, follow_fork=False)
+
+    t.fork_write(2, 0x22)
+    t.fork_write(1, 0x21)
+    assert prot.count == 0 and s.stats()["faults"] == 0
+    assert s.events == {"fork": 2}
+    assert s.stats()["children"] == []
+    assert len(s.loops) == 1
+    assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
+    assert t.wp_bits() == [True] * 4
+
+    tid = t.write(2, 0x24)
+    assert first_writes(prot) == [(t.page(2), tid, t.pid)]
+    assert t.read(2) == (0x24, 0x24 * ps)
+
+
+# -- 3. a protector that raises ----------------------------------------------
+
+
+class Boom(TraceProtector):
+    name = "boom"
+
+    def on_write(self, fault):
+        super().on_write(fault)
+        raise RuntimeError("boom at %#x" % fault.page)
+
+
+class Nonsense(TraceProtector):
+    name = "nonsense"
+
+    def on_write(self, fault):
+        super().on_write(fault)
+        return "not a decision"
+
+
+@pytest.mark.parametrize("protector", [Boom, Nonsense])
+def test_failing_protector_resolves_the_fault(memtarget, sessions, protector):
+    t = memtarget("anon", 4)
+    prot = protector()
+    s = sessions(t, prot)
+    tid = t.write(1, 7)          # answers: the writer was not left blocked
+    assert first_writes(prot) == [(t.page(1), tid, t.pid)]
+    st = settled(s, resolved=1)
+    assert (st["faults"], st["resolved"], st["callback_errors"]) == (1, 1, 1)
+    assert t.wp_bits() == [True, False, True, True]   # resolved by unprotecting
+    t.write(1, 8)
+    assert s.stats()["faults"] == 1
+    t.write(3, 9)                # the loop lives on
+    st = settled(s, resolved=2)
+    assert (st["faults"], st["resolved"], st["callback_errors"]) == (2, 2, 2)
+    assert t.read(1) == (8, 8 * t.page_size) and t.read(3) == (9, 9 * t.page_size)
+    assert all(loop.alive for loop in s.loops)
+
+
+# -- 4. bad input: the named error, and nothing changed ----------------------
+
+
+def assert_rejected(t, regions, error, mode=None, match=None):
+    """Starting a session on regions raises error and leaves the target as it
+    was; the uffd it offered stays unused (a later session can take it)."""
+    maps_before = t.maps_text()
+    threads_before = wp_threads()
+    s = Session(ProcessSpace.cooperative(t.pid, list(t.uffds)), TraceProtector(), regions=regions,
+                mode=mode)
+    with pytest.raises(error, match=match):
+        s.start()
+    assert t.maps_text() == maps_before
+    assert not any(t.wp_bits())
+    assert wp_threads() == threads_before
+    t.assert_alive()
+
+
+@pytest.mark.parametrize("case", ["start+1", "end-100", "empty"])
+def test_unaligned_or_empty_range(memtarget, sessions, case):
+    t = memtarget("anon", 4)
+    a, b = t.addr, t.addr + t.length
+    rng = {"start+1": (a + 1, b), "end-100": (a, b - 100), "empty": (b, a)}[case]
+    assert_rejected(t, [rng], BadRange, match="aligned" if case != "empty" else "empty")
+    # Nothing was used up: a good session on the same uffd works.
+    prot = TraceProtector()
+    sessions(t, prot)
+    tid = t.write(0, 1)
+    assert first_writes(prot) == [(t.page(0), tid, t.pid)]
+
+
+def test_hugetlb_range_must_be_aligned_to_huge_pages(memtarget, sessions):
+    t = memtarget("hugetlb", 2)
+    assert_rejected(t, [(t.addr + 4096, t.addr + t.length)], BadRange, match="2048 kB")
+    assert_rejected(t, [(t.addr, t.addr + t.page_size + 4096)], BadRange, match="aligned")
+    s = sessions(t, regions=[(t.addr, t.addr + t.page_size)])
+    assert t.wp_bits() == [True, False]
+    assert s.regions[0].page_size == 2 << 20
+
+
+@pytest.mark.parametrize("case", ["hole", "memfd+hole", "below-mmap_min_addr"])
+def test_unmapped_range(layout, sessions, case):
+    t = layout(4)
+    n, ps = t.n, t.page_size
+    memfd, hole = t.addr + n * ps, t.addr + 2 * n * ps
+    rng = {"hole": (hole, hole + n * ps), "memfd+hole": (memfd, hole + ps),
+           "below-mmap_min_addr": (0x1000, 0x2000)}[case]
+    assert_rejected(t, [rng], BadRange, match="not mapped")
+    sessions(t, regions=[(memfd, hole)])
+    assert t.wp_bits() == [False] * n + [True] * n
+
+
+def test_range_spanning_two_kinds(layout, sessions):
+    t = layout(4)
+    ps = t.page_size
+    assert_rejected(t, [(t.addr, t.addr + t.length)], BadRange, match="anon and memfd")
+    assert_rejected(t, [(t.addr + 3 * ps, t.addr + 5 * ps)], BadRange, match="anon and memfd")
+    prot = TraceProtector()
+    s = sessions(t, prot, regions=[(t.addr, t.addr + 4 * ps), (t.addr + 4 * ps, t.addr + 8 * ps)])
+    assert [(r.kind, r.mode) for r in s.regions] == [("anon", "sync"), ("memfd", "sync")]
+    assert t.wp_bits() == [True] * 8
+    tid_a = t.write(3, 1)
+    tid_m = t.write(4, 2)
+    assert first_writes(prot) == [(t.page(3), tid_a, t.pid), (t.page(4), tid_m, t.pid)]
+
+
+def test_sync_on_a_disk_file_is_unsupported(memtarget, sessions):
+    t = memtarget("file", 4)
+    assert_rejected(t, [(t.addr, t.addr + t.length)], UnsupportedMemory, mode="sync",
+                    match="async")
+    s = sessions(t)   # the default picks async for it
+    assert [r.mode for r in s.regions] == ["async"]
+
+
+NONROOT = r"""
+import sys
+sys.path.insert(0, %r)
+from wp.errors import NotRoot
+from wp.protectors.trace import TraceProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+try:
+    Session(ProcessSpace.cooperative(%d, [%d]), TraceProtector(), regions=[(%d, %d)]).start()
+except NotRoot as err:
+    print("NotRoot", isinstance(err, PermissionError), err)
+else:
+    print("no error")
+"""
+
+
+def test_not_root(memtarget, sessions):
+    t = memtarget("anon", 4)
+    maps_before = t.maps_text()
+    code = NONROOT % (ROOT, t.pid, t.uffds[0], t.addr, t.addr + t.length)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("NotRoot True "), (r.stdout, r.stderr)
+    assert "root" in r.stdout
+    assert t.maps_text() == maps_before
+    assert not any(t.wp_bits())
+    t.assert_alive()
+    sessions(t)
+    assert all(t.wp_bits())
