@@ -222,6 +222,20 @@ def test_shared_file_copied_while_stopped(sweep, tmp_path):
     t.cmd("p")
 
 
+def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
+    """Past freeze_copy_limit async-only memory is copied after the instant:
+    the snapshot says so and counts the pages written meanwhile."""
+    t = sweep("file", 512, str(tmp_path / "shared"))
+    assert t.cmd("s 0") == ["ok"]
+    time.sleep(0.02)
+    st = snapshot(t.space(), str(tmp_path / "raw"), regions=[t.range()], raw=True, freeze=False,
+                  freeze_copy_limit=0)
+    assert st["stop_ms"] is None
+    assert st["warnings"] and "inconsistent_pages" in st["warnings"][0]
+    assert st["inconsistent_pages"] > 0
+    t.cmd("p")
+
+
 def test_raw_needs_one_range(sweep, tmp_path):
     t = sweep("anon", 16)
     with pytest.raises(BadRange, match="one range"):

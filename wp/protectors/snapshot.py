@@ -201,18 +201,19 @@ class SnapshotProtector(WriteProtector):
                 raise self.error
         else:
             self.threads = [elfcore.Thread(t) for t in _tids(self.pid)]
-        for p in self.pieces:
-            if p.how != "async":
-                continue
-            if freeze and async_bytes <= self.freeze_copy_limit:
-                self._async_data.append((p, self._read(p.start, p.end - p.start)))
-            else:
-                self._late_async.append(p)
-        if self._late_async:
-            self._warn("%d kB of writable file mappings cannot be write-protected synchronously: "
-                       "copied after the instant, pages written meanwhile are counted as "
-                       "inconsistent_pages" % (sum(p.end - p.start for p in self._late_async) // 1024))
         try:
+            for p in self.pieces:
+                if p.how != "async":
+                    continue
+                if freeze and async_bytes <= self.freeze_copy_limit:
+                    self._async_data.append((p, self._read(p.start, p.end - p.start)))
+                else:
+                    self._late_async.append(p)
+            if self._late_async:
+                self._warn("%d kB of writable file mappings cannot be write-protected "
+                           "synchronously: copied after the instant, pages written meanwhile are "
+                           "counted as inconsistent_pages"
+                           % (sum(p.end - p.start for p in self._late_async) // 1024))
             if self.raw:
                 p = self.pieces[0]
                 self.out = elfcore.RawFile(self.path, p.start, p.end)
@@ -221,7 +222,7 @@ class SnapshotProtector(WriteProtector):
                 self.out = elfcore.CoreFile(self.path, [p.seg for p in self.pieces if p.seg],
                                             notes, self.page_size)
         except BaseException:
-            self._stopping.set()
+            self._stopping.set()    # the freezer lets the threads go
             raise
         self._copier = threading.Thread(target=self._copy_all, name="wp-snap-copy", daemon=True)
         self._copier.start()
