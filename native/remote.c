@@ -29,14 +29,23 @@
  *   syscall-enter stop, syscall-exit stop (PTRACE_O_TRACESYSGOOD marks both
  *   as SIGTRAP|0x80). rax at the exit stop is the result.
  *
- * - Signals: while we hold the thread its blocked mask is set to everything
- *   but SIGTRAP (PTRACE_SETSIGMASK). Signals sent to the thread stay pending
- *   and are delivered after detach, with their siginfo, once the mask is
- *   restored (ptrace_stop() recalculates TIF_SIGPENDING on the way out).
- *   Only unblockable or forced signals can still reach us as
- *   signal-delivery-stops: SIGSTOP is passed through at once (it starts a
- *   group stop, which the kernel reinstates after detach); anything else is
- *   held back and re-sent with tgkill after detach.
+ * - Signals: a signal that comes for the thread while we hold it stops it
+ *   on its way to delivery (a signal-delivery-stop, in get_signal()). We
+ *   keep its siginfo and resume with 0 (the kernel then drops it), so no
+ *   handler runs on our injected registers. SIGSTOP alone is passed through
+ *   at once: it starts a group stop, which the kernel reinstates after
+ *   detach. At detach the thread itself runs rt_tgsigqueueinfo() for each
+ *   signal kept: a thread may queue any siginfo to itself (the kernel
+ *   refuses forged si_codes only between threads), so the handler later
+ *   sees the sender's si_pid, si_code and si_value. While that runs the
+ *   mask is fully blocked, so the signals stay queued; the real mask goes
+ *   back with the registers, and after detach get_signal() delivers them
+ *   to the original registers: a handler with or without SA_RESTART
+ *   decides between restart and EINTR as it would have.
+ *   We leave the mask alone otherwise, and put the original registers back
+ *   after every operation: if the daemon dies while it holds the thread
+ *   (the kernel then detaches it where it stands), the thread resumes as if
+ *   interrupted by a signal with no handler.
  *   PTRACE_GETSIGMASK returns saved_sigmask when the thread sits in
  *   ppoll/pselect/sigsuspend with a temporary mask, and PTRACE_SETSIGMASK
  *   clears the restore flag: restoring what we read gives back the
@@ -76,6 +85,7 @@ _Static_assert(offsetof(struct wp_regs, orig_rax) == offsetof(struct user_regs_s
 _Static_assert(offsetof(struct wp_regs, gs) == offsetof(struct user_regs_struct, gs),
 	       "wp_regs layout");
 _Static_assert(sizeof(struct wp_call) == 64, "wp_call is the blob's 64-byte record");
+_Static_assert(sizeof(siginfo_t) == 128, "siginfo_t");
 
 #ifndef PTRACE_EVENT_STOP
 #define PTRACE_EVENT_STOP 128
@@ -215,14 +225,19 @@ enum want {
 	WANT_BLOB_END,  /* the blob's own SIGTRAP */
 };
 
-static void hold_signal(struct wp_remote *r, int sig)
+#define HELD_MAX ((int)(sizeof(((struct wp_remote *)0)->held) / sizeof(siginfo_t)))
+
+static void hold_signal(struct wp_remote *r, const siginfo_t *si)
 {
-	for (int i = 0; i < r->nsigs; i++)
-		if (r->sigs[i] == sig)
-			return;     /* once per number: re-sent, a second copy of a
-				     * standard signal would merge anyway */
-	if (r->nsigs < (int)(sizeof(r->sigs) / sizeof(r->sigs[0])))
-		r->sigs[r->nsigs++] = sig;
+	siginfo_t *held = (siginfo_t *)r->held;
+	/* A standard signal pending twice is delivered once. */
+	for (int i = 0; i < r->nheld && si->si_signo < SIGRTMIN; i++)
+		if (held[i].si_signo == si->si_signo)
+			return;
+	if (r->nheld < HELD_MAX)
+		held[r->nheld++] = *si;
+	else
+		r->lost++;
 }
 
 static int is_fault_signal(int sig)
@@ -255,10 +270,12 @@ static void recover_stop(struct wp_remote *r)
 		 * (the blob's own SIGTRAP is dropped) and take the trap that
 		 * follows. */
 		int sig = WSTOPSIG(status), pass = 0;
+		siginfo_t si;
 		if (sig == SIGSTOP)
 			pass = sig;
-		else if (sig != SIGTRAP)
-			hold_signal(r, sig);
+		else if (ptrace(PTRACE_GETSIGINFO, r->tid, 0, &si) == 0 &&
+			 !(sig == SIGTRAP && si.si_code == SI_TKILL && si.si_pid == r->ns_pid))
+			hold_signal(r, &si);
 		r->flags &= ~WP_REMOTE_STOPPED;
 		if (ptrace(PTRACE_CONT, r->tid, 0, pass) < 0)
 			return;
@@ -317,7 +334,7 @@ static int resume(struct wp_remote *r, int req, enum want want)
 		if (sig == SIGSTOP)
 			pass = sig;       /* starts the group stop now */
 		else
-			hold_signal(r, sig);
+			hold_signal(r, &si);
 	}
 }
 
@@ -385,9 +402,6 @@ int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
 		ret = -errno;
 		goto fail_detach;
 	}
-	ret = set_sigmask(tid, ~(1ull << (SIGTRAP - 1)));
-	if (ret < 0)
-		goto fail_detach;
 	return 0;
 
 fail_detach:
@@ -439,7 +453,8 @@ int wp_remote_syscall(struct wp_remote *r, uint64_t nr, const uint64_t *args, in
 	if (ret < 0)
 		return ret;
 	*result = (int64_t)regs.rax;
-	return 0;
+	/* Original registers back at once (see the top of this file). */
+	return wp_remote_setregs(r->tid, &r->saved);
 }
 
 int64_t wp_remote_read(struct wp_remote *r, uint64_t addr, void *buf, uint64_t n)
@@ -533,6 +548,16 @@ int64_t wp_remote_batch(struct wp_remote *r, struct wp_call *calls, uint64_t n, 
 		if (regs.rip != r->blob + BLOB_AFTER_TGKILL && regs.rip != r->blob + BLOB_AFTER_INT3)
 			return -EPROTO;
 		uint64_t ran = k - regs.r13;
+		/* Original registers back, and out of the SIGTRAP stop into a
+		 * trap: were we to die here, the kernel would deliver that
+		 * SIGTRAP (its default action dumps core). */
+		ret = wp_remote_setregs(r->tid, &r->saved);
+		if (ret == 0)
+			ret = wp_remote_interrupt(r->tid);
+		if (ret == 0)
+			ret = resume(r, PTRACE_CONT, WANT_TRAP);
+		if (ret < 0)
+			return ret;
 		bytes = ran * sizeof(struct wp_call);
 		if (wp_remote_read(r, recs, calls + done, bytes) != (int64_t)bytes)
 			return -EIO;
@@ -541,6 +566,35 @@ int64_t wp_remote_batch(struct wp_remote *r, struct wp_call *calls, uint64_t n, 
 			break;
 	}
 	return done;
+}
+
+/* Has the thread queue the signals held back to itself, siginfo and all,
+ * with every signal blocked so that they stay queued (see the top of this
+ * file). The siginfo goes below the red zone of the thread's stack, where
+ * the kernel would build a signal frame. Those queued are dropped from
+ * r->held; the rest are left for tgkill. */
+static int requeue_held(struct wp_remote *r)
+{
+	siginfo_t *held = (siginfo_t *)r->held;
+	uint64_t at = (r->saved.rsp - 128 - sizeof(siginfo_t)) & ~(uint64_t)15;
+	int ret, left = 0;
+	int64_t res;
+
+	ret = set_sigmask(r->tid, ~0ull);
+	if (ret < 0)
+		return ret;
+	for (int i = 0; i < r->nheld; i++) {
+		ret = -EIO;
+		if (wp_remote_write(r, at, &held[i], sizeof(siginfo_t)) == sizeof(siginfo_t))
+			ret = inject(r, SYS_rt_tgsigqueueinfo, r->ns_pid, r->ns_tid,
+				     held[i].si_signo, at, 0, 0, &res);
+		if (ret == -ESRCH)
+			return ret;
+		if (ret < 0)
+			held[left++] = held[i];
+	}
+	r->nheld = left;
+	return 0;
 }
 
 int wp_remote_detach(struct wp_remote *r)
@@ -570,6 +624,13 @@ int wp_remote_detach(struct wp_remote *r)
 	if (r->flags & WP_REMOTE_GONE) {
 		ret = -ESRCH;
 		goto out;
+	}
+	int requeued = 0;
+	if (r->nheld) {
+		ret = requeue_held(r);
+		if (ret < 0)
+			goto out;
+		requeued = 1;
 	}
 
 	/* Back to a trap in get_signal() (see the top of this file) before the
@@ -603,17 +664,19 @@ int wp_remote_detach(struct wp_remote *r)
 			goto out;
 	}
 	ret = wp_remote_setregs(r->tid, &r->saved);
-	if (ret == 0)
+	if (ret == 0 && requeued)
 		ret = set_sigmask(r->tid, r->sigmask);
 	if (ret == 0 && ptrace(PTRACE_DETACH, r->tid, 0, 0) < 0)
 		ret = -errno;
 	r->flags &= ~(WP_REMOTE_STOPPED | WP_REMOTE_AT_TRAP);
-	/* Signals held back: sent again now that the mask is the target's.
-	 * The sender's siginfo is lost (it becomes ours, SI_TKILL). */
-	for (int i = 0; i < r->nsigs; i++)
-		if (syscall(SYS_tgkill, r->pid, r->tid, r->sigs[i]) < 0)
-			kill(r->pid, r->sigs[i]);
-	r->nsigs = 0;
+	/* Held signals the thread could not queue itself (an RT queue over
+	 * RLIMIT_SIGPENDING?): sent from here, with our siginfo. */
+	for (int i = 0; i < r->nheld; i++) {
+		int sig = ((siginfo_t *)r->held)[i].si_signo;
+		if (syscall(SYS_tgkill, r->pid, r->tid, sig) < 0)
+			kill(r->pid, sig);
+	}
+	r->nheld = 0;
 out:
 	r->flags &= ~(WP_REMOTE_STOPPED | WP_REMOTE_AT_TRAP);
 	if (r->memfd >= 0)

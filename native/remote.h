@@ -37,8 +37,9 @@ struct wp_remote {
 	int32_t timeout_ms;    /* per wait; < 0: wait forever */
 	int32_t ns_pid;        /* pid and tid as the target sees them (its pid */
 	int32_t ns_tid;        /* namespace); set to pid and tid by attach */
-	int32_t nsigs;         /* entries used in sigs */
-	int32_t sigs[16];      /* signals held back during injection, re-sent at detach */
+	int32_t nheld;         /* signals held back during injection ... */
+	int32_t lost;          /* ... and those beyond the 16 we keep */
+	uint8_t held[2048];    /* their siginfo_t, 128 bytes each, requeued at detach */
 	uint64_t sigmask;      /* the thread's blocked mask when we came */
 	uint64_t syscall_ip;   /* address of a 0f 05 (syscall) in the target */
 	uint64_t blob;         /* batch blob: code page, then records; 0 if none */
@@ -55,9 +56,9 @@ int wp_remote_wait(int tid, int timeout_ms, int *status);
 int wp_remote_getregs(int tid, struct wp_regs *regs);
 int wp_remote_setregs(int tid, const struct wp_regs *regs);
 
-/* Seizes tid of pid, stops it, saves its registers and signal mask and
- * blocks its signals. r->syscall_ip must be set by the caller afterwards
- * (Python finds a 0f 05 in the vdso through r->memfd). */
+/* Seizes tid of pid, stops it, saves its registers and signal mask.
+ * r->syscall_ip must be set by the caller afterwards (Python finds a 0f 05
+ * in the vdso through r->memfd). */
 int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms);
 /* Runs one syscall in the stopped thread; *result gets its raw return value.
  * Returns 0, or -errno when ptrace or the target failed (-ESRCH: it exited). */
@@ -71,8 +72,8 @@ int64_t wp_remote_batch(struct wp_remote *r, struct wp_call *calls, uint64_t n, 
 /* /proc/PID/mem access (works on read-only pages too, as ptrace does). */
 int64_t wp_remote_read(struct wp_remote *r, uint64_t addr, void *buf, uint64_t n);
 int64_t wp_remote_write(struct wp_remote *r, uint64_t addr, const void *buf, uint64_t n);
-/* Restores registers and signal mask exactly, detaches, re-sends signals
- * held back. Returns 0, or -errno (-ESRCH when the thread had exited). */
+/* Requeues signals held back, restores registers (and the signal mask)
+ * exactly, detaches. Returns 0, or -errno (-ESRCH when the thread exited). */
 int wp_remote_detach(struct wp_remote *r);
 
 #endif

@@ -19,19 +19,24 @@ one CPU): one injected syscall 15-17 us (two ptrace stops), ~31 us with the
 two on different CPUs; a batch round trip ~13 us plus 0.13 us per getppid
 in C, ~0.25 us per call from Python; attach + detach ~130 us.
 
+Signals that come while we hold the thread are kept and requeued, siginfo
+and all, at detach; the thread's mask is never changed except for that
+moment. Between operations the thread holds its original registers, so a
+daemon killed meanwhile leaves it running as if nothing happened.
+
 Not handled:
-  - the daemon dying while it holds a thread: the kernel detaches it with
-    our registers and a fully blocked signal mask; the target is likely to
-    crash or go deaf to signals. Hold threads for milliseconds only.
+  - the daemon dying *during* an operation (a syscall or batch running):
+    the thread is detached with our registers and will likely crash; and a
+    signal kept back at that point is lost.
   - a fork by another thread between userfaultfd() and its close() in the
     target copies the uffd into the child (the daemon then no longer holds
     the only copy).
   - injected syscalls that use the thread's restart_block (nanosleep,
     clock_nanosleep, poll/select/futex with timeouts) and get interrupted
     overwrite the one of the syscall the thread was in.
-  - signals other than SIGSTOP that reach us while we hold the thread
-    (only SIGTRAP is unblocked, plus forced ones) are re-sent with tgkill:
-    their siginfo becomes ours.
+  - a thread in uninterruptible sleep for longer than the timeout: attach
+    fails and the thread stays seized until this process exits (it traps
+    once it wakes). choose_thread() avoids D-state threads.
   - 32-bit (compat) targets are refused; execve by another thread while we
     hold one is untested.
 """
