@@ -576,3 +576,20 @@ def test_tracer_killed_while_holding(target_bin, spawn, last):
     assert int(proc_status(p.pid)["SigBlk"], 16) == 0
     out = quit_target(p)
     assert out.startswith("ok"), out
+
+
+def test_signal_during_injection_without_sa_restart_gives_eintr(target_bin, spawn):
+    """The target's own semantics, exactly: a handler without SA_RESTART
+    makes the read() it interrupts fail with EINTR, also when the signal
+    came while we held the thread."""
+    p = spawn([target_bin("rt_siginfo"), "norestart"])
+    wait_ready(p)
+    time.sleep(0.05)
+    with RemoteProcess(p.pid) as rp:
+        rp.syscall(SYS["getpid"])
+        _sigqueue(p.pid, signal.SIGUSR2, 7)
+        exercise(rp, p.pid, rounds=2)
+    assert_released(p.pid)
+    time.sleep(0.1)
+    out = quit_target(p, "").splitlines()
+    assert out == ["sig %d code -1 pid %d value 7" % (signal.SIGUSR2, os.getpid()), "eintr 1"]

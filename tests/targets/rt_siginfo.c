@@ -1,7 +1,8 @@
 /* A target blocked in read() on stdin whose SA_SIGINFO|SA_RESTART handler
  * for SIGUSR2 and SIGRTMIN records what each delivery carried. At EOF it
  * prints one line per delivery, "sig S code C pid P value V", then
- * "eintr E" (reads that failed with EINTR: there must be none). */
+ * "eintr E" (reads that failed with EINTR). With argv[1] "norestart" the
+ * handler has no SA_RESTART, so a signal must make the read fail with EINTR. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -25,7 +26,7 @@ static void on_signal(int sig, siginfo_t *si, void *uc)
 	}
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	struct sigaction sa;
 	char buf[256];
@@ -34,6 +35,8 @@ int main(void)
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_sigaction = on_signal;
 	sa.sa_flags = SA_SIGINFO | SA_RESTART;
+	if (argc > 1 && strcmp(argv[1], "norestart") == 0)
+		sa.sa_flags = SA_SIGINFO;
 	sigaction(SIGUSR2, &sa, NULL);
 	sigaction(SIGRTMIN, &sa, NULL);
 	setvbuf(stdout, NULL, _IOLBF, 0);
