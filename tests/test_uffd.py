@@ -113,10 +113,7 @@ def test_create():
 
 # UFFDIO_API writes back *every* feature the kernel offers ("report all
 # available features and ioctls to userland", fs/userfaultfd.c), not the ones
-# this uffd enabled; Userfaultfd.__init__ stores that as self.features, so
-# every uffd claims 0x1ffff here and is_async is True for sync ones too.
-@pytest.mark.xfail(strict=True, reason="core bug: Userfaultfd.features/is_async come from "
-                   "UFFDIO_API's output (all supported features), not the features enabled")
+# this uffd enabled: .features must be what was asked for (and supported).
 def test_features_are_the_enabled_ones(uffd):
     s = uffd(SYNC_FEATURES)
     a = uffd(ASYNC_FEATURES)

@@ -77,7 +77,10 @@ class Userfaultfd:
         want = features & supported_features()
         out = ffi.new("uint64_t[2]")
         check(lib.wp_uffd_api(fd, want, out, out + 1), "ioctl(UFFDIO_API, features=%#x)" % want)
-        self.features = out[0]
+        # UFFDIO_API answers with every feature the kernel offers, not the
+        # ones this uffd enabled: those are what we asked for.
+        self.features = want
+        self.offered = out[0]
         self.ioctls = out[1]
         self.is_async = bool(self.features & lib.UFFD_FEATURE_WP_ASYNC)
 
