@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the operation failed, 2 bad usage, 3 wpd not
 reachable, 4 the target or range was refused.
 """
 import argparse
+import importlib
 import json
 import sys
 
@@ -18,6 +19,10 @@ examples:
   wp run -- python3 -c 'x = bytearray(1 << 20)'
   wp stats 1234 --json
   wp detach 1234
+  wp trace 1234 -o faults.jsonl --duration 5   record each fault's anatomy (bcc)
+  wp report faults.jsonl --plot faults.png     histograms, heat map; --format perfetto
+  wp snapshot 1234 -o core.1234      a live point-in-time core that gdb opens
+  wp track 1234 --interval 1 --json  pages written per interval
   wp bench faults --json             write-fault cost per memory type and handler
 """
 
@@ -36,7 +41,32 @@ def _add_bench(sub):
                    help="CPUs of writer and handler (default: same, the fastest here)")
     f.add_argument("--quick", action="store_true", help="skip the comparison of placements")
     f.set_defaults(func=lambda a: __import__("wp.bench.faults", fromlist=["main"]).main(a))
+    _passthrough(bsub, "attach", "wp.bench.attach", "cost of attaching and of injected syscalls")
+    _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
+    _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
+    _add_subparser(bsub, "wp.bench.snapshot")
     return bsub
+
+
+def _passthrough(sub, name, module, help):
+    """A subcommand whose module parses its own arguments: main(argv)."""
+    p = sub.add_parser(name, help=help, add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+    def run(args):
+        argv = list(args.argv)
+        if name == "trace" and args.socket and args.command == "trace":
+            argv += ["--socket", args.socket]
+        return importlib.import_module(module).main(argv)
+    p.set_defaults(func=run)
+
+
+def _add_subparser(sub, module):
+    """A subcommand whose module registers itself: add_parser(subparsers)."""
+    try:
+        importlib.import_module(module).add_parser(sub)
+    except ImportError as err:  # a broken optional module must not break wp
+        print("wp: %s unavailable: %s" % (module, err), file=sys.stderr)
 
 
 class Refused(Exception):
@@ -272,6 +302,11 @@ def build_parser():
     p = sub.add_parser("info", help="what this kernel offers (uffd features, tracing)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    _add_subparser(sub, "wp.protectors.snapshot")
+    _add_subparser(sub, "wp.protectors.track")
+    _passthrough(sub, "trace", "wp.tracing.trace", "record the fault path with bcc (wp trace PID -o FILE)")
+    _passthrough(sub, "report", "wp.tracing.report", "summarize a trace: text, --plot PNG, perfetto, csv")
 
     parser._wp_bench = _add_bench(sub)
     parser._wp_sub = sub

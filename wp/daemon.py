@@ -201,6 +201,17 @@ class Daemon:
             if t is None:
                 raise TargetError("pid %d is not attached (see `wp status`)" % pid)
             return {"stats": t.session.stats()}
+        if op == "usdt":
+            # wp trace: fire the protector-callback USDT probes of this target.
+            pid = int(req["pid"])
+            with self.lock:
+                t = self.targets.get(pid)
+            if t is None:
+                raise TargetError("pid %d is not attached (see `wp status`)" % pid)
+            t.session.usdt = bool(req.get("on", True))
+            for loop in t.session.loops:
+                loop.usdt = t.session.usdt
+            return {"usdt": t.session.usdt}
         if op == "ping":
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)

@@ -189,6 +189,7 @@ class Session:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.started_ns = None
+        self.usdt = False   # fire the callback USDT probes (wp trace turns it on)
 
     # -- setup -------------------------------------------------------------
 
@@ -245,6 +246,7 @@ class Session:
         loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
                          name="wp-faults-%d" % pid)
+        loop.usdt = self.usdt
         loop.start()
         self.loops.append(loop)
         return loop
