@@ -3,6 +3,10 @@
  * Loaded by wp/tracing/probes.py with bcc, with
  *   -DTARGET_PID=<target tgid>  -DDAEMON_PID=<tgid of the process running the fault loop>
  *   -DWITH_KSM=1 (optional)      -DRINGBUF_PAGES=<n> (optional)
+ *   -DTASK_PID_OFFSET=<n>: task_struct.pid in the running kernel (from BTF):
+ *                          raw sched tracepoints, cheaper (optional)
+ *   -DNO_SYSCALLS: the lean profile, no syscall probes: the daemon's turn
+ *                  is one phase, "handled" (optional)
  *
  * Only tracepoints and USDT probes: kprobes and fentry are not available on
  * the machines wp runs on (DESIGN.md).
@@ -13,7 +17,8 @@
  *   writer  handle_userfault queues a message, wakes the handler and sleeps:
  *           sched:sched_switch prev=writer, prev_state != TASK_RUNNING   t_block
  *   daemon  read(uffd) returns the message: syscalls:sys_exit_read  t_read
- *   daemon  USDT wp:fault_read(addr, tid, flags)                      t_msg
+ *           (the program reads the messages from the daemon's buffer)
+ *   daemon  USDT wp:fault_read(addr, tid, flags) (optional)           t_msg
  *   daemon  USDT wp:callback_enter / wp:callback_exit (Python protector)
  *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE): sys_enter_ioctl t_ioctl
  *           the ioctl wakes the writer: sched:sched_waking pid=writer   t_waking
@@ -65,6 +70,7 @@ enum rec_type { REC_FAULT = 1, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE,
 #define OUT_RETRY     8   /* a retried fault (after a WAKE) */
 #define OUT_EXITED   16   /* flushed when the thread exited */
 #define OUT_DAEMON_WAKE 32 /* woken by the daemon inside a uffd ioctl */
+#define OUT_DAEMON_WAKER 64 /* woken by a thread of the daemon */
 
 /* counters[] */
 enum { C_LOST, C_FAULTS, C_EMITTED, C_UNMATCHED_READ, C_RESOLVED, C_OVERWRITTEN,
@@ -97,12 +103,10 @@ struct rec {
 	u32 pad;
 };
 
-struct read_state { u64 ts_enter; u64 ts_exit; u32 fd; u32 pad; };
-struct ioctl_state { u64 ts_enter; u64 cmd; u32 fd; u32 active; };
+struct ioctl_state { u64 ts_enter; u64 cmd; u32 fd; u32 pad; };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_TABLE("lru_hash", u32, struct rec, inflight, 16384);
-BPF_HASH(reads, u32, struct read_state, 1024);   /* daemon tid -> last read */
 BPF_HASH(ioctls, u32, struct ioctl_state, 1024); /* daemon tid -> ioctl in progress */
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 
@@ -113,6 +117,14 @@ static __always_inline void count(int idx)
 		(*v)++;
 }
 
+/* Waking the reader on every record costs the traced system a context
+ * switch per fault (on 2 CPUs, that doubled a fault's latency). The reader
+ * polls with a timeout instead, and is woken only every WAKEUP_EVERY records
+ * of a CPU, well before the ring buffer can fill. */
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 512
+#endif
+
 static __always_inline void emit(struct rec *r)
 {
 	struct rec *out = events.ringbuf_reserve(sizeof(struct rec));
@@ -121,14 +133,24 @@ static __always_inline void emit(struct rec *r)
 		return;
 	}
 	__builtin_memcpy(out, r, sizeof(*r));
-	events.ringbuf_submit(out, 0);
-	count(C_EMITTED);
+	int idx = C_EMITTED;
+	u64 *n = counters.lookup(&idx);
+	u64 emitted = 0;
+	if (n)
+		emitted = ++(*n);
+	events.ringbuf_submit(out, emitted % WAKEUP_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
 }
 
 /* ---- the writer: fault entry ------------------------------------------ */
 
-TRACEPOINT_PROBE(exceptions, page_fault_user)
+/* A raw tracepoint: its arguments come as they are (address, regs,
+ * error_code) with no perf record built first, which the fault path of
+ * every process pays for while the probe is attached. */
+RAW_TRACEPOINT_PROBE(page_fault_user)
 {
+	u64 address = ctx->args[0];
+	struct pt_regs *regs = (struct pt_regs *)ctx->args[1];
+	u64 error_code = ctx->args[2];
 	u64 id = bpf_get_current_pid_tgid();
 	if ((id >> 32) != TARGET_PID)
 		return 0;
@@ -149,9 +171,9 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 	struct rec r = {};
 	r.type = REC_FAULT;
 	r.ts_fault = bpf_ktime_get_ns();
-	r.addr = args->address;
-	r.ip = args->ip;
-	r.error_code = args->error_code;
+	r.addr = address;
+	bpf_probe_read_kernel(&r.ip, sizeof(r.ip), &regs->ip);
+	r.error_code = error_code;
 	r.pid = TARGET_PID;
 	r.tid = tid;
 	r.state = FAULTED;
@@ -161,11 +183,11 @@ TRACEPOINT_PROBE(exceptions, page_fault_user)
 
 /* ---- the scheduler: writer blocks, is woken, runs ---------------------- */
 
-TRACEPOINT_PROBE(sched, sched_switch)
+#ifndef NO_SCHED
+static __always_inline void on_switch(u32 prev, int blocked, u32 next)
 {
-	u32 prev = args->prev_pid, next = args->next_pid;
 	struct rec *r = inflight.lookup(&prev);
-	if (r && r->state == FAULTED && args->prev_state != 0) {
+	if (r && r->state == FAULTED && blocked) {
 		r->ts_block = bpf_ktime_get_ns();
 		r->state = BLOCKED;
 		r->outcome |= OUT_BLOCKED;
@@ -177,27 +199,28 @@ TRACEPOINT_PROBE(sched, sched_switch)
 		r->state = DONE;
 		emit(r);
 	}
-	return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_waking)
+static __always_inline void on_waking(u32 tid)
 {
-	u32 tid = args->pid;
 	struct rec *r = inflight.lookup(&tid);
 	if (!r || (r->state != BLOCKED && r->state != FAULTED))
-		return 0;
-	/* A waking while FAULTED of a fault the daemon never read is not ours:
-	 * the thread is still on its CPU handling an ordinary fault. */
-	if (r->state == FAULTED && !(r->outcome & OUT_UFFD))
-		return 0;
-	u64 now = bpf_ktime_get_ns();
+		return;
 	u64 id = bpf_get_current_pid_tgid();
+	/* A waking while FAULTED of a fault the daemon never read (nor woke)
+	 * is not ours: the thread is still on its CPU in an ordinary fault. */
+	if (r->state == FAULTED && !(r->outcome & OUT_UFFD) && (id >> 32) != DAEMON_PID)
+		return;
+	u64 now = bpf_ktime_get_ns();
 	u32 waker = (u32)id;
 	r->ts_waking = now;
 	r->waker_tid = waker;
 	if ((id >> 32) == DAEMON_PID) {
+		r->outcome |= OUT_DAEMON_WAKER;
+		/* The waker is inside its resolving ioctl: the last UFFDIO_*
+		 * ioctl it entered after it read this fault. */
 		struct ioctl_state *io = ioctls.lookup(&waker);
-		if (io && io->active) {
+		if (io && io->ts_enter >= (r->ts_read ? r->ts_read : r->ts_fault)) {
 			r->ts_ioctl = io->ts_enter;
 			r->ioctl_cmd = io->cmd;
 			r->outcome |= OUT_DAEMON_WAKE;
@@ -209,9 +232,71 @@ TRACEPOINT_PROBE(sched, sched_waking)
 		r->cpu = bpf_get_smp_processor_id();
 		r->state = DONE;
 		emit(r);
-		return 0;
+		return;
 	}
 	r->state = WOKEN;
+	return;
+}
+
+/* Raw tracepoints where the task_struct's pid offset is known (from the
+ * running kernel's BTF: the headers bcc compiles with are older than the
+ * kernel, so their struct layout cannot be trusted): they skip the perf
+ * record that a tracepoint builds before the program runs, and sched_switch
+ * and sched_waking run for every task on the machine. */
+#ifdef TASK_PID_OFFSET
+static __always_inline u32 pid_of_task(void *task)
+{
+	u32 pid = 0;
+	bpf_probe_read_kernel(&pid, sizeof(pid), task + TASK_PID_OFFSET);
+	return pid;
+}
+
+/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+ *          unsigned int prev_state); current is still prev here. */
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+	int blocked = !ctx->args[0] && (u32)ctx->args[3] != 0;
+	on_switch((u32)bpf_get_current_pid_tgid(), blocked, pid_of_task((void *)ctx->args[2]));
+	return 0;
+}
+
+/* TP_PROTO(struct task_struct *p) */
+RAW_TRACEPOINT_PROBE(sched_waking)
+{
+	on_waking(pid_of_task((void *)ctx->args[0]));
+	return 0;
+}
+#else
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+	on_switch(args->prev_pid, args->prev_state != 0, args->next_pid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_waking)
+{
+	on_waking(args->pid);
+	return 0;
+}
+#endif
+#endif
+
+/* A page fault is over once its thread makes a syscall: without this, a
+ * thread that faulted (ordinary fault, no end seen) and then slept in a
+ * syscall would look like a fault that blocked. A raw tracepoint: it runs on
+ * every syscall of every process, so it must cost next to nothing. */
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) != TARGET_PID)
+		return 0;
+	u32 tid = (u32)id;
+	struct rec *r = inflight.lookup(&tid);
+	if (r && r->state == FAULTED) {
+		r->outcome |= OUT_NO_END;
+		emit(r);
+		inflight.delete(&tid);
+	}
 	return 0;
 }
 
@@ -234,40 +319,38 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 /* ---- the daemon: read(uffd) and the resolving ioctl --------------------- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != DAEMON_PID)
-		return 0;
-	u32 tid = (u32)id;
-	struct read_state s = {};
-	s.ts_enter = bpf_ktime_get_ns();
-	s.fd = args->fd;
-	struct read_state *old = reads.lookup(&tid);
-	if (old) {
-		/* Keep the last successful read's exit time until this one returns. */
-		old->ts_enter = s.ts_enter;
-		old->fd = s.fd;
-	} else {
-		reads.update(&tid, &s);
-	}
-	return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_read)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != DAEMON_PID || args->ret <= 0)
-		return 0;
-	u32 tid = (u32)id;
-	struct read_state *s = reads.lookup(&tid);
-	if (s)
-		s->ts_exit = bpf_ktime_get_ns();
-	return 0;
-}
-
-/* _IOC_TYPE of every UFFDIO_* request is 0xAA. */
+#ifndef NO_SYSCALLS
+/* The daemon's read and ioctl calls. Three programs, the fewest that
+ * work: raw_syscalls (one program on every syscall's entry and exit) cost
+ * more per fault here, and the ioctl's exit is not needed (sched_waking
+ * takes the waker's last UFFDIO_* ioctl that began after the read). Any
+ * syscall tracepoint puts every task on the slow syscall path.
+ *
+ * A uffd fd is learnt from the UFFDIO_* ioctls the daemon makes on it
+ * (_IOC_TYPE 0xAA: API, REGISTER, WRITEPROTECT... all come before faults).
+ * A read of a uffd returns struct uffd_msg (32 bytes) records; the program
+ * reads them from the daemon's buffer to learn which writers' faults it got
+ * (event, flags, address, ptid), so no uprobe is needed for that. */
+#define NR_READ 0
+#define NR_IOCTL 16
 #define UFFDIO_TYPE 0xAA
+#define UFFD_EVENT_PAGEFAULT 0x12
+#define MAX_MSGS 64
+
+struct uffd_msg_raw {
+	u8 event;
+	u8 r1;
+	u16 r2;
+	u32 r3;
+	u64 flags;
+	u64 address;
+	u32 ptid;
+	u32 r4;
+};
+
+struct fd_key { u32 tgid; u32 fd; };
+BPF_HASH(uffd_fds, struct fd_key, u8, 256);
+BPF_HASH(pending_read, u32, u64, 1024);   /* daemon tid -> buffer of a uffd read */
 
 TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
@@ -275,29 +358,91 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if ((id >> 32) != DAEMON_PID || ((args->cmd >> 8) & 0xff) != UFFDIO_TYPE)
 		return 0;
 	u32 tid = (u32)id;
+	struct fd_key k = { .tgid = id >> 32, .fd = (u32)args->fd };
+	u8 one = 1;
+	uffd_fds.update(&k, &one);
 	struct ioctl_state s = {};
 	s.ts_enter = bpf_ktime_get_ns();
 	s.cmd = args->cmd;
-	s.fd = args->fd;
-	s.active = 1;
+	s.fd = k.fd;
 	ioctls.update(&tid, &s);
 	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+TRACEPOINT_PROBE(syscalls, sys_enter_read)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	if ((id >> 32) != DAEMON_PID)
 		return 0;
 	u32 tid = (u32)id;
-	struct ioctl_state *s = ioctls.lookup(&tid);
-	if (s)
-		s->active = 0;
+	struct fd_key k = { .tgid = id >> 32, .fd = (u32)args->fd };
+	if (!uffd_fds.lookup(&k))
+		return 0;
+	u64 buf = (u64)args->buf;
+	pending_read.update(&tid, &buf);
 	return 0;
 }
 
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) != DAEMON_PID)
+		return 0;
+	u32 tid = (u32)id;
+	u64 *bufp = pending_read.lookup(&tid);
+	if (!bufp)
+		return 0;
+	u64 buf = *bufp;
+	pending_read.delete(&tid);
+	long ret = args->ret;
+	if (ret <= 0)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	u32 n = ret / sizeof(struct uffd_msg_raw);
+	for (u32 i = 0; i < MAX_MSGS; i++) {
+		if (i >= n)
+			break;
+		struct uffd_msg_raw m = {};
+		if (bpf_probe_read_user(&m, sizeof(m), (void *)(buf + i * sizeof(m))))
+			break;
+		if (m.event != UFFD_EVENT_PAGEFAULT)
+			continue;
+		u32 wtid = m.ptid;
+		struct rec *r = inflight.lookup(&wtid);
+		if (r && r->state == DONE) {
+			/* Retried after a WAKE: a new round of the same exception. */
+			struct rec nr2 = {};
+			nr2.type = REC_FAULT;
+			nr2.ts_fault = r->ts_run;
+			nr2.addr = r->addr;
+			nr2.ip = r->ip;
+			nr2.error_code = r->error_code;
+			nr2.pid = TARGET_PID;
+			nr2.tid = wtid;
+			nr2.state = BLOCKED;
+			nr2.outcome = OUT_RETRY | OUT_BLOCKED;
+			nr2.ts_block = r->ts_run;
+			inflight.update(&wtid, &nr2);
+			r = inflight.lookup(&wtid);
+		}
+		if (!r || r->state == WOKEN || (r->outcome & OUT_UFFD)) {
+			count(C_UNMATCHED_READ);
+			continue;
+		}
+		r->outcome |= OUT_UFFD;
+		r->ts_read = now;
+		r->uffd_flags = m.flags;
+		r->handler_tid = tid;
+	}
+	return 0;
+}
+#endif
+
 /* ---- USDT probes in native/faultloop.c ----------------------------------- */
 
+/* Optional: the read already told us everything; this adds t_msg (the
+ * moment the loop looked at the message) and covers a daemon whose uffd
+ * was not seen in an ioctl yet. */
 int on_fault_read(struct pt_regs *ctx)
 {
 	u64 addr = 0, flags = 0;
@@ -305,35 +450,19 @@ int on_fault_read(struct pt_regs *ctx)
 	bpf_usdt_readarg(1, ctx, &addr);
 	bpf_usdt_readarg(2, ctx, &tid);
 	bpf_usdt_readarg(3, ctx, &flags);
-	u64 now = bpf_ktime_get_ns();
-	u32 handler = (u32)bpf_get_current_pid_tgid();
 	struct rec *r = inflight.lookup(&tid);
-	if (r && r->state == DONE) {
-		/* Retried after a WAKE: a new round of the same exception. */
-		struct rec n = {};
-		n.type = REC_FAULT;
-		n.ts_fault = r->ts_run;
-		n.addr = r->addr;
-		n.ip = r->ip;
-		n.error_code = r->error_code;
-		n.pid = TARGET_PID;
-		n.tid = tid;
-		n.state = BLOCKED;
-		n.outcome = OUT_RETRY | OUT_BLOCKED;
-		n.ts_block = r->ts_run;
-		inflight.update(&tid, &n);
-		r = inflight.lookup(&tid);
-	}
-	if (!r || r->state == WOKEN) {
+	if (!r || r->state == WOKEN || r->state == DONE) {
 		count(C_UNMATCHED_READ);
 		return 0;
 	}
-	r->outcome |= OUT_UFFD;
+	u64 now = bpf_ktime_get_ns();
+	if (!(r->outcome & OUT_UFFD)) {
+		r->outcome |= OUT_UFFD;
+		r->ts_read = now;
+		r->uffd_flags = flags;
+		r->handler_tid = (u32)bpf_get_current_pid_tgid();
+	}
 	r->ts_msg = now;
-	r->uffd_flags = flags;
-	r->handler_tid = handler;
-	struct read_state *s = reads.lookup(&handler);
-	r->ts_read = (s && s->ts_exit >= r->ts_fault) ? s->ts_exit : now;
 	return 0;
 }
 

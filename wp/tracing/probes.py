@@ -19,25 +19,32 @@ import platform
 from wp.errors import WPError
 
 __all__ = ["TracingUnavailable", "FaultProbes", "RawEvent", "check_prerequisites",
-           "program_path", "wpffi_path", "DEFAULT_TRACEFS", "COUNTER_NAMES",
+           "program_path", "wpffi_path", "btf_member_offset", "DEFAULT_TRACEFS", "COUNTER_NAMES", "USDT_LEVELS",
            "REC_FAULT", "REC_KSM_MERGE", "REC_KSM_MERGE_KSM", "REC_KSM_REMOVE", "REC_KSM_REMOVE_RMAP",
-           "OUT_UFFD", "OUT_BLOCKED", "OUT_NO_END", "OUT_RETRY", "OUT_EXITED", "OUT_DAEMON_WAKE"]
+           "OUT_UFFD", "OUT_BLOCKED", "OUT_NO_END", "OUT_RETRY", "OUT_EXITED", "OUT_DAEMON_WAKE",
+           "OUT_DAEMON_WAKER"]
 
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 
 # Mirrors of the constants in bpf/faults.c.
 REC_FAULT, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE, REC_KSM_REMOVE_RMAP = 1, 2, 3, 4, 5
-OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE = 1, 2, 4, 8, 16, 32
+OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE, OUT_DAEMON_WAKER = \
+    1, 2, 4, 8, 16, 32, 64
 COUNTER_NAMES = ("lost", "faults", "emitted", "unmatched_reads", "resolved", "overwritten", "ksm",
                  "unmatched_callbacks")
 
 _TRACEPOINTS = ("exceptions/page_fault_user", "sched/sched_switch", "sched/sched_waking",
-                "sched/sched_process_exit", "syscalls/sys_enter_read", "syscalls/sys_exit_read",
-                "syscalls/sys_enter_ioctl", "syscalls/sys_exit_ioctl")
+                "sched/sched_process_exit", "raw_syscalls/sys_enter", "syscalls/sys_enter_read",
+                "syscalls/sys_exit_read", "syscalls/sys_enter_ioctl")
 _KSM_TRACEPOINTS = ("ksm/ksm_merge_one_page", "ksm/ksm_merge_with_ksm_page",
                     "ksm/ksm_remove_ksm_page", "ksm/ksm_remove_rmap_item")
-_USDT = (("fault_read", "on_fault_read"), ("fault_resolved", "on_fault_resolved"),
-         ("callback_enter", "on_callback_enter"), ("callback_exit", "on_callback_exit"))
+_USDT = {"fault_read": "on_fault_read", "fault_resolved": "on_fault_resolved",
+         "callback_enter": "on_callback_enter", "callback_exit": "on_callback_exit"}
+# Which USDT probes each --usdt level attaches. Every probe hit is a uprobe
+# trap (~1.1 us here), so the default is only what nothing else can see: the
+# Python callback. The read and the resolve are seen in the syscalls.
+USDT_LEVELS = {"none": (), "callbacks": ("callback_enter", "callback_exit"),
+               "all": ("fault_read", "callback_enter", "callback_exit", "fault_resolved")}
 
 
 class TracingUnavailable(WPError):
@@ -75,6 +82,46 @@ def wpffi_path():
     """Returns the path of the cffi extension that holds the USDT probes."""
     from wp import _wpffi
     return os.path.realpath(_wpffi.__file__)
+
+
+# BTF kinds whose records carry data after the 12-byte struct btf_type, and
+# its size as a function of vlen (include/uapi/linux/btf.h).
+_BTF_EXTRA = {1: lambda v: 4, 3: lambda v: 12, 4: lambda v: 12 * v, 5: lambda v: 12 * v,
+              6: lambda v: 8 * v, 13: lambda v: 8 * v, 14: lambda v: 4, 15: lambda v: 12 * v,
+              17: lambda v: 4, 19: lambda v: 12 * v}
+
+
+def btf_member_offset(struct_name, member, path="/sys/kernel/btf/vmlinux"):
+    """Returns the byte offset of struct_name.member in the running kernel,
+    read from its BTF, or None (no BTF, no such struct or member).
+
+    bcc compiles against Debian's older headers (DESIGN.md), whose struct
+    layouts differ from the running kernel's; BTF is the kernel's own.
+    """
+    import struct as _st
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = _st.unpack_from("<HBBIIIII", data)
+    if magic != 0xeb9f:
+        return None
+    types = data[hdr_len + type_off:hdr_len + type_off + type_len]
+    strs = data[hdr_len + str_off:hdr_len + str_off + str_len]
+    want, mwant = struct_name.encode() + b"\0", member.encode() + b"\0"
+    pos = 0
+    while pos + 12 <= len(types):
+        name_off, info, _size = _st.unpack_from("<III", types, pos)
+        kind, vlen, kflag = (info >> 24) & 0x1f, info & 0xffff, info >> 31
+        pos += 12
+        if kind == 4 and strs.startswith(want, name_off):
+            for i in range(vlen):
+                m_name, _m_type, m_off = _st.unpack_from("<III", types, pos + 12 * i)
+                if strs.startswith(mwant, m_name):
+                    return (m_off & 0xffffff if kflag else m_off) // 8
+        pos += _BTF_EXTRA.get(kind, lambda v: 0)(vlen)
+    return None
 
 
 def _import_bcc():
@@ -128,17 +175,32 @@ class FaultProbes:
             the session runs in this process). None: no daemon-side probes
             (read, ioctl, USDT) - only faults, blocking and wakeups.
         ksm: also trace KSM merges and unmerges (system wide).
-        usdt: attach the USDT probes of the daemon's wp/_wpffi*.so.
+        usdt: which USDT probes of the daemon's wp/_wpffi*.so to attach:
+            "none", "callbacks" (default; True means this) or "all" (adds
+            fault_read and fault_resolved: t_msg and the C handler's "how").
         ringbuf_pages: ring buffer size in pages (a power of two).
+        syscalls: probe the daemon's read and ioctl calls. False is the lean
+            profile: the daemon's whole turn is one phase, "handled", and the
+            decision is unknown; it costs the traced faults about half as much.
+        raw_sched: use raw sched_switch/sched_waking tracepoints (cheaper)
+            when the kernel's BTF gives task_struct.pid; else the formatted ones.
         tracefs, modules_dir: see check_prerequisites.
     """
 
-    def __init__(self, target_pid, daemon_pid=None, ksm=False, usdt=True, ringbuf_pages=256,
-                 tracefs=DEFAULT_TRACEFS, modules_dir=None):
+    def __init__(self, target_pid, daemon_pid=None, ksm=False, usdt="callbacks", ringbuf_pages=256,
+                 tracefs=DEFAULT_TRACEFS, modules_dir=None, raw_sched=True, syscalls=True):
         self.target_pid = target_pid
+        self.syscalls = syscalls
+        self.raw_sched = raw_sched
         self.daemon_pid = daemon_pid
         self.ksm = ksm
-        self.usdt = usdt and daemon_pid is not None
+        if usdt is True:
+            usdt = "callbacks"
+        elif not usdt:
+            usdt = "none"
+        if usdt not in USDT_LEVELS:
+            raise ValueError("usdt must be one of %s, not %r" % (", ".join(USDT_LEVELS), usdt))
+        self.usdt = usdt if daemon_pid is not None else "none"
         self.ringbuf_pages = ringbuf_pages
         self.tracefs = tracefs
         self.modules_dir = modules_dir
@@ -151,6 +213,14 @@ class FaultProbes:
                  "-DRINGBUF_PAGES=%d" % self.ringbuf_pages]
         if self.ksm:
             flags.append("-DWITH_KSM=1")
+        if not self.syscalls:
+            flags.append("-DNO_SYSCALLS")
+        if self.raw_sched:
+            off = btf_member_offset("task_struct", "pid")
+            if off is not None:
+                flags.append("-DTASK_PID_OFFSET=%d" % off)
+        # A knob for measuring the probes' cost piece by piece (wp bench trace).
+        flags.extend(os.environ.get("WP_TRACE_CFLAGS", "").split())
         return flags
 
     def text(self):
@@ -167,12 +237,12 @@ class FaultProbes:
         """
         bcc = check_prerequisites(self.tracefs, self.modules_dir, self.ksm)
         contexts = []
-        if self.usdt:
+        if USDT_LEVELS[self.usdt]:
             path = wpffi_path()
             try:
                 u = bcc.USDT(pid=self.daemon_pid, path=path)
-                for probe, fn in _USDT:
-                    u.enable_probe(probe=probe, fn_name=fn)
+                for probe in USDT_LEVELS[self.usdt]:
+                    u.enable_probe(probe=probe, fn_name=_USDT[probe])
             except Exception as err:
                 raise TracingUnavailable(
                     "cannot attach the USDT probes of %s in pid %d (%s): the daemon must have "

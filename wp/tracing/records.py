@@ -22,6 +22,7 @@ path, in this order, each named after where it ends:
     callback     -> the protector returned (Python time)
     to_resolve   -> the resolving ioctl (UFFDIO_WRITEPROTECT / UFFDIO_WAKE) entered
     wake         -> the writer was woken (inside that ioctl)
+    handled      (lean profile, no syscall probes: off CPU -> woken by the daemon)
     blocked      (ordinary faults: off CPU -> woken by whoever woke it)
     to_run       -> the writer on a CPU again (run queue wait)
 
@@ -45,7 +46,8 @@ from wp.tracing import probes as _p
 __all__ = ["to_record", "TraceWriter", "read_trace", "PHASES", "FAULT_KINDS", "UFFD_KINDS",
            "decision_of"]
 
-PHASES = ("to_block", "to_read", "to_callback", "callback", "to_resolve", "wake", "blocked", "to_run")
+PHASES = ("to_block", "to_read", "to_callback", "callback", "to_resolve", "wake", "handled", "blocked",
+          "to_run")
 UFFD_KINDS = ("wp", "minor", "missing")
 FAULT_KINDS = UFFD_KINDS + ("async", "page")
 
@@ -78,6 +80,8 @@ def _kind(raw, async_regions):
         if raw.uffd_flags & _FLAG_MINOR:
             return "minor"
         return "missing"
+    if raw.outcome & _p.OUT_DAEMON_WAKER and raw.error_code & _PF_WRITE and raw.ts_run:
+        return "wp"       # lean profile: no message seen, but the daemon woke it
     if raw.error_code & _PF_WRITE and async_regions:
         for start, end in async_regions:
             if start <= raw.addr < end:
@@ -93,7 +97,7 @@ def _phases(raw, kind):
     points = [("to_block", raw.ts_block), ("to_read", raw.ts_read),
               ("to_callback", raw.ts_cb_enter), ("callback", raw.ts_cb_exit),
               ("to_resolve", raw.ts_ioctl),
-              ("wake" if uffd or raw.ts_ioctl else "blocked", raw.ts_waking),
+              (_waking_phase(raw, uffd), raw.ts_waking),
               ("to_run", raw.ts_run)]
     phases = {}
     prev = raw.ts_fault
@@ -104,6 +108,12 @@ def _phases(raw, kind):
         phases[name] = phases.get(name, 0) + t - prev
         prev = t
     return raw.ts_run - raw.ts_fault, phases
+
+
+def _waking_phase(raw, uffd):
+    if raw.ts_ioctl or raw.ts_read or raw.ts_cb_exit:
+        return "wake"
+    return "handled" if uffd else "blocked"
 
 
 def to_record(raw, async_regions=()):
@@ -127,6 +137,8 @@ def to_record(raw, async_regions=()):
            "blocked": bool(raw.outcome & _p.OUT_BLOCKED), "cpu": raw.cpu if raw.ts_run else None}
     if raw.outcome & _p.OUT_RETRY:
         rec["retry"] = True
+    if kind in UFFD_KINDS and not raw.outcome & _p.OUT_UFFD:
+        rec["inferred"] = True     # from the waker, not from a message
     if kind in UFFD_KINDS:
         rec["handler_tid"] = raw.handler_tid
         rec["uffd_flags"] = raw.uffd_flags

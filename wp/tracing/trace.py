@@ -7,7 +7,7 @@ Entry point for the CLI: ``main(argv)`` (argv without the program name)::
     wp trace PID [interval [count]]
                                  live: log2 latency histograms per interval
     common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm,
-            --no-usdt, --ebpf (print the BPF program and exit), --json (live:
+            --usdt {callbacks,all,none} / --no-usdt, --lean, --ebpf (print the BPF program and exit), --json (live:
             one JSON summary per interval)
 
 In-process use (tests, benchmarks: the session runs in this process)::
@@ -47,7 +47,7 @@ class Tracer:
     """
 
     def __init__(self, target_pid, daemon_pid=None, path=None, regions=None, async_regions=(),
-                 ksm=False, usdt=True, keep=1000000, background=False, poll_ms=100, meta=None,
+                 ksm=False, usdt="callbacks", keep=1000000, background=False, poll_ms=100, meta=None,
                  **probe_kw):
         self.probes = _probes.FaultProbes(target_pid, daemon_pid, ksm=ksm, usdt=usdt, **probe_kw)
         self.path = path
@@ -179,7 +179,13 @@ def build_parser(prog="wp trace"):
                    "(default: ask wpd)")
     p.add_argument("--socket", help="wpd's socket")
     p.add_argument("--ksm", action="store_true", help="also trace KSM merges and unmerges")
-    p.add_argument("--no-usdt", action="store_true", help="do not attach the daemon's USDT probes")
+    p.add_argument("--usdt", choices=list(_probes.USDT_LEVELS), default="callbacks",
+                   help="USDT probes of the daemon to attach: callbacks (default: the Python "
+                   "protector's time), all (also message read and resolve), none")
+    p.add_argument("--no-usdt", dest="usdt", action="store_const", const="none",
+                   help="same as --usdt none (cheapest; the callback is part of to_resolve)")
+    p.add_argument("--lean", action="store_true",
+                   help="no syscall or USDT probes: cheapest; the daemon's turn is one phase (handled)")
     p.add_argument("--json", action="store_true", help="live mode: one JSON summary per interval")
     p.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
     return p
@@ -218,15 +224,17 @@ def main(argv=None):
     if daemon_pid is None:
         try:
             daemon_pid, async_regions, usdt_on = _ask_wpd(args)
-            if not usdt_on and not args.no_usdt:
+            if not usdt_on and args.usdt != "none":
                 print("wp trace: wpd does not fire the callback probes: the callback is part of "
                       "to_resolve", file=sys.stderr)
         except OSError as err:
             print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
                   file=sys.stderr)
             return 1
+    if args.lean:
+        args.usdt = "none"
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=args.region,
-                    async_regions=async_regions, ksm=args.ksm, usdt=not args.no_usdt,
+                    async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, syscalls=not args.lean,
                     keep=0 if args.output else 1000000)
     try:
         tracer.start()
