@@ -25,6 +25,8 @@ for rnd in range(60):
         pages[i][(rnd * 31 + i) % 4096] = (rnd + i) % 251
     h.update(bytes(pages[rnd * 131 % len(pages)]))
     time.sleep(0.03)
+print("target: done", flush=True)
+sys.stdin.readline()
 print("target: checksum", h.hexdigest(), flush=True)
 """
 
@@ -48,7 +50,7 @@ def main():
             if os.path.exists(sock):
                 break
             time.sleep(0.02)
-        ref = subprocess.run(["python3", "-c", TARGET], input="\n", capture_output=True, text=True)
+        ref = subprocess.run(["python3", "-c", TARGET], input="\n\n", capture_output=True, text=True)
         expected = ref.stdout.split()[-1]
         target = subprocess.Popen(["python3", "-c", TARGET], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   text=True)
@@ -71,8 +73,9 @@ def main():
               % (st["faults"], json.dumps(st["handler_us"])))
         if tracer:
             tracer.wait(30)
+        target.stdout.readline()  # "target: done": it is idle now, still attached
         sh([wp, "--socket", sock, "detach", str(target.pid)], check=True)
-        out = target.communicate(timeout=60)[0]
+        out = target.communicate("\n", timeout=60)[0]
         got = out.split()[-1]
         print("demo: target's checksum %s, unattached run %s: %s"
               % (got[:16], expected[:16], "same" if got == expected else "DIFFERENT"))
