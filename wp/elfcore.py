@@ -130,8 +130,9 @@ def _timeval(ticks):
     return usec // 1000000, usec % 1000000
 
 
-def prstatus(pid, tid, regs):
-    """Returns the NT_PRSTATUS note of thread tid (regs: 27 ints or None)."""
+def prstatus(pid, tid, regs, fpvalid=True):
+    """Returns the NT_PRSTATUS note of thread tid (regs: 27 ints or None;
+    fpvalid: an NT_FPREGSET follows)."""
     try:
         _, st = _stat_fields("/proc/%d/task/%d/stat" % (pid, tid))
         status = _status("/proc/%d/task/%d/status" % (pid, tid))
@@ -144,7 +145,8 @@ def prstatus(pid, tid, regs):
     for t in (utime, stime, cutime, cstime):
         times.extend(_timeval(t))
     regs = list(regs) if regs is not None else [0] * NREGS
-    desc = _PRSTATUS.pack(0, 0, 0, 0, sigpend, sighold, tid, ppid, pgrp, sid, *times, *regs, 1)
+    desc = _PRSTATUS.pack(0, 0, 0, 0, sigpend, sighold, tid, ppid, pgrp, sid, *times, *regs,
+                          1 if fpvalid else 0)
     return note("CORE", NT_PRSTATUS, desc)
 
 
@@ -157,7 +159,7 @@ def prpsinfo(pid):
     state = st[0]
     sname_order = "RSDTZW"
     desc = _PRPSINFO.pack(sname_order.index(state) if state in sname_order else 0, state.encode()[:1],
-                          1 if state == "Z" else 0, int(st[16]) & 0xFF if int(st[16]) >= 0 else 0,
+                          1 if state == "Z" else 0, max(-128, min(127, int(st[16]))),
                           int(st[6]) & (2**64 - 1),
                           int(status["Uid"].split()[0]), int(status["Gid"].split()[0]),
                           pid, int(st[1]), int(st[2]), int(st[3]),
@@ -179,7 +181,7 @@ def thread_notes(pid, threads):
     NT_X86_XSTATE), main thread first."""
     out = []
     for t in sorted(threads, key=lambda t: (t.tid != pid, t.tid)):
-        out.append(prstatus(pid, t.tid, t.regs))
+        out.append(prstatus(pid, t.tid, t.regs, t.fpregs is not None))
         if t.fpregs is not None:
             out.append(note("CORE", NT_FPREGSET, bytes(t.fpregs)))
         if t.xstate:
