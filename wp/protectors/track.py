@@ -126,7 +126,12 @@ class TrackProtector(WriteProtector):
         return rec
 
     def stats(self):
-        return {"samples": self.samples, "pages_written_total": self.total_pages}
+        """Counters; pages_written_current is the interval not sampled yet
+        (under wpd, whose scanner feeds on_written, that is everything)."""
+        with self._lock:
+            current = sum(len(p) for p in self._sync_pages.values()) + sum(self._async_pages.values())
+        return {"samples": self.samples, "pages_written_total": self.total_pages,
+                "pages_written_current": current}
 
 
 def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, refresh=True):
