@@ -250,6 +250,47 @@ def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
     assert st["inconsistent_pages"] == 10
 
 
+def test_pages_discarded_before_copy_are_reported(target_bin, spawn, tmp_path):
+    """MADV_DONTNEED before the copier gets there: the REMOVE event lets the
+    target go as soon as it is read, so the page is lost (zeros) and said so."""
+    class Held(SnapshotProtector):
+        go = threading.Event()
+
+        def _copy_sync(self, p):
+            self.go.wait(10)
+            super()._copy_sync(p)
+
+    p = spawn([target_bin("memtarget"), "anon", "16"])
+    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
+    addr, length = int(addr, 16), int(length, 16)
+
+    def cmd(line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return p.stdout.readline().split()
+    for i in range(16):
+        assert cmd("w %d 7" % i)[0] == "done"
+    out = tmp_path / "raw"
+    prot = Held(str(out), raw=True)
+    s = Session(ProcessSpace.cooperative(int(pid), [int(u1), int(u2)]), prot,
+                regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
+    s.start()
+    try:
+        prot.protected()
+        assert cmd("d 3") == ["ok"]
+        deadline = time.monotonic() + 5
+        while not prot.discarded_pages and time.monotonic() < deadline:
+            time.sleep(0.005)
+        prot.go.set()
+        st = prot.wait(20)
+    finally:
+        s.close()
+    assert st["discarded_pages"] == 1 and "discarded" in st["warnings"][0]
+    data = out.read_bytes()
+    assert data[3 * 4096:4 * 4096] == bytes(4096)
+    assert data[:3 * 4096] == b"\x07" * (3 * 4096) and data[4 * 4096:] == b"\x07" * (12 * 4096)
+
+
 def test_raw_needs_one_range(sweep, tmp_path):
     t = sweep("anon", 16)
     with pytest.raises(BadRange, match="one range"):
