@@ -105,6 +105,7 @@ def test_create():
     with Userfaultfd.create() as u:
         assert os.readlink("/proc/self/fd/%d" % u.fd) == "anon_inode:[userfaultfd]"
         assert u.ioctls   # UFFDIO_API reports the ioctls the uffd takes
+        assert u.offered == supported_features()
     # A bit the kernel does not know is dropped before UFFDIO_API (which
     # would refuse it with EINVAL).
     with Userfaultfd.create(SYNC_FEATURES | (1 << 60)) as u:
@@ -280,6 +281,7 @@ def test_without_wp_unpopulated_unpopulated_pages_are_skipped(anon, uffd):
     m, addr = anon(2)
     m[0] = 1
     u = uffd(SYNC_FEATURES & ~WP_UNPOPULATED)
+    assert not u.features & WP_UNPOPULATED
     u.register(addr, 2 * PS, MODE_WP)
     u.protect(addr, 2 * PS)
     assert wp(addr, 2) == [True, False]
