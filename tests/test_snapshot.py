@@ -346,3 +346,14 @@ def test_cli_entry_point(sweep, tmp_path, capsys):
     # --raw without a single range is a usage error, before touching the target.
     args = parser.parse_args(["snapshot", str(t.pid), "--raw", "-o", str(out)])
     assert args.func(args) == 2
+
+
+@pytest.mark.skipif(not shutil.which("gcore"), reason="gdb's gcore is not installed")
+def test_bench_snapshot_small(tmp_path):
+    from wp.bench.snapshot import run
+    res = run(size=32 << 20, out_dir=str(tmp_path), baseline_s=0.2)
+    w, g = res["wp_snapshot"], res["gcore"]
+    assert res["baseline"]["bytes_per_s"] > 0
+    assert w["copied_bytes"] >= 32 << 20 and w["stop_ms"] > 0 and w["bytes_per_s"] > 0
+    assert g["exit"] == 0 and g["file_bytes"] >= 32 << 20
+    assert not list(tmp_path.iterdir())    # cores removed
