@@ -18,8 +18,9 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.pagemap import UFFD_WP
 from wp.errors import BadRange, NotRoot, UnsupportedMemory
+from wp.maps import read_maps
+from wp.pagemap import UFFD_WP
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -344,6 +345,7 @@ def test_sync_on_a_disk_file_is_unsupported(memtarget, sessions):
 NONROOT = r"""
 import sys
 sys.path.insert(0, %r)
+from wp.maps import read_maps
 from wp.errors import NotRoot
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
@@ -439,3 +441,154 @@ def test_local_space_writer_in_c(sessions):
     assert not any(e & UFFD_WP for e in page_bits(os.getpid(), addr, 4, ps))
     m[0] = 1     # no longer protected: safe from Python
     m.close()
+
+
+# -- fault loop variants, teardown, background scans ------------------------
+
+
+@pytest.mark.parametrize("kind", SYNC_KINDS)
+def test_c_handler(memtarget, sessions, kind):
+    """handler="c": faults resolved in C without calling the protector; the
+    records still name each page and writer."""
+    t = memtarget(kind, 4)
+    prot = TraceProtector()
+    s = sessions(t, prot, handler="c")
+    tid0 = t.write(0, 1)
+    tid2 = t.write(2, 2)
+    t.write(2, 3)
+    assert prot.count == 0
+    assert t.wp_bits() == [False, True, False, True]
+    # records() before stats(): stats() drains the rings (handler_us).
+    recs = []
+    deadline = time.monotonic() + 2
+    while len(recs) < 2 and time.monotonic() < deadline:
+        recs += s.records()
+    st = s.stats()
+    assert (st["faults"], st["resolved"], st["resolve_errors"]) == (2, 2, 0)
+    assert [(page_of(a, t.page_size), tid) for a, tid, *_ in recs] == [(t.page(0), tid0), (t.page(2), tid2)]
+    assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT and not how & lib.WP_HOW_ERROR
+               for *_, how in recs)
+    assert all(t_res >= t_read > 0 for _a, _tid, t_read, t_res, _how in recs)
+    assert t.read(2) == (3, 3 * t.page_size)
+
+
+def page_of(addr, psize):
+    return addr & ~(psize - 1)
+
+
+def test_spin_pinned_loop(memtarget, sessions):
+    t = memtarget("anon", 4)
+    prot = TraceProtector()
+    s = sessions(t, prot, spin=True, cpu=1)
+    tid = t.write(3, 1)
+    assert first_writes(prot) == [(t.page(3), tid, t.pid)]
+    (loop,) = s.loops
+    assert os.sched_getaffinity(loop._thread.native_id) == {1}
+    s.close()
+    assert not loop.alive
+
+
+class Holding(TraceProtector):
+    """Holds each fault until released (or 10 s)."""
+    name = "holding"
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_write(self, fault):
+        super().on_write(fault)
+        self.entered.set()
+        self.release.wait(10)
+
+
+def test_close_wakes_a_writer_the_protector_holds(memtarget, sessions):
+    t = memtarget("anon", 4)
+    prot = Holding()
+    s = sessions(t, prot)
+    t.proc.stdin.write("w 1 9\n")
+    t.proc.stdin.flush()
+    assert prot.entered.wait(10)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    try:
+        # The writer gets going while the protector still holds its fault.
+        assert t._line().split()[0] == "done"
+        assert not prot.release.is_set()
+    finally:
+        prot.release.set()
+        closer.join(10)
+    assert not closer.is_alive()
+    assert t.wp_bits() == [False] * 4
+    assert t.read(1) == (9, 9 * t.page_size)
+    assert not any(loop.alive for loop in s.loops)
+
+
+def test_close_after_the_target_died(memtarget, sessions):
+    t = memtarget("memfd", 4)
+    prot = TraceProtector()
+    s = sessions(t, prot)
+    t.write(0, 1)
+    t.proc.kill()
+    t.proc.wait(10)
+    s.close()            # must not raise
+    assert not any(loop.alive for loop in s.loops)
+    s.close()            # twice is fine
+
+
+def test_background_scans(memtarget, sessions):
+    t = memtarget("file", 4)
+    prot = TraceProtector()
+    s = sessions(t, prot, scan_interval=0.02)
+    t.write(1, 1)
+    t.write(3, 1)
+    deadline = time.monotonic() + 5
+    while prot.async_pages < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(p for p, *_ in prot.writes) == [t.page(1), t.page(3)]
+    assert t.wp_bits() == [True] * 4     # the scanner re-armed them
+    time.sleep(0.1)
+    assert prot.async_pages == 2
+    s.close()
+    assert not s._scanner.is_alive()
+
+
+# -- named regions, and more bad input -----------------------------------------
+
+
+@pytest.mark.parametrize("kind,spec,mode", [
+    ("memfd", "shmem", "sync"), ("shared-anon", "shmem", "sync"), ("shm", "shmem", "sync"),
+    ("hugetlb", "hugetlb", "sync"), ("file", "file:", "async"), ("shm", "file:", "sync"),
+])
+def test_named_regions(memtarget, sessions, kind, spec, mode):
+    t = memtarget(kind, 2)
+    if spec == "file:":
+        spec += t.path
+    prot = TraceProtector()
+    s = sessions(t, prot, regions=[spec])
+    assert [(r.start, r.end, r.mode) for r in s.regions] == [(t.addr, t.addr + t.length, mode)]
+    assert t.wp_bits() == [True, True]
+    tid = t.write(1, 4)
+    if mode == "sync":
+        assert first_writes(prot) == [(t.page(1), tid, t.pid)]
+    else:
+        assert only_runs(s.scan_written()) == [(t.page(1), t.page(2))]
+
+
+def test_special_memory_is_unsupported(memtarget):
+    t = memtarget("anon", 2)
+    (vdso,) = [m for m in read_maps(t.pid) if m.path == "[vdso]"]
+    assert_rejected(t, [(vdso.start, vdso.end)], UnsupportedMemory, match="special")
+
+
+@pytest.mark.parametrize("regions,match", [
+    (lambda t: [(t.addr, t.addr + 2 * t.page_size), (t.addr + t.page_size, t.addr + 3 * t.page_size)],
+     "overlap"),
+    (lambda t: ["file:/nonexistent/wp-core"], "not mapped"),
+    (lambda t: ["heap"], "unknown region"),
+    (lambda t: ["%x-zz" % t.addr], "bad region"),
+])
+def test_bad_specs(memtarget, regions, match):
+    t = memtarget("anon", 4)
+    assert_rejected(t, regions(t), BadRange, match=match)
