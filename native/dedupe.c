@@ -1,0 +1,135 @@
+/* Page hashing for the dedupe protector (wp/protectors/dedupe.py).
+ *
+ * The scanner reads target memory in batches of thousands of pages with
+ * process_vm_readv and hashes each page here, with the GIL released (cffi
+ * releases it around every call). The hash only picks candidates: a merge
+ * always compares the bytes of the frozen page with the store page first. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include "wp.h"
+#include "dedupe.h"
+
+static const uint64_t P1 = 11400714785074694791ULL;
+static const uint64_t P2 = 14029467366897019727ULL;
+static const uint64_t P3 = 1609587929392839161ULL;
+static const uint64_t P4 = 9650029242287828579ULL;
+
+static inline uint64_t rotl(uint64_t x, int r)
+{
+	return (x << r) | (x >> (64 - r));
+}
+
+static inline uint64_t round64(uint64_t acc, uint64_t in)
+{
+	acc += in * P2;
+	acc = rotl(acc, 31);
+	return acc * P1;
+}
+
+static inline uint64_t merge64(uint64_t acc, uint64_t v)
+{
+	acc ^= round64(0, v);
+	return acc * P1 + P4;
+}
+
+uint64_t wp_dd_hash(const void *p, uint64_t len)
+{
+	const uint64_t *w = p;
+	uint64_t v1 = P1 + P2, v2 = P2, v3 = 0, v4 = -P1;
+	for (uint64_t i = 0; i + 4 <= len / 8; i += 4) {
+		uint64_t a, b, c, d;
+		memcpy(&a, w + i, 8);
+		memcpy(&b, w + i + 1, 8);
+		memcpy(&c, w + i + 2, 8);
+		memcpy(&d, w + i + 3, 8);
+		v1 = round64(v1, a);
+		v2 = round64(v2, b);
+		v3 = round64(v3, c);
+		v4 = round64(v4, d);
+	}
+	uint64_t h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
+	h = merge64(h, v1);
+	h = merge64(h, v2);
+	h = merge64(h, v3);
+	h = merge64(h, v4);
+	h += len;
+	h ^= h >> 33;
+	h *= P2;
+	h ^= h >> 29;
+	h *= P3;
+	h ^= h >> 32;
+	return h | 1;   /* never 0: 0 means "zero page" */
+}
+
+static int is_zero(const uint64_t *w, uint64_t words)
+{
+	uint64_t acc = 0;
+	for (uint64_t i = 0; i < words; i += 8) {
+		acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+		if (acc)
+			return 0;
+	}
+	return 1;
+}
+
+int64_t wp_dd_hash_pages(const void *buf, uint64_t n, uint64_t page_size,
+			 uint64_t *hashes, uint8_t *zero)
+{
+	const char *p = buf;
+	int64_t zeros = 0;
+	for (uint64_t i = 0; i < n; i++, p += page_size) {
+		if (is_zero((const uint64_t *)p, page_size / 8)) {
+			hashes[i] = 0;
+			zero[i] = 1;
+			zeros++;
+		} else {
+			hashes[i] = wp_dd_hash(p, page_size);
+			zero[i] = 0;
+		}
+	}
+	return zeros;
+}
+
+int wp_dd_equal(const void *a, const void *b, uint64_t len)
+{
+	return memcmp(a, b, len) == 0;
+}
+
+int64_t wp_dd_stable(const uint64_t *prev, const uint64_t *cur, uint64_t n, uint8_t *stable)
+{
+	int64_t k = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		stable[i] = prev[i] == cur[i];
+		k += stable[i];
+	}
+	return k;
+}
+
+int64_t wp_dd_read_hash(int pid, const uint64_t *addrs, uint64_t n, uint64_t page_size,
+			void *buf, uint64_t *hashes, uint8_t *zero)
+{
+	int64_t got = wp_vm_read(pid, buf, addrs, n, page_size);
+	if (got < 0)
+		return got;
+	uint64_t pages = got / page_size;
+	wp_dd_hash_pages(buf, pages, page_size, hashes, zero);
+	return pages;
+}
+
+int wp_dd_punch(int fd, uint64_t offset, uint64_t len)
+{
+	return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len) ? -errno : 0;
+}
+
+int64_t wp_dd_kpagecount(int fd, const uint64_t *pfns, uint64_t n, uint64_t *counts)
+{
+	for (uint64_t i = 0; i < n; i++) {
+		if (pread(fd, &counts[i], 8, pfns[i] * 8) != 8)
+			return -errno;
+	}
+	return n;
+}

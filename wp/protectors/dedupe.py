@@ -1,0 +1,972 @@
+"""dedupe: a userspace KSM that really merges the pages of a running process.
+
+The target does nothing to help (no madvise, no prctl). A scanner thread in
+the daemon finds present anonymous pages (pagemap), reads them in batches
+(process_vm_readv) and hashes them in C; a page that hashed the same on two
+passes is a candidate, as in KSM. Candidates are frozen with sync write
+protection, compared byte for byte, and merged:
+
+- a zero page goes back to the kernel's shared zero page (MADV_DONTNEED);
+- a duplicate becomes a MAP_PRIVATE mapping of one page of the store (a
+  memfd shared by every attached target, wp.dedupe.store), mapped with
+  MAP_FIXED over the copy, whose anonymous page the kernel then frees.
+
+All syscalls of one merge batch run in the target in one ptrace round trip
+(wp.remote's batch blob). Writers blocked by the freeze go on once the batch
+is done: a write to a merged page makes the kernel copy it (a "sharing
+break"), exactly as with KSM.
+
+# Some facts about merging by mmap that this code depends on (DESIGN.md)
+- After MADV_DONTNEED a merged page would read the store's bytes again, not
+  zeros. So every merged range is registered MODE_MINOR on a uffd of ours
+  ("B", with EVENT_REMOVE): DONTNEED sends a REMOVE event first, and the
+  next access raises a MINOR fault, answered with UFFDIO_ZEROPAGE (zero
+  memory, as anonymous memory reads) for removed pages and UFFDIO_CONTINUE
+  (the store page) for any other reason the PTE went away.
+- Merged ranges are populated (MADV_POPULATE_READ, in the batch) before B
+  registers them: a first access then costs no MINOR fault.
+- The freeze uses a second uffd ("A") with no event features: mmap over a
+  range registered with EVENT_UNMAP, or MADV_DONTNEED on one with
+  EVENT_REMOVE, would block the target on one event per merged page. The
+  session's own uffd has both, so the protector takes the anonymous regions
+  over from it (unregister there, register on A) when it starts.
+- MADV_FREE on a merged page fails with EINVAL (file mapping); mremap across
+  two merged VMAs fails with EFAULT; each merged run is one VMA (neighbours
+  coalesce when they map neighbouring store pages): vm.max_map_count bounds
+  how much can be merged, and the protector keeps a reserve free.
+- Unmerge (detach): freeze a merged run with WP on B, read it, write it into
+  fresh anonymous memory of the target and mremap that over the run: the
+  run is private anonymous memory again, atomically for the target's
+  threads (mremap holds the mmap lock).
+
+Knobs follow KSM's names: pages_to_scan, sleep_millisecs, use_zero_pages,
+max_page_sharing; cpu_budget is the fraction of one CPU the scanner may use
+(what KSM's advisor tunes). ``share`` is the side-channel policy:
+"all" (like KSM: identical pages merge across every attached process),
+"process" (only within one process) or "zero" (only zero pages). Merging
+across processes lets one tenant learn, by timing its own writes (a merged
+page takes a copy-on-write fault), whether another holds a given page: see
+VUsion, Dedup Est Machina, CAIN. Use "process" or "zero" between tenants
+that must not learn about each other.
+"""
+import bisect
+import errno
+import logging
+import os
+import threading
+import time
+
+from wp import maps as _maps
+from wp import pagemap as _pagemap
+from wp.dedupe import _native
+from wp.dedupe.store import Store
+from wp.faults import FaultLoop
+from wp.protector import UNPROTECT, WAKE, WriteProtector
+from wp.uffd import MODE_MINOR, MODE_WP, Userfaultfd
+
+__all__ = ["DedupeProtector"]
+
+log = logging.getLogger("wp.dedupe")
+
+# x86_64 syscalls and flags used in the target.
+NR_OPEN, NR_CLOSE, NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MREMAP = 2, 3, 9, 11, 28, 25
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
+MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+O_RDWR, O_CLOEXEC = 0o2, 0o2000000
+
+# Bytes of kernel memory one VMA costs (vm_area_struct, anon_vma_chain,
+# maple tree slot): what general_profit charges per VMA added.
+VMA_COST = 256
+# Bytes of our own bookkeeping per tracked page (dict entries).
+PAGE_META = 120
+# VMA flags (smaps VmFlags) of mappings we leave alone: locked pages,
+# MADV_DONTFORK/WIPEONFORK (a new mapping would lose them), hugetlb, I/O.
+_SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf", "um"}
+
+
+def _features(*names):
+    bits = 0
+    for n in names:
+        bits |= _native.uffd_feature(n)
+    return bits
+
+
+FREEZE_FEATURES = _features("PAGEFAULT_FLAG_WP", "THREAD_ID")
+MERGED_FEATURES = _features("PAGEFAULT_FLAG_WP", "THREAD_ID", "MINOR_SHMEM",
+                            "WP_HUGETLBFS_SHMEM", "EVENT_REMOVE", "EVENT_REMAP", "EVENT_FORK")
+
+
+def _runs(addrs, ps, key=None):
+    """Groups sorted addrs into runs of neighbouring pages; with key(addr)
+    also requires key to grow by one from page to page. Returns [(start,
+    npages, first_key)]."""
+    out = []
+    for a in addrs:
+        k = key(a) if key else 0
+        if out:
+            s, n, k0 = out[-1]
+            if a == s + n * ps and (key is None or k == k0 + n):
+                out[-1] = (s, n + 1, k0)
+                continue
+        out.append((a, 1, k))
+    return out
+
+
+def _retry(op, *args, tries=200):
+    """Runs a uffd ioctl, retrying while the kernel says EAGAIN (the target's
+    mappings are changing under a pending event)."""
+    for i in range(tries):
+        try:
+            return op(*args)
+        except BlockingIOError:
+            time.sleep(0.0005 * (i + 1))
+    return op(*args)
+
+
+class _Handler:
+    """What a FaultLoop calls for one of our uffds (it wants a protector)."""
+
+    def __init__(self, name, on_write, on_minor):
+        self.name = name
+        self.on_write = on_write
+        self.on_minor = on_minor
+
+
+class _Merged:
+    """The merged pages of one process and the uffd (B) that keeps their
+    anonymous semantics. A forked child of a target gets its own."""
+
+    def __init__(self, owner, pid, uffd, removed=()):
+        self.owner = owner
+        self.pid = pid
+        self.uffd = uffd
+        self.removed = set(removed)   # pages DONTNEED'd since merged: read zeros
+        self.minor_faults = 0
+        self.zero_fills = 0
+        self.removes = 0
+        self.loop = FaultLoop(uffd, _Handler("dedupe-merged", self.on_write, self.on_minor),
+                              lambda a: None, self.on_event, pid=pid,
+                              page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
+
+    def start(self):
+        self.loop.start()
+
+    def close(self):
+        self.loop.stop()
+        self.uffd.close()
+
+    def on_minor(self, fault):
+        p = fault.page
+        ps = self.owner.page_size
+        with self.owner.lock:
+            zero = p in self.removed
+            self.removed.discard(p)
+            wp = p in self.owner.frozen and self.pid == self.owner.pid
+        self.minor_faults += 1
+        try:
+            if zero:
+                self.uffd.zeropage(p, ps)
+                self.zero_fills += 1
+            else:
+                self.uffd.continue_(p, ps, wp=wp)
+        except FileExistsError:
+            pass   # mapped meanwhile
+        except BlockingIOError:
+            # A mapping change is pending: the writer retries after the event.
+            if zero:
+                with self.owner.lock:
+                    self.removed.add(p)
+        return WAKE
+
+    def on_write(self, fault):
+        # Only unmerge write-protects merged pages: wait until it is done.
+        self.owner.wait_unfrozen(fault.page)
+        with self.owner.lock:
+            still = fault.page in self.owner.merged
+        return UNPROTECT if still else WAKE
+
+    def on_event(self, event):
+        name = event["event"]
+        ps = self.owner.page_size
+        if name == "remove":
+            with self.owner.lock:
+                self.removes += 1
+                self.removed.update(range(event["start"], event["end"], ps))
+        elif name == "remap":
+            self.owner.moved(self, event["start"], event["to"], event["length"])
+        elif name == "fork":
+            self.owner.forked(self, event["uffd"])
+
+
+class DedupeProtector(WriteProtector):
+    """Merges identical pages of the target (and across targets) for real.
+
+    Args:
+        pages_to_scan: pages read and hashed per batch before sleeping.
+        sleep_millisecs: pause between batches (0: none).
+        use_zero_pages: merge zero pages with the kernel's zero page.
+        max_page_sharing: most mappings of one store page (0: no limit).
+        cpu_budget: fraction of one CPU the scanner may use (None: no limit).
+        share: "all", "process" or "zero" (see the module docstring).
+        merge_batch: most pages merged per ptrace round trip.
+        map_count_reserve: VMAs left free under vm.max_map_count.
+        measure_files: also hash shared file/shmem mappings and report what
+            merging them would save and break (they are never merged).
+        interval: seconds between full passes once converged (0: as fast
+            as the knobs allow).
+        auto: run the scanner thread (False: call :meth:`scan_once`).
+    """
+
+    name = "dedupe"
+    default_regions = ("anon",)
+
+    def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
+                 max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
+                 map_count_reserve=1024, measure_files=True, interval=0.2, auto=True):
+        if share not in ("all", "process", "zero"):
+            raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
+        self.pages_to_scan = int(pages_to_scan)
+        self.sleep_millisecs = int(sleep_millisecs)
+        self.use_zero_pages = bool(use_zero_pages)
+        self.max_page_sharing = int(max_page_sharing)
+        self.cpu_budget = cpu_budget
+        self.share = share
+        self.merge_batch = int(merge_batch)
+        self.map_count_reserve = int(map_count_reserve)
+        self.measure_files = bool(measure_files)
+        self.interval = float(interval)
+        self.auto = auto
+        self.page_size = os.sysconf("SC_PAGESIZE")
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.merged = {}        # page -> store index (this target)
+        self.zeroed = 0         # zero pages given back (counted once)
+        self.frozen = set()     # pages write-protected for a merge or unmerge
+        self.prev = {}          # page -> hash at the last pass
+        self.children = []      # _Merged of forked children
+        self.counters = dict(full_scans=0, pages_scanned=0, pages_volatile=0, pages_unshared=0,
+                             merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
+                             zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
+                             map_count_limited=0, taken_over=0, remote_ms=0.0,
+                             scan_cpu_s=0.0, target_sys_s=0.0)
+        self.file_report = {}
+        self.store = None
+        self.session = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._ready = threading.Event()
+        self._mine = []         # [(start, end)] registered on A
+        self.error = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def attach(self, session):
+        self.session = session
+        self.space = session.space
+        self.pid = session.pid
+        self.store = Store.shared()
+        self.scope = None if self.share == "all" else self.pid
+        self.vmas_at_attach = self._count_vmas()
+        self.uffd_a = self.space.open_uffd(FREEZE_FEATURES)
+        self.loop_a = FaultLoop(self.uffd_a, _Handler("dedupe-freeze", self._on_write_a, None),
+                                lambda a: None, lambda e: None, pid=self.pid,
+                                page_size=self.page_size, name="wp-dedupe-a-%d" % self.pid)
+        self.loop_a.start()
+        self.b = _Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
+        self.b.start()
+        self._hasher = _native.Hasher(self.pid, self.page_size, 4096)
+        self._pagemap = _pagemap.Pagemap(self.pid)
+        self._zero_pfn = _zero_pfn()
+        self._t_attach = time.monotonic()
+        if self.auto:
+            self._thread = threading.Thread(target=self._run, name="wp-dedupe-%d" % self.pid,
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        try:
+            while not self._stop.is_set():
+                if self.session.started_ns is None:
+                    time.sleep(0.01)   # the session registers after attach()
+                    continue
+                self.scan_once()
+                self._ready.set()
+                self._stop.wait(self.interval)
+        except Exception as err:
+            if not self._stop.is_set():
+                self.error = "%s: %s" % (type(err).__name__, err)
+                log.exception("dedupe scanner of pid %d stopped", self.pid)
+
+    def detach(self):
+        """Stops scanning and unmerges: every merged page becomes a private
+        anonymous page again."""
+        self._stop.set()
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(30)
+        try:
+            self.unmerge_all()
+        except Exception:
+            log.exception("pid %d: unmerge at detach failed", self.pid)
+        for m in [self.b] + self.children:
+            m.close()
+        self.loop_a.stop()
+        self.uffd_a.close()
+        self._pagemap.close()
+        try:
+            self.store.collect()
+        except OSError:
+            pass
+
+    # -- the freeze uffd ---------------------------------------------------
+
+    def _on_write_a(self, fault):
+        self.wait_unfrozen(fault.page)
+        with self.lock:
+            merged = fault.page in self.merged
+        return WAKE if merged else UNPROTECT
+
+    def _on_minor_none(self, fault):
+        return WAKE
+
+    def wait_unfrozen(self, page, timeout=30.0):
+        with self.cond:
+            self.cond.wait_for(lambda: page not in self.frozen, timeout)
+
+    # -- regions -----------------------------------------------------------
+
+    def _count_vmas(self):
+        with open("/proc/%d/maps" % self.pid) as f:
+            return sum(1 for _ in f)
+
+    def _mergeable(self, mappings):
+        """The anonymous private writable mappings inside our regions,
+        [(start, end, prot)]."""
+        regions = [(r.start, r.end) for r in self.session.regions if r.kind == _maps.PRIVATE_ANON]
+        regions += self._mine
+        out = []
+        for m in mappings:
+            if m.kind != _maps.PRIVATE_ANON or not m.writable or m.shared:
+                continue
+            if m.vmflags & _SKIP_FLAGS:
+                continue
+            prot = PROT_READ | PROT_WRITE | (PROT_EXEC if m.perms[2] == "x" else 0)
+            for s, e in regions:
+                lo, hi = max(s, m.start), min(e, m.end)
+                if lo < hi:
+                    out.append((lo, hi, prot))
+        out.sort()
+        merged = []
+        for s, e, p in out:   # regions may overlap (session + ours)
+            if merged and s < merged[-1][1]:
+                ls, le, lp = merged[-1]
+                merged[-1] = (ls, max(le, e), lp)
+            else:
+                merged.append((s, e, p))
+        return merged
+
+    def _take_over(self, ranges):
+        """Moves the registration of ranges from the session's uffd to A
+        (see the module docstring: the session's uffd sends events)."""
+        su = self.session.sync_uffd
+        for s, e, _ in ranges:
+            if any(ms <= s and e <= me for ms, me in self._mine):
+                continue
+            if su is not None and su.fd >= 0:
+                for op in (su.unprotect, su.unregister):
+                    try:
+                        op(s, e - s)
+                    except OSError:
+                        pass
+            try:
+                self.uffd_a.register(s, e - s, MODE_WP)
+            except OSError as err:
+                log.debug("pid %d: cannot register %#x-%#x for freezing: %s", self.pid, s, e, err)
+                continue
+            self._mine.append((s, e))
+            self.counters["taken_over"] += 1
+        self._mine.sort()
+
+    # -- scanning ----------------------------------------------------------
+
+    def scan_once(self):
+        """One full pass: scan, then merge what is stable. Returns the number
+        of pages merged in this pass."""
+        t_cpu = time.thread_time()
+        t_wall = time.monotonic()
+        mappings = self.space.maps()
+        ranges = self._mergeable(mappings)
+        self._take_over(ranges)
+        self._verify_merged()
+        ps = self.page_size
+        cur = {}
+        zero_cands = []
+        groups = {}
+        scanned = volatile = 0
+        batch = []
+
+        def flush():
+            nonlocal scanned, volatile
+            i = 0
+            while i < len(batch):
+                chunk = batch[i:i + self._hasher.batch]
+                try:
+                    n = self._hasher.read(chunk)
+                except OSError:
+                    n = 0
+                hashes, zero = self._hasher.hashes, self._hasher.zero
+                for j in range(n):
+                    a = chunk[j]
+                    h = hashes[j]
+                    prev = self.prev.get(a)
+                    cur[a] = h
+                    scanned += 1
+                    if prev != h:
+                        if prev is not None:
+                            volatile += 1
+                        continue
+                    if zero[j]:
+                        if self.use_zero_pages:
+                            zero_cands.append(a)
+                    elif self.share != "zero":
+                        groups.setdefault(h, []).append(a)
+                i += n + 1 if n < len(chunk) else n   # skip a page that went away
+                self._throttle(len(chunk), t_cpu, t_wall)
+            batch.clear()
+
+        for s, e, _ in ranges:
+            npages = (e - s) // ps
+            ents = self._pagemap.entries(s, npages)
+            for i, ent in enumerate(ents):
+                if not ent & _pagemap.PRESENT or ent & _pagemap.FILE_SHARED:
+                    continue
+                if (ent & _pagemap.PFN_MASK) == self._zero_pfn:
+                    continue
+                a = s + i * ps
+                batch.append(a)
+                if len(batch) >= self.pages_to_scan:
+                    flush()
+        flush()
+        self.prev = cur
+        plan = self._plan(zero_cands, groups)
+        self.counters["full_scans"] += 1
+        self.counters["pages_scanned"] += scanned
+        self.counters["pages_volatile"] = volatile
+        merged = 0
+        for i in range(0, len(plan), self.merge_batch):
+            if self._stop.is_set():
+                break
+            merged += self._merge(plan[i:i + self.merge_batch], ranges)
+        if self.measure_files:
+            self._measure_files(mappings)
+        self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
+        return merged
+
+    def _throttle(self, pages, t_cpu, t_wall):
+        if self.sleep_millisecs:
+            time.sleep(self.sleep_millisecs / 1000)
+        if self.cpu_budget:
+            used = time.thread_time() - t_cpu
+            elapsed = time.monotonic() - t_wall
+            if used > self.cpu_budget * elapsed:
+                time.sleep(used / self.cpu_budget - elapsed)
+
+    def _plan(self, zero_cands, groups):
+        """Returns [(addr, what)] sorted by address: what is "zero", a store
+        index, or ("new", key, source_addr) for a content not stored yet."""
+        plan = [(a, "zero") for a in zero_cands]
+        unshared = 0
+        store = self.store
+        for h, addrs in groups.items():
+            key = (self.scope, h)
+            idx = store.lookup(key, self.max_page_sharing)
+            if idx is not None:
+                plan.extend((a, idx) for a in addrs)
+                continue
+            if len(addrs) < 2:
+                other = store.unstable.get(key) if self.scope is None else None
+                if other is None or other[0] == self.pid:
+                    store.unstable[key] = (self.pid, addrs[0])
+                    unshared += 1
+                    continue
+            if self.max_page_sharing:
+                chunks = [addrs[i:i + self.max_page_sharing]
+                          for i in range(0, len(addrs), self.max_page_sharing)]
+            else:
+                chunks = [addrs]
+            for c in chunks:
+                plan.extend((a, ("new", key, c[0])) for a in c)
+        self.counters["pages_unshared"] = unshared
+        plan.sort(key=lambda x: x[0])
+        return plan
+
+    # -- merging -----------------------------------------------------------
+
+    def _map_count_left(self):
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        return limit - self._count_vmas() - self.map_count_reserve
+
+    def _merge(self, plan, ranges):
+        """Freezes, compares and merges one batch. Returns pages merged."""
+        ps = self.page_size
+        store = self.store
+        starts = [r[0] for r in ranges]
+
+        def prot_of(a):
+            i = bisect.bisect_right(starts, a) - 1
+            return ranges[i][2] if i >= 0 and a < ranges[i][1] else None
+
+        # New contents get store pages in address order of their first
+        # page, so side-by-side duplicates map side-by-side store pages.
+        new_idx = {}
+        firsts = sorted({w[2] for _, w in plan if isinstance(w, tuple)})
+        for run_start, n, _ in _runs(firsts, ps):
+            first = store.reserve(n)
+            for k in range(n):
+                new_idx[run_start + k * ps] = first + k
+        addrs = [a for a, _ in plan]
+        with self.lock:
+            self.frozen.update(addrs)
+        frozen_runs = _runs(addrs, ps)
+        ok_freeze = set()
+        for s, n, _ in frozen_runs:
+            try:
+                _retry(self.uffd_a.protect, s, n * ps)
+                ok_freeze.update(range(s, s + n * ps, ps))
+            except OSError as err:
+                log.debug("pid %d: freeze %#x+%d: %s", self.pid, s, n, err)
+        # Compare the frozen bytes.
+        to_store = []     # (addr, idx)
+        to_zero = []
+        filled = set()
+        bad_src = set()
+        i = 0
+        while i < len(plan):
+            chunk = plan[i:i + self._hasher.batch]
+            try:
+                n = self._hasher.read([a for a, _ in chunk])
+            except OSError:
+                n = 0
+            for j in range(n):
+                a, what = chunk[j]
+                if a not in ok_freeze:
+                    continue
+                if what == "zero":
+                    if self._hasher.zero[j]:
+                        to_zero.append(a)
+                    else:
+                        self.counters["compare_failed"] += 1
+                    continue
+                data = self._hasher.page(j)
+                if isinstance(what, tuple):
+                    _, key, src = what
+                    idx = new_idx[src]
+                    if idx not in filled:
+                        if src in bad_src:
+                            self.counters["compare_failed"] += 1
+                            continue
+                        if a != src or self._hasher.hashes[j] != key[1]:
+                            bad_src.add(src)
+                            self.counters["compare_failed"] += 1
+                            continue
+                        store.fill(idx, key, data)
+                        filled.add(idx)
+                else:
+                    idx = what
+                if data == store.content(idx):
+                    to_store.append((a, idx))
+                else:
+                    self.counters["compare_failed"] += 1
+            i += n + 1 if n < len(chunk) else n
+        for src, idx in new_idx.items():
+            if idx not in filled:
+                store.release(idx)
+        # Keep headroom under vm.max_map_count: each run may add two VMAs.
+        store_runs = _runs([a for a, _ in to_store], ps, key=dict(to_store).get)
+        left = self._map_count_left()
+        if 2 * len(store_runs) > left:
+            keep = max(0, left // 2)
+            self.counters["map_count_limited"] += len(store_runs) - keep
+            store_runs = store_runs[:keep]
+        zero_runs = _runs(to_zero, ps)
+        merged_store = merged_zero = []
+        if store_runs or zero_runs:
+            merged_store, merged_zero = self._remote_merge(store_runs, zero_runs, prot_of)
+        # Bookkeeping, then register the merged runs on B.
+        done = set()
+        with self.lock:
+            for s, n, idx in merged_store:
+                for k in range(n):
+                    self.merged[s + k * ps] = idx + k
+                    self.b.removed.discard(s + k * ps)
+                    done.add(s + k * ps)
+            for s, n, _ in merged_zero:
+                self.zeroed += n
+        for s, n, idx in merged_store:
+            for k in range(n):
+                store.ref(idx + k)
+            try:
+                _retry(self.b.uffd.register, s, n * ps, MODE_MINOR | MODE_WP)
+            except OSError as err:
+                log.warning("pid %d: merged %#x+%d pages but cannot register it: %s",
+                            self.pid, s, n, err)
+        self.counters["merges"] += len(done)
+        self.counters["zero_pages"] += sum(n for _, n, _ in merged_zero)
+        self.counters["merge_batches"] += 1
+        # Let the writers go: merged pages are another VMA now (wake only);
+        # the others are unprotected (which wakes them).
+        self._unfreeze(frozen_runs, done)
+        return len(done) + sum(n for _, n, _ in merged_zero)
+
+    def _unfreeze(self, runs, merged):
+        ps = self.page_size
+        for s, n, _ in runs:
+            for r_s, r_n, _ in _runs([a for a in range(s, s + n * ps, ps) if a not in merged], ps):
+                try:
+                    _retry(self.uffd_a.unprotect, r_s, r_n * ps)
+                except OSError:
+                    self.uffd_a.wake(r_s, r_n * ps)
+            for r_s, r_n, _ in _runs([a for a in range(s, s + n * ps, ps) if a in merged], ps):
+                self.uffd_a.wake(r_s, r_n * ps)
+        with self.cond:
+            for s, n, _ in runs:
+                self.frozen.difference_update(range(s, s + n * ps, ps))
+            self.cond.notify_all()
+
+    def _remote_merge(self, store_runs, zero_runs, prot_of):
+        """Runs the merge batch in the target. Returns the runs that merged."""
+        from wp.remote import RemoteProcess
+        ps = self.page_size
+        t0 = time.monotonic()
+        sys0 = _sys_time(self.pid)
+        ok_store, ok_zero = [], []
+        with RemoteProcess(self.pid) as rp:
+            tfd = None
+            scratch = None
+            if store_runs:
+                scratch = rp.mmap_scratch()
+                rp.write_memory(scratch, b"/proc/%d/fd/%d\0" % (os.getpid(), self.store.fd))
+                tfd = rp.syscall(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
+            calls = []
+            for s, n, idx in store_runs:
+                calls.append((NR_MMAP, (s, n * ps, prot_of(s), MAP_PRIVATE | MAP_FIXED, tfd,
+                                        self.store.offset(idx))))
+                calls.append((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ)))
+            for s, n, _ in zero_runs:
+                calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+            res = rp.syscalls(calls)
+            for k, run in enumerate(store_runs):
+                r = res[2 * k]
+                if r == run[0]:
+                    ok_store.append(run)
+                else:
+                    self.counters["merge_errors"] += 1
+                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], r)
+            base = 2 * len(store_runs)
+            for k, run in enumerate(zero_runs):
+                if res[base + k] == 0:
+                    ok_zero.append(run)
+                else:
+                    self.counters["merge_errors"] += 1
+            tail = []
+            if tfd is not None:
+                tail.append((NR_CLOSE, (tfd,)))
+            if scratch is not None:
+                tail.append((NR_MUNMAP, (scratch, ps)))
+            if tail:
+                rp.syscalls(tail)
+        self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
+        self.counters["target_sys_s"] += _sys_time(self.pid) - sys0
+        return ok_store, ok_zero
+
+    # -- keeping track -----------------------------------------------------
+
+    def _verify_merged(self):
+        """Counts sharing breaks (the kernel copied a merged page on write,
+        or it went: munmap, DONTNEED) from pagemap, and drops their refs."""
+        ps = self.page_size
+        with self.lock:
+            pages = sorted(self.merged)
+        gone = []
+        for s, n, _ in _runs(pages, ps):
+            ents = self._pagemap.entries(s, n)
+            for k, ent in enumerate(ents):
+                a = s + k * ps
+                if ent & _pagemap.PRESENT and ent & _pagemap.FILE_SHARED:
+                    continue
+                if not ent & _pagemap.PRESENT and a not in self.b.removed:
+                    continue   # zapped by reclaim or not yet faulted back: still ours
+                gone.append(a)
+        if not gone:
+            return
+        with self.lock:
+            for a in gone:
+                idx = self.merged.pop(a, None)
+                if idx is not None:
+                    self.store.unref(idx)
+                    self.counters["sharing_breaks"] += 1
+        self.store.collect()
+
+    def moved(self, m, start, to, length):
+        """The target mremap()ed merged pages: move our bookkeeping."""
+        if m is not self.b:
+            return
+        ps = self.page_size
+        with self.lock:
+            for a in range(start, start + length, ps):
+                idx = self.merged.pop(a, None)
+                if idx is not None:
+                    self.merged[a - start + to] = idx
+                if a in m.removed:
+                    m.removed.discard(a)
+                    m.removed.add(a - start + to)
+            self._mine.append((to, to + length))
+
+    def forked(self, parent, fd):
+        """A merged range was inherited by a forked child: serve its MINOR
+        faults too, so DONTNEED there reads zeros as well."""
+        child = _newest_child(parent.pid, {c.pid for c in self.children})
+        u = Userfaultfd.adopt(fd, parent.uffd.features)
+        with self.lock:
+            removed = set(parent.removed)
+        m = _Merged(self, child or 0, u, removed)
+        m.start()
+        self.children.append(m)
+
+    # -- unmerging ---------------------------------------------------------
+
+    def store_runs_in_maps(self, pid=None):
+        """Returns [(start, end)] of the target's mappings of the store."""
+        pid = pid or self.pid
+        out = []
+        for m in _maps.read_maps(pid):
+            if m.inode == self.store.inode and m.path.startswith("/memfd:"):
+                out.append((m.start, m.end))
+        return out
+
+    def unmerge_all(self):
+        """Makes every merged page of the target private anonymous memory
+        again (contents kept, writers blocked meanwhile). Returns pages."""
+        from wp.remote import RemoteProcess
+        ps = self.page_size
+        try:
+            runs = self.store_runs_in_maps()
+        except (OSError, ProcessLookupError):
+            return 0
+        if not runs:
+            return 0
+        bu = self.b.uffd
+        # Pages removed and not faulted back yet: give them zeros first.
+        with self.lock:
+            removed = sorted(self.b.removed)
+            self.b.removed.clear()
+        for a in removed:
+            if any(s <= a < e for s, e in runs):
+                try:
+                    bu.zeropage(a, ps)
+                except OSError:
+                    pass
+        pages = [a for s, e in runs for a in range(s, e, ps)]
+        with self.lock:
+            self.frozen.update(pages)
+        try:
+            for s, e in runs:
+                try:
+                    _retry(bu.protect, s, e - s)
+                except OSError:
+                    try:   # the registration went (e.g. the session dropped it)
+                        bu.register(s, e - s, MODE_MINOR | MODE_WP)
+                        _retry(bu.protect, s, e - s)
+                    except OSError as err:
+                        log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s",
+                                    self.pid, s, e, err)
+            datas = [self.space.read(s, e - s) for s, e in runs]
+            total = sum(e - s for s, e in runs)
+            zero = bytes(ps)
+            with RemoteProcess(self.pid) as rp:
+                fresh = rp.mmap_scratch(total)
+                off = 0
+                for (s, e), data in zip(runs, datas):
+                    for k in range(0, e - s, ps):
+                        page = data[k:k + ps]
+                        if page != zero:
+                            self.space.write(fresh + off + k, page)
+                    off += e - s
+                calls = []
+                off = 0
+                for s, e in runs:
+                    calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
+                    off += e - s
+                res = rp.syscalls(calls)
+                bad = [(r, run) for r, run in zip(res, runs) if r != run[0]]
+                if bad:
+                    log.warning("pid %d: %d mremaps failed at unmerge: %s", self.pid, len(bad), bad[:3])
+            with self.lock:
+                for a in pages:
+                    idx = self.merged.pop(a, None)
+                    if idx is not None:
+                        self.store.unref(idx)
+                self.counters["unmerged"] += len(pages)
+        finally:
+            with self.cond:
+                self.frozen.difference_update(pages)
+                self.cond.notify_all()
+            for s, e in runs:
+                try:
+                    bu.wake(s, e - s)
+                except OSError:
+                    pass
+        return len(pages)
+
+    # -- file-backed memory: measured only -----------------------------------
+
+    def _measure_files(self, mappings):
+        """For shared shmem/memfd and file mappings: pages that merging would
+        save (duplicates) and would break (changed since the last pass)."""
+        ps = self.page_size
+        prev = getattr(self, "_file_prev", {})
+        cur = {}
+        counts = {}
+        per_region = {}
+        for m in mappings:
+            if m.kind not in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM, _maps.FILE):
+                continue
+            if m.inode == self.store.inode or not m.shared:
+                continue
+            ents = self._pagemap.entries(m.start, (m.end - m.start) // ps)
+            addrs = [m.start + i * ps for i, e in enumerate(ents) if e & _pagemap.PRESENT]
+            key = "%#x-%#x %s" % (m.start, m.end, m.path or m.kind)
+            hs = []
+            for i in range(0, len(addrs), self._hasher.batch):
+                chunk = addrs[i:i + self._hasher.batch]
+                try:
+                    n = self._hasher.read(chunk)
+                except OSError:
+                    n = 0
+                hs.extend((chunk[j], self._hasher.hashes[j]) for j in range(n))
+            broke = sum(1 for a, h in hs if a in prev and prev[a] != h)
+            for a, h in hs:
+                cur[a] = h
+                counts[h] = counts.get(h, 0) + 1
+            per_region[key] = (hs, broke)
+        report = {}
+        for key, (hs, broke) in per_region.items():
+            dup = sum(1 for _, h in hs if counts[h] > 1)
+            distinct = len({h for _, h in hs if counts[h] > 1})
+            report[key] = {"pages": len(hs), "duplicate_pages": dup,
+                           "would_save_bytes": max(0, dup - distinct) * ps,
+                           "would_break_pages": broke}
+        self._file_prev = cur
+        self.file_report = report
+
+    # -- stats ---------------------------------------------------------------
+
+    def stats(self):
+        """KSM's counters for this target, plus ours."""
+        ps = self.page_size
+        with self.lock:
+            merged = len(self.merged)
+            shared = len(set(self.merged.values()))
+            tracked = len(self.prev) + merged
+        try:
+            vmas = self._count_vmas()
+            with open("/proc/sys/vm/max_map_count") as f:
+                limit = int(f.read())
+        except OSError:
+            vmas, limit = 0, 0
+        vmas_added = max(0, vmas - self.vmas_at_attach) if vmas else 0
+        c = self.counters
+        profit = ((merged - shared + c["zero_pages"]) * ps - tracked * PAGE_META
+                  - vmas_added * VMA_COST)
+        out = {
+            "pages_shared": shared,
+            "pages_sharing": max(0, merged - shared),
+            "pages_merged": merged,
+            "pages_unshared": c["pages_unshared"],
+            "pages_volatile": c["pages_volatile"],
+            "full_scans": c["full_scans"],
+            "zero_pages": c["zero_pages"],
+            "general_profit": profit,
+            "vmas_added": vmas_added,
+            "map_count": vmas,
+            "max_map_count": limit,
+            "map_count_headroom": limit - vmas,
+            "knobs": {"pages_to_scan": self.pages_to_scan, "sleep_millisecs": self.sleep_millisecs,
+                      "use_zero_pages": int(self.use_zero_pages),
+                      "max_page_sharing": self.max_page_sharing, "cpu_budget": self.cpu_budget,
+                      "share": self.share},
+            "minor_faults": self.b.minor_faults if self.session else 0,
+            "zero_fills": self.b.zero_fills if self.session else 0,
+            "remove_events": self.b.removes if self.session else 0,
+            "children": [c.pid for c in self.children],
+            "file_backed": self.file_report,
+            "error": self.error,
+        }
+        out.update({k: v for k, v in c.items() if k not in out})
+        if self.store:
+            out["store"] = self.store.stats()
+        return out
+
+
+def daemon_stats(protectors):
+    """KSM's counters for the daemon as a whole, from its dedupe protectors."""
+    ps = os.sysconf("SC_PAGESIZE")
+    out = {"targets": len(protectors)}
+    if not protectors:
+        return out
+    store = protectors[0].store
+    per = [p.stats() for p in protectors]
+    merged = sum(s["pages_merged"] for s in per)
+    shared = store.shared_pages()
+    zero = sum(s["zero_pages"] for s in per)
+    out.update(pages_shared=shared, pages_sharing=max(0, merged - shared),
+               pages_unshared=sum(s["pages_unshared"] for s in per),
+               pages_volatile=sum(s["pages_volatile"] for s in per),
+               full_scans=min(s["full_scans"] for s in per), zero_pages=zero,
+               vmas_added=sum(s["vmas_added"] for s in per),
+               general_profit=(merged - shared + zero) * ps
+               - sum(s["vmas_added"] for s in per) * VMA_COST
+               - sum(len(p.prev) + len(p.merged) for p in protectors) * PAGE_META,
+               store=store.stats())
+    return out
+
+
+def _sys_time(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+_ZERO_PFN = None
+
+
+def _zero_pfn():
+    """Returns the PFN of the kernel's shared zero page (root sees PFNs)."""
+    global _ZERO_PFN
+    if _ZERO_PFN is None:
+        import mmap
+        import ctypes
+        m = mmap.mmap(-1, 4096, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        _ = m[0]   # a read fault maps the zero page
+        with _pagemap.Pagemap(os.getpid()) as pm:
+            ent = pm.entries(addr, 1)[0]
+        _ZERO_PFN = ent & _pagemap.PFN_MASK if ent & _pagemap.PRESENT else -1
+    return _ZERO_PFN
+
+
+def _newest_child(pid, known):
+    kids = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                kids.extend(int(x) for x in f.read().split())
+    except OSError:
+        return None
+    kids = [k for k in kids if k not in known]
+    return max(kids) if kids else None
