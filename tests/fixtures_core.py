@@ -5,9 +5,11 @@ reserved and given back, and the files the file-backed kinds map.
 Import the fixtures into a test module with
 ``from fixtures_core import ...`` (pytest puts tests/ on sys.path).
 """
+import fcntl
 import os
 import select
 import tempfile
+import time
 
 import pytest
 
@@ -18,7 +20,7 @@ from wp.space import ProcessSpace
 
 __all__ = ["MemTarget", "memtarget", "hugepages", "sessions", "SYNC_KINDS", "ALL_KINDS",
            "SHARED_KINDS", "page_bits", "HUGE_PAGES",
-           "HugePages", "layout"]
+           "HugePages", "layout", "eventually"]
 
 # memtarget's KINDs that sync WP protects, and the one only async WP takes.
 SYNC_KINDS = ("anon", "anon-unpop", "shared-anon", "memfd", "memfd-private", "shm", "hugetlb")
@@ -109,32 +111,66 @@ class MemTarget:
         assert self.read(0)[0] >= 0
 
 
+def eventually(get, want, timeout=2.0):
+    """Returns get() once it equals want, or its last value after timeout.
+
+    For what the daemon counts after the kernel let the target go on: the
+    fault loop counts a fault resolved after the ioctl that wakes the writer,
+    and counts an event after the read that releases the thread that caused
+    it, so the target's answer can overtake the count by a few microseconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = get()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.001)
+
+
 def page_bits(pid, addr, npages, page_size):
     with pagemap.Pagemap(pid) as pm:
         return [pm.entries(addr + i * page_size, 1)[0] for i in range(npages)]
 
 
 class HugePages:
-    """Raises /proc/sys/vm/nr_hugepages by n; restore() puts the old value back."""
+    """Raises /proc/sys/vm/nr_hugepages by n; restore() gives them back.
+
+    Other test runs on this machine may reserve huge pages at the same time,
+    so every change is a read-modify-write under a lock file; restore() puts
+    the old value back if nobody else changed it meanwhile, else takes back
+    only our n.
+    """
     PATH = "/proc/sys/vm/nr_hugepages"
+    LOCK = "/run/lock/wp-tests-nr_hugepages.lock"
 
     def __init__(self, n=HUGE_PAGES):
-        with open(self.PATH) as f:
-            self.old = int(f.read())
         self.n = n
-        self._set(self.old + n)
-        with open(self.PATH) as f:
-            got = int(f.read())
-        if got < self.old + n:
+        with self._locked():
+            self.old = self._get()
+            self._set(self.old + n)
+            self.set_to = self._get()
+        if self.set_to < self.old + n:
             self.restore()
-            raise AssertionError("kernel gave %d huge pages, wanted %d" % (got, self.old + n))
+            raise AssertionError("kernel gave %d huge pages, wanted %d" % (self.set_to, self.old + n))
+
+    def _locked(self):
+        os.makedirs(os.path.dirname(self.LOCK), exist_ok=True)
+        fd = os.open(self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return os.fdopen(fd)   # closing it unlocks
+
+    def _get(self):
+        with open(self.PATH) as f:
+            return int(f.read())
 
     def _set(self, value):
         with open(self.PATH, "w") as f:
             f.write(str(value))
 
     def restore(self):
-        self._set(self.old)
+        with self._locked():
+            cur = self._get()
+            self._set(self.old if cur == self.set_to else max(cur - self.n, 0))
 
 
 @pytest.fixture

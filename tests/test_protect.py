@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fixtures_core import (  # noqa: F401  (fixtures)
-    SHARED_KINDS, SYNC_KINDS, layout, memtarget, page_bits, sessions)
+    SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
 from wp.errors import BadRange, NotRoot, UnsupportedMemory
 from wp.maps import read_maps
@@ -38,30 +38,20 @@ def first_writes(prot):
 
 
 def settled(session, **want):
-    """Returns session.stats() once its counters reach want. The fault loop
-    counts a fault resolved just after the ioctl that wakes the writer, so a
-    target's answer can overtake the count by a few microseconds."""
-    deadline = time.monotonic() + 2
-    while True:
-        st = session.stats()
-        if all(st[k] == v for k, v in want.items()) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.001)
+    """session.stats() once its counters reach want (see eventually)."""
+    keys = sorted(want)
+    eventually(lambda: [session.stats()[k] for k in keys], [want[k] for k in keys])
+    return session.stats()
 
 
 def children(session, want):
-    """Returns stats()["children"] once it equals want (or after 2 s).
+    """stats()["children"] once it equals want (or after 2 s).
 
     Session._on_fork starts the child's fault loop before it appends the
     child to session.children, so the child's fault can be handled and the
     target answer "done" before the session lists the child (seen in about
-    1 run in 50; reported to the core's author). Wait for it briefly."""
-    deadline = time.monotonic() + 2
-    while True:
-        got = session.stats()["children"]
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.001)
+    1 run in 50; reported to the core's author)."""
+    return eventually(lambda: session.stats()["children"], want)
 
 
 def wp_threads():
@@ -190,7 +180,7 @@ def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind
 
     c1 = t.fork_write(2, 0x22)
     assert first_writes(prot) == [(t.page(2), c1, c1)]
-    assert s.events == {"fork": 1}
+    assert eventually(lambda: s.events, {"fork": 1}) == {"fork": 1}
     assert children(s, [c1]) == [c1]
     # A private copy stays the parent's own; a shared page shows the child's write.
     assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
@@ -219,7 +209,7 @@ def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
     t.fork_write(2, 0x22)
     t.fork_write(1, 0x21)
     assert prot.count == 0 and s.stats()["faults"] == 0
-    assert s.events == {"fork": 2}
+    assert eventually(lambda: s.events, {"fork": 2}) == {"fork": 2}
     assert s.stats()["children"] == []
     assert len(s.loops) == 1
     assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
@@ -398,7 +388,7 @@ def test_dontneed_keeps_protection(memtarget, sessions, kind):
     prot = TraceProtector()
     s = sessions(t, prot)
     assert t.cmd("d 1") == ["ok"]
-    assert s.events.get("remove") == 1
+    assert eventually(lambda: s.events.get("remove"), 1) == 1
     assert t.present_bits() == [True, False, True, True]
     assert t.wp_bits() == [True] * 4          # a marker where the page was
     assert t.read(1) == (0, 0)
