@@ -291,6 +291,48 @@ def test_pages_discarded_before_copy_are_reported(target_bin, spawn, tmp_path):
     assert data[:3 * 4096] == b"\x07" * (3 * 4096) and data[4 * 4096:] == b"\x07" * (12 * 4096)
 
 
+def test_never_populated_pages_are_skipped(target_bin, spawn, tmp_path):
+    """Anonymous pages never touched are zeros in the image without being
+    read or written (the file stays sparse); one first written after the
+    instant is still zeros there."""
+    class Held(SnapshotProtector):
+        go = threading.Event()
+
+        def _copy_sync(self, p):
+            self.go.wait(10)
+            super()._copy_sync(p)
+
+    p = spawn([target_bin("memtarget"), "anon-unpop", "256"])
+    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
+    addr, length = int(addr, 16), int(length, 16)
+
+    def cmd(line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return p.stdout.readline().split()
+    assert cmd("w 5 1")[0] == "done" and cmd("w 40 2")[0] == "done"
+    out = tmp_path / "raw"
+    prot = Held(str(out), raw=True, chunk=4096)
+    s = Session(ProcessSpace.cooperative(int(pid), [int(u1), int(u2)]), prot,
+                regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
+    s.start()
+    try:
+        prot.protected()
+        assert cmd("w 100 3")[0] == "done"      # first write after the instant
+        prot.go.set()
+        st = prot.wait(20)
+    finally:
+        s.close()
+    data = out.read_bytes()
+    expect = bytearray(length)
+    expect[5 * 4096:6 * 4096] = b"\x01" * 4096
+    expect[40 * 4096:41 * 4096] = b"\x02" * 4096
+    assert data == bytes(expect)
+    assert st["zero_pages_skipped"] == 253 and st["copied_on_write_pages"] == 1
+    assert out.stat().st_blocks * 512 <= 16 * 4096     # sparse
+    assert cmd("r 100")[2:4] == ["3", str(3 * 4096)]
+
+
 def test_raw_needs_one_range(sweep, tmp_path):
     t = sweep("anon", 16)
     with pytest.raises(BadRange, match="one range"):

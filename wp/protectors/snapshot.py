@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 
-from wp import elfcore
+from wp import elfcore, pagemap
 from wp._native import ffi, lib
 from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
@@ -65,14 +65,15 @@ class _Piece:
     unprotected), "async" (copied while the threads are stopped, or late),
     "plain" (read-only memory: copied any time), "none" (not dumped).
     """
-    __slots__ = ("start", "end", "how", "page_size", "claimed", "seg")
+    __slots__ = ("start", "end", "how", "page_size", "claimed", "seg", "anon")
 
-    def __init__(self, start, end, how, page_size, seg):
+    def __init__(self, start, end, how, page_size, seg, anon=False):
         self.start = start
         self.end = end
         self.how = how
         self.page_size = page_size
         self.seg = seg
+        self.anon = anon     # private anonymous: a page never populated reads as zeros
         self.claimed = bytearray((end - start) // page_size) if how == "sync" else None
 
     @property
@@ -92,6 +93,25 @@ def _runs(bm, i0, i1, want=0):
         out.append((i, j))
         i = bm.find(hit, j, i1)
     return out
+
+
+# Some facts about pagemap entries of never-populated anonymous pages:
+# - pte_none reads as neither present nor swapped;
+# - a uffd-wp marker (what WP_UNPOPULATED installs on a none pte) is a swap
+#   pte to pagemap: PM_SWAP is set, and for a CAP_SYS_ADMIN reader the frame
+#   field holds the swap type in bits 0-4, which for every pte marker is
+#   SWP_PTE_MARKER, the last type, 31 (include/linux/swap.h). A real swap
+#   entry has a lower type; without CAP_SYS_ADMIN the type reads 0 and the
+#   page is read like any other.
+_SWP_PTE_MARKER = (1 << 5) - 1
+
+
+def _never_populated(entry):
+    if entry & pagemap.PRESENT:
+        return False
+    if not entry & pagemap.SWAPPED:
+        return True
+    return (entry & pagemap.PFN_MASK) & 0x1F == _SWP_PTE_MARKER
 
 
 def _smaps_anonymous(pid):
@@ -166,6 +186,8 @@ class SnapshotProtector(WriteProtector):
         self.unreadable_pages = 0
         self.discarded_pages = 0
         self.inconsistent_pages = 0
+        self.zero_pages = 0
+        self._pagemap = None
         self.stop_ns = None
         self.unprotect_calls = 0
         self.t_attach = self.t_protected = self.t_done = None
@@ -241,7 +263,8 @@ class SnapshotProtector(WriteProtector):
             flags = elfcore.flags_of(m.perms) if m else elfcore.PF_R | elfcore.PF_W
             how = "sync" if r.mode == "sync" else "async"
             seg = elfcore.Segment(r.start, r.end, flags, True)
-            pieces.append(_Piece(r.start, r.end, how, r.page_size, seg))
+            pieces.append(_Piece(r.start, r.end, how, r.page_size, seg,
+                                 anon=r.kind == "anon" and r.page_size == self.page_size))
             covered.append((r.start, r.end))
         if not self.raw:
             anon = _smaps_anonymous(self.pid)
@@ -428,6 +451,10 @@ class SnapshotProtector(WriteProtector):
                 os.sched_setaffinity(0, {self.copier_cpu})
             if not self._wait_protected():
                 return
+            try:
+                self._pagemap = pagemap.Pagemap(self.pid)
+            except OSError:
+                self._pagemap = None
             for p, data in self._async_data:
                 self.out.write(p.start, data)
                 with self._lock:
@@ -454,6 +481,8 @@ class SnapshotProtector(WriteProtector):
             self.error = err
             log.exception("snapshot of pid %d failed", self.pid)
         finally:
+            if self._pagemap is not None:
+                self._pagemap.close()
             if self._freezer is not None:
                 self._freezer.join()   # the threads are let go before "done"
             self.t_done = time.monotonic_ns()
@@ -479,17 +508,37 @@ class SnapshotProtector(WriteProtector):
                 runs = _runs(p.claimed, w0, w1)
             if not runs:
                 continue
+            # Never-populated anonymous pages (neither present nor swapped)
+            # are zeros: not read, not written (the output is sparse). One
+            # still unclaimed when it is claimed below was never written
+            # since the instant, so it was empty then too.
+            empty = self._empty_pages(p, w0, w1) if p.anon else None
             # Read first, claim after: a page still unclaimed now was never
             # unprotected, so what was read is the instant's bytes.
-            datas = [self._read(p.start + a * ps, (b - a) * ps) for a, b in runs]
+            datas = []
+            for a, b in runs:
+                if empty is not None and empty.find(b"\x00", a - w0, b - w0) == -1:
+                    datas.append(None)          # all empty
+                else:
+                    datas.append(self._read(p.start + a * ps, (b - a) * ps))
             todo = []
             with self._lock:
                 for (a, b), data in zip(runs, datas):
                     for x, y in _runs(p.claimed, a, b):
                         p.claimed[x:y] = _CLAIMED * (y - x)
-                        todo.append((x, y, memoryview(data)[(x - a) * ps:(y - a) * ps]))
+                        todo.append((x, y, None if data is None else
+                                     memoryview(data)[(x - a) * ps:(y - a) * ps]))
             for x, y, data in todo:
-                self.out.write(p.start + x * ps, data)
+                if data is None:
+                    self.zero_pages += y - x
+                    continue
+                if empty is None:
+                    self.out.write(p.start + x * ps, data)
+                    continue
+                # Write the populated stretches only.
+                for i, j in _runs(empty, x - w0, y - w0):
+                    self.out.write(p.start + (w0 + i) * ps, data[(w0 + i - x) * ps:(w0 + j - x) * ps])
+                self.zero_pages += sum(j - i for i, j in _runs(empty, x - w0, y - w0, want=1))
             with self._lock:
                 self.copied_bytes += sum(y - x for x, y, _ in todo) * ps
             for x, y, _ in todo:
@@ -498,6 +547,19 @@ class SnapshotProtector(WriteProtector):
                     self.unprotect_calls += 1
                 except OSError as err:   # unmapped meanwhile
                     log.debug("unprotect %#x: %s", p.start + x * ps, err)
+
+    def _empty_pages(self, p, w0, w1):
+        """Returns a bytearray over pages [w0, w1) of p: 1 where the page is
+        neither present nor swapped (pagemap), else 0."""
+        if self._pagemap is None:
+            return None
+        try:
+            entries = self._pagemap.entries(p.start + w0 * p.page_size, w1 - w0)
+        except OSError:
+            return None
+        if len(entries) < w1 - w0:
+            return None
+        return bytearray(1 if _never_populated(e) else 0 for e in entries)
 
     # -- events and results ------------------------------------------------
 
@@ -539,6 +601,7 @@ class SnapshotProtector(WriteProtector):
             "copied_on_write_pages": self.cow_pages,
             "copy_on_write_faults": self.cow_faults,
             "unprotect_calls": self.unprotect_calls,
+            "zero_pages_skipped": self.zero_pages,
             "threads": len(self.threads),
             "threads_with_registers": sum(t.regs is not None for t in self.threads),
             "stop_ms": None if self.stop_ns is None else round(self.stop_ns / 1e6, 3),
