@@ -513,8 +513,20 @@ int on_fault_resolved(struct pt_regs *ctx)
 /* ---- KSM: merges and unmerges, system wide (ksmd does them) -------------- */
 
 #ifdef WITH_KSM
+/* ksmd merges for every process; the target's events are those whose mm's
+ * owner (mm_struct.owner, CONFIG_MEMCG) is the target. The offsets come
+ * from the kernel's BTF (MM_OWNER_OFFSET, TASK_TGID_OFFSET); without them
+ * every process's KSM events are kept. */
 static __always_inline void ksm(u32 type, u64 pfn, u64 mm, s64 err)
 {
+#ifdef MM_OWNER_OFFSET
+	u64 owner = 0;
+	u32 tgid = 0;
+	bpf_probe_read_kernel(&owner, sizeof(owner), (void *)mm + MM_OWNER_OFFSET);
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)owner + TASK_TGID_OFFSET);
+	if (tgid != TARGET_PID)
+		return;
+#endif
 	struct rec r = {};
 	r.type = type;
 	r.ts_fault = bpf_ktime_get_ns();
@@ -540,11 +552,14 @@ TRACEPOINT_PROBE(ksm, ksm_merge_with_ksm_page)
 	return 0;
 }
 
+#ifndef MM_OWNER_OFFSET
+/* No mm to tell whose page it was: only kept when tracing every process's KSM. */
 TRACEPOINT_PROBE(ksm, ksm_remove_ksm_page)
 {
 	ksm(REC_KSM_REMOVE, args->pfn, 0, 0);
 	return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(ksm, ksm_remove_rmap_item)
 {

@@ -4,6 +4,7 @@ A memtarget writes N known pages once each under the trace protector, with
 the session (the daemon side) in this process; the bcc probes must see each
 of those writes as exactly one `wp` record whose phases add up.
 """
+import contextlib
 import csv
 import io
 import json
@@ -11,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -276,3 +278,95 @@ def test_phases_clamp_and_add_up():
     rec = records.to_record(raw)
     assert rec["kind"] == "page" and rec["latency_ns"] is None
     assert records.to_record(raw, async_regions=[(0x2000, 0x3000)])["kind"] == "async"
+    raw.error_code = 7       # user write to a present page: copy on write
+    assert records.to_record(raw)["kind"] == "cow"
+
+
+@needs_bcc
+def test_live_mode_prints_histograms(traced):
+    """`wp trace PID 1 2`: two intervals of bcc-style output, then it exits."""
+    t, tracer = traced
+    tracer.stop()
+    proc = subprocess.Popen([sys.executable, "-m", "wp.tracing.trace", str(t.proc.pid), "1", "2",
+                             "--daemon-pid", str(os.getpid())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Hit Ctrl-C to end." in proc.stderr.readline()
+        for i in range(4):
+            t.cmd("w %d 5" % i)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    stamps = [line for line in out.splitlines() if line.count(":") == 2 and len(line) == 8]
+    assert len(stamps) == 2, out
+    assert "kind = wp" in out and "usecs" in out and "distribution" in out
+
+
+def test_ebpf_prints_the_program(capsys):
+    from wp.tracing import trace
+    assert trace.main(["1", "--ebpf"]) == 0
+    out = capsys.readouterr().out
+    assert "TRACEPOINT_PROBE" in out and "BPF_RINGBUF_OUTPUT" in out
+
+
+@contextlib.contextmanager
+def ksm_scanning():
+    """Kernel KSM scanning fast; its settings restored on exit."""
+    base = "/sys/kernel/mm/ksm/"
+    keys = ("run", "sleep_millisecs", "pages_to_scan")
+    old = {}
+    for k in keys:
+        with open(base + k) as f:
+            old[k] = f.read().strip()
+    try:
+        for k, v in (("pages_to_scan", "1000"), ("sleep_millisecs", "10"), ("run", "1")):
+            with open(base + k, "w") as f:
+                f.write(v)
+        yield
+    finally:
+        for k in reversed(keys):
+            with open(base + k, "w") as f:
+                f.write(old[k])
+
+
+KSM_CHILD = """
+import mmap, sys
+m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(64):
+    m[i * 4096:(i + 1) * 4096] = bytes([7]) * 4096
+m.madvise(mmap.MADV_MERGEABLE)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(0, 64, 2):
+    m[i * 4096] = 1
+print("written", flush=True)
+sys.stdin.readline()
+"""
+
+
+@needs_bcc
+def test_ksm_merges_and_cow_breaks(spawn):
+    """KSM merges of the target's pages, then its writes to them (COW breaks)."""
+    p = spawn([sys.executable, "-c", KSM_CHILD])
+    assert p.stdout.readline().strip() == "ready"
+    with Tracer(p.pid, ksm=True) as tr:
+        with ksm_scanning():
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                tr.pump(100)
+                if sum(r["kind"].startswith("ksm_merge") for r in tr.records) >= 32:
+                    break
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "written"
+        tr.pump(100)
+    kinds = [r["kind"] for r in tr.records]
+    assert sum(k.startswith("ksm_merge") for k in kinds) >= 32
+    # the writes to merged pages are copy-on-write faults of the target
+    assert kinds.count("cow") >= 32
+    assert {r["pid"] for r in tr.records if r["kind"] == "cow"} == {p.pid}
+    p.stdin.write("\n")
+    p.stdin.flush()

@@ -12,6 +12,7 @@ extension (wp/_wpffi*.so, native/faultloop.c); bcc attaches them in the
 daemon process, which must have that extension loaded already.
 """
 import ctypes as ct
+import functools
 import os
 import pathlib
 import platform
@@ -38,6 +39,7 @@ _TRACEPOINTS = ("exceptions/page_fault_user", "sched/sched_switch", "sched/sched
                 "syscalls/sys_exit_read", "syscalls/sys_enter_ioctl")
 _KSM_TRACEPOINTS = ("ksm/ksm_merge_one_page", "ksm/ksm_merge_with_ksm_page",
                     "ksm/ksm_remove_ksm_page", "ksm/ksm_remove_rmap_item")
+_KEEP_USDT_CONTEXTS = []
 _USDT = {"fault_read": "on_fault_read", "fault_resolved": "on_fault_resolved",
          "callback_enter": "on_callback_enter", "callback_exit": "on_callback_exit"}
 # Which USDT probes each --usdt level attaches. Every probe hit is a uprobe
@@ -91,9 +93,11 @@ _BTF_EXTRA = {1: lambda v: 4, 3: lambda v: 12, 4: lambda v: 12 * v, 5: lambda v:
               17: lambda v: 4, 19: lambda v: 12 * v}
 
 
+@functools.lru_cache(maxsize=32)
 def btf_member_offset(struct_name, member, path="/sys/kernel/btf/vmlinux"):
     """Returns the byte offset of struct_name.member in the running kernel,
-    read from its BTF, or None (no BTF, no such struct or member).
+    read from its BTF (members of anonymous structs and unions included),
+    or None (no BTF, no such struct or member).
 
     bcc compiles against Debian's older headers (DESIGN.md), whose struct
     layouts differ from the running kernel's; BTF is the kernel's own.
@@ -109,18 +113,35 @@ def btf_member_offset(struct_name, member, path="/sys/kernel/btf/vmlinux"):
         return None
     types = data[hdr_len + type_off:hdr_len + type_off + type_len]
     strs = data[hdr_len + str_off:hdr_len + str_off + str_len]
-    want, mwant = struct_name.encode() + b"\0", member.encode() + b"\0"
+    index = [None]                     # type id -> (kind, name_off, vlen, kflag, members_pos)
     pos = 0
     while pos + 12 <= len(types):
         name_off, info, _size = _st.unpack_from("<III", types, pos)
         kind, vlen, kflag = (info >> 24) & 0x1f, info & 0xffff, info >> 31
-        pos += 12
-        if kind == 4 and strs.startswith(want, name_off):
-            for i in range(vlen):
-                m_name, _m_type, m_off = _st.unpack_from("<III", types, pos + 12 * i)
-                if strs.startswith(mwant, m_name):
-                    return (m_off & 0xffffff if kflag else m_off) // 8
-        pos += _BTF_EXTRA.get(kind, lambda v: 0)(vlen)
+        index.append((kind, name_off, vlen, kflag, pos + 12))
+        pos += 12 + _BTF_EXTRA.get(kind, lambda v: 0)(vlen)
+    mwant = member.encode() + b"\0"
+
+    def find(tid, depth=0):
+        kind, _n, vlen, kflag, mpos = index[tid]
+        for i in range(vlen):
+            m_name, m_type, m_off = _st.unpack_from("<III", types, mpos + 12 * i)
+            bits = m_off & 0xffffff if kflag else m_off
+            if m_name and strs.startswith(mwant, m_name):
+                return bits
+            if not m_name and depth < 8 and 0 < m_type < len(index) and index[m_type][0] in (4, 5):
+                sub = find(m_type, depth + 1)
+                if sub is not None:
+                    return bits + sub
+        return None
+
+    want = struct_name.encode() + b"\0"
+    for tid in range(1, len(index)):
+        kind, name_off, vlen, _k, _p = index[tid]
+        if kind == 4 and vlen and strs.startswith(want, name_off):
+            bits = find(tid)
+            if bits is not None:
+                return bits // 8
     return None
 
 
@@ -174,7 +195,8 @@ class FaultProbes:
         daemon_pid: the process running the FaultLoop (wpd; os.getpid() when
             the session runs in this process). None: no daemon-side probes
             (read, ioctl, USDT) - only faults, blocking and wakeups.
-        ksm: also trace KSM merges and unmerges (system wide).
+        ksm: also trace KSM merges and unmerges of the target's memory
+            (of every process when the kernel has no BTF).
         usdt: which USDT probes of the daemon's wp/_wpffi*.so to attach:
             "none", "callbacks" (default; True means this) or "all" (adds
             fault_read and fault_resolved: t_msg and the C handler's "how").
@@ -206,6 +228,7 @@ class FaultProbes:
         self.modules_dir = modules_dir
         self.bpf = None
         self._pending = []
+        self._usdt = None
         self.events_read = 0
 
     def cflags(self):
@@ -219,6 +242,11 @@ class FaultProbes:
             off = btf_member_offset("task_struct", "pid")
             if off is not None:
                 flags.append("-DTASK_PID_OFFSET=%d" % off)
+        if self.ksm:
+            owner = btf_member_offset("mm_struct", "owner")
+            tgid = btf_member_offset("task_struct", "tgid")
+            if owner is not None and tgid is not None:
+                flags += ["-DMM_OWNER_OFFSET=%d" % owner, "-DTASK_TGID_OFFSET=%d" % tgid]
         # A knob for measuring the probes' cost piece by piece (wp bench trace).
         flags.extend(os.environ.get("WP_TRACE_CFLAGS", "").split())
         return flags
@@ -249,6 +277,11 @@ class FaultProbes:
                     "wp's extension loaded; rebuild it with systemtap-sdt-dev installed "
                     "(scripts/setup)" % (path, self.daemon_pid, err)) from err
             contexts.append(u)
+            # bcc 0.26's USDT::Context destructor closes one of its fds twice;
+            # run from a finalizer, the second close hits whatever fd got the
+            # number meanwhile (seen here: a fault loop's eventfd). Never let
+            # a context be finalized: one small leak per trace session.
+            _KEEP_USDT_CONTEXTS.append(u)
         try:
             self.bpf = bcc.BPF(src_file=program_path().encode(), cflags=self.cflags(),
                                usdt_contexts=contexts)
@@ -256,6 +289,11 @@ class FaultProbes:
             raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
                                      "(scripts/setup links them)" % (program_path(), err)) from err
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        # bcc's USDT context must outlive the BPF object: freed first (when
+        # `contexts` went out of scope here), it closed an fd that bcc's
+        # cleanup then closed a second time - by then someone else's fd (a
+        # fault loop's eventfd, seen with strace).
+        self._usdt = contexts
         return self
 
     def _on_event(self, ctx, data, size):
@@ -299,6 +337,7 @@ class FaultProbes:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+            self._usdt = None
 
     def __enter__(self):
         return self.open()

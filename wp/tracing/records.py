@@ -8,8 +8,10 @@ One line per fault::
 
 ``kind`` is ``wp``, ``minor`` or ``missing`` (the daemon read a uffd
 message for it), ``async`` (a write fault in an async-WP region: the kernel
-resolves it, no message), ``page`` (an ordinary page fault of the target: the
-baseline), or ``ksm_merge``, ``ksm_merge_ksm``, ``ksm_remove``,
+resolves it, no message), ``cow`` (an ordinary write to a present read-only
+page: copy on write after fork, of a KSM-merged or zero page, or a shared
+file's write notification: the KSM "COW break" baseline), ``page`` (any other
+ordinary page fault of the target: the baseline), or ``ksm_merge``, ``ksm_merge_ksm``, ``ksm_remove``,
 ``ksm_remove_rmap`` (KSM's own events, system wide, from ksmd).
 
 ``latency_ns`` runs from the fault's entry (exceptions:page_fault_user) to
@@ -49,10 +51,10 @@ __all__ = ["to_record", "TraceWriter", "read_trace", "PHASES", "FAULT_KINDS", "U
 PHASES = ("to_block", "to_read", "to_callback", "callback", "to_resolve", "wake", "handled", "blocked",
           "to_run")
 UFFD_KINDS = ("wp", "minor", "missing")
-FAULT_KINDS = UFFD_KINDS + ("async", "page")
+FAULT_KINDS = UFFD_KINDS + ("async", "cow", "page")
 
 _FLAG_WRITE, _FLAG_WP, _FLAG_MINOR = 1, 2, 4        # UFFD_PAGEFAULT_FLAG_*
-_PF_WRITE = 2                                       # x86 page fault error code bit
+_PF_PROT, _PF_WRITE = 1, 2                          # x86 page fault error code bits
 # _IOC_NR of the UFFDIO_* ioctls (linux/userfaultfd.h).
 _IOCTL_DECISION = {2: "wake", 3: "copy", 4: "zeropage", 5: "move", 6: "unprotect", 7: "continue",
                    8: "poison"}
@@ -86,6 +88,8 @@ def _kind(raw, async_regions):
         for start, end in async_regions:
             if start <= raw.addr < end:
                 return "async"
+    if raw.error_code & (_PF_PROT | _PF_WRITE) == _PF_PROT | _PF_WRITE:
+        return "cow"
     return "page"
 
 
