@@ -289,12 +289,33 @@ class FaultProbes:
             raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
                                      "(scripts/setup links them)" % (program_path(), err)) from err
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        if self.syscalls and self.daemon_pid:
+            self._seed_uffd_fds()
         # bcc's USDT context must outlive the BPF object: freed first (when
         # `contexts` went out of scope here), it closed an fd that bcc's
         # cleanup then closed a second time - by then someone else's fd (a
         # fault loop's eventfd, seen with strace).
         self._usdt = contexts
         return self
+
+    def _seed_uffd_fds(self):
+        """Tells the program which of the daemon's fds are uffds now (it
+        learns later ones from their UFFDIO_* ioctls), so that the first
+        faults after the start are joined to their read too."""
+        table = self.bpf[b"uffd_fds"]
+        base = "/proc/%d/fd" % self.daemon_pid
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return
+        for name in names:
+            try:
+                link = os.readlink(os.path.join(base, name))
+            except OSError:
+                continue
+            if link == "anon_inode:[userfaultfd]":
+                key = table.Key(self.daemon_pid, int(name))
+                table[key] = table.Leaf(1)
 
     def _on_event(self, ctx, data, size):
         self._pending.append(RawEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(RawEvent))))
