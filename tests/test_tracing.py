@@ -230,8 +230,10 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
     assert proc.returncode == 0, err
     recs, meta = records.read_trace(str(out))
     assert meta["lost"] == 0 and meta["target_pid"] == t.proc.pid
-    assert sorted(int(r["addr"], 16) & ~4095 for r in recs if r["kind"] == "wp") == \
-        [t.addr + i * t.psize for i in range(4)]
+    wp = [r for r in recs if r["kind"] == "wp"]
+    assert sorted(int(r["addr"], 16) & ~4095 for r in wp) == [t.addr + i * t.psize for i in range(4)]
+    # the session's uffd was open before the tracer started: seeded from /proc
+    assert all("to_read" in r["phases"] and r["decision"] == "unprotect" for r in wp)
 
 
 def test_live_histogram_format():

@@ -205,10 +205,26 @@ def _ask_wpd(args):
         for r in (stats.get("stats") or {}).get("regions", []):
             if r.get("mode") == "async":
                 async_regions.append((int(r["start"], 16), int(r["end"], 16)))
-        usdt = conn.request({"op": "usdt", "pid": args.pid, "on": True})
-        return daemon_pid, async_regions, bool(usdt.get("ok"))
+        usdt_on = False
+        if args.usdt != "none":
+            usdt = conn.request({"op": "usdt", "pid": args.pid, "on": True})
+            usdt_on = bool(usdt.get("ok") and usdt.get("usdt"))
+        return daemon_pid, async_regions, usdt_on
     finally:
         conn.close()
+
+
+def _usdt_off(args):
+    """Asks wpd to stop firing the callback probes (a cffi call per fault)."""
+    from wp import protocol
+    try:
+        conn = protocol.Connection.connect(args.socket or protocol.DEFAULT_SOCKET, timeout=10)
+        try:
+            conn.request({"op": "usdt", "pid": args.pid, "on": False})
+        finally:
+            conn.close()
+    except OSError:
+        pass
 
 
 def main(argv=None):
@@ -219,8 +235,11 @@ def main(argv=None):
     if args.ebpf:
         print(_probes.FaultProbes(args.pid).text())
         return 0
+    if args.lean:
+        args.usdt = "none"
     async_regions = []
     daemon_pid = args.daemon_pid
+    usdt_on = False
     if daemon_pid is None:
         try:
             daemon_pid, async_regions, usdt_on = _ask_wpd(args)
@@ -231,14 +250,14 @@ def main(argv=None):
             print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
                   file=sys.stderr)
             return 1
-    if args.lean:
-        args.usdt = "none"
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=args.region,
                     async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, syscalls=not args.lean,
                     keep=0 if args.output else 1000000)
     try:
         tracer.start()
     except _probes.TracingUnavailable as err:
+        if usdt_on:
+            _usdt_off(args)
         print("wp trace: %s" % err, file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -267,6 +286,8 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGINT, old)
         counters = tracer.stop()
+        if usdt_on:
+            _usdt_off(args)
     if not args.output and (args.count is None or intervals < args.count):
         _live_print(tracer, args, format_summary, summarize)
     if args.output:
