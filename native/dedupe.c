@@ -83,7 +83,7 @@ int64_t wp_dd_hash_pages(const void *buf, uint64_t n, uint64_t page_size,
 	int64_t zeros = 0;
 	for (uint64_t i = 0; i < n; i++, p += page_size) {
 		if (is_zero((const uint64_t *)p, page_size / 8)) {
-			hashes[i] = 0;
+			hashes[i] = 2;
 			zero[i] = 1;
 			zeros++;
 		} else {
@@ -132,4 +132,92 @@ int64_t wp_dd_kpagecount(int fd, const uint64_t *pfns, uint64_t n, uint64_t *cou
 			return -errno;
 	}
 	return n;
+}
+
+#define PM_PRESENT (1ULL << 63)
+#define PM_FILE (1ULL << 61)
+#define PM_PFN ((1ULL << 55) - 1)
+
+int64_t wp_dd_scan(int pid, uint64_t base, uint64_t page_size, const uint64_t *pm,
+		   uint64_t from, uint64_t to, uint64_t zero_pfn, uint64_t *hashes,
+		   void *buf, uint64_t buf_pages, uint64_t *addrs,
+		   uint64_t *zero_idx, uint64_t *stable_idx, uint64_t *counts)
+{
+	uint64_t idx[buf_pages > 0 ? buf_pages : 1];
+	uint64_t cur[buf_pages > 0 ? buf_pages : 1];
+	uint8_t zero[buf_pages > 0 ? buf_pages : 1];
+	int64_t err = 0;
+	uint64_t i = from;
+	while (i < to) {
+		uint64_t n = 0;
+		for (; i < to && n < buf_pages; i++) {
+			uint64_t e = pm[i];
+			if (!(e & PM_PRESENT) || (e & PM_FILE) || (e & PM_PFN) == zero_pfn) {
+				hashes[i] = 0;
+				continue;
+			}
+			idx[n] = i;
+			addrs[n] = base + i * page_size;
+			n++;
+		}
+		uint64_t done = 0;
+		while (done < n) {
+			int64_t got = wp_vm_read(pid, buf, addrs + done, n - done, page_size);
+			uint64_t pages = got > 0 ? (uint64_t)got / page_size : 0;
+			wp_dd_hash_pages(buf, pages, page_size, cur, zero);
+			for (uint64_t k = 0; k < pages; k++) {
+				uint64_t j = idx[done + k];
+				uint64_t prev = hashes[j];
+				hashes[j] = cur[k];
+				counts[0]++;
+				if (prev != cur[k]) {
+					if (prev)
+						counts[1]++;
+				} else if (zero[k]) {
+					zero_idx[counts[3]++] = j;
+				} else {
+					stable_idx[counts[4]++] = j;
+				}
+			}
+			done += pages;
+			if (done < n) {   /* unreadable page: skip it */
+				if (got < 0 && !err)
+					err = got;
+				hashes[idx[done]] = 0;
+				counts[2]++;
+				done++;
+			}
+		}
+	}
+	return err;
+}
+
+int64_t wp_dd_compare(const void *buf, uint64_t n, uint64_t page_size, uint64_t store_base,
+		      const uint64_t *idx, uint8_t *eq)
+{
+	const char *p = buf;
+	int64_t k = 0;
+	for (uint64_t i = 0; i < n; i++, p += page_size) {
+		if (idx[i] == UINT64_MAX)
+			eq[i] = is_zero((const uint64_t *)p, page_size / 8);
+		else
+			eq[i] = memcmp(p, (const char *)(uintptr_t)(store_base + idx[i] * page_size),
+				       page_size) == 0;
+		k += eq[i];
+	}
+	return k;
+}
+
+void wp_dd_verify(const uint64_t *pm, const uint64_t *merged, uint64_t n,
+		  uint64_t *broken_idx, uint64_t *absent_idx, uint64_t *counts)
+{
+	counts[0] = counts[1] = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		if (!merged[i])
+			continue;
+		if (!(pm[i] & PM_PRESENT))
+			absent_idx[counts[1]++] = i;
+		else if (!(pm[i] & PM_FILE))
+			broken_idx[counts[0]++] = i;
+	}
 }

@@ -26,5 +26,28 @@ int64_t wp_dd_read_hash(int pid, const uint64_t *addrs, uint64_t n, uint64_t pag
 int wp_dd_punch(int fd, uint64_t offset, uint64_t len);
 /* Reads n entries of /proc/kpagecount for pfns[0..n) into counts. */
 int64_t wp_dd_kpagecount(int fd, const uint64_t *pfns, uint64_t n, uint64_t *counts);
+/* One scan window of a region: pages [from, to) of the region at base.
+ * pm[i] is the pagemap entry of page i (the whole region's). Pages present,
+ * anonymous (not a file page) and not the zero page are read in batches of
+ * buf_pages into buf and hashed; hashes[i] holds the region's hashes from
+ * the last pass (0: not seen) and gets this pass's (2 for a zero page, odd
+ * otherwise; 0 for pages not scanned). Indexes of pages whose hash did not
+ * change go to zero_idx (zero pages) or stable_idx (others); counts[0..4]
+ * get += pages scanned, volatile, unreadable, stable zero, stable other.
+ * Returns 0 or -errno of the first failing read (the page is skipped). */
+int64_t wp_dd_scan(int pid, uint64_t base, uint64_t page_size, const uint64_t *pm,
+		   uint64_t from, uint64_t to, uint64_t zero_pfn, uint64_t *hashes,
+		   void *buf, uint64_t buf_pages, uint64_t *addrs,
+		   uint64_t *zero_idx, uint64_t *stable_idx, uint64_t *counts);
+/* eq[i] = 1 when page i of buf equals the page at store_base + idx[i] *
+ * page_size (idx[i] == UINT64_MAX: equals a zero page). Returns matches. */
+int64_t wp_dd_compare(const void *buf, uint64_t n, uint64_t page_size, uint64_t store_base,
+		      const uint64_t *idx, uint8_t *eq);
+/* For the n pages of a region: those with merged[i] != 0 whose pagemap
+ * entry pm[i] is present but not a file page (the kernel copied it on
+ * write, or it reads the zero page) go to broken_idx, those not present to
+ * absent_idx; counts[0] and counts[1] get their numbers. */
+void wp_dd_verify(const uint64_t *pm, const uint64_t *merged, uint64_t n,
+		  uint64_t *broken_idx, uint64_t *absent_idx, uint64_t *counts);
 
 #endif

@@ -72,3 +72,80 @@ def kpagecount(pfns):
     out = ffi.new("uint64_t[]", n)
     check(lib.wp_dd_kpagecount(_kpc_fd, arr, n, out), "pread(/proc/kpagecount)")
     return list(out)
+
+
+class RegionState:
+    """What the scanner keeps for one region between passes, in C arrays:
+    the pagemap entries of this pass, each page's hash from the last pass,
+    and the store page each merged page maps (index + 1; 0: not merged)."""
+
+    def __init__(self, start, end, prot, page_size=4096):
+        self.start = start
+        self.end = end
+        self.prot = prot
+        self.page_size = page_size
+        self.n = (end - start) // page_size
+        self.pm = ffi.new("uint64_t[]", self.n)
+        self.hashes = ffi.new("uint64_t[]", self.n)
+        self.merged = ffi.new("uint64_t[]", self.n)
+
+    def index(self, addr):
+        return (addr - self.start) // self.page_size
+
+    def addr(self, i):
+        return self.start + i * self.page_size
+
+
+class Scanner(Hasher):
+    """Hasher plus the per-region passes done in C (native/dedupe.c)."""
+
+    def __init__(self, pid, page_size=4096, batch=4096):
+        super().__init__(pid, page_size, batch)
+        self.pm_fd = os.open("/proc/%d/pagemap" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        self._idx = ffi.new("uint64_t[]", batch)
+        self._eq = ffi.new("uint8_t[]", batch)
+        self.counts = ffi.new("uint64_t[5]")
+
+    def close(self):
+        if self.pm_fd >= 0:
+            os.close(self.pm_fd)
+            self.pm_fd = -1
+
+    def read_pagemap(self, region):
+        """Reads the region's pagemap entries into region.pm."""
+        n = check(lib.wp_pagemap_read(self.pm_fd, region.start, region.n, region.pm),
+                  "pread(/proc/%d/pagemap, %#x)" % (self.pid, region.start))
+        if n < region.n:
+            ffi.memmove(region.pm + n, bytes(8 * (region.n - n)), 8 * (region.n - n))
+
+    def scan(self, region, frm, to, zero_pfn):
+        """Hashes pages [frm, to) of region (see wp_dd_scan). Returns
+        (zero page indexes, other stable page indexes); self.counts adds up
+        scanned, volatile, unreadable, stable zero, stable other."""
+        n = to - frm
+        zero_idx = ffi.new("uint64_t[]", max(n, 1))
+        stable_idx = ffi.new("uint64_t[]", max(n, 1))
+        c = self.counts
+        z0, s0 = c[3], c[4]
+        c[3] = c[4] = 0
+        lib.wp_dd_scan(self.pid, region.start, self.page_size, region.pm, frm, to,
+                       zero_pfn if zero_pfn >= 0 else 2**64 - 1, region.hashes,
+                       self.buf, self.batch, self.addrs, zero_idx, stable_idx, c)
+        nz, ns = c[3], c[4]
+        c[3], c[4] = z0 + nz, s0 + ns
+        return ffi.unpack(zero_idx, nz), ffi.unpack(stable_idx, ns)
+
+    def verify(self, region):
+        """Returns (broken, absent) page indexes of merged pages (wp_dd_verify)."""
+        broken = ffi.new("uint64_t[]", region.n)
+        absent = ffi.new("uint64_t[]", region.n)
+        cnt = ffi.new("uint64_t[2]")
+        lib.wp_dd_verify(region.pm, region.merged, region.n, broken, absent, cnt)
+        return ffi.unpack(broken, cnt[0]), ffi.unpack(absent, cnt[1])
+
+    def compare(self, n, store_base, idxs):
+        """Compares the first n pages of the last read with store pages
+        idxs[i] (None: with zeros). Returns a list of bools."""
+        self._idx[0:n] = [2**64 - 1 if i is None else i for i in idxs]
+        lib.wp_dd_compare(self.buf, n, self.page_size, store_base, self._idx, self._eq)
+        return ffi.unpack(self._eq, n)

@@ -79,8 +79,8 @@ O_RDWR, O_CLOEXEC = 0o2, 0o2000000
 # Bytes of kernel memory one VMA costs (vm_area_struct, anon_vma_chain,
 # maple tree slot): what general_profit charges per VMA added.
 VMA_COST = 256
-# Bytes of our own bookkeeping per tracked page (dict entries).
-PAGE_META = 120
+# Bytes of our own bookkeeping per page of a region (three C arrays).
+PAGE_META = 24
 # VMA flags (smaps VmFlags) of mappings we leave alone: locked pages,
 # MADV_DONTFORK/WIPEONFORK (a new mapping would lose them), hugetlb, I/O.
 _SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf", "um"}
@@ -183,9 +183,7 @@ class _Merged:
     def on_write(self, fault):
         # Only unmerge write-protects merged pages: wait until it is done.
         self.owner.wait_unfrozen(fault.page)
-        with self.owner.lock:
-            still = fault.page in self.owner.merged
-        return UNPROTECT if still else WAKE
+        return UNPROTECT if self.owner.is_merged(fault.page) else WAKE
 
     def on_event(self, event):
         name = event["event"]
@@ -241,15 +239,17 @@ class DedupeProtector(WriteProtector):
         self.page_size = os.sysconf("SC_PAGESIZE")
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
-        self.merged = {}        # page -> store index (this target)
-        self.zeroed = 0         # zero pages given back (counted once)
-        self.frozen = set()     # pages write-protected for a merge or unmerge
-        self.prev = {}          # page -> hash at the last pass
+        self.rstate = []        # RegionState per region, by address
+        self._starts = []
+        self.n_merged = 0       # pages of this target mapping the store
+        self.idx_refs = {}      # store index -> pages of this target mapping it
+        self.frozen = []        # [(start, end)] write-protected for a merge or unmerge
         self.children = []      # _Merged of forked children
         self.counters = dict(full_scans=0, pages_scanned=0, pages_volatile=0, pages_unshared=0,
                              merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
                              zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
-                             map_count_limited=0, taken_over=0, remote_ms=0.0,
+                             map_count_limited=0, taken_over=0, remote_ms=0.0, unmapped=0,
+                             moved_out=0,
                              scan_cpu_s=0.0, target_sys_s=0.0)
         self.file_report = {}
         self.store = None
@@ -257,7 +257,6 @@ class DedupeProtector(WriteProtector):
         self._stop = threading.Event()
         self._thread = None
         self._ready = threading.Event()
-        self._mine = []         # [(start, end)] registered on A
         self.error = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -276,7 +275,7 @@ class DedupeProtector(WriteProtector):
         self.loop_a.start()
         self.b = _Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
         self.b.start()
-        self._hasher = _native.Hasher(self.pid, self.page_size, 4096)
+        self._scanner = _native.Scanner(self.pid, self.page_size, 4096)
         self._pagemap = _pagemap.Pagemap(self.pid)
         self._zero_pfn = _zero_pfn()
         self._t_attach = time.monotonic()
@@ -314,6 +313,7 @@ class DedupeProtector(WriteProtector):
         self.loop_a.stop()
         self.uffd_a.close()
         self._pagemap.close()
+        self._scanner.close()
         try:
             self.store.collect()
         except OSError:
@@ -323,16 +323,11 @@ class DedupeProtector(WriteProtector):
 
     def _on_write_a(self, fault):
         self.wait_unfrozen(fault.page)
-        with self.lock:
-            merged = fault.page in self.merged
-        return WAKE if merged else UNPROTECT
-
-    def _on_minor_none(self, fault):
-        return WAKE
+        return WAKE if self.is_merged(fault.page) else UNPROTECT
 
     def wait_unfrozen(self, page, timeout=30.0):
         with self.cond:
-            self.cond.wait_for(lambda: page not in self.frozen, timeout)
+            self.cond.wait_for(lambda: not any(s <= page < e for s, e in self.frozen), timeout)
 
     # -- regions -----------------------------------------------------------
 
@@ -340,11 +335,20 @@ class DedupeProtector(WriteProtector):
         with open("/proc/%d/maps" % self.pid) as f:
             return sum(1 for _ in f)
 
+    def _region(self, addr):
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self.rstate[i].end:
+            return self.rstate[i]
+        return None
+
+    def is_merged(self, page):
+        r = self._region(page)
+        return bool(r is not None and r.merged[r.index(page)])
+
     def _mergeable(self, mappings):
-        """The anonymous private writable mappings inside our regions,
-        [(start, end, prot)]."""
+        """The anonymous private writable mappings inside the session's
+        regions, [(start, end, prot)]."""
         regions = [(r.start, r.end) for r in self.session.regions if r.kind == _maps.PRIVATE_ANON]
-        regions += self._mine
         out = []
         for m in mappings:
             if m.kind != _maps.PRIVATE_ANON or not m.writable or m.shared:
@@ -357,22 +361,20 @@ class DedupeProtector(WriteProtector):
                 if lo < hi:
                     out.append((lo, hi, prot))
         out.sort()
-        merged = []
-        for s, e, p in out:   # regions may overlap (session + ours)
-            if merged and s < merged[-1][1]:
-                ls, le, lp = merged[-1]
-                merged[-1] = (ls, max(le, e), lp)
-            else:
-                merged.append((s, e, p))
-        return merged
+        return out
 
     def _take_over(self, ranges):
-        """Moves the registration of ranges from the session's uffd to A
-        (see the module docstring: the session's uffd sends events)."""
+        """Moves the registration of new ranges from the session's uffd to
+        A (see the module docstring: the session's uffd sends events) and
+        starts keeping state for them."""
         su = self.session.sync_uffd
-        for s, e, _ in ranges:
-            if any(ms <= s and e <= me for ms, me in self._mine):
+        added = False
+        for s, e, prot in ranges:
+            r = self._region(s)
+            if r is not None and e <= r.end:
                 continue
+            if r is not None or any(s < x.end and x.start < e for x in self.rstate):
+                continue   # overlaps a region we have (it grew): leave the new part
             if su is not None and su.fd >= 0:
                 for op in (su.unprotect, su.unregister):
                     try:
@@ -384,86 +386,64 @@ class DedupeProtector(WriteProtector):
             except OSError as err:
                 log.debug("pid %d: cannot register %#x-%#x for freezing: %s", self.pid, s, e, err)
                 continue
-            self._mine.append((s, e))
+            self.rstate.append(_native.RegionState(s, e, prot, self.page_size))
             self.counters["taken_over"] += 1
-        self._mine.sort()
+            added = True
+        if added:
+            self.rstate.sort(key=lambda r: r.start)
+            self._starts = [r.start for r in self.rstate]
 
     # -- scanning ----------------------------------------------------------
 
     def scan_once(self):
         """One full pass: scan, then merge what is stable. Returns the number
-        of pages merged in this pass."""
+        of pages merged (or zeroed) in this pass."""
         t_cpu = time.thread_time()
         t_wall = time.monotonic()
         mappings = self.space.maps()
-        ranges = self._mergeable(mappings)
-        self._take_over(ranges)
-        self._verify_merged()
+        self._take_over(self._mergeable(mappings))
+        store_vmas = sorted((m.start, m.end) for m in mappings if m.inode == self.store.inode)
+        sc = self._scanner
+        for r in self.rstate:
+            sc.read_pagemap(r)
+        self._verify_merged(store_vmas)
         ps = self.page_size
-        cur = {}
         zero_cands = []
         groups = {}
-        scanned = volatile = 0
-        batch = []
-
-        def flush():
-            nonlocal scanned, volatile
-            i = 0
-            while i < len(batch):
-                chunk = batch[i:i + self._hasher.batch]
-                try:
-                    n = self._hasher.read(chunk)
-                except OSError:
-                    n = 0
-                hashes, zero = self._hasher.hashes, self._hasher.zero
-                for j in range(n):
-                    a = chunk[j]
-                    h = hashes[j]
-                    prev = self.prev.get(a)
-                    cur[a] = h
-                    scanned += 1
-                    if prev != h:
-                        if prev is not None:
-                            volatile += 1
-                        continue
-                    if zero[j]:
-                        if self.use_zero_pages:
-                            zero_cands.append(a)
-                    elif self.share != "zero":
-                        groups.setdefault(h, []).append(a)
-                i += n + 1 if n < len(chunk) else n   # skip a page that went away
-                self._throttle(len(chunk), t_cpu, t_wall)
-            batch.clear()
-
-        for s, e, _ in ranges:
-            npages = (e - s) // ps
-            ents = self._pagemap.entries(s, npages)
-            for i, ent in enumerate(ents):
-                if not ent & _pagemap.PRESENT or ent & _pagemap.FILE_SHARED:
-                    continue
-                if (ent & _pagemap.PFN_MASK) == self._zero_pfn:
-                    continue
-                a = s + i * ps
-                batch.append(a)
-                if len(batch) >= self.pages_to_scan:
-                    flush()
-        flush()
-        self.prev = cur
+        c = sc.counts
+        for k in range(5):
+            c[k] = 0
+        for r in self.rstate:
+            hashes = r.hashes
+            start = r.start
+            for frm in range(0, r.n, self.pages_to_scan):
+                z, st = sc.scan(r, frm, min(r.n, frm + self.pages_to_scan), self._zero_pfn)
+                if self.use_zero_pages:
+                    zero_cands.extend(start + i * ps for i in z)
+                if self.share != "zero":
+                    for i in st:
+                        h = hashes[i]
+                        g = groups.get(h)
+                        if g is None:
+                            groups[h] = [start + i * ps]
+                        else:
+                            g.append(start + i * ps)
+                self._throttle(t_cpu, t_wall)
         plan = self._plan(zero_cands, groups)
         self.counters["full_scans"] += 1
-        self.counters["pages_scanned"] += scanned
-        self.counters["pages_volatile"] = volatile
+        self.counters["pages_scanned"] += c[0]
+        self.counters["pages_volatile"] = c[1]
         merged = 0
         for i in range(0, len(plan), self.merge_batch):
             if self._stop.is_set():
                 break
-            merged += self._merge(plan[i:i + self.merge_batch], ranges)
+            merged += self._merge(plan[i:i + self.merge_batch])
         if self.measure_files:
             self._measure_files(mappings)
         self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
         return merged
 
-    def _throttle(self, pages, t_cpu, t_wall):
+    def _throttle(self, t_cpu, t_wall):
         if self.sleep_millisecs:
             time.sleep(self.sleep_millisecs / 1000)
         if self.cpu_budget:
@@ -473,9 +453,10 @@ class DedupeProtector(WriteProtector):
                 time.sleep(used / self.cpu_budget - elapsed)
 
     def _plan(self, zero_cands, groups):
-        """Returns [(addr, what)] sorted by address: what is "zero", a store
-        index, or ("new", key, source_addr) for a content not stored yet."""
-        plan = [(a, "zero") for a in zero_cands]
+        """Returns [(addr, what)] sorted by address: what is None (a zero
+        page), a store index, or (key, source_addr) for a content not stored
+        yet (the source page's bytes become the store page)."""
+        plan = [(a, None) for a in zero_cands]
         unshared = 0
         store = self.store
         for h, addrs in groups.items():
@@ -490,13 +471,10 @@ class DedupeProtector(WriteProtector):
                     store.unstable[key] = (self.pid, addrs[0])
                     unshared += 1
                     continue
-            if self.max_page_sharing:
-                chunks = [addrs[i:i + self.max_page_sharing]
-                          for i in range(0, len(addrs), self.max_page_sharing)]
-            else:
-                chunks = [addrs]
-            for c in chunks:
-                plan.extend((a, ("new", key, c[0])) for a in c)
+            step = self.max_page_sharing or len(addrs)
+            for i in range(0, len(addrs), step):
+                c = addrs[i:i + step]
+                plan.extend((a, (key, c[0])) for a in c)
         self.counters["pages_unshared"] = unshared
         plan.sort(key=lambda x: x[0])
         return plan
@@ -508,134 +486,170 @@ class DedupeProtector(WriteProtector):
             limit = int(f.read())
         return limit - self._count_vmas() - self.map_count_reserve
 
-    def _merge(self, plan, ranges):
+    def _freeze(self, addrs):
+        """Write-protects the pages at addrs (sorted) on A: one ioctl per
+        region span, or per run where a span fails. Returns (spans, the set
+        of frozen pages or None when all are)."""
+        ps = self.page_size
+        spans = []
+        for a in addrs:
+            r = self._region(a)
+            if spans and spans[-1][2] is r:
+                spans[-1][1] = a + ps
+            else:
+                spans.append([a, a + ps, r])
+        spans = [(s, e) for s, e, _ in spans]
+        with self.lock:
+            self.frozen.extend(spans)
+        partial = None
+        for s, e in spans:
+            try:
+                _retry(self.uffd_a.protect, s, e - s)
+            except OSError:
+                # Some VMA in the span is not ours (a new mapping, locked
+                # memory): freeze page runs instead.
+                partial = partial if partial is not None else set()
+                for rs, rn, _ in _runs([a for a in addrs if s <= a < e], ps):
+                    try:
+                        _retry(self.uffd_a.protect, rs, rn * ps)
+                        partial.update(range(rs, rs + rn * ps, ps))
+                    except OSError:
+                        pass
+        return spans, partial
+
+    def _unfreeze(self, spans):
+        ps = self.page_size
+        for s, e in spans:
+            try:
+                _retry(self.uffd_a.unprotect, s, e - s)
+            except OSError:
+                # Part of the span is not WP-registered: unprotect what is,
+                # page by page, and wake every waiter.
+                for a in range(s, e, ps):
+                    try:
+                        self.uffd_a.unprotect(a, ps)
+                    except OSError:
+                        pass
+                self.uffd_a.wake(s, e - s)
+        with self.cond:
+            for sp in spans:
+                self.frozen.remove(sp)
+            self.cond.notify_all()
+
+    def _merge(self, plan):
         """Freezes, compares and merges one batch. Returns pages merged."""
         ps = self.page_size
         store = self.store
-        starts = [r[0] for r in ranges]
-
-        def prot_of(a):
-            i = bisect.bisect_right(starts, a) - 1
-            return ranges[i][2] if i >= 0 and a < ranges[i][1] else None
-
         # New contents get store pages in address order of their first
         # page, so side-by-side duplicates map side-by-side store pages.
+        in_batch = {a for a, _ in plan}
         new_idx = {}
-        firsts = sorted({w[2] for _, w in plan if isinstance(w, tuple)})
+        firsts = []
+        for a, w in plan:
+            if isinstance(w, tuple):
+                key, src = w
+                if key in new_idx:
+                    continue
+                idx = store.lookup(key, self.max_page_sharing)
+                if idx is not None:
+                    new_idx[key] = idx
+                elif src == a:
+                    firsts.append(a)
+                    new_idx[key] = None
+        reserved = {}
         for run_start, n, _ in _runs(firsts, ps):
             first = store.reserve(n)
             for k in range(n):
-                new_idx[run_start + k * ps] = first + k
-        addrs = [a for a, _ in plan]
-        with self.lock:
-            self.frozen.update(addrs)
-        frozen_runs = _runs(addrs, ps)
-        ok_freeze = set()
-        for s, n, _ in frozen_runs:
-            try:
-                _retry(self.uffd_a.protect, s, n * ps)
-                ok_freeze.update(range(s, s + n * ps, ps))
-            except OSError as err:
-                log.debug("pid %d: freeze %#x+%d: %s", self.pid, s, n, err)
-        # Compare the frozen bytes.
+                reserved[run_start + k * ps] = first + k
+        spans, partial = self._freeze([a for a, _ in plan])
+        store_base = store._base
         to_store = []     # (addr, idx)
         to_zero = []
-        filled = set()
-        bad_src = set()
+        filled = {}
         i = 0
+        B = self._scanner.batch
         while i < len(plan):
-            chunk = plan[i:i + self._hasher.batch]
+            chunk = plan[i:i + B]
             try:
-                n = self._hasher.read([a for a, _ in chunk])
+                n = self._scanner.read([a for a, _ in chunk])
             except OSError:
                 n = 0
+            hashes = self._scanner.hashes
+            cmp_idx = []
             for j in range(n):
-                a, what = chunk[j]
-                if a not in ok_freeze:
+                a, w = chunk[j]
+                if w is None or not isinstance(w, tuple):
+                    cmp_idx.append(w)
                     continue
-                if what == "zero":
-                    if self._hasher.zero[j]:
-                        to_zero.append(a)
-                    else:
-                        self.counters["compare_failed"] += 1
+                key, src = w
+                idx = new_idx.get(key)
+                if idx is None and a == src and hashes[j] == key[1]:
+                    idx = reserved[a]
+                    store.fill(idx, key, self._scanner.page(j))
+                    store_base = store._base
+                    new_idx[key] = idx
+                    filled[idx] = True
+                cmp_idx.append(idx if idx is not None else -1)
+            eq = self._scanner.compare(n, store_base, [x if x != -1 else 0 for x in cmp_idx])
+            for j in range(n):
+                a, w = chunk[j]
+                if partial is not None and a not in partial:
                     continue
-                data = self._hasher.page(j)
-                if isinstance(what, tuple):
-                    _, key, src = what
-                    idx = new_idx[src]
-                    if idx not in filled:
-                        if src in bad_src:
-                            self.counters["compare_failed"] += 1
-                            continue
-                        if a != src or self._hasher.hashes[j] != key[1]:
-                            bad_src.add(src)
-                            self.counters["compare_failed"] += 1
-                            continue
-                        store.fill(idx, key, data)
-                        filled.add(idx)
-                else:
-                    idx = what
-                if data == store.content(idx):
-                    to_store.append((a, idx))
-                else:
+                idx = cmp_idx[j]
+                if idx == -1 or not eq[j]:
                     self.counters["compare_failed"] += 1
+                elif idx is None:
+                    to_zero.append(a)
+                else:
+                    to_store.append((a, idx))
             i += n + 1 if n < len(chunk) else n
-        for src, idx in new_idx.items():
+        for a, idx in reserved.items():
             if idx not in filled:
                 store.release(idx)
         # Keep headroom under vm.max_map_count: each run may add two VMAs.
-        store_runs = _runs([a for a, _ in to_store], ps, key=dict(to_store).get)
+        idx_of = dict(to_store)
+        store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
         left = self._map_count_left()
         if 2 * len(store_runs) > left:
             keep = max(0, left // 2)
             self.counters["map_count_limited"] += len(store_runs) - keep
             store_runs = store_runs[:keep]
         zero_runs = _runs(to_zero, ps)
-        merged_store = merged_zero = []
-        if store_runs or zero_runs:
-            merged_store, merged_zero = self._remote_merge(store_runs, zero_runs, prot_of)
-        # Bookkeeping, then register the merged runs on B.
-        done = set()
-        with self.lock:
-            for s, n, idx in merged_store:
+        ok_store, ok_zero = [], []
+        try:
+            if store_runs or zero_runs:
+                ok_store, ok_zero = self._remote_merge(store_runs, zero_runs)
+            # Bookkeeping, then register the merged runs on B.
+            done = 0
+            with self.lock:
+                for s, n, idx in ok_store:
+                    r = self._region(s)
+                    base = r.index(s)
+                    for k in range(n):
+                        r.merged[base + k] = idx + k + 1
+                        self.idx_refs[idx + k] = self.idx_refs.get(idx + k, 0) + 1
+                        self.b.removed.discard(s + k * ps)
+                    done += n
+            for s, n, idx in ok_store:
                 for k in range(n):
-                    self.merged[s + k * ps] = idx + k
-                    self.b.removed.discard(s + k * ps)
-                    done.add(s + k * ps)
-            for s, n, _ in merged_zero:
-                self.zeroed += n
-        for s, n, idx in merged_store:
-            for k in range(n):
-                store.ref(idx + k)
-            try:
-                _retry(self.b.uffd.register, s, n * ps, MODE_MINOR | MODE_WP)
-            except OSError as err:
-                log.warning("pid %d: merged %#x+%d pages but cannot register it: %s",
-                            self.pid, s, n, err)
-        self.counters["merges"] += len(done)
-        self.counters["zero_pages"] += sum(n for _, n, _ in merged_zero)
-        self.counters["merge_batches"] += 1
-        # Let the writers go: merged pages are another VMA now (wake only);
-        # the others are unprotected (which wakes them).
-        self._unfreeze(frozen_runs, done)
-        return len(done) + sum(n for _, n, _ in merged_zero)
-
-    def _unfreeze(self, runs, merged):
-        ps = self.page_size
-        for s, n, _ in runs:
-            for r_s, r_n, _ in _runs([a for a in range(s, s + n * ps, ps) if a not in merged], ps):
+                    store.ref(idx + k)
                 try:
-                    _retry(self.uffd_a.unprotect, r_s, r_n * ps)
-                except OSError:
-                    self.uffd_a.wake(r_s, r_n * ps)
-            for r_s, r_n, _ in _runs([a for a in range(s, s + n * ps, ps) if a in merged], ps):
-                self.uffd_a.wake(r_s, r_n * ps)
-        with self.cond:
-            for s, n, _ in runs:
-                self.frozen.difference_update(range(s, s + n * ps, ps))
-            self.cond.notify_all()
+                    _retry(self.b.uffd.register, s, n * ps, MODE_MINOR | MODE_WP)
+                except OSError as err:
+                    log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
+                                self.pid, s, n, err)
+            nz = sum(n for _, n, _ in ok_zero)
+            self.n_merged += done
+            self.counters["merges"] += done
+            self.counters["zero_pages"] += nz
+            self.counters["merge_batches"] += 1
+        finally:
+            # Let the writers go: merged pages are another VMA now (they
+            # retry there and copy on write); the others are unprotected.
+            self._unfreeze(spans)
+        return done + nz
 
-    def _remote_merge(self, store_runs, zero_runs, prot_of):
+    def _remote_merge(self, store_runs, zero_runs):
         """Runs the merge batch in the target. Returns the runs that merged."""
         from wp.remote import RemoteProcess
         ps = self.page_size
@@ -651,78 +665,95 @@ class DedupeProtector(WriteProtector):
                 tfd = rp.syscall(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
             calls = []
             for s, n, idx in store_runs:
-                calls.append((NR_MMAP, (s, n * ps, prot_of(s), MAP_PRIVATE | MAP_FIXED, tfd,
+                prot = self._region(s).prot
+                calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
                                         self.store.offset(idx))))
                 calls.append((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ)))
             for s, n, _ in zero_runs:
                 calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+            if tfd is not None:
+                calls.append((NR_CLOSE, (tfd,)))
+            if scratch is not None:
+                calls.append((NR_MUNMAP, (scratch, ps)))
             res = rp.syscalls(calls)
             for k, run in enumerate(store_runs):
-                r = res[2 * k]
-                if r == run[0]:
+                if res[2 * k] == run[0]:
                     ok_store.append(run)
                 else:
                     self.counters["merge_errors"] += 1
-                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], r)
+                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[2 * k])
             base = 2 * len(store_runs)
             for k, run in enumerate(zero_runs):
                 if res[base + k] == 0:
                     ok_zero.append(run)
                 else:
                     self.counters["merge_errors"] += 1
-            tail = []
-            if tfd is not None:
-                tail.append((NR_CLOSE, (tfd,)))
-            if scratch is not None:
-                tail.append((NR_MUNMAP, (scratch, ps)))
-            if tail:
-                rp.syscalls(tail)
         self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
         self.counters["target_sys_s"] += _sys_time(self.pid) - sys0
         return ok_store, ok_zero
 
     # -- keeping track -----------------------------------------------------
 
-    def _verify_merged(self):
-        """Counts sharing breaks (the kernel copied a merged page on write,
-        or it went: munmap, DONTNEED) from pagemap, and drops their refs."""
-        ps = self.page_size
-        with self.lock:
-            pages = sorted(self.merged)
-        gone = []
-        for s, n, _ in _runs(pages, ps):
-            ents = self._pagemap.entries(s, n)
-            for k, ent in enumerate(ents):
-                a = s + k * ps
-                if ent & _pagemap.PRESENT and ent & _pagemap.FILE_SHARED:
-                    continue
-                if not ent & _pagemap.PRESENT and a not in self.b.removed:
-                    continue   # zapped by reclaim or not yet faulted back: still ours
-                gone.append(a)
-        if not gone:
-            return
-        with self.lock:
-            for a in gone:
-                idx = self.merged.pop(a, None)
-                if idx is not None:
-                    self.store.unref(idx)
+    def _drop(self, r, i):
+        """Forgets that page i of region r is merged (lock held)."""
+        idx = r.merged[i] - 1
+        r.merged[i] = 0
+        self.n_merged -= 1
+        left = self.idx_refs.get(idx, 0) - 1
+        if left > 0:
+            self.idx_refs[idx] = left
+        else:
+            self.idx_refs.pop(idx, None)
+        self.store.unref(idx)
+
+    def _verify_merged(self, store_vmas):
+        """Counts sharing breaks from pagemap: the kernel copied a merged
+        page on write (or a removed page reads zeros now); pages no store
+        mapping covers any more were unmapped. Drops their refs."""
+        starts = [s for s, _ in store_vmas]
+        dropped = 0
+        for r in self.rstate:
+            broken, absent = self._scanner.verify(r)
+            if not broken and not absent:
+                continue
+            with self.lock:
+                for i in broken:
+                    self._drop(r, i)
                     self.counters["sharing_breaks"] += 1
-        self.store.collect()
+                for i in absent:
+                    a = r.addr(i)
+                    k = bisect.bisect_right(starts, a) - 1
+                    if k >= 0 and a < store_vmas[k][1]:
+                        continue   # DONTNEED'd or reclaimed: still a store mapping
+                    self._drop(r, i)
+                    self.counters["unmapped"] += 1
+            dropped += len(broken) + len(absent)
+        if dropped:
+            self.store.collect()
 
     def moved(self, m, start, to, length):
-        """The target mremap()ed merged pages: move our bookkeeping."""
+        """The target mremap()ed merged pages (within one VMA): move our
+        bookkeeping when both ends are in our regions."""
         if m is not self.b:
             return
         ps = self.page_size
         with self.lock:
             for a in range(start, start + length, ps):
-                idx = self.merged.pop(a, None)
-                if idx is not None:
-                    self.merged[a - start + to] = idx
+                r, r2 = self._region(a), self._region(a - start + to)
+                if r is None:
+                    continue
+                i = r.index(a)
+                idx = r.merged[i]
+                if idx:
+                    r.merged[i] = 0
+                    if r2 is not None:
+                        r2.merged[r2.index(a - start + to)] = idx
+                    else:
+                        self.n_merged -= 1
+                        self.counters["moved_out"] += 1
                 if a in m.removed:
                     m.removed.discard(a)
                     m.removed.add(a - start + to)
-            self._mine.append((to, to + length))
 
     def forked(self, parent, fd):
         """A merged range was inherited by a forked child: serve its MINOR
@@ -740,11 +771,8 @@ class DedupeProtector(WriteProtector):
     def store_runs_in_maps(self, pid=None):
         """Returns [(start, end)] of the target's mappings of the store."""
         pid = pid or self.pid
-        out = []
-        for m in _maps.read_maps(pid):
-            if m.inode == self.store.inode and m.path.startswith("/memfd:"):
-                out.append((m.start, m.end))
-        return out
+        return [(m.start, m.end) for m in _maps.read_maps(pid)
+                if m.inode == self.store.inode and m.path.startswith("/memfd:")]
 
     def unmerge_all(self):
         """Makes every merged page of the target private anonymous memory
@@ -768,9 +796,8 @@ class DedupeProtector(WriteProtector):
                     bu.zeropage(a, ps)
                 except OSError:
                     pass
-        pages = [a for s, e in runs for a in range(s, e, ps)]
         with self.lock:
-            self.frozen.update(pages)
+            self.frozen.extend(runs)
         try:
             for s, e in runs:
                 try:
@@ -782,13 +809,13 @@ class DedupeProtector(WriteProtector):
                     except OSError as err:
                         log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s",
                                     self.pid, s, e, err)
-            datas = [self.space.read(s, e - s) for s, e in runs]
             total = sum(e - s for s, e in runs)
-            zero = bytes(ps)
             with RemoteProcess(self.pid) as rp:
                 fresh = rp.mmap_scratch(total)
                 off = 0
-                for (s, e), data in zip(runs, datas):
+                zero = bytes(ps)
+                for s, e in runs:
+                    data = self.space.read(s, e - s)
                     for k in range(0, e - s, ps):
                         page = data[k:k + ps]
                         if page != zero:
@@ -797,28 +824,32 @@ class DedupeProtector(WriteProtector):
                 calls = []
                 off = 0
                 for s, e in runs:
-                    calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
+                    calls.append((NR_MREMAP, (fresh + off, e - s, e - s,
+                                              MREMAP_MAYMOVE | MREMAP_FIXED, s)))
                     off += e - s
                 res = rp.syscalls(calls)
                 bad = [(r, run) for r, run in zip(res, runs) if r != run[0]]
                 if bad:
-                    log.warning("pid %d: %d mremaps failed at unmerge: %s", self.pid, len(bad), bad[:3])
+                    log.warning("pid %d: %d mremaps failed at unmerge: %s", self.pid, len(bad),
+                                bad[:3])
             with self.lock:
-                for a in pages:
-                    idx = self.merged.pop(a, None)
-                    if idx is not None:
-                        self.store.unref(idx)
-                self.counters["unmerged"] += len(pages)
+                for s, e in runs:
+                    for a in range(s, e, ps):
+                        r = self._region(a)
+                        if r is not None and r.merged[r.index(a)]:
+                            self._drop(r, r.index(a))
+                self.counters["unmerged"] += total // ps
         finally:
             with self.cond:
-                self.frozen.difference_update(pages)
+                for sp in runs:
+                    self.frozen.remove(sp)
                 self.cond.notify_all()
             for s, e in runs:
                 try:
                     bu.wake(s, e - s)
                 except OSError:
                     pass
-        return len(pages)
+        return total // ps
 
     # -- file-backed memory: measured only -----------------------------------
 
@@ -839,13 +870,13 @@ class DedupeProtector(WriteProtector):
             addrs = [m.start + i * ps for i, e in enumerate(ents) if e & _pagemap.PRESENT]
             key = "%#x-%#x %s" % (m.start, m.end, m.path or m.kind)
             hs = []
-            for i in range(0, len(addrs), self._hasher.batch):
-                chunk = addrs[i:i + self._hasher.batch]
+            for i in range(0, len(addrs), self._scanner.batch):
+                chunk = addrs[i:i + self._scanner.batch]
                 try:
-                    n = self._hasher.read(chunk)
+                    n = self._scanner.read(chunk)
                 except OSError:
                     n = 0
-                hs.extend((chunk[j], self._hasher.hashes[j]) for j in range(n))
+                hs.extend((chunk[j], self._scanner.hashes[j]) for j in range(n))
             broke = sum(1 for a, h in hs if a in prev and prev[a] != h)
             for a, h in hs:
                 cur[a] = h
@@ -867,9 +898,9 @@ class DedupeProtector(WriteProtector):
         """KSM's counters for this target, plus ours."""
         ps = self.page_size
         with self.lock:
-            merged = len(self.merged)
-            shared = len(set(self.merged.values()))
-            tracked = len(self.prev) + merged
+            merged = self.n_merged
+            shared = len(self.idx_refs)
+            tracked = sum(r.n for r in self.rstate)
         try:
             vmas = self._count_vmas()
             with open("/proc/sys/vm/max_map_count") as f:
@@ -928,7 +959,7 @@ def daemon_stats(protectors):
                vmas_added=sum(s["vmas_added"] for s in per),
                general_profit=(merged - shared + zero) * ps
                - sum(s["vmas_added"] for s in per) * VMA_COST
-               - sum(len(p.prev) + len(p.merged) for p in protectors) * PAGE_META,
+               - sum(r.n for p in protectors for r in p.rstate) * PAGE_META,
                store=store.stats())
     return out
 

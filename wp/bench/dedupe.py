@@ -1,0 +1,302 @@
+"""wp bench dedupe: the dedupe protector against kernel KSM, in one run.
+
+Workload (tests/targets/dd_target.c): SIZE MiB of anonymous memory in
+groups of four pages — two duplicates (DISTINCT contents in all, the two of
+a group with consecutive content ids), one zero page, one unique page — so
+50% duplicates, 25% zero, 25% unique, interleaved page by page.
+
+Kernel KSM: the same target with MADV_MERGEABLE; KSM set to
+sleep_millisecs=0, pages_to_scan=4000, use_zero_pages=1, run=1 (every knob
+restored and KSM's merges undone afterwards). wp dedupe: the same knobs,
+attached by syscall injection like wpd does, passes until one merges
+nothing more.
+
+For each: PSS saved (/proc/PID/smaps_rollup), CPU seconds (ksmd's; for wp
+the daemon's threads plus the system time the injected syscalls cost the
+target), wall time to converge, the cost of a first write to a merged page
+(measured by the target, one byte per page), VMAs added, and for wp the
+time to unmerge at detach. vm.max_map_count is raised for the run when the
+workload needs more VMAs than it allows, and restored.
+
+    python -m wp.bench.dedupe [--size MiB] [--distinct N] [--json] [--only ksm|wp]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from wp import ksm
+
+__all__ = ["run", "main"]
+
+PAGE = 4096
+
+
+def _target_bin():
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    src = os.path.join(root, "tests", "targets", "dd_target.c")
+    out = os.path.join(root, "tests", "targets", "bin", "dd_target")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-g", "-Wall", "-pthread", "-o", out, src], check=True)
+    return out
+
+
+class _Target:
+    def __init__(self, npages, distinct, mergeable=False):
+        argv = [_target_bin(), str(npages), str(distinct)] + (["ksm"] if mergeable else [])
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        w = self.p.stdout.readline().split()
+        if not w or w[0] != "ready":
+            raise RuntimeError("dd_target did not start: %r" % (w,))
+        self.pid = int(w[1])
+
+    def cmd(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().split()
+
+    def pss_kb(self):
+        with open("/proc/%d/smaps_rollup" % self.pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        return 0
+
+    def vmas(self):
+        with open("/proc/%d/maps" % self.pid) as f:
+            return sum(1 for _ in f)
+
+    def first_write_ns(self, n=2000):
+        # Duplicate pages are those with index % 4 in (0, 1): every 4th page.
+        w = self.cmd("W 0 %d 4" % n)
+        return int(w[1]), int(w[2])
+
+    def check(self):
+        w = self.cmd("c")
+        return int(w[1])
+
+    def close(self):
+        try:
+            self.cmd("q")
+            self.p.wait(10)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.p.kill()
+            self.p.wait()
+
+
+def _expected_saved(npages, distinct):
+    return npages // 2 - min(distinct, npages // 2) + npages // 4
+
+
+def run_ksm(size_mib=1024, distinct=1000, timeout=300):
+    """The kernel KSM half. Returns a dict."""
+    npages = size_mib * 256
+    t = _Target(npages, distinct, mergeable=True)
+    try:
+        pss0 = t.pss_kb()
+        vmas0 = t.vmas()
+        with ksm.KsmSettings(sleep_millisecs=0, pages_to_scan=4000, use_zero_pages=1,
+                             max_page_sharing=256, run=1):
+            cpu0 = ksm.ksmd_cpu_seconds()
+            scans0 = ksm.read("full_scans")
+            t0 = time.monotonic()
+            expect = _expected_saved(npages, distinct)
+            converged = True
+            try:
+                ksm.wait_converged(expect_saved_pages=int(expect * 0.999), timeout=timeout, poll=0.01)
+            except TimeoutError:
+                converged = False
+            wall = time.monotonic() - t0
+            cpu = ksm.ksmd_cpu_seconds() - cpu0
+            s = ksm.stats()
+            pss1 = t.pss_kb()
+            bad = t.check()
+            lat_avg, lat_max = t.first_write_ns()
+            vmas1 = t.vmas()
+            out = {
+                "pss_before_kib": pss0, "pss_after_kib": pss1,
+                "pss_saved_mib": round((pss0 - pss1) / 1024, 1),
+                "cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "converged": converged,
+                "full_scans": s.get("full_scans", 0) - scans0,
+                "pages_shared": s.get("pages_shared"), "pages_sharing": s.get("pages_sharing"),
+                "zero_pages": s.get("ksm_zero_pages"), "general_profit": s.get("general_profit"),
+                "first_write_ns_avg": lat_avg, "first_write_ns_max": lat_max,
+                "vmas_added": vmas1 - vmas0, "target_check_bad_pages": bad,
+            }
+        return out
+    finally:
+        t.close()
+
+
+def _cpu_self():
+    t = os.times()
+    return t.user + t.system
+
+
+def _sys_of(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _MapCount:
+    """Raises vm.max_map_count to at least need for a while; restores it."""
+
+    PATH = "/proc/sys/vm/max_map_count"
+
+    def __init__(self, need):
+        self.need = need
+        self.saved = None
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            self.saved = int(f.read())
+        if self.need > self.saved:
+            with open(self.PATH, "w") as f:
+                f.write(str(self.need))
+        return self
+
+    def __exit__(self, *exc):
+        with open(self.PATH, "w") as f:
+            f.write(str(self.saved))
+
+
+def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8):
+    """The wp dedupe half. Returns a dict."""
+    from wp.daemon import _remote_uffd_source
+    from wp.protectors.dedupe import DedupeProtector
+    from wp.session import Session
+    from wp.space import ProcessSpace
+
+    npages = size_mib * 256
+    t = _Target(npages, distinct)
+    try:
+        pss0 = t.pss_kb()
+        vmas0 = t.vmas()
+        with _MapCount(npages + 65536) as mc:
+            prot = DedupeProtector(pages_to_scan=pages_to_scan, sleep_millisecs=0,
+                                   use_zero_pages=True, max_page_sharing=256, auto=False,
+                                   measure_files=False)
+            cpu0 = _cpu_self()
+            tsys0 = _sys_of(t.pid)
+            t0 = time.monotonic()
+            session = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot,
+                              regions=["anon"])
+            session.start()
+            passes = []
+            expect = _expected_saved(npages, distinct)
+            wall = None
+            try:
+                for _ in range(max_passes):
+                    tp = time.monotonic()
+                    merged = prot.scan_once()
+                    passes.append({"merged": merged, "s": round(time.monotonic() - tp, 3)})
+                    st = prot.stats()
+                    if wall is None and st["pages_sharing"] + st["zero_pages"] >= expect * 0.999:
+                        wall = time.monotonic() - t0
+                        cpu = _cpu_self() - cpu0
+                        tsys = _sys_of(t.pid) - tsys0
+                        break
+                    if len(passes) > 2 and merged == 0:
+                        break
+                if wall is None:
+                    wall = time.monotonic() - t0
+                    cpu = _cpu_self() - cpu0
+                    tsys = _sys_of(t.pid) - tsys0
+                pss1 = t.pss_kb()
+                vmas1 = t.vmas()
+                bad = t.check()
+                st = prot.stats()
+                lat_avg, lat_max = t.first_write_ns()
+                bad_after_write = t.check()
+            finally:
+                tc = time.monotonic()
+                session.close()
+                unmerge_s = time.monotonic() - tc
+            pss2 = t.pss_kb()
+            bad_after_detach = t.check()
+        return {
+            "pss_before_kib": pss0, "pss_after_kib": pss1,
+            "pss_saved_mib": round((pss0 - pss1) / 1024, 1),
+            "cpu_s": round(cpu + tsys, 3), "cpu_daemon_s": round(cpu, 3),
+            "cpu_target_sys_s": round(tsys, 3), "wall_s": round(wall, 3),
+            "passes": passes, "pages_shared": st["pages_shared"],
+            "pages_sharing": st["pages_sharing"], "zero_pages": st["zero_pages"],
+            "general_profit": st["general_profit"], "compare_failed": st["compare_failed"],
+            "first_write_ns_avg": lat_avg, "first_write_ns_max": lat_max,
+            "vmas_added": vmas1 - vmas0, "max_map_count_used": max(mc.need, mc.saved),
+            "remote_ms": round(st["remote_ms"], 1), "unmerge_s": round(unmerge_s, 3),
+            "pss_after_detach_kib": pss2,
+            "target_check_bad_pages": bad, "bad_pages_after_writes": bad_after_write,
+            "bad_pages_after_detach": bad_after_detach,
+        }
+    finally:
+        t.close()
+
+
+def run(size_mib=1024, distinct=1000, only=None):
+    """Runs both halves (or only "ksm" / "wp"). Returns the JSON dict:
+    {"workload": {...}, "ksm": {...}, "wp": {...}, "ratios": {...}}."""
+    out = {"workload": {"size_mib": size_mib, "distinct": distinct, "page_size": PAGE,
+                        "layout": "groups of 4 pages: dup, dup, zero, unique",
+                        "expected_saved_mib": round(_expected_saved(size_mib * 256, distinct)
+                                                    * PAGE / 2**20, 1),
+                        "cpus": os.cpu_count()}}
+    if only in (None, "ksm"):
+        out["ksm"] = run_ksm(size_mib, distinct)
+    if only in (None, "wp"):
+        out["wp"] = run_wp(size_mib, distinct)
+    if "ksm" in out and "wp" in out:
+        k, w = out["ksm"], out["wp"]
+        out["ratios"] = {
+            "savings_vs_ksm": round(w["pss_saved_mib"] / k["pss_saved_mib"], 3) if k["pss_saved_mib"] else None,
+            "cpu_vs_ksm": round(w["cpu_s"] / k["cpu_s"], 3) if k["cpu_s"] else None,
+            "wall_vs_ksm": round(w["wall_s"] / k["wall_s"], 3) if k["wall_s"] else None,
+            "first_write_vs_ksm": round(w["first_write_ns_avg"] / k["first_write_ns_avg"], 3)
+            if k["first_write_ns_avg"] else None,
+        }
+        out["goals_met"] = {
+            "savings_ge_95pct": out["ratios"]["savings_vs_ksm"] is not None
+            and out["ratios"]["savings_vs_ksm"] >= 0.95,
+            "cpu_le_2x": out["ratios"]["cpu_vs_ksm"] is not None and out["ratios"]["cpu_vs_ksm"] <= 2,
+            "wall_le_2x": out["ratios"]["wall_vs_ksm"] is not None and out["ratios"]["wall_vs_ksm"] <= 2,
+        }
+    return out
+
+
+def main(args=None):
+    """wp bench dedupe [--size MiB] [--distinct N] [--only ksm|wp] [--json]
+
+    Args (argv list, or None for sys.argv[1:]):
+        --size MiB      anonymous memory of the target (default 1024)
+        --distinct N    distinct duplicate contents (default 1000)
+        --only WHICH    run only "ksm" or only "wp"
+        --json          print the result as JSON (else a short table)
+    """
+    ap = argparse.ArgumentParser(prog="wp bench dedupe", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=1024, help="MiB of anonymous memory (1024)")
+    ap.add_argument("--distinct", type=int, default=1000, help="distinct duplicate contents")
+    ap.add_argument("--only", choices=("ksm", "wp"))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(args)
+    res = run(a.size, a.distinct, a.only)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for half in ("ksm", "wp"):
+            if half in res:
+                r = res[half]
+                print("%-4s saved %7.1f MiB  cpu %6.3f s  wall %6.3f s  first write %6d ns  VMAs +%d"
+                      % (half, r["pss_saved_mib"], r["cpu_s"], r["wall_s"], r["first_write_ns_avg"],
+                         r["vmas_added"]))
+        if "ratios" in res:
+            print("ratios", res["ratios"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
