@@ -95,6 +95,83 @@ def _describe(where):
     return "%s: target pinned to CPU %d, tracer to CPU %d" % (where, tcpu, mycpu)
 
 
+BIG_TARGET = r"""
+import sys, threading
+mem = bytearray(1 << 30)
+for i in range(0, len(mem), 4096):
+    mem[i] = 1
+ev = threading.Event()
+threads = [threading.Thread(target=ev.wait, daemon=True) for _ in range(63)]
+for t in threads:
+    t.start()
+print("ready", flush=True)
+sys.stdin.readline()
+ev.set()
+print(sum(mem[::4096]), flush=True)
+"""
+
+
+def attach_big(rounds=3):
+    """Attach (inject uffds, register, write-protect all writable memory)
+    and detach on a python3 target with 1 GiB mapped and 64 threads."""
+    from wp.daemon import _remote_uffd_source
+    from wp.protectors.trace import TraceProtector
+    from wp.session import Session
+    from wp.space import ProcessSpace
+    target = subprocess.Popen([sys.executable, "-c", BIG_TARGET], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline().strip() == "ready"
+        threads = len(os.listdir("/proc/%d/task" % target.pid))
+        attach, detach, mapped = [], [], 0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            s = Session(ProcessSpace(target.pid, _remote_uffd_source(target.pid)), TraceProtector()).start()
+            attach.append(time.perf_counter() - t)
+            mapped = sum(r.length for r in s.regions)
+            t = time.perf_counter()
+            s.close()
+            detach.append(time.perf_counter() - t)
+        target.stdin.write("\n")
+        target.stdin.flush()
+        ok = target.stdout.readline().strip() == str(1 << 18)
+    finally:
+        target.kill()
+        target.wait()
+    return {"threads": threads, "protected_mib": mapped >> 20,
+            "attach_ms": round(statistics.median(attach) * 1e3, 1),
+            "detach_ms": round(statistics.median(detach) * 1e3, 1), "target_intact": ok}
+
+
+def wp_round_trip(pages=2048, rounds=3):
+    """The sync WP round trip (python handler, same CPU) of a target whose
+    uffd was injected (attached) vs one it created and passed over (the
+    core's in-process figure), in the same run."""
+    from wp.bench._writer import Writer
+    from wp.bench.faults import Unprotect, placement
+    from wp.daemon import _remote_uffd_source
+    from wp.session import Session
+    from wp.space import ProcessSpace
+    wcpu, hcpu, spin = placement("same")
+    out = {}
+    for how in ("in_process", "attached", "in_process", "attached"):
+        w = Writer("anon", pages, cpu=wcpu)
+        try:
+            source = w.take_uffd if how == "in_process" else _remote_uffd_source(w.pid)
+            lat = []
+            for _ in range(rounds):
+                with Session(ProcessSpace(w.pid, source), Unprotect(), regions=[(w.addr, w.addr + w.length)],
+                             cpu=hcpu, spin=spin):
+                    lat.extend(w.write())
+        finally:
+            w.close()
+        out.setdefault(how, []).extend(lat)
+    res = {k: round(statistics.median(v) / 1000, 3) for k, v in out.items()}
+    return {"us_per_fault_in_process": res["in_process"], "us_per_fault_attached": res["attached"],
+            "ratio_attached_over_in_process": round(res["attached"] / res["in_process"], 3),
+            "cpu_placement": "writer and handler thread pinned to CPU %d" % wcpu}
+
+
 def run(quick=False, progress=None):
     rows = []
     for where in (("same",) if quick else PLACEMENTS):
@@ -102,7 +179,14 @@ def run(quick=False, progress=None):
             if progress:
                 progress("%s/%s" % (where, wait))
             rows.append(measure(where, wait))
-    return {"placements": {w: _describe(w) for w in PLACEMENTS}, "rows": rows}
+    if progress:
+        progress("attach/detach of 1 GiB, 64 threads")
+    big = attach_big()
+    if progress:
+        progress("WP round trip, attached vs in-process")
+    rt = wp_round_trip()
+    return {"placements": {w: _describe(w) for w in PLACEMENTS}, "rows": rows,
+            "attach_1gib_64_threads": big, "wp_round_trip": rt}
 
 
 def main(argv=None):
@@ -115,6 +199,13 @@ def main(argv=None):
     if args.json:
         print(json.dumps(out))
         return
+    print("attach 1 GiB / %d threads: %s ms, detach %s ms (target intact: %s)" % (
+        out["attach_1gib_64_threads"]["threads"], out["attach_1gib_64_threads"]["attach_ms"],
+        out["attach_1gib_64_threads"]["detach_ms"], out["attach_1gib_64_threads"]["target_intact"]))
+    rt = out["wp_round_trip"]
+    print("WP round trip: attached %.2f us, in-process %.2f us, ratio %.3f (%s)" % (
+        rt["us_per_fault_attached"], rt["us_per_fault_in_process"], rt["ratio_attached_over_in_process"],
+        rt["cpu_placement"]))
     for w in out["placements"].values():
         print("placement " + w)
     print("%-9s %-5s %9s %9s %9s %9s %10s" % ("placement", "wait", "attach_us", "single_us",
