@@ -77,6 +77,51 @@ class MemTarget:
         assert out[0] == "done", out
         return int(out[1])
 
+    def write_together(self, idx, val, n):
+        """n threads of the target, released together, write page idx;
+        returns their tids."""
+        out = self.cmd("c %d %d %d" % (idx, val, n))
+        assert out[0] == "done" and len(out) == n + 1, out
+        return [int(x) for x in out[1:]]
+
+    def background_write(self, idx, val):
+        """A background thread writes page idx; returns its tid at once
+        (join() waits for it)."""
+        out = self.cmd("b %d %d" % (idx, val))
+        assert out[0] == "started", out
+        return int(out[1])
+
+    def join(self):
+        out = self.cmd("j")
+        assert out[0] == "done", out
+        return int(out[1])
+
+    def send(self, line):
+        """Sends a command without waiting for its answer (see answer())."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, timeout=TIMEOUT):
+        return self._line(timeout).split()
+
+    def blocked_in_uffd(self):
+        """Returns how many of its threads wait in a userfaultfd fault."""
+        n = 0
+        for tid in os.listdir("/proc/%d/task" % self.pid):
+            try:
+                with open("/proc/%d/task/%s/wchan" % (self.pid, tid)) as f:
+                    n += f.read().strip() == "handle_userfault"
+            except OSError:
+                pass   # the thread exited
+        return n
+
+    def new_uffd(self):
+        """Has the target create one more userfaultfd and offer it."""
+        out = self.cmd("u")
+        assert out[0] == "uffd" and int(out[1]) >= 0, out
+        self.uffds.append(int(out[1]))
+        return int(out[1])
+
     def read(self, idx):
         """Returns (first byte, byte sum) of page idx as the target reads it."""
         out = self.cmd("r %d" % idx)

@@ -12,6 +12,12 @@
  *   r IDX         -> "page IDX FIRSTBYTE SUM" as this process reads it
  *   d IDX         madvise(MADV_DONTNEED) page IDX           -> "ok"
  *   q             exit 0
+ *   c IDX VAL N   N threads, released together, each fill page IDX with
+ *                 VAL                                -> "done TID1 .. TIDN"
+ *   u             a new userfaultfd for the daemon   -> "uffd FD"
+ *   b IDX VAL     a background thread fills page IDX with VAL; answers at
+ *                 once                               -> "started TID"
+ *   j             waits for the background thread    -> "done TID"
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -34,6 +40,28 @@ static void *writer(void *arg)
 {
 	struct job *j = arg;
 	j->tid = gettid();
+	memset(base + j->idx * psize, j->val, psize);
+	return NULL;
+}
+
+static pthread_barrier_t together;
+static pthread_t bg;
+static struct job bg_job;
+static volatile int bg_running;
+
+static void *bg_writer(void *arg)
+{
+	struct job *j = arg;
+	__atomic_store_n(&j->tid, gettid(), __ATOMIC_RELEASE);
+	memset(base + j->idx * psize, j->val, psize);
+	return NULL;
+}
+
+static void *together_writer(void *arg)
+{
+	struct job *j = arg;
+	j->tid = gettid();
+	pthread_barrier_wait(&together);
 	memset(base + j->idx * psize, j->val, psize);
 	return NULL;
 }
@@ -121,6 +149,50 @@ int main(int argc, char **argv)
 			printf(madvise(base + idx * psize, psize, MADV_DONTNEED) ? "error %m\n" : "ok\n");
 		} else if (cmd == 'q') {
 			return 0;
+		} else if (cmd == 'c') {
+			int n = 0;
+			sscanf(line, "%c %zu %d %d", &cmd, &idx, &val, &n);
+			if (n < 1 || n > 64) {
+				printf("error count\n");
+			} else {
+				pthread_t t[64];
+				struct job j[64];
+				pthread_barrier_init(&together, NULL, n);
+				for (int i = 0; i < n; i++) {
+					j[i] = (struct job){ idx, val, 0 };
+					pthread_create(&t[i], NULL, together_writer, &j[i]);
+				}
+				for (int i = 0; i < n; i++)
+					pthread_join(t[i], NULL);
+				pthread_barrier_destroy(&together);
+				printf("done");
+				for (int i = 0; i < n; i++)
+					printf(" %d", j[i].tid);
+				printf("\n");
+			}
+		} else if (cmd == 'u') {
+			printf("uffd %ld\n", syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+		} else if (cmd == 'b') {
+			if (bg_running) {
+				printf("error busy\n");
+			} else {
+				bg_job = (struct job){ idx, val, 0 };
+				/* Its tid, before it writes: the write may block. */
+				bg_job.tid = -1;
+				pthread_create(&bg, NULL, bg_writer, &bg_job);
+				while (__atomic_load_n(&bg_job.tid, __ATOMIC_ACQUIRE) == -1)
+					usleep(100);
+				bg_running = 1;
+				printf("started %d\n", bg_job.tid);
+			}
+		} else if (cmd == 'j') {
+			if (!bg_running) {
+				printf("error idle\n");
+			} else {
+				pthread_join(bg, NULL);
+				bg_running = 0;
+				printf("done %d\n", bg_job.tid);
+			}
 		}
 		fflush(stdout);
 	}
