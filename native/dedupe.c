@@ -116,7 +116,8 @@ int64_t wp_dd_read_hash(int pid, const uint64_t *addrs, uint64_t n, uint64_t pag
 	if (got < 0)
 		return got;
 	uint64_t pages = got / page_size;
-	wp_dd_hash_pages(buf, pages, page_size, hashes, zero);
+	if (hashes)
+		wp_dd_hash_pages(buf, pages, page_size, hashes, zero);
 	return pages;
 }
 

@@ -19,7 +19,7 @@ int wp_dd_equal(const void *a, const void *b, uint64_t len);
 int64_t wp_dd_stable(const uint64_t *prev, const uint64_t *cur, uint64_t n, uint8_t *stable);
 /* Reads n pages of pid at addrs[0..n) into buf (process_vm_readv) and
  * hashes them as wp_dd_hash_pages does. Returns the number of pages read
- * (fewer if one is gone), or -errno. */
+ * (fewer if one is gone), or -errno. hashes NULL: read only. */
 int64_t wp_dd_read_hash(int pid, const uint64_t *addrs, uint64_t n, uint64_t page_size,
 			void *buf, uint64_t *hashes, uint8_t *zero);
 /* Frees store pages: fallocate(PUNCH_HOLE | KEEP_SIZE). 0 or -errno. */

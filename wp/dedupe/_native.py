@@ -37,7 +37,7 @@ class Hasher:
         self.zero = ffi.new("uint8_t[]", batch)
         self._view = ffi.buffer(self.buf)
 
-    def read(self, addrs):
+    def read(self, addrs, hash=True):
         """Reads and hashes up to ``batch`` pages at addrs. Returns how many
         were read: pages from the first unreadable one on are not (the
         caller skips that page and goes on)."""
@@ -45,8 +45,14 @@ class Hasher:
         assert n <= self.batch
         self.addrs[0:n] = addrs
         return check(lib.wp_dd_read_hash(self.pid, self.addrs, n, self.page_size, self.buf,
-                                         self.hashes, self.zero),
+                                         self.hashes if hash else ffi.NULL, self.zero),
                      "process_vm_readv(%d, %d pages)" % (self.pid, n))
+
+    def hash_of(self, i):
+        """Returns the hash of page i of the last batch (as the scan has it)."""
+        ps = self.page_size
+        lib.wp_dd_hash_pages(self.buf + i * ps, 1, ps, self.hashes + i, self.zero + i)
+        return self.hashes[i]
 
     def page(self, i):
         """Returns the bytes of page i of the last batch."""

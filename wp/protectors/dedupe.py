@@ -114,6 +114,64 @@ def _runs(addrs, ps, key=None):
     return out
 
 
+def _remote(pid):
+    """A wp.remote.RemoteProcess that finds the target's syscall instruction
+    once: the stock lookup reads /proc/PID/maps, which costs tens of ms once
+    merging has split the target into tens of thousands of VMAs."""
+    from wp.remote import RemoteProcess
+
+    class _Remote(RemoteProcess):
+        def _find_syscall_insn(self):
+            key = (self.pid, _start_time(self.pid))
+            ip = _SYSCALL_IP.get(key)
+            if ip is not None:
+                try:
+                    if self.read_memory(ip, 2) == b"\x0f\x05":
+                        return ip
+                except OSError:
+                    pass
+            ip = super()._find_syscall_insn()
+            _SYSCALL_IP[key] = ip
+            return ip
+
+    return _Remote(pid)
+
+
+_SYSCALL_IP = {}
+
+
+def _start_time(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _light_maps(pid, store_inode):
+    """Reads /proc/PID/maps (not smaps: tens of thousands of merged VMAs
+    make smaps slow). Returns (VMA count, [(start, end)] of anonymous
+    private writable mappings, [(start, end)] of store mappings)."""
+    anon, store = [], []
+    with open("/proc/%d/maps" % pid, "rb") as f:
+        lines = f.read().split(b"\n")
+    count = 0
+    for line in lines:
+        if not line:
+            continue
+        count += 1
+        parts = line.split(None, 5)
+        inode = int(parts[4])
+        if inode == 0:
+            if parts[1][1:2] != b"w" or parts[1][3:4] != b"p":
+                continue
+            path = parts[5] if len(parts) > 5 else b""
+            if path and not path.startswith((b"[heap", b"[stack", b"[anon")):
+                continue
+        elif inode != store_inode:
+            continue
+        s, e = parts[0].split(b"-")
+        (anon if inode == 0 else store).append((int(s, 16), int(e, 16)))
+    return count, anon, store
+
+
 def _retry(op, *args, tries=200):
     """Runs a uffd ioctl, retrying while the kernel says EAGAIN (the target's
     mappings are changing under a pending event)."""
@@ -242,6 +300,8 @@ class DedupeProtector(WriteProtector):
         self.rstate = []        # RegionState per region, by address
         self._starts = []
         self.n_merged = 0       # pages of this target mapping the store
+        self._skipped = set()   # anonymous VMAs we looked at and left alone
+        self._vmas = 0
         self.idx_refs = {}      # store index -> pages of this target mapping it
         self.frozen = []        # [(start, end)] write-protected for a merge or unmerge
         self.children = []      # _Merged of forked children
@@ -400,9 +460,16 @@ class DedupeProtector(WriteProtector):
         of pages merged (or zeroed) in this pass."""
         t_cpu = time.thread_time()
         t_wall = time.monotonic()
-        mappings = self.space.maps()
-        self._take_over(self._mergeable(mappings))
-        store_vmas = sorted((m.start, m.end) for m in mappings if m.inode == self.store.inode)
+        nvmas, anon, store_vmas = _light_maps(self.pid, self.store.inode)
+        self._vmas = nvmas
+        new = [(s, e) for s, e in anon if (s, e) not in self._skipped
+               and (self._region(s) is None or e > self._region(s).end)]
+        if new:
+            self._take_over(self._mergeable(self.space.maps()))
+            # What is still not ours is outside the regions or unsuitable.
+            self._skipped.update((s, e) for s, e in new
+                                 if self._region(s) is None or e > self._region(s).end)
+        mappings = None
         sc = self._scanner
         for r in self.rstate:
             sc.read_pagemap(r)
@@ -439,7 +506,7 @@ class DedupeProtector(WriteProtector):
                 break
             merged += self._merge(plan[i:i + self.merge_batch])
         if self.measure_files:
-            self._measure_files(mappings)
+            self._measure_files(self.space.maps())
         self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
         return merged
 
@@ -484,7 +551,7 @@ class DedupeProtector(WriteProtector):
     def _map_count_left(self):
         with open("/proc/sys/vm/max_map_count") as f:
             limit = int(f.read())
-        return limit - self._count_vmas() - self.map_count_reserve
+        return limit - self._vmas - self.map_count_reserve
 
     def _freeze(self, addrs):
         """Write-protects the pages at addrs (sorted) on A: one ioctl per
@@ -571,10 +638,9 @@ class DedupeProtector(WriteProtector):
         while i < len(plan):
             chunk = plan[i:i + B]
             try:
-                n = self._scanner.read([a for a, _ in chunk])
+                n = self._scanner.read([a for a, _ in chunk], hash=False)
             except OSError:
                 n = 0
-            hashes = self._scanner.hashes
             cmp_idx = []
             for j in range(n):
                 a, w = chunk[j]
@@ -583,7 +649,7 @@ class DedupeProtector(WriteProtector):
                     continue
                 key, src = w
                 idx = new_idx.get(key)
-                if idx is None and a == src and hashes[j] == key[1]:
+                if idx is None and a == src and self._scanner.hash_of(j) == key[1]:
                     idx = reserved[a]
                     store.fill(idx, key, self._scanner.page(j))
                     store_base = store._base
@@ -614,6 +680,7 @@ class DedupeProtector(WriteProtector):
             keep = max(0, left // 2)
             self.counters["map_count_limited"] += len(store_runs) - keep
             store_runs = store_runs[:keep]
+        self._vmas += 2 * len(store_runs)
         zero_runs = _runs(to_zero, ps)
         ok_store, ok_zero = [], []
         try:
@@ -651,12 +718,11 @@ class DedupeProtector(WriteProtector):
 
     def _remote_merge(self, store_runs, zero_runs):
         """Runs the merge batch in the target. Returns the runs that merged."""
-        from wp.remote import RemoteProcess
         ps = self.page_size
         t0 = time.monotonic()
         sys0 = _sys_time(self.pid)
         ok_store, ok_zero = [], []
-        with RemoteProcess(self.pid) as rp:
+        with _remote(self.pid) as rp:
             tfd = None
             scratch = None
             if store_runs:
@@ -770,14 +836,11 @@ class DedupeProtector(WriteProtector):
 
     def store_runs_in_maps(self, pid=None):
         """Returns [(start, end)] of the target's mappings of the store."""
-        pid = pid or self.pid
-        return [(m.start, m.end) for m in _maps.read_maps(pid)
-                if m.inode == self.store.inode and m.path.startswith("/memfd:")]
+        return _light_maps(pid or self.pid, self.store.inode)[2]
 
     def unmerge_all(self):
         """Makes every merged page of the target private anonymous memory
         again (contents kept, writers blocked meanwhile). Returns pages."""
-        from wp.remote import RemoteProcess
         ps = self.page_size
         try:
             runs = self.store_runs_in_maps()
@@ -810,7 +873,7 @@ class DedupeProtector(WriteProtector):
                         log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s",
                                     self.pid, s, e, err)
             total = sum(e - s for s, e in runs)
-            with RemoteProcess(self.pid) as rp:
+            with _remote(self.pid) as rp:
                 fresh = rp.mmap_scratch(total)
                 off = 0
                 zero = bytes(ps)
