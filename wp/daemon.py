@@ -32,7 +32,7 @@ __all__ = ["Daemon", "main"]
 
 log = logging.getLogger("wpd")
 
-RESCAN_SECONDS = 1.0
+RESCAN_SECONDS = 0.5
 
 
 class Target:
