@@ -72,9 +72,11 @@ class MemTarget:
         return int(out[1])
 
     def fork_write(self, idx, val):
-        """A forked child fills page idx with val; returns the child's pid."""
-        out = self.cmd("f %d %d" % (idx, val))
+        """A forked child fills page idx with val and checks it reads val
+        back; returns the child's pid (asserts it exited 0)."""
+        out = self.cmd("F %d %d" % (idx, val))
         assert out[0] == "done", out
+        assert out[2] == "0", "child %s: wait status %s" % (out[1], out[2])
         return int(out[1])
 
     def write_together(self, idx, val, n):

@@ -171,9 +171,10 @@ def test_async_scan_reports_pages_written_since_last_scan(memtarget, sessions, k
 # -- 2. another process sharing the mapping: fork ----------------------------
 
 
-@pytest.mark.parametrize("kind", ("anon",) + SHARED_KINDS)
+@pytest.mark.parametrize("kind", ("anon", "memfd-private", "hugetlb") + SHARED_KINDS)
 def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind):
-    t = memtarget(kind, 4)
+    # 3 pages: a private hugetlb child needs a free huge page for its copy.
+    t = memtarget(kind, 3)
     ps = t.page_size
     prot = TraceProtector()
     s = sessions(t, prot, follow_fork=True)
@@ -185,7 +186,7 @@ def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind
     # A private copy stays the parent's own; a shared page shows the child's write.
     assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
     # The parent's own mapping is still protected, page 2 included.
-    assert t.wp_bits() == [True] * 4
+    assert t.wp_bits() == [True] * 3
 
     # A second child is followed as well: its own first write faults.
     c2 = t.fork_write(2, 0x23)
@@ -199,9 +200,10 @@ def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind
     assert prot.count == 3
 
 
-@pytest.mark.parametrize("kind", ("anon",) + SHARED_KINDS)
+@pytest.mark.parametrize("kind", ("anon", "memfd-private", "hugetlb") + SHARED_KINDS)
 def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
-    t = memtarget(kind, 4)
+    # 3 pages: a private hugetlb child needs a free huge page for its copy.
+    t = memtarget(kind, 3)
     ps = t.page_size
     prot = TraceProtector()
     s = sessions(t, prot, follow_fork=False)
@@ -213,7 +215,7 @@ def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
     assert s.stats()["children"] == []
     assert len(s.loops) == 1
     assert t.read(2) == ((0x22, 0x22 * ps) if kind in SHARED_KINDS else (0, 0))
-    assert t.wp_bits() == [True] * 4
+    assert t.wp_bits() == [True] * 3
 
     tid = t.write(2, 0x24)
     assert first_writes(prot) == [(t.page(2), tid, t.pid)]

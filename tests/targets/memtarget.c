@@ -18,6 +18,9 @@
  *   b IDX VAL     a background thread fills page IDX with VAL; answers at
  *                 once                               -> "started TID"
  *   j             waits for the background thread    -> "done TID"
+ *   F IDX VAL     like f, and the child checks what it wrote: exit status 0
+ *                 if it reads VAL throughout the page -> "done PID STATUS"
+ *                 (STATUS: the raw wait status)
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -185,6 +188,18 @@ int main(int argc, char **argv)
 				bg_running = 1;
 				printf("started %d\n", bg_job.tid);
 			}
+		} else if (cmd == 'F') {
+			pid_t child = fork();
+			if (child == 0) {
+				memset(base + idx * psize, val, psize);
+				for (size_t i = 0; i < psize; i++)
+					if (base[idx * psize + i] != (uint8_t)val)
+						_exit(1);
+				_exit(0);
+			}
+			int st = -1;
+			waitpid(child, &st, 0);
+			printf("done %d %d\n", child, st);
 		} else if (cmd == 'j') {
 			if (!bg_running) {
 				printf("error idle\n");
