@@ -13,7 +13,10 @@ import cffi
 HERE = pathlib.Path(__file__).resolve().parent
 # setuptools wants source paths relative to the project root (setup.py's cwd).
 SOURCES = sorted("native/" + p.name for p in HERE.glob("*.c"))
-HEADERS = sorted(p for p in HERE.glob("*.h") if p.name != "wp_kernel.h")
+# A header whose .c is not there yet (work in progress) would declare
+# symbols that do not link: take wp.h and the headers of existing sources.
+HEADERS = sorted(p for p in HERE.glob("*.h")
+                 if p.name == "wp.h" or (p.name != "wp_kernel.h" and p.with_suffix(".c").exists()))
 
 # Kernel constants and our own, read by Python (values come from C).
 CONSTANTS = """

@@ -67,7 +67,9 @@ class FaultLoop:
         self.pid = pid
         self.page_size = page_size
         self.callback_errors = 0
+        self.duplicates = 0
         self.last_error = None
+        self._resolved_in_batch = []
         self._loop = ffi.gc(lib.wp_loop_new(uffd.fd, page_size, 1 << 16), lib.wp_loop_free)
         if self._loop == ffi.NULL:
             raise MemoryError("wp_loop_new")
@@ -95,7 +97,7 @@ class FaultLoop:
         lp = self._loop
         return {"faults": lp.faults, "events": lp.events, "resolved": lp.resolved,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
-                "callback_errors": self.callback_errors}
+                "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -145,12 +147,21 @@ class FaultLoop:
                 if n in (-errno.ECANCELED, -errno.EPIPE):
                     return
                 raise OSError(-n, "wp_loop_next: " + os.strerror(-n))
+            # The kernel queues one message per blocked writer. Those still
+            # queued when a page is resolved vanish (the wake-up dequeues
+            # them), but a batch may hold several for one page: after the
+            # first unprotected it, the others only need their writer woken.
+            done = self._resolved_in_batch
+            done.clear()
             for i in range(n):
                 m = msgs + i
-                if m.event == fault_event:
-                    handle(m)
-                else:
+                if m.event != fault_event:
                     self._dispatch_other(m)
+                elif done and _covered(done, m.addr):
+                    self.duplicates += 1
+                    lib.wp_uffd_wake(self.uffd.fd, m.addr & ~(self.page_size - 1), self.page_size)
+                else:
+                    handle(m)
 
     def _handle_fault(self, m):
         flags = m.flags
@@ -185,14 +196,17 @@ class FaultLoop:
             region.faults += 1
         if decision is None or decision == UNPROTECT:
             lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT)
+            self._resolved_in_batch.append((page, page + psize))
         elif decision == WAKE:
             lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE)
         elif isinstance(decision, Unprotect):
             lib.wp_loop_resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT)
+            self._resolved_in_batch.append((decision.start, decision.start + decision.length))
         else:
             self.callback_errors += 1
             self.last_error = "on_write returned %r" % (decision,)
             lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT)
+            self._resolved_in_batch.append((page, page + psize))
 
     def _dispatch_other(self, m):
         event = {"event": EVENT_NAMES.get(m.event, str(m.event))}
@@ -209,6 +223,13 @@ class FaultLoop:
             self.on_event(event)
         except Exception:
             log.exception("handling %s event of pid %d", event["event"], self.pid)
+
+
+def _covered(ranges, addr):
+    for start, end in ranges:
+        if start <= addr < end:
+            return True
+    return False
 
 
 def _tgid(tid):

@@ -57,7 +57,8 @@ class Fault:
 class WriteProtector:
     """Base class of write protectors. Subclasses override what they need.
 
-    The session calls, in order: ``attach(session)`` once; ``on_write`` for
+    The session calls, in order: ``attach(session)`` once; ``on_protected()``
+    once protection is installed; ``on_write`` for
     every sync write fault (on the fault thread); ``on_written`` with the
     pages written since the last scan of an async region; ``on_event`` for
     fork, remap, remove and unmap; ``stats()`` whenever asked; ``detach()``
@@ -70,6 +71,10 @@ class WriteProtector:
 
     def attach(self, session):
         self.session = session
+
+    def on_protected(self):
+        """Called once every region is registered and write-protected: the
+        instant from which every write is seen (snapshots start here)."""
 
     def on_write(self, fault):
         return UNPROTECT

@@ -189,6 +189,7 @@ class Session:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.started_ns = None
+        self._attached = False
         self.usdt = False   # fire the callback USDT probes (wp trace turns it on)
 
     # -- setup -------------------------------------------------------------
@@ -206,6 +207,7 @@ class Session:
                 self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
                 self._pagemap = Pagemap(self.pid)
             self.protector.attach(self)
+            self._attached = True
             if self.sync_uffd:
                 self._start_loop(self.sync_uffd, self.pid)
             done = []
@@ -221,10 +223,11 @@ class Session:
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
                 self._scanner.start()
+            self.started_ns = time.monotonic_ns()
+            self.protector.on_protected()
         except BaseException:
             self.close()
             raise
-        self.started_ns = time.monotonic_ns()
         log.info("pid %d: protecting %d regions (%d sync, %d async) with %s",
                  self.pid, len(self.regions), sum(r.mode == "sync" for r in self.regions),
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
@@ -437,9 +440,10 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
-        if self.started_ns is not None:
+        if self._attached:   # also after a start that failed half way
+            self._attached = False
             self.protector.detach()
-            self.started_ns = None
+        self.started_ns = None
         self.space.close()
 
     def __enter__(self):
