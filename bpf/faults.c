@@ -13,25 +13,28 @@
  *
  * # The life of one sync write-protect fault, as the probes see it
  *
- *   writer  exceptions:page_fault_user       t_fault  (error code, address)
+ *   writer  page_fault_user (raw tracepoint)                t_fault (address, error code)
  *   writer  handle_userfault queues a message, wakes the handler and sleeps:
- *           sched:sched_switch prev=writer, prev_state != TASK_RUNNING   t_block
- *   daemon  read(uffd) returns the message: syscalls:sys_exit_read  t_read
- *           (the program reads the messages from the daemon's buffer)
- *   daemon  USDT wp:fault_read(addr, tid, flags) (optional)           t_msg
- *   daemon  USDT wp:callback_enter / wp:callback_exit (Python protector)
- *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE): sys_enter_ioctl t_ioctl
- *           the ioctl wakes the writer: sched:sched_waking pid=writer   t_waking
- *   writer  back on a CPU: sched:sched_switch next=writer                t_run
- *   daemon  USDT wp:fault_resolved(addr, tid, how) (may come after t_run)
+ *           sched_switch, prev = writer, not preempted, state != running   t_block
+ *   daemon  read(uffd) returns the messages: syscalls:sys_exit_read   t_read
+ *           (the program reads them from the daemon's buffer: ptid names
+ *           the writer, flags the kind)
+ *   daemon  USDT wp:fault_read(addr, tid, flags) (optional: --usdt all)   t_msg
+ *   daemon  USDT wp:callback_enter / wp:callback_exit around the Python
+ *           protector (fired when the FaultLoop's usdt is on)  t_cb_enter, t_cb_exit
+ *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE): sys_enter_ioctl  t_ioctl
+ *           the ioctl wakes the writer: sched_waking, p = writer         t_waking
+ *   writer  back on a CPU: sched_switch, next = writer                   t_run
+ *   daemon  USDT wp:fault_resolved(addr, tid, how) (optional; may come after t_run)
  *
  * The fault is joined in `inflight`, keyed by the writer's tid: a thread has
  * at most one fault in flight. The read and the ioctl happen on the handler
- * thread, which does not know the writer until the USDT probe names it, so
- * the handler's last read and current ioctl are kept per handler tid and
- * attached to the writer's fault by fault_read (read) and sched_waking (the
- * waker is the handler, inside its ioctl). The record is emitted when the
- * writer runs again, from the writer's own sched_switch.
+ * thread: the read names the writers whose messages it returned; the ioctl
+ * is kept per handler tid and attached to the writer's fault at its waking
+ * (the waker is the handler, inside that ioctl, which also gives the
+ * decision: UFFDIO_WRITEPROTECT unprotects, UFFDIO_WAKE only wakes). The
+ * record is emitted when the writer runs again, from the writer's own
+ * sched_switch.
  *
  * If the handler wakes the writer before the writer got off its CPU (a fast
  * handler on the other CPU), the writer never blocks: the record is emitted
@@ -40,11 +43,18 @@
  * A fault that never reaches the daemon is an ordinary page fault (the
  * baseline). There is no tracepoint at the end of a page fault, so its
  * duration is only known when it blocked (t_block .. t_run); otherwise it is
- * emitted, without an end, when the thread faults again or exits.
+ * emitted, without an end, when the thread faults again, makes a syscall or
+ * exits.
  *
  * A WAKE decision makes the writer retry the fault inside the same
- * exception: no new page_fault_user. The next fault_read for a thread whose
+ * exception: no new page_fault_user. The next message for a thread whose
  * fault is done starts a new record (flag RETRY) from its last t_run.
+ *
+ * # What it costs (wp bench trace; a 9 us sync WP fault, writer and handler
+ * # on one CPU): every probe here runs for every process on the machine, so
+ * # each is written to leave early. Raw tracepoints cost about half of the
+ * # formatted ones (no perf record is built); a uprobe (USDT) trap costs
+ * # ~1.1 us per hit, which is why the default attaches only the callback pair.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>

@@ -17,6 +17,7 @@ import zlib
 
 import pytest
 
+from wp.protector import UNPROTECT, WAKE, WriteProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import ProcessSpace
@@ -206,6 +207,48 @@ def test_c_handler_merges_the_callback_phase(target_bin, spawn):
         assert "callback" not in r["phases"] and r["phases"]["to_resolve"] > 0
         assert sum(r["phases"].values()) == r["latency_ns"]
         assert r["decision"] == "unprotect"
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
+class WakeFirst(WriteProtector):
+    """Answers a page's first fault with WAKE (the writer retries and
+    faults again), the second with UNPROTECT."""
+    name = "wake-first"
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_write(self, fault):
+        if fault.page in self.seen:
+            return UNPROTECT
+        self.seen.add(fault.page)
+        return WAKE
+
+
+@needs_bcc
+def test_wake_then_retry(target_bin, spawn):
+    p = spawn([target_bin("memtarget"), "anon", "4"])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        with Session(space, WakeFirst(), regions=[(addr, addr + length)]) as s:
+            for loop in s.loops:
+                loop.usdt = True
+            for i in range(4):
+                p.stdin.write("w %d 9\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+            tr.pump(100)
+    wp = [r for r in tr.records if r["kind"] == "wp"]
+    for i in range(4):
+        page = [r for r in wp if int(r["addr"], 16) & ~(psize - 1) == addr + i * psize]
+        assert [r["decision"] for r in page] == ["wake", "unprotect"], page
+        assert page[1].get("retry") and not page[0].get("retry")
+        assert page[1]["ts_ns"] >= page[0]["ts_ns"] + page[0]["latency_ns"]
+        for r in page:
+            assert sum(r["phases"].values()) == r["latency_ns"]
     p.stdin.write("q\n")
     p.stdin.flush()
 
