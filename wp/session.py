@@ -7,6 +7,7 @@ uffd's non-cooperative events, and on close leaves memory as it found it:
 protection removed, ranges unregistered, uffds closed.
 """
 import bisect
+import collections
 import logging
 import os
 import threading
@@ -190,6 +191,9 @@ class Session:
         self._lock = threading.Lock()
         self.started_ns = None
         self._attached = False
+        self._pending = []
+        self._recent = collections.deque(maxlen=100000)
+        self.records_dropped = 0
         self.usdt = False   # fire the callback USDT probes (wp trace turns it on)
 
     # -- setup -------------------------------------------------------------
@@ -245,13 +249,15 @@ class Session:
                 return r
         return None
 
-    def _start_loop(self, uffd, pid):
+    def _start_loop(self, uffd, pid, child=False):
         loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
                          name="wp-faults-%d" % pid)
         loop.usdt = self.usdt
-        loop.start()
         self.loops.append(loop)
+        if child:  # listed before it can handle the child's first fault
+            self.children.append([None, loop])
+        loop.start()
         return loop
 
     def refresh(self):
@@ -311,8 +317,7 @@ class Session:
         # The event comes while the kernel is still inside fork(): the child
         # is not linked to its parent yet, so its pid is found later.
         u = Userfaultfd.adopt(fd, self.sync_uffd.features)
-        loop = self._start_loop(u, 0)
-        self.children.append([None, loop])
+        self._start_loop(u, 0, child=True)
         log.info("pid %d forked: protecting the child too", self.pid)
 
     def _resolve_children(self):
@@ -375,18 +380,32 @@ class Session:
     def faults(self):
         return sum(loop.counters()["faults"] for loop in self.loops)
 
-    def records(self):
-        """Drains and returns the fault records of every loop."""
-        out = []
+    MAX_PENDING_RECORDS = 1 << 20
+
+    def _drain(self):
+        """Moves records from the loops' C rings to Python, keeping the
+        latest MAX_PENDING_RECORDS for records() and a latency sample."""
         for loop in self.loops:
-            out.extend(loop.drain())
+            recs = loop.drain()
+            if recs:
+                self._pending.extend(recs)
+                self._recent.extend((r[3] - r[2]) / 1000 for r in recs)
+        excess = len(self._pending) - self.MAX_PENDING_RECORDS
+        if excess > 0:
+            del self._pending[:excess]
+            self.records_dropped += excess
+
+    def records(self):
+        """Returns the fault records (addr, tid, t_read_ns, t_resolved_ns,
+        how) resolved since the last call."""
+        self._drain()
+        out, self._pending = self._pending, []
         return out
 
     def handler_latency(self):
         """Returns percentiles (us) of read -> resolved in the handler over
-        the faults resolved since the last call (drains the rings)."""
-        recs = self.records()
-        self._recent = ([(r[3] - r[2]) / 1000 for r in recs] or getattr(self, "_recent", []))[-100000:]
+        the last 100,000 faults; does not consume records()."""
+        self._drain()
         lat = sorted(self._recent)
         if not lat:
             return {}
