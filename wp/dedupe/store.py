@@ -66,6 +66,7 @@ class Store:
         self.unstable = {}      # (scope, hash) -> (owner, addr): seen once, stable
         self.freed = 0          # pages given back to the kernel
         self.mm = None
+        self._old = []
         self._base = 0
         self._pagemap = None
 
@@ -76,8 +77,10 @@ class Store:
             return
         new = -(-pages * self.page_size // _GROW) * _GROW
         os.ftruncate(self.fd, new)
-        # A fresh mapping of the whole file: the old one stays valid for
-        # readers holding slices, and goes when unreferenced.
+        # A fresh mapping of the whole file. The old one stays mapped: the
+        # scanner of another target may be comparing against it in C.
+        if self.mm is not None:
+            self._old.append(self.mm)
         self.mm = mmap.mmap(self.fd, new, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.capacity = new // self.page_size
@@ -130,6 +133,14 @@ class Store:
     def ref(self, idx, n=1):
         with self.lock:
             self.refs[idx] = self.refs.get(idx, 0) + n
+
+    def ref_runs(self, runs):
+        """Adds a reference to pages idx..idx+n-1 for each (_, n, idx)."""
+        with self.lock:
+            refs = self.refs
+            for _, n, idx in runs:
+                for i in range(idx, idx + n):
+                    refs[i] = refs.get(i, 0) + 1
 
     def unref(self, idx, n=1):
         with self.lock:

@@ -559,13 +559,17 @@ class DedupeProtector(WriteProtector):
         of frozen pages or None when all are)."""
         ps = self.page_size
         spans = []
-        for a in addrs:
-            r = self._region(a)
-            if spans and spans[-1][2] is r:
-                spans[-1][1] = a + ps
-            else:
-                spans.append([a, a + ps, r])
-        spans = [(s, e) for s, e, _ in spans]
+        ri = 0
+        rs = self.rstate
+        k = 0
+        while k < len(addrs):
+            a = addrs[k]
+            while ri < len(rs) and rs[ri].end <= a:
+                ri += 1
+            end = rs[ri].end if ri < len(rs) else 1 << 64
+            j = bisect.bisect_left(addrs, end, k)
+            spans.append((a, addrs[j - 1] + ps))
+            k = j
         with self.lock:
             self.frozen.extend(spans)
         partial = None
@@ -576,10 +580,11 @@ class DedupeProtector(WriteProtector):
                 # Some VMA in the span is not ours (a new mapping, locked
                 # memory): freeze page runs instead.
                 partial = partial if partial is not None else set()
-                for rs, rn, _ in _runs([a for a in addrs if s <= a < e], ps):
+                lo, hi = bisect.bisect_left(addrs, s), bisect.bisect_left(addrs, e)
+                for rs_, rn, _ in _runs(addrs[lo:hi], ps):
                     try:
-                        _retry(self.uffd_a.protect, rs, rn * ps)
-                        partial.update(range(rs, rs + rn * ps, ps))
+                        _retry(self.uffd_a.protect, rs_, rn * ps)
+                        partial.update(range(rs_, rs_ + rn * ps, ps))
                     except OSError:
                         pass
         return spans, partial
@@ -604,107 +609,113 @@ class DedupeProtector(WriteProtector):
             self.cond.notify_all()
 
     def _merge(self, plan):
-        """Freezes, compares and merges one batch. Returns pages merged."""
+        """Freezes, compares and merges one batch. Returns pages merged.
+
+        plan: [(addr, what)] sorted by address, what as _plan makes it."""
         ps = self.page_size
         store = self.store
-        # New contents get store pages in address order of their first
-        # page, so side-by-side duplicates map side-by-side store pages.
-        in_batch = {a for a, _ in plan}
-        new_idx = {}
+        sc = self._scanner
+        # Contents not in the store yet: each gets a store page, in address
+        # order of its source page, so that side-by-side duplicates map
+        # side-by-side store pages (their VMAs coalesce).
+        resolved = {}
         firsts = []
         for a, w in plan:
-            if isinstance(w, tuple):
-                key, src = w
-                if key in new_idx:
-                    continue
-                idx = store.lookup(key, self.max_page_sharing)
+            if w.__class__ is tuple and w[0] not in resolved:
+                idx = store.lookup(w[0], self.max_page_sharing)
                 if idx is not None:
-                    new_idx[key] = idx
-                elif src == a:
-                    firsts.append(a)
-                    new_idx[key] = None
-        reserved = {}
-        for run_start, n, _ in _runs(firsts, ps):
-            first = store.reserve(n)
-            for k in range(n):
-                reserved[run_start + k * ps] = first + k
-        spans, partial = self._freeze([a for a, _ in plan])
-        store_base = store._base
-        to_store = []     # (addr, idx)
-        to_zero = []
-        filled = {}
-        i = 0
-        B = self._scanner.batch
-        while i < len(plan):
-            chunk = plan[i:i + B]
-            try:
-                n = self._scanner.read([a for a, _ in chunk], hash=False)
-            except OSError:
-                n = 0
-            cmp_idx = []
-            for j in range(n):
-                a, w = chunk[j]
-                if w is None or not isinstance(w, tuple):
-                    cmp_idx.append(w)
-                    continue
-                key, src = w
-                idx = new_idx.get(key)
-                if idx is None and a == src and self._scanner.hash_of(j) == key[1]:
-                    idx = reserved[a]
-                    store.fill(idx, key, self._scanner.page(j))
-                    store_base = store._base
-                    new_idx[key] = idx
-                    filled[idx] = True
-                cmp_idx.append(idx if idx is not None else -1)
-            eq = self._scanner.compare(n, store_base, [x if x != -1 else 0 for x in cmp_idx])
-            for j in range(n):
-                a, w = chunk[j]
-                if partial is not None and a not in partial:
-                    continue
-                idx = cmp_idx[j]
-                if idx == -1 or not eq[j]:
-                    self.counters["compare_failed"] += 1
-                elif idx is None:
-                    to_zero.append(a)
-                else:
-                    to_store.append((a, idx))
-            i += n + 1 if n < len(chunk) else n
-        for a, idx in reserved.items():
-            if idx not in filled:
-                store.release(idx)
-        # Keep headroom under vm.max_map_count: each run may add two VMAs.
-        idx_of = dict(to_store)
-        store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
-        left = self._map_count_left()
-        if 2 * len(store_runs) > left:
-            keep = max(0, left // 2)
-            self.counters["map_count_limited"] += len(store_runs) - keep
-            store_runs = store_runs[:keep]
-        self._vmas += 2 * len(store_runs)
-        zero_runs = _runs(to_zero, ps)
-        ok_store, ok_zero = [], []
+                    resolved[w[0]] = idx
+                elif w[1] == a:
+                    firsts.append((a, w[0]))
+                    resolved[w[0]] = None
+        addrs = [a for a, _ in plan]
+        spans, partial = self._freeze(addrs)
+        done = nz = 0
         try:
+            # The sources first: frozen, their bytes become the store page.
+            reserved = []
+            for run_start, n, _ in _runs([a for a, _ in firsts], ps):
+                first = store.reserve(n)
+                reserved.extend(range(first, first + n))
+            for i in range(0, len(firsts), sc.batch):
+                chunk = firsts[i:i + sc.batch]
+                n = sc.read([a for a, _ in chunk], hash=False)
+                for j in range(len(chunk)):
+                    a, key = chunk[j]
+                    idx = reserved[i + j]
+                    if j < n and (partial is None or a in partial) and sc.hash_of(j) == key[1]:
+                        store.fill(idx, key, sc.page(j))
+                        resolved[key] = idx
+                    else:
+                        store.release(idx)
+            # Then every page against its store page (or zeros), in C.
+            NONE = -1
+            want = [NONE if w.__class__ is tuple and resolved.get(w[0]) is None
+                    else (resolved[w[0]] if w.__class__ is tuple else w) for _, w in plan]
+            store_base = store._base
+            to_store = []
+            to_zero = []
+            failed = 0
+            i = 0
+            while i < len(plan):
+                chunk_a = addrs[i:i + sc.batch]
+                chunk_w = want[i:i + sc.batch]
+                try:
+                    n = sc.read(chunk_a, hash=False)
+                except OSError:
+                    n = 0
+                eq = sc.compare(n, store_base, [0 if x == NONE else x for x in chunk_w[:n]])
+                for j in range(n):
+                    x = chunk_w[j]
+                    if x == NONE or not eq[j]:
+                        failed += 1
+                    elif x is None:
+                        to_zero.append(chunk_a[j])
+                    else:
+                        to_store.append((chunk_a[j], x))
+                i += n + 1 if n < len(chunk_a) else n
+            if partial is not None:
+                to_store = [(a, x) for a, x in to_store if a in partial]
+                to_zero = [a for a in to_zero if a in partial]
+            self.counters["compare_failed"] += failed
+            # Keep headroom under vm.max_map_count: each run may add two VMAs.
+            idx_of = dict(to_store)
+            store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
+            left = self._map_count_left()
+            if 2 * len(store_runs) > left:
+                keep = max(0, left // 2)
+                self.counters["map_count_limited"] += len(store_runs) - keep
+                store_runs = store_runs[:keep]
+            self._vmas += 2 * len(store_runs)
+            zero_runs = _runs(to_zero, ps)
+            ok_store, ok_zero = [], []
             if store_runs or zero_runs:
                 ok_store, ok_zero = self._remote_merge(store_runs, zero_runs)
             # Bookkeeping, then register the merged runs on B.
-            done = 0
+            refs = self.idx_refs
+            removed = self.b.removed
             with self.lock:
                 for s, n, idx in ok_store:
                     r = self._region(s)
                     base = r.index(s)
-                    for k in range(n):
-                        r.merged[base + k] = idx + k + 1
-                        self.idx_refs[idx + k] = self.idx_refs.get(idx + k, 0) + 1
-                        self.b.removed.discard(s + k * ps)
+                    r.merged[base:base + n] = range(idx + 1, idx + n + 1)
+                    for x in range(idx, idx + n):
+                        refs[x] = refs.get(x, 0) + 1
+                    if removed:
+                        removed.difference_update(range(s, s + n * ps, ps))
                     done += n
+                store.ref_runs(ok_store)
+            register = self.b.uffd.register
+            mode = MODE_MINOR | MODE_WP
             for s, n, idx in ok_store:
-                for k in range(n):
-                    store.ref(idx + k)
                 try:
-                    _retry(self.b.uffd.register, s, n * ps, MODE_MINOR | MODE_WP)
-                except OSError as err:
-                    log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
-                                self.pid, s, n, err)
+                    register(s, n * ps, mode)
+                except OSError:
+                    try:
+                        _retry(register, s, n * ps, mode)
+                    except OSError as err:
+                        log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
+                                    self.pid, s, n, err)
             nz = sum(n for _, n, _ in ok_zero)
             self.n_merged += done
             self.counters["merges"] += done
@@ -730,25 +741,40 @@ class DedupeProtector(WriteProtector):
                 rp.write_memory(scratch, b"/proc/%d/fd/%d\0" % (os.getpid(), self.store.fd))
                 tfd = rp.syscall(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
             calls = []
+            region = None
             for s, n, idx in store_runs:
-                prot = self._region(s).prot
+                if region is None or not region.start <= s < region.end:
+                    region = self._region(s)
+                prot = region.prot
                 calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
                                         self.store.offset(idx))))
-                calls.append((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ)))
             for s, n, _ in zero_runs:
                 calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+            # Map the store pages in now, so that a first read costs no MINOR
+            # fault once B registers them: one madvise over the whole batch
+            # when it is dense (it also maps the zero page where zero pages
+            # went, which is what a read there would do), else one per run.
+            if store_runs:
+                lo = store_runs[0][0]
+                hi = store_runs[-1][0] + store_runs[-1][1] * ps
+                if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
+                        and self._region(lo) is self._region(hi - ps):
+                    calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
+                else:
+                    calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
+                                 for s, n, _ in store_runs)
             if tfd is not None:
                 calls.append((NR_CLOSE, (tfd,)))
             if scratch is not None:
                 calls.append((NR_MUNMAP, (scratch, ps)))
             res = rp.syscalls(calls)
             for k, run in enumerate(store_runs):
-                if res[2 * k] == run[0]:
+                if res[k] == run[0]:
                     ok_store.append(run)
                 else:
                     self.counters["merge_errors"] += 1
-                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[2 * k])
-            base = 2 * len(store_runs)
+                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[k])
+            base = len(store_runs)
             for k, run in enumerate(zero_runs):
                 if res[base + k] == 0:
                     ok_zero.append(run)
