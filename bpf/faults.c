@@ -291,25 +291,6 @@ TRACEPOINT_PROBE(sched, sched_waking)
 #endif
 #endif
 
-/* A page fault is over once its thread makes a syscall: without this, a
- * thread that faulted (ordinary fault, no end seen) and then slept in a
- * syscall would look like a fault that blocked. A raw tracepoint: it runs on
- * every syscall of every process, so it must cost next to nothing. */
-RAW_TRACEPOINT_PROBE(sys_enter)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != TARGET_PID)
-		return 0;
-	u32 tid = (u32)id;
-	struct rec *r = inflight.lookup(&tid);
-	if (r && r->state == FAULTED) {
-		r->outcome |= OUT_NO_END;
-		emit(r);
-		inflight.delete(&tid);
-	}
-	return 0;
-}
-
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();
@@ -332,7 +313,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #ifndef NO_SYSCALLS
 /* The daemon's read and ioctl calls. Three programs, the fewest that
  * work: raw_syscalls (one program on every syscall's entry and exit) cost
- * more per fault here, and the ioctl's exit is not needed (sched_waking
+ * as much per fault here (measured), and the ioctl's exit is not needed (sched_waking
  * takes the waker's last UFFDIO_* ioctl that began after the read). Any
  * syscall tracepoint puts every task on the slow syscall path.
  *
@@ -341,8 +322,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
  * A read of a uffd returns struct uffd_msg (32 bytes) records; the program
  * reads them from the daemon's buffer to learn which writers' faults it got
  * (event, flags, address, ptid), so no uprobe is needed for that. */
-#define NR_READ 0
-#define NR_IOCTL 16
 #define UFFDIO_TYPE 0xAA
 #define UFFD_EVENT_PAGEFAULT 0x12
 #define MAX_MSGS 64
@@ -362,51 +341,39 @@ struct fd_key { u32 tgid; u32 fd; };
 BPF_HASH(uffd_fds, struct fd_key, u8, 256);
 BPF_HASH(pending_read, u32, u64, 1024);   /* daemon tid -> buffer of a uffd read */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+static __always_inline void ioctl_enter(u64 id, u32 fd, u64 cmd)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != DAEMON_PID || ((args->cmd >> 8) & 0xff) != UFFDIO_TYPE)
-		return 0;
+	if (((cmd >> 8) & 0xff) != UFFDIO_TYPE)
+		return;
 	u32 tid = (u32)id;
-	struct fd_key k = { .tgid = id >> 32, .fd = (u32)args->fd };
+	struct fd_key k = { .tgid = id >> 32, .fd = fd };
 	u8 one = 1;
 	uffd_fds.update(&k, &one);
 	struct ioctl_state s = {};
 	s.ts_enter = bpf_ktime_get_ns();
-	s.cmd = args->cmd;
-	s.fd = k.fd;
+	s.cmd = cmd;
+	s.fd = fd;
 	ioctls.update(&tid, &s);
-	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read)
+static __always_inline void read_enter(u64 id, u32 fd, u64 buf)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != DAEMON_PID)
-		return 0;
 	u32 tid = (u32)id;
-	struct fd_key k = { .tgid = id >> 32, .fd = (u32)args->fd };
+	struct fd_key k = { .tgid = id >> 32, .fd = fd };
 	if (!uffd_fds.lookup(&k))
-		return 0;
-	u64 buf = (u64)args->buf;
+		return;
 	pending_read.update(&tid, &buf);
-	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_read)
+static __always_inline void read_done(u32 tid, long ret)
 {
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != DAEMON_PID)
-		return 0;
-	u32 tid = (u32)id;
 	u64 *bufp = pending_read.lookup(&tid);
 	if (!bufp)
-		return 0;
+		return;
 	u64 buf = *bufp;
 	pending_read.delete(&tid);
-	long ret = args->ret;
 	if (ret <= 0)
-		return 0;
+		return;
 	u64 now = bpf_ktime_get_ns();
 	u32 n = ret / sizeof(struct uffd_msg_raw);
 	for (u32 i = 0; i < MAX_MSGS; i++) {
@@ -444,9 +411,51 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
 		r->uffd_flags = m.flags;
 		r->handler_tid = tid;
 	}
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == DAEMON_PID)
+		ioctl_enter(id, (u32)args->fd, args->cmd);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == DAEMON_PID)
+		read_enter(id, (u32)args->fd, (u64)args->buf);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) == DAEMON_PID)
+		read_done((u32)id, args->ret);
 	return 0;
 }
 #endif
+
+/* A page fault is over once its thread makes a syscall: without this, a
+ * thread that faulted (ordinary fault, no end seen) and then slept in a
+ * syscall would look like a fault that blocked. A raw tracepoint: it runs on
+ * every syscall of every process, so it must cost next to nothing. */
+RAW_TRACEPOINT_PROBE(sys_enter)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) != TARGET_PID)
+		return 0;
+	u32 tid = (u32)id;
+	struct rec *r = inflight.lookup(&tid);
+	if (r && r->state == FAULTED) {
+		r->outcome |= OUT_NO_END;
+		emit(r);
+		inflight.delete(&tid);
+	}
+	return 0;
+}
 
 /* ---- USDT probes in native/faultloop.c ----------------------------------- */
 

@@ -211,6 +211,30 @@ def test_c_handler_merges_the_callback_phase(target_bin, spawn):
     p.stdin.flush()
 
 
+@needs_bcc
+def test_lean_profile(target_bin, spawn):
+    """No syscall or USDT probes: the daemon's turn is one phase."""
+    p = spawn([target_bin("memtarget"), "anon", "4"])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], usdt="none",
+                syscalls=False) as tr:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
+            for i in range(4):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+            tr.pump(100)
+    wp = [r for r in tr.records if r["kind"] == "wp"]
+    assert len(wp) == 4 and all(r.get("inferred") for r in wp)
+    for r in wp:
+        assert set(r["phases"]) <= {"to_block", "handled", "to_run"} and "handled" in r["phases"]
+        assert sum(r["phases"].values()) == r["latency_ns"]
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
 class WakeFirst(WriteProtector):
     """Answers a page's first fault with WAKE (the writer retries and
     faults again), the second with UNPROTECT."""
@@ -352,9 +376,10 @@ def test_live_mode_prints_histograms(traced):
 
 def test_ebpf_prints_the_program(capsys):
     from wp.tracing import trace
-    assert trace.main(["1", "--ebpf"]) == 0
+    assert trace.main(["-p", "1", "--ebpf"]) == 0
     out = capsys.readouterr().out
     assert "TRACEPOINT_PROBE" in out and "BPF_RINGBUF_OUTPUT" in out
+    assert "-DTARGET_PID=1 " in out
 
 
 @contextlib.contextmanager

@@ -252,9 +252,10 @@ class FaultProbes:
         return flags
 
     def text(self):
-        """Returns the BPF program's source (what --ebpf prints)."""
+        """Returns the BPF program's source with the flags it is compiled
+        with (what --ebpf prints)."""
         with open(program_path()) as f:
-            return f.read()
+            return "/* %s\n * cflags: %s */\n%s" % (program_path(), " ".join(self.cflags()), f.read())
 
     def open(self):
         """Compiles and attaches the probes. Returns self.

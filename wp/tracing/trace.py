@@ -4,7 +4,7 @@ Entry point for the CLI: ``main(argv)`` (argv without the program name)::
 
     wp trace PID -o FILE [--duration S] [--region START-END ...]
                                  JSON lines, one per fault (wp.tracing.records)
-    wp trace PID [interval [count]]
+    wp trace PID [interval [count]]   (or wp trace -p PID [interval [count]])
                                  live: log2 latency histograms per interval
     common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm,
             --usdt {callbacks,all,none} / --no-usdt, --lean, --ebpf (print the BPF program and exit), --json (live:
@@ -166,11 +166,10 @@ def build_parser(prog="wp trace"):
                "  wp trace 1234                                  live log2 histograms, Ctrl-C to end\n"
                "  wp trace 1234 1 5                              five 1-second intervals\n"
                "  wp trace 1234 --ebpf                           print the BPF program\n")
-    p.add_argument("pid", type=int, help="the target (attached with `wp attach`)")
-    p.add_argument("interval", nargs="?", type=float, default=None,
-                   help="live mode: seconds between summaries (default: at the end)")
-    p.add_argument("count", nargs="?", type=int, default=None, help="live mode: number of summaries")
-    p.add_argument("-p", dest="pid_opt", type=int, help=argparse.SUPPRESS)
+    p.add_argument("positional", nargs="*", metavar="PID [interval [count]]",
+                   help="the target (attached with `wp attach`; or give it with -p), then for live "
+                   "mode the seconds between summaries (default: one at the end) and their number")
+    p.add_argument("-p", "--pid", dest="pid_opt", type=int, metavar="PID", help="the target")
     p.add_argument("-o", "--output", help="write JSON lines (one per fault) to this file")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument("--region", action="append", type=_region, metavar="START-END",
@@ -229,11 +228,19 @@ def _usdt_off(args):
 
 def main(argv=None):
     """Runs `wp trace`; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.pid_opt:
-        args.pid = args.pid_opt
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pos = list(args.positional)
+    try:
+        args.pid = args.pid_opt if args.pid_opt else int(pos.pop(0))
+        args.interval = float(pos.pop(0)) if pos else None
+        args.count = int(pos.pop(0)) if pos else None
+    except (IndexError, ValueError):
+        parser.error("usage: wp trace PID [interval [count]] or wp trace -p PID [interval [count]]")
+    if pos:
+        parser.error("too many arguments: %s" % " ".join(pos))
     if args.ebpf:
-        print(_probes.FaultProbes(args.pid).text())
+        print(_probes.FaultProbes(args.pid, args.daemon_pid).text())
         return 0
     if args.lean:
         args.usdt = "none"
