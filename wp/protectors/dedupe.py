@@ -83,7 +83,8 @@ VMA_COST = 256
 PAGE_META = 24
 # VMA flags (smaps VmFlags) of mappings we leave alone: locked pages,
 # MADV_DONTFORK/WIPEONFORK (a new mapping would lose them), hugetlb, I/O.
-_SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf", "um"}
+# (uffd flags "uw"/"um" are the session's: the protector takes those over.)
+_SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf"}
 
 
 def _features(*names):
@@ -227,6 +228,7 @@ class _Merged:
             if zero:
                 self.uffd.zeropage(p, ps)
                 self.zero_fills += 1
+                self.owner.journal_removed(self)
             else:
                 self.uffd.continue_(p, ps, wp=wp)
         except FileExistsError:
@@ -250,6 +252,7 @@ class _Merged:
             with self.owner.lock:
                 self.removes += 1
                 self.removed.update(range(event["start"], event["end"], ps))
+            self.owner.journal_removed(self)
         elif name == "remap":
             self.owner.moved(self, event["start"], event["to"], event["length"])
         elif name == "fork":
@@ -280,7 +283,8 @@ class DedupeProtector(WriteProtector):
 
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
-                 map_count_reserve=1024, measure_files=True, interval=0.2, auto=True):
+                 map_count_reserve=1024, measure_files=True, interval=0.2, auto=True,
+                 guardian=True):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
         self.pages_to_scan = int(pages_to_scan)
@@ -294,6 +298,8 @@ class DedupeProtector(WriteProtector):
         self.measure_files = bool(measure_files)
         self.interval = float(interval)
         self.auto = auto
+        self.use_guardian = bool(guardian)
+        self.guardian = None
         self.page_size = os.sysconf("SC_PAGESIZE")
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
@@ -317,6 +323,7 @@ class DedupeProtector(WriteProtector):
         self._stop = threading.Event()
         self._thread = None
         self._ready = threading.Event()
+        self._protected = threading.Event()
         self.error = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -335,6 +342,10 @@ class DedupeProtector(WriteProtector):
         self.loop_a.start()
         self.b = _Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
         self.b.start()
+        if self.use_guardian:
+            from wp.dedupe.guardian import GuardianClient
+            self.guardian = GuardianClient.shared(self.store.inode)
+            self.guardian.add(self.pid, self.b.uffd.fd)
         self._scanner = _native.Scanner(self.pid, self.page_size, 4096)
         self._pagemap = _pagemap.Pagemap(self.pid)
         self._zero_pfn = _zero_pfn()
@@ -346,10 +357,11 @@ class DedupeProtector(WriteProtector):
 
     def _run(self):
         try:
+            # The session registers its regions after attach(): start then.
+            while not self._protected.wait(0.05):
+                if self._stop.is_set():
+                    return
             while not self._stop.is_set():
-                if self.session.started_ns is None:
-                    time.sleep(0.01)   # the session registers after attach()
-                    continue
                 self.scan_once()
                 self._ready.set()
                 self._stop.wait(self.interval)
@@ -358,12 +370,17 @@ class DedupeProtector(WriteProtector):
                 self.error = "%s: %s" % (type(err).__name__, err)
                 log.exception("dedupe scanner of pid %d stopped", self.pid)
 
+    def on_protected(self):
+        self._protected.set()
+
     def detach(self):
         """Stops scanning and unmerges: every merged page becomes a private
         anonymous page again."""
         self._stop.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(30)
+        if self.guardian is not None:
+            self.guardian.forget(self.pid)
         try:
             self.unmerge_all()
         except Exception:
@@ -703,6 +720,7 @@ class DedupeProtector(WriteProtector):
                         refs[x] = refs.get(x, 0) + 1
                     if removed:
                         removed.difference_update(range(s, s + n * ps, ps))
+                        self.journal_removed(self.b)
                     done += n
                 store.ref_runs(ok_store)
             register = self.b.uffd.register
@@ -867,78 +885,21 @@ class DedupeProtector(WriteProtector):
     def unmerge_all(self):
         """Makes every merged page of the target private anonymous memory
         again (contents kept, writers blocked meanwhile). Returns pages."""
-        ps = self.page_size
-        try:
-            runs = self.store_runs_in_maps()
-        except (OSError, ProcessLookupError):
-            return 0
-        if not runs:
-            return 0
-        bu = self.b.uffd
-        # Pages removed and not faulted back yet: give them zeros first.
+        n = unmerge_runs(self, self.b, self.space, self.store.inode)
         with self.lock:
-            removed = sorted(self.b.removed)
-            self.b.removed.clear()
-        for a in removed:
-            if any(s <= a < e for s, e in runs):
-                try:
-                    bu.zeropage(a, ps)
-                except OSError:
-                    pass
-        with self.lock:
-            self.frozen.extend(runs)
-        try:
-            for s, e in runs:
-                try:
-                    _retry(bu.protect, s, e - s)
-                except OSError:
-                    try:   # the registration went (e.g. the session dropped it)
-                        bu.register(s, e - s, MODE_MINOR | MODE_WP)
-                        _retry(bu.protect, s, e - s)
-                    except OSError as err:
-                        log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s",
-                                    self.pid, s, e, err)
-            total = sum(e - s for s, e in runs)
-            with _remote(self.pid) as rp:
-                fresh = rp.mmap_scratch(total)
-                off = 0
-                zero = bytes(ps)
-                for s, e in runs:
-                    data = self.space.read(s, e - s)
-                    for k in range(0, e - s, ps):
-                        page = data[k:k + ps]
-                        if page != zero:
-                            self.space.write(fresh + off + k, page)
-                    off += e - s
-                calls = []
-                off = 0
-                for s, e in runs:
-                    calls.append((NR_MREMAP, (fresh + off, e - s, e - s,
-                                              MREMAP_MAYMOVE | MREMAP_FIXED, s)))
-                    off += e - s
-                res = rp.syscalls(calls)
-                bad = [(r, run) for r, run in zip(res, runs) if r != run[0]]
-                if bad:
-                    log.warning("pid %d: %d mremaps failed at unmerge: %s", self.pid, len(bad),
-                                bad[:3])
+            for r in self.rstate:
+                for i in range(r.n):
+                    if r.merged[i]:
+                        self._drop(r, i)
+            self.counters["unmerged"] += n
+        return n
+
+    def journal_removed(self, m):
+        """m's removed pages changed: tell the guardian (if m is ours)."""
+        if m is self.b and self.guardian is not None:
             with self.lock:
-                for s, e in runs:
-                    for a in range(s, e, ps):
-                        r = self._region(a)
-                        if r is not None and r.merged[r.index(a)]:
-                            self._drop(r, r.index(a))
-                self.counters["unmerged"] += total // ps
-        finally:
-            with self.cond:
-                for sp in runs:
-                    self.frozen.remove(sp)
-                self.cond.notify_all()
-            for s, e in runs:
-                try:
-                    bu.wake(s, e - s)
-                except OSError:
-                    pass
-        return total // ps
+                pages = list(m.removed)
+            self.guardian.removed(self.pid, pages)
 
     # -- file-backed memory: measured only -----------------------------------
 
@@ -1028,6 +989,117 @@ class DedupeProtector(WriteProtector):
         if self.store:
             out["store"] = self.store.stats()
         return out
+
+
+class Orphan:
+    """The owner of merged pages whose protector is gone (the guardian,
+    after wpd died): enough of DedupeProtector for _Merged and unmerge_runs."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.page_size = os.sysconf("SC_PAGESIZE")
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.frozen = []
+
+    def is_merged(self, page):
+        return False
+
+    def wait_unfrozen(self, page, timeout=30.0):
+        with self.cond:
+            self.cond.wait_for(lambda: not any(s <= page < e for s, e in self.frozen), timeout)
+
+    def moved(self, m, start, to, length):
+        pass
+
+    def forked(self, m, fd):
+        os.close(fd)
+
+    def journal_removed(self, m):
+        pass
+
+
+def unmerge_runs(owner, m, space, store_inode):
+    """Makes every store mapping of process m.pid private anonymous memory
+    again: freeze each run with WP on m.uffd, read it, write it into fresh
+    anonymous memory of the target, mremap that over the run (atomic for the
+    target's threads: mremap holds the mmap lock), wake the writers.
+    Returns the pages unmerged."""
+    ps = owner.page_size
+    pid = m.pid
+    try:
+        runs = _light_maps(pid, store_inode)[2]
+    except (OSError, ProcessLookupError):
+        return 0
+    if not runs:
+        return 0
+    bu = m.uffd
+    # Pages removed and not faulted back yet: give them zeros first.
+    with owner.lock:
+        removed = sorted(m.removed)
+        m.removed.clear()
+    for a in removed:
+        if any(s <= a < e for s, e in runs):
+            try:
+                bu.zeropage(a, ps)
+            except OSError:
+                pass
+    with owner.lock:
+        owner.frozen.extend(runs)
+    failed = list(runs)
+    try:
+        for s, e in runs:
+            try:
+                _retry(bu.protect, s, e - s)
+            except OSError:
+                try:   # the registration went (e.g. the session dropped it)
+                    bu.register(s, e - s, MODE_MINOR | MODE_WP)
+                    _retry(bu.protect, s, e - s)
+                except OSError as err:
+                    log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s", pid, s, e, err)
+        total = sum(e - s for s, e in runs)
+        with _remote(pid) as rp:
+            fresh = rp.mmap_scratch(total)
+            off = 0
+            zero = bytes(ps)
+            for s, e in runs:
+                data = space.read(s, e - s)
+                k = 0
+                while k < e - s:   # write runs of non-zero pages; zeros stay unallocated
+                    if data[k:k + ps] == zero:
+                        k += ps
+                        continue
+                    j = k + ps
+                    while j < e - s and data[j:j + ps] != zero:
+                        j += ps
+                    space.write(fresh + off + k, data[k:j])
+                    k = j
+                off += e - s
+            calls = []
+            off = 0
+            for s, e in runs:
+                calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
+                off += e - s
+            res = rp.syscalls(calls)
+            failed = [run for r, run in zip(res, runs) if r != run[0]]
+            if failed:
+                log.warning("pid %d: %d mremaps failed at unmerge: %s", pid, len(failed), failed[:3])
+        return total // ps - sum((e - s) // ps for s, e in failed)
+    finally:
+        for s, e in failed:   # still merged: do not leave them frozen
+            try:
+                bu.unprotect(s, e - s)
+            except OSError:
+                pass
+        with owner.cond:
+            for sp in runs:
+                owner.frozen.remove(sp)
+            owner.cond.notify_all()
+        for s, e in runs:
+            try:
+                bu.wake(s, e - s)
+            except OSError:
+                pass
 
 
 def daemon_stats(protectors):

@@ -1,0 +1,159 @@
+"""The guardian: a small process that outlives wpd and unmerges its targets.
+
+# Why it exists
+Merged pages are MAP_PRIVATE mappings of the daemon's store. Their
+anonymous semantics (MADV_DONTNEED makes a page read zeros) rest on a uffd
+("B") that wpd reads: MINOR faults after a REMOVE event are answered with
+zero memory. If wpd dies with SIGKILL the kernel closes its copy of B; with
+no other copy the registration would go and a DONTNEED'd merged page would
+read the store's bytes again. So wpd gives a copy of each target's B to the
+guardian (SCM_RIGHTS), with a journal of the pages DONTNEED'd and not
+faulted back yet. While wpd lives the guardian only holds them.
+
+# What it does when wpd goes
+The socket to wpd reads EOF (wpd exited or was killed; it never says
+goodbye with targets still merged). For every target the guardian still
+holds, it starts serving B (MINOR faults and REMOVE events, exactly as wpd
+did) and unmerges: freeze each merged run with WP on B, read it, write it
+into fresh anonymous memory of the target and mremap that over the run, by
+syscall injection (wp.remote), like wpd's own detach. Then it closes B and
+exits. A target that exited meanwhile is skipped.
+
+Holding B costs nothing while wpd lives: nobody else reads it, and wpd
+sends "forget" at a normal detach, before it unmerges, so the guardian
+drops its copy.
+
+    python -m wp.dedupe.guardian FD     (started by wpd, FD its socket end)
+"""
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+__all__ = ["GuardianClient", "main"]
+
+log = logging.getLogger("wp.dedupe.guardian")
+
+
+class GuardianClient:
+    """wpd's end: starts the guardian once and keeps it informed."""
+
+    _shared = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, store_inode):
+        with cls._lock:
+            if cls._shared is None or cls._shared.proc.poll() is not None:
+                cls._shared = cls(store_inode)
+            return cls._shared
+
+    def __init__(self, store_inode):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "wp.dedupe.guardian", str(b.fileno())],
+                                     pass_fds=[b.fileno()], start_new_session=True,
+                                     stdin=subprocess.DEVNULL, env=env)
+        b.close()
+        a.set_inheritable(False)
+        self.sock = a
+        self.lock = threading.Lock()
+        self._send({"op": "hello", "wpd": os.getpid(), "store_inode": store_inode})
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def _send(self, msg, fds=()):
+        data = json.dumps(msg).encode()
+        with self.lock:
+            try:
+                socket.send_fds(self.sock, [data], list(fds))
+            except OSError as err:
+                log.warning("guardian %d unreachable: %s", self.proc.pid, err)
+
+    def add(self, pid, uffd_fd):
+        """Gives the guardian a copy of pid's B uffd."""
+        self._send({"op": "target", "pid": pid}, [uffd_fd])
+
+    def removed(self, pid, pages):
+        """Replaces the journal of pid's removed (read-zero) pages."""
+        self._send({"op": "removed", "pid": pid, "pages": sorted(pages)})
+
+    def forget(self, pid):
+        """pid is being unmerged by wpd itself: drop its B copy."""
+        self._send({"op": "forget", "pid": pid})
+
+
+def rescue(pid, fd, removed, store_inode):
+    """Serves pid's B uffd and unmerges every merged run of pid. Returns
+    the pages unmerged."""
+    from wp.protectors.dedupe import MERGED_FEATURES, Orphan, _Merged, unmerge_runs
+    from wp.space import ProcessSpace
+    from wp.uffd import Userfaultfd
+
+    u = Userfaultfd.adopt(fd, MERGED_FEATURES)
+    owner = Orphan(pid)
+    m = _Merged(owner, pid, u, removed)
+    m.start()
+    try:
+        space = ProcessSpace(pid, None)
+        return unmerge_runs(owner, m, space, store_inode)
+    finally:
+        m.close()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="wp-guardian[%(process)d] %(message)s")
+    sock = socket.socket(fileno=int(argv[0]))
+    targets = {}    # pid -> {"fd": fd, "removed": set}
+    store_inode = None
+    wpd = None
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 4)
+        except OSError:
+            break
+        if not data:
+            break   # wpd is gone
+        msg = json.loads(data)
+        op = msg.get("op")
+        if op == "hello":
+            wpd, store_inode = msg["wpd"], msg["store_inode"]
+        elif op == "target":
+            old = targets.pop(msg["pid"], None)
+            if old:
+                os.close(old["fd"])
+            targets[msg["pid"]] = {"fd": fds[0], "removed": set()}
+            fds = fds[1:]
+        elif op == "removed" and msg["pid"] in targets:
+            targets[msg["pid"]]["removed"] = set(msg["pages"])
+        elif op == "forget":
+            t = targets.pop(msg["pid"], None)
+            if t:
+                os.close(t["fd"])
+        for fd in fds:
+            os.close(fd)
+    if not targets:
+        return 0
+    log.info("wpd %s is gone: unmerging %d targets", wpd, len(targets))
+    for pid, t in targets.items():
+        if not os.path.exists("/proc/%d" % pid):
+            os.close(t["fd"])
+            continue
+        try:
+            n = rescue(pid, t["fd"], t["removed"], store_inode)
+            log.info("pid %d: %d pages unmerged", pid, n)
+        except Exception:
+            log.exception("pid %d: unmerge failed", pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
