@@ -235,6 +235,34 @@ def test_lean_profile(target_bin, spawn):
     p.stdin.flush()
 
 
+@needs_bcc
+def test_lost_events_are_counted(target_bin, spawn, tmp_path):
+    """A one-page ring buffer that is not drained: what does not fit is
+    counted as lost and written to the trace's closing line."""
+    n = 64
+    p = spawn([target_bin("memtarget"), "anon", str(n)])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
+    path = tmp_path / "small.jsonl"
+    tr = Tracer(pid, daemon_pid=os.getpid(), path=str(path), regions=[(addr, addr + length)],
+                ringbuf_pages=1).start()
+    try:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
+            for i in range(n):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+    finally:
+        counters = tr.stop()
+    recs, meta = records.read_trace(str(path))
+    wp = [r for r in recs if r["kind"] == "wp"]
+    assert counters["lost"] > 0 and meta["lost"] == counters["lost"]
+    assert len(wp) < n and len(wp) + counters["lost"] >= n
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
 class WakeFirst(WriteProtector):
     """Answers a page's first fault with WAKE (the writer retries and
     faults again), the second with UNPROTECT."""
