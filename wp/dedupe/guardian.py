@@ -103,7 +103,7 @@ def rescue(pid, fd, removed, store_inode):
     m.start()
     try:
         space = ProcessSpace(pid, None)
-        return unmerge_runs(owner, m, space, store_inode)
+        return unmerge_runs(owner, m, space, store_inode, absent_is_removed=True)
     finally:
         m.close()
 

@@ -1019,11 +1019,16 @@ class Orphan:
         pass
 
 
-def unmerge_runs(owner, m, space, store_inode):
+def unmerge_runs(owner, m, space, store_inode, absent_is_removed=False):
     """Makes every store mapping of process m.pid private anonymous memory
     again: freeze each run with WP on m.uffd, read it, write it into fresh
     anonymous memory of the target, mremap that over the run (atomic for the
     target's threads: mremap holds the mmap lock), wake the writers.
+    absent_is_removed: treat merged pages with no PTE as DONTNEED'd (they
+    read zeros afterwards). The guardian uses it: wpd may have read a REMOVE
+    event (which lets the target go on) and died before it journaled it.
+    Merged pages are populated when merged and the store is never swapped
+    unless swap is on, so a missing PTE means DONTNEED (or MADV_PAGEOUT).
     Returns the pages unmerged."""
     ps = owner.page_size
     pid = m.pid
@@ -1036,8 +1041,14 @@ def unmerge_runs(owner, m, space, store_inode):
     bu = m.uffd
     # Pages removed and not faulted back yet: give them zeros first.
     with owner.lock:
-        removed = sorted(m.removed)
+        removed = set(m.removed)
         m.removed.clear()
+    if absent_is_removed:
+        with _pagemap.Pagemap(pid) as pm:
+            for s, e in runs:
+                ents = pm.entries(s, (e - s) // ps)
+                removed.update(s + i * ps for i, x in enumerate(ents) if not x & _pagemap.PRESENT)
+    removed = sorted(removed)
     for a in removed:
         if any(s <= a < e for s, e in runs):
             try:
