@@ -312,7 +312,7 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
     tracer.stop()
     out = tmp_path / "cli.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "wp.tracing.trace", str(t.proc.pid), "-o", str(out),
-                             "--duration", "30", "--daemon-pid", str(os.getpid())],
+                             "--duration", "30", "--daemon-pid", str(os.getpid()), "--region", "anon"],
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
@@ -325,6 +325,7 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
     assert proc.returncode == 0, err
     recs, meta = records.read_trace(str(out))
     assert meta["lost"] == 0 and meta["target_pid"] == t.proc.pid
+    assert ["%#x" % t.addr, "%#x" % (t.addr + t.length)] in meta["regions"]
     wp = [r for r in recs if r["kind"] == "wp"]
     assert sorted(int(r["addr"], 16) & ~4095 for r in wp) == [t.addr + i * t.psize for i in range(4)]
     # the session's uffd was open before the tracer started: seeded from /proc

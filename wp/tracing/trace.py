@@ -149,12 +149,26 @@ class Tracer:
 
 # -- the command ------------------------------------------------------------
 
-def _region(spec):
-    try:
-        a, b = spec.split("-")
-        return int(a, 16), int(b, 16)
-    except ValueError:
-        raise argparse.ArgumentTypeError("bad region %r: START-END in hex" % spec) from None
+def _regions(pid, specs):
+    """Returns [(start, end)] for region specs: START-END in hex, or the
+    names `wp attach --region` takes (all, anon, shmem, hugetlb, file:PATH),
+    resolved in the target's current maps."""
+    out, named = [], []
+    for spec in specs:
+        if "-" in spec and not spec.startswith("file:"):
+            try:
+                a, b = spec.split("-")
+                out.append((int(a, 16), int(b, 16)))
+            except ValueError:
+                raise ValueError("bad region %r: START-END in hex, or all, anon, shmem, hugetlb, "
+                                 "file:PATH" % spec) from None
+        else:
+            named.append(spec)
+    if named:
+        from wp.maps import read_maps
+        from wp.session import resolve_regions
+        out.extend((r.start, r.end) for r in resolve_regions(read_maps(pid), named, pid))
+    return out
 
 
 def build_parser(prog="wp trace"):
@@ -172,8 +186,9 @@ def build_parser(prog="wp trace"):
     p.add_argument("-p", "--pid", dest="pid_opt", type=int, metavar="PID", help="the target")
     p.add_argument("-o", "--output", help="write JSON lines (one per fault) to this file")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
-    p.add_argument("--region", action="append", type=_region, metavar="START-END",
-                   help="only faults in this range (hex, repeatable)")
+    p.add_argument("--region", action="append", metavar="SPEC",
+                   help="only faults in START-END (hex) or in all, anon, shmem, hugetlb or "
+                   "file:PATH memory of the target now (repeatable)")
     p.add_argument("--daemon-pid", type=int, help="pid of the process running the fault loop "
                    "(default: ask wpd)")
     p.add_argument("--socket", help="wpd's socket")
@@ -239,6 +254,13 @@ def main(argv=None):
         parser.error("usage: wp trace PID [interval [count]] or wp trace -p PID [interval [count]]")
     if pos:
         parser.error("too many arguments: %s" % " ".join(pos))
+    regions = None
+    if args.region:
+        try:
+            regions = _regions(args.pid, args.region)
+        except (ValueError, OSError) as err:
+            print("wp trace: %s" % err, file=sys.stderr)
+            return 2
     if args.ebpf:
         print(_probes.FaultProbes(args.pid, args.daemon_pid).text())
         return 0
@@ -257,7 +279,7 @@ def main(argv=None):
             print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
                   file=sys.stderr)
             return 1
-    tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=args.region,
+    tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=regions,
                     async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, syscalls=not args.lean,
                     keep=0 if args.output else 1000000)
     try:
