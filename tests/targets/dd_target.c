@@ -165,8 +165,11 @@ int main(int argc, char **argv)
 				printf("ok\n");
 			}
 		} else if (cmd == 'm') {
-			void *away = mremap(base + a * PS, b * PS, b * PS, MREMAP_MAYMOVE);
+			void *hole = mmap(NULL, b * PS, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			void *away = mremap(base + a * PS, b * PS, b * PS, MREMAP_MAYMOVE | MREMAP_FIXED,
+					    hole);
 			if (away == MAP_FAILED) {
+				munmap(hole, b * PS);
 				printf("error %d\n", errno);
 			} else if (mremap(away, b * PS, b * PS, MREMAP_MAYMOVE | MREMAP_FIXED,
 					  base + a * PS) == MAP_FAILED) {

@@ -77,9 +77,10 @@ class GuardianClient:
             except OSError as err:
                 log.warning("guardian %d unreachable: %s", self.proc.pid, err)
 
-    def add(self, pid, uffd_fd):
-        """Gives the guardian a copy of pid's B uffd."""
-        self._send({"op": "target", "pid": pid}, [uffd_fd])
+    def add(self, pid, uffd_fd, coredump_filter=None):
+        """Gives the guardian a copy of pid's B uffd (and the coredump_filter
+        to put back after unmerging)."""
+        self._send({"op": "target", "pid": pid, "coredump_filter": coredump_filter}, [uffd_fd])
 
     def removed(self, pid, pages):
         """Replaces the journal of pid's removed (read-zero) pages."""
@@ -130,7 +131,8 @@ def main(argv=None):
             old = targets.pop(msg["pid"], None)
             if old:
                 os.close(old["fd"])
-            targets[msg["pid"]] = {"fd": fds[0], "removed": set()}
+            targets[msg["pid"]] = {"fd": fds[0], "removed": set(),
+                                   "coredump_filter": msg.get("coredump_filter")}
             fds = fds[1:]
         elif op == "removed" and msg["pid"] in targets:
             targets[msg["pid"]]["removed"] = set(msg["pages"])
@@ -150,6 +152,9 @@ def main(argv=None):
         try:
             n = rescue(pid, t["fd"], t["removed"], store_inode)
             log.info("pid %d: %d pages unmerged", pid, n)
+            if t["coredump_filter"] is not None:
+                with open("/proc/%d/coredump_filter" % pid, "w") as f:
+                    f.write("%#x" % t["coredump_filter"])
         except Exception:
             log.exception("pid %d: unmerge failed", pid)
     return 0

@@ -342,10 +342,16 @@ class DedupeProtector(WriteProtector):
         self.loop_a.start()
         self.b = _Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
         self.b.start()
+        # Kernel core dumps skip file-backed private memory unless bit 2 of
+        # coredump_filter is set, and a merged page that was never written
+        # is just that: set it while pages are merged (restored at detach).
+        self._coredump_filter = _coredump_filter(self.pid)
+        if self._coredump_filter is not None and not self._coredump_filter & 0x4:
+            _coredump_filter(self.pid, self._coredump_filter | 0x4)
         if self.use_guardian:
             from wp.dedupe.guardian import GuardianClient
             self.guardian = GuardianClient.shared(self.store.inode)
-            self.guardian.add(self.pid, self.b.uffd.fd)
+            self.guardian.add(self.pid, self.b.uffd.fd, self._coredump_filter)
         self._scanner = _native.Scanner(self.pid, self.page_size, 4096)
         self._pagemap = _pagemap.Pagemap(self.pid)
         self._zero_pfn = _zero_pfn()
@@ -385,6 +391,8 @@ class DedupeProtector(WriteProtector):
             self.unmerge_all()
         except Exception:
             log.exception("pid %d: unmerge at detach failed", self.pid)
+        if self._coredump_filter is not None:
+            _coredump_filter(self.pid, self._coredump_filter)
         for m in [self.b] + self.children:
             m.close()
         self.loop_a.stop()
@@ -1134,6 +1142,20 @@ def daemon_stats(protectors):
                - sum(r.n for p in protectors for r in p.rstate) * PAGE_META,
                store=store.stats())
     return out
+
+
+def _coredump_filter(pid, value=None):
+    """Returns (or sets) /proc/PID/coredump_filter; None if pid is gone."""
+    path = "/proc/%d/coredump_filter" % pid
+    try:
+        if value is None:
+            with open(path) as f:
+                return int(f.read(), 16)
+        with open(path, "w") as f:
+            f.write("%#x" % value)
+        return value
+    except OSError:
+        return None
 
 
 def _sys_time(pid):

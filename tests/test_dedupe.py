@@ -1,0 +1,464 @@
+"""dedupe against real targets: the bytes the target reads, PSS from
+/proc/PID/smaps_rollup and pagemap bits, before, during and after merging.
+
+tests/targets/dd_target.c lays out groups of four pages (two duplicates,
+one zero page, one unique page), remembers what every page must hold and
+checks it with its own reads ("c" -> "check NBAD FIRSTBAD").
+"""
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from wp import pagemap
+from wp.daemon import _remote_uffd_source
+from wp.dedupe.store import STORE_NAME
+from wp.protectors.dedupe import DedupeProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+
+PS = 4096
+M64 = (1 << 64) - 1
+
+
+def pattern(i, distinct):
+    """The bytes dd_target puts in page i (see dd_target.c)."""
+    kind = i % 4
+    if kind in (0, 1):
+        cid = ((i // 4) * 2 + kind) % distinct + 1
+        return struct.pack("<512Q", *[(cid * 0x9E3779B97F4A7C15 + k) & M64 for k in range(512)])
+    if kind == 2:
+        return bytes(PS)
+    return struct.pack("<512Q", *[((i + 1000003) * 0xC2B2AE3D27D4EB4F ^ k) & M64 for k in range(512)])
+
+
+class DD:
+    """A running dd_target."""
+
+    def __init__(self, proc, npages, distinct):
+        self.proc = proc
+        w = proc.stdout.readline().split()
+        assert w[0] == "ready", w
+        self.pid = int(w[1])
+        self.addr = int(w[2], 16)
+        self.npages = npages
+        self.distinct = distinct
+
+    def cmd(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def check(self):
+        """Pages that do not hold what the target expects (its own reads)."""
+        w = self.cmd("c")
+        assert w[0] == "check", w
+        return int(w[1])
+
+    def read_sum(self, i):
+        return int(self.cmd("r %d" % i)[2])
+
+    def pss_kb(self):
+        with open("/proc/%d/smaps_rollup" % self.pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+
+    def entries(self, first=0, n=None):
+        with pagemap.Pagemap(self.pid) as pm:
+            return pm.entries(self.addr + first * PS, self.npages - first if n is None else n)
+
+    def store_maps(self):
+        with open("/proc/%d/maps" % self.pid) as f:
+            return sum(STORE_NAME in line for line in f)
+
+    def vmas(self):
+        with open("/proc/%d/maps" % self.pid) as f:
+            return sum(1 for _ in f)
+
+    def page(self, i):
+        """Page i as /proc/PID/mem shows it."""
+        with open("/proc/%d/mem" % self.pid, "rb") as f:
+            f.seek(self.addr + i * PS)
+            return f.read(PS)
+
+
+@pytest.fixture
+def dd(target_bin, spawn):
+    def start(npages=1024, distinct=16, *extra):
+        p = spawn([target_bin("dd_target"), str(npages), str(distinct), *extra])
+        return DD(p, npages, distinct)
+    return start
+
+
+@pytest.fixture
+def dedupe():
+    """dedupe(target, **knobs) -> (session, protector), merged by two
+    passes; sessions are closed at teardown."""
+    sessions = []
+
+    def start(t, passes=2, **knobs):
+        knobs.setdefault("auto", False)
+        prot = DedupeProtector(**knobs)
+        s = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot, regions=["anon"])
+        s.start()
+        sessions.append(s)
+        for _ in range(passes):
+            prot.scan_once()
+        return s, prot
+
+    yield start
+    for s in sessions:
+        s.close()
+
+
+def is_file(e):
+    return bool(e & pagemap.PRESENT and e & pagemap.FILE_SHARED)
+
+
+# -- merging -------------------------------------------------------------------
+
+
+def test_merge_frees_memory_keeps_bytes(dd, dedupe):
+    t = dd(4096, 64)
+    pss0 = t.pss_kb()
+    _, prot = dedupe(t)
+    st = prot.stats()
+    # 2048 duplicates of 64 contents, 1024 zero pages.
+    assert st["pages_merged"] >= 2048 and st["zero_pages"] == 1024
+    assert st["pages_shared"] >= 64 and st["pages_sharing"] >= 2048 - 64
+    saved = pss0 - t.pss_kb()
+    assert saved >= 0.9 * (2048 - 64 + 1024) * 4, (pss0, t.pss_kb())
+    assert t.check() == 0
+    ents = t.entries()
+    for i, e in enumerate(ents):
+        if i % 4 in (0, 1):
+            assert is_file(e), "duplicate page %d is not a store page: %#x" % (i, e)
+        elif i % 4 == 2:
+            assert not e & pagemap.FILE_SHARED
+        else:
+            assert e & pagemap.PRESENT and not e & pagemap.FILE_SHARED
+    assert all(t.page(i) == pattern(i, 64) for i in range(0, 64))
+    assert st["vmas_added"] > 0 and st["map_count_headroom"] > 0
+    assert st["general_profit"] > 0
+
+
+def test_write_to_merged_page_copies_it(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t)
+    before = t.entries(0, 1)[0]
+    assert is_file(before)
+    assert t.cmd("w 0 7") == ["ok"]
+    e = t.entries(0, 1)[0]
+    assert e & pagemap.PRESENT and not e & pagemap.FILE_SHARED
+    # Other pages that shared the same store page still read the original.
+    assert t.check() == 0
+    assert t.page(0) == bytes([7]) * PS
+    prot.scan_once()
+    assert prot.stats()["sharing_breaks"] >= 1
+
+
+def test_dontneed_merged_page_reads_zeros(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t)
+    assert is_file(t.entries(4, 1)[0])
+    assert t.cmd("d 4 2") == ["ok"]
+    assert t.read_sum(4) == 0 and t.read_sum(5) == 0
+    assert t.page(4) == bytes(PS)
+    assert t.check() == 0
+    st = prot.stats()
+    assert st["remove_events"] >= 1 and st["zero_fills"] >= 1
+    # Written again after DONTNEED: an ordinary private page.
+    assert t.cmd("w 4 3") == ["ok"] and t.check() == 0
+    # A copied (written) merged page DONTNEED'd reads zeros too.
+    assert t.cmd("w 8 9") == ["ok"] and t.cmd("d 8 1") == ["ok"]
+    assert t.read_sum(8) == 0 and t.check() == 0
+
+
+def test_madv_free_on_merged_page_fails(dd, dedupe):
+    # The kernel refuses MADV_FREE on file mappings: documented, not hidden.
+    t = dd(1024, 16)
+    dedupe(t)
+    assert t.cmd("F 0 1") == ["error", "22"]
+    assert t.check() == 0
+
+
+def test_fork_child_sees_same_bytes(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t)
+    # The child checks every page, DONTNEEDs page 0 (merged) and checks it
+    # reads zeros, and writes page 1.
+    assert t.cmd("k") == ["child", "0"]
+    assert t.check() == 0
+    assert len(prot.children) >= 1
+
+
+def test_munmap_and_mremap_of_merged_ranges(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t)
+    n0 = prot.stats()["pages_merged"]
+    # munmap a merged range, map anonymous memory again, refill.
+    assert t.cmd("u 0 8") == ["ok"]
+    assert t.check() == 0
+    prot.scan_once()
+    st = prot.stats()
+    # Pages 0, 1, 4, 5 were merged; they are fresh anonymous pages now.
+    assert st["pages_merged"] <= n0 - 4
+    assert st["unmapped"] + st["sharing_breaks"] >= 4
+    assert not any(is_file(e) for e in t.entries(0, 8))
+    # mremap of one merged VMA (pages 16, 17: neighbouring store pages)
+    # away and back keeps the bytes and the DONTNEED semantics.
+    assert t.cmd("m 16 2") == ["ok"], "mremap of one merged VMA"
+    assert t.check() == 0
+    assert t.cmd("d 16 1") == ["ok"] and t.read_sum(16) == 0 and t.check() == 0
+    # Across a merged and an anonymous VMA mremap fails: documented.
+    assert t.cmd("m 20 4")[0] == "error"
+    assert t.check() == 0
+
+
+def test_proc_mem_reads_merged_bytes(dd, dedupe):
+    t = dd(256, 4)
+    dedupe(t)
+    for i in range(256):
+        assert t.page(i) == pattern(i, 4), "page %d" % i
+
+
+def test_kernel_core_dump_has_merged_pages(dd, dedupe, tmp_path):
+    t = dd(256, 4)
+    _, prot = dedupe(t)
+    assert prot.stats()["pages_merged"] > 0
+    with open("/proc/%d/coredump_filter" % t.pid) as f:
+        assert int(f.read(), 16) & 0x4, "file-backed private pages must be dumped while merged"
+    with open("/proc/sys/kernel/core_pattern") as f:
+        saved = f.read()
+    try:
+        with open("/proc/sys/kernel/core_pattern", "w") as f:
+            f.write(str(tmp_path / "core.%p"))
+        resource.prlimit(t.pid, resource.RLIMIT_CORE, (-1, -1))
+        os.kill(t.pid, signal.SIGSEGV)
+        t.proc.wait(10)
+        core = tmp_path / ("core.%d" % t.pid)
+        for _ in range(100):
+            if core.exists() and core.stat().st_size:
+                break
+            time.sleep(0.05)
+        data = core.read_bytes()
+    finally:
+        with open("/proc/sys/kernel/core_pattern", "w") as f:
+            f.write(saved)
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+
+    def read(addr):
+        for k in range(phnum):
+            typ, _, off, va, _, fsz, msz, _ = struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * k)
+            if typ == 1 and va <= addr < va + msz and addr - va + PS <= fsz:
+                return data[off + addr - va:off + addr - va + PS]
+        return None
+
+    for i in (0, 1, 5, 8):
+        assert read(t.addr + i * PS) == pattern(i, 4), "page %d missing from the core" % i
+
+
+def test_volatile_pages_are_not_merged(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t, passes=1)
+    assert t.cmd("w 0 1") == ["ok"]   # changes between the two passes
+    assert t.cmd("w 8 1") == ["ok"]
+    prot.scan_once()
+    assert prot.stats()["pages_volatile"] >= 2
+    assert not is_file(t.entries(0, 1)[0])
+    assert is_file(t.entries(4, 1)[0])
+    assert t.check() == 0
+
+
+def test_map_count_reserve_limits_vmas(dd, dedupe):
+    t = dd(2048, 512)
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    reserve = limit - t.vmas() - 40
+    _, prot = dedupe(t, map_count_reserve=reserve)
+    st = prot.stats()
+    assert st["map_count_limited"] > 0
+    assert t.vmas() <= limit - reserve + 2
+    assert t.check() == 0
+
+
+# -- across processes and side-channel modes -------------------------------------
+
+
+def test_merges_across_processes(dd, dedupe):
+    a, b = dd(1024, 16), dd(1024, 16)
+    _, pa = dedupe(a)
+    _, pb = dedupe(b)
+    store = pa.store
+    assert store is pb.store
+    # b's duplicates map the pages a's merge put in the store.
+    assert set(pb.idx_refs) <= set(pa.idx_refs) | set(store.key_of)
+    assert len(set(pa.idx_refs) & set(pb.idx_refs)) >= 16
+    assert a.check() == 0 and b.check() == 0
+
+
+def test_share_process_keeps_tenants_apart(dd, dedupe):
+    a, b = dd(1024, 16), dd(1024, 16)
+    _, pa = dedupe(a, share="process")
+    _, pb = dedupe(b, share="process")
+    assert pa.stats()["pages_merged"] > 0 and pb.stats()["pages_merged"] > 0
+    assert not set(pa.idx_refs) & set(pb.idx_refs)
+    assert a.check() == 0 and b.check() == 0
+
+
+def test_share_zero_merges_only_zero_pages(dd, dedupe):
+    t = dd(1024, 16)
+    _, prot = dedupe(t, share="zero")
+    st = prot.stats()
+    assert st["pages_merged"] == 0 and st["zero_pages"] == 256
+    assert not any(is_file(e) for e in t.entries())
+    assert t.check() == 0
+
+
+# -- file-backed memory is measured, never merged ---------------------------------
+
+
+def test_shared_memfd_is_measured_not_merged(target_bin, spawn, dedupe):
+    p = spawn([target_bin("memtarget"), "memfd", "64"])
+    w = p.stdout.readline().split()
+    t = DD.__new__(DD)
+    t.proc, t.pid = p, int(w[1])
+    _, prot = dedupe(t)
+    report = [v for k, v in prot.stats()["file_backed"].items() if "wp-test" in k]
+    assert report and report[0]["would_save_bytes"] >= 60 * PS
+    p.stdin.write("w 3 5\n")
+    p.stdin.flush()
+    p.stdout.readline()
+    prot.scan_once()
+    report = [v for k, v in prot.stats()["file_backed"].items() if "wp-test" in k]
+    assert report[0]["would_break_pages"] >= 1
+    with open("/proc/%d/maps" % t.pid) as f:
+        assert STORE_NAME not in f.read()
+
+
+# -- leaving no trace -------------------------------------------------------------
+
+
+def test_detach_unmerges(dd, dedupe):
+    t = dd(2048, 16)
+    pss0 = t.pss_kb()
+    with open("/proc/%d/coredump_filter" % t.pid) as f:
+        filter0 = f.read()
+    s, prot = dedupe(t)
+    assert t.store_maps() > 0
+    assert t.cmd("d 12 1") == ["ok"]   # a removed page, not read back yet
+    s.close()
+    assert t.store_maps() == 0
+    ents = t.entries()
+    assert not any(e & pagemap.FILE_SHARED for e in ents)
+    assert t.check() == 0
+    assert t.read_sum(12) == 0
+    # Anonymous again: DONTNEED reads zeros without any daemon.
+    assert t.cmd("d 0 4") == ["ok"] and t.read_sum(0) == 0 and t.check() == 0
+    # Duplicates are private copies again (zero pages stay zero pages).
+    assert t.pss_kb() >= pss0 - 512 * 4 - 4 * 4 - 256
+    with open("/proc/%d/coredump_filter" % t.pid) as f:
+        assert f.read() == filter0
+
+
+KILLED_DAEMON = r"""
+import sys, time
+from wp.daemon import _remote_uffd_source
+from wp.protectors.dedupe import DedupeProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+pid = int(sys.argv[1])
+prot = DedupeProtector(auto=False)
+s = Session(ProcessSpace(pid, _remote_uffd_source(pid)), prot, regions=["anon"])
+s.start()
+prot.scan_once(); prot.scan_once()
+print("merged", prot.stats()["pages_merged"], prot.guardian.pid, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_wpd_killed_guardian_unmerges(dd, tmp_path):
+    t = dd(2048, 16)
+    script = tmp_path / "wpd_like.py"
+    script.write_text(KILLED_DAEMON)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = subprocess.Popen([sys.executable, str(script), str(t.pid)], stdout=subprocess.PIPE,
+                         text=True, cwd=root)
+    try:
+        w = d.stdout.readline().split()
+        assert w[0] == "merged" and int(w[1]) > 0, w
+        guardian = int(w[2])
+        assert t.store_maps() > 0
+        assert t.cmd("d 4 1") == ["ok"]   # removed; wpd dies before it is read back
+        os.kill(d.pid, signal.SIGKILL)
+        d.wait(10)
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait()
+        d.stdout.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/%d/stat" % guardian) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("guardian %d still running" % guardian)
+    assert t.store_maps() == 0
+    assert not any(e & pagemap.FILE_SHARED for e in t.entries())
+    assert t.check() == 0
+    assert t.read_sum(4) == 0
+    assert t.cmd("d 8 2") == ["ok"] and t.read_sum(8) == 0 and t.check() == 0
+
+
+# -- a real program -----------------------------------------------------------------
+
+
+PY_HOLDER = r"""
+import hashlib, sys
+data = b"".join(hashlib.sha256(b"%d" % (i % 500)).digest() * 128 for i in range(8192))
+want = hashlib.sha256(data).hexdigest()
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.startswith("check"):
+        print("ok" if hashlib.sha256(data).hexdigest() == want else "BAD", flush=True)
+    else:
+        break
+"""
+
+
+def test_python_processes_holding_same_data(spawn, dedupe):
+    procs = [spawn([sys.executable, "-c", PY_HOLDER]) for _ in range(3)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+
+    def pss(p):
+        with open("/proc/%d/smaps_rollup" % p.pid) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+    before = sum(pss(p) for p in procs)
+    prots = []
+    for p in procs:
+        t = DD.__new__(DD)
+        t.pid = p.pid
+        prots.append(dedupe(t, passes=2)[1])
+    for prot in prots:   # a third pass each: the cross-process matches
+        prot.scan_once()
+    after = sum(pss(p) for p in procs)
+    # 32 MiB each, 500 distinct pages: most of it merges.
+    assert before - after >= 60 * 1024, (before, after)
+    for p in procs:
+        p.stdin.write("check\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "ok"
