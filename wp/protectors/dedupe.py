@@ -53,6 +53,7 @@ import bisect
 import errno
 import logging
 import os
+import queue
 import threading
 import time
 
@@ -276,6 +277,12 @@ class DedupeProtector(WriteProtector):
         interval: seconds between full passes once converged (0: as fast
             as the knobs allow).
         auto: run the scanner thread (False: call :meth:`scan_once`).
+        guardian: start (once per daemon) the guardian process that unmerges
+            the targets if wpd dies (wp.dedupe.guardian).
+        pipeline: compare the next batch while the target runs this one's
+            syscalls (a second thread). Off by default: on this 2-CPU VM it
+            gained nothing, the target's mmap() holds its mmap lock, which
+            our process_vm_readv and uffd ioctls need too.
     """
 
     name = "dedupe"
@@ -284,7 +291,7 @@ class DedupeProtector(WriteProtector):
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
                  map_count_reserve=1024, measure_files=True, interval=0.2, auto=True,
-                 guardian=True):
+                 guardian=True, pipeline=False):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
         self.pages_to_scan = int(pages_to_scan)
@@ -299,6 +306,7 @@ class DedupeProtector(WriteProtector):
         self.interval = float(interval)
         self.auto = auto
         self.use_guardian = bool(guardian)
+        self.pipeline = bool(pipeline)
         self.guardian = None
         self.page_size = os.sysconf("SC_PAGESIZE")
         self.lock = threading.RLock()
@@ -525,15 +533,46 @@ class DedupeProtector(WriteProtector):
         self.counters["full_scans"] += 1
         self.counters["pages_scanned"] += c[0]
         self.counters["pages_volatile"] = c[1]
-        merged = 0
-        for i in range(0, len(plan), self.merge_batch):
-            if self._stop.is_set():
-                break
-            merged += self._merge(plan[i:i + self.merge_batch])
+        merged = self._merge_all(plan)
         if self.measure_files:
             self._measure_files(self.space.maps())
         self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
         return merged
+
+    def _merge_all(self, plan):
+        """Merges plan in batches of merge_batch pages, pipelined: while a
+        worker thread runs batch k's syscalls in the target (most of a
+        batch's time, spent in the target's kernel), this thread freezes and
+        compares batch k+1. Returns pages merged."""
+        batches = [plan[i:i + self.merge_batch] for i in range(0, len(plan), self.merge_batch)]
+        if len(batches) <= 1 or not self.pipeline:
+            return sum(self._merge(b) for b in batches if not self._stop.is_set())
+        q = queue.Queue(maxsize=1)
+        result = {"merged": 0, "error": None}
+
+        def work():
+            while True:
+                prepared = q.get()
+                if prepared is None:
+                    return
+                try:
+                    result["merged"] += self._execute(prepared)
+                except BaseException as err:   # the batch was unfrozen; report after
+                    result["error"] = err
+
+        worker = threading.Thread(target=work, name="wp-dedupe-merge-%d" % self.pid, daemon=True)
+        worker.start()
+        try:
+            for b in batches:
+                if self._stop.is_set() or result["error"] is not None:
+                    break
+                q.put(self._prepare(b))
+        finally:
+            q.put(None)
+            worker.join()
+        if result["error"] is not None:
+            raise result["error"]
+        return result["merged"]
 
     def _throttle(self, t_cpu, t_wall):
         if self.sleep_millisecs:
@@ -634,7 +673,13 @@ class DedupeProtector(WriteProtector):
             self.cond.notify_all()
 
     def _merge(self, plan):
-        """Freezes, compares and merges one batch. Returns pages merged.
+        """Freezes, compares and merges one batch. Returns pages merged."""
+        return self._execute(self._prepare(plan))
+
+    def _prepare(self, plan):
+        """The first half of a batch: freeze, fill new store pages from
+        their frozen sources, compare every page. Returns what _execute
+        needs; the pages stay frozen until it ran.
 
         plan: [(addr, what)] sorted by address, what as _plan makes it."""
         ps = self.page_size
@@ -655,7 +700,6 @@ class DedupeProtector(WriteProtector):
                     resolved[w[0]] = None
         addrs = [a for a, _ in plan]
         spans, partial = self._freeze(addrs)
-        done = nz = 0
         try:
             # The sources first: frozen, their bytes become the store page.
             reserved = []
@@ -713,6 +757,20 @@ class DedupeProtector(WriteProtector):
                 store_runs = store_runs[:keep]
             self._vmas += 2 * len(store_runs)
             zero_runs = _runs(to_zero, ps)
+        except BaseException:
+            self._unfreeze(spans)
+            raise
+        return spans, store_runs, zero_runs
+
+    def _execute(self, prepared):
+        """The second half of a batch: the syscalls in the target, our
+        bookkeeping, B registration, and the writers let go. Returns pages
+        merged."""
+        spans, store_runs, zero_runs = prepared
+        ps = self.page_size
+        store = self.store
+        done = nz = 0
+        try:
             ok_store, ok_zero = [], []
             if store_runs or zero_runs:
                 ok_store, ok_zero = self._remote_merge(store_runs, zero_runs)
