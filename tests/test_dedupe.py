@@ -7,6 +7,7 @@ checks it with its own reads ("c" -> "check NBAD FIRSTBAD").
 """
 import os
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -462,3 +463,61 @@ def test_python_processes_holding_same_data(spawn, dedupe):
         p.stdin.write("check\n")
         p.stdin.flush()
         assert p.stdout.readline().strip() == "ok"
+
+
+@pytest.mark.skipif(not shutil.which("redis-server") or not shutil.which("redis-cli"),
+                    reason="redis-server and redis-cli are not installed")
+def test_redis_servers_holding_same_data(spawn, dedupe, tmp_path):
+    """Two redis-servers with the same 100 MB dataset: merged across the two,
+    redis's own DEBUG DIGEST unchanged, a BGSAVE (fork) + DEBUG RELOAD
+    round trip reads back the same data, writes work, detach unmerges."""
+    servers = []
+    for i in range(2):
+        sock = str(tmp_path / ("redis-%d.sock" % i))
+        p = spawn(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",
+                   "--appendonly", "no", "--dir", str(tmp_path), "--dbfilename", "dump-%d.rdb" % i,
+                   "--enable-debug-command", "yes"], stdout=subprocess.DEVNULL, stdin=None)
+        servers.append((p, sock))
+
+    def cli(sock, *args):
+        for _ in range(100):
+            r = subprocess.run(["redis-cli", "-s", sock, *args], capture_output=True, text=True)
+            if "Connection refused" not in r.stdout + r.stderr and "No such file" not in r.stderr:
+                return r.stdout.strip()
+            time.sleep(0.05)
+        raise AssertionError("redis at %s does not answer" % sock)
+
+    def pss(pid):
+        with open("/proc/%d/smaps_rollup" % pid) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+    for _, sock in servers:
+        assert cli(sock, "DEBUG", "POPULATE", "50000", "key", "2000") == "OK"
+    digest = [cli(sock, "DEBUG", "DIGEST") for _, sock in servers]
+    assert digest[0] == digest[1]
+    before = sum(pss(p.pid) for p, _ in servers)
+    sessions = []
+    for p, _ in servers:
+        t = DD.__new__(DD)
+        t.pid = p.pid
+        sessions.append(dedupe(t))
+    for _, prot in sessions:
+        prot.scan_once()
+    after = sum(pss(p.pid) for p, _ in servers)
+    assert before - after >= 100 * 1024, (before, after)
+    assert [cli(sock, "DEBUG", "DIGEST") for _, sock in servers] == digest
+    sock0 = servers[0][1]
+    assert cli(sock0, "BGSAVE") == "Background saving started"
+    for _ in range(200):
+        if "bgsave_in_progress:0" in cli(sock0, "INFO", "persistence"):
+            break
+        time.sleep(0.05)
+    assert "rdb_last_bgsave_status:ok" in cli(sock0, "INFO", "persistence")
+    assert cli(sock0, "DEBUG", "RELOAD") == "OK"
+    assert cli(sock0, "DEBUG", "DIGEST") == digest[0]
+    sock1 = servers[1][1]
+    assert cli(sock1, "SET", "key:5", "x") == "OK" and cli(sock1, "GET", "key:5") == "x"
+    for s, _ in sessions:
+        s.close()
+    assert cli(sock0, "DEBUG", "DIGEST") == digest[0]
+    assert cli(sock1, "GET", "key:5") == "x"
