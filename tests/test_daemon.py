@@ -263,3 +263,36 @@ def test_run_passes_exit_status(wpd, target_bin):
     assert r.stdout.strip() == str(2048)
     r = wp(wpd, "run", "--", "/nonexistent/cmd", check=False)
     assert r.returncode == 127
+
+
+def test_many_targets_at_once(wpd, memtarget):
+    targets = [memtarget(kind, 8) for kind in ("anon", "memfd", "shared-anon")]
+    for t in targets:
+        wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    for n, t in enumerate(targets):
+        for i in range(n + 2):
+            t.write(i, 40 + n)
+    status = json.loads(wp(wpd, "status", "--json").stdout)
+    assert sorted(e["pid"] for e in status["targets"]) == sorted(t.pid for t in targets)
+    for n, t in enumerate(targets):
+        assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == n + 2
+    for t in targets:
+        wp(wpd, "detach", t.pid)
+        assert_untouched(t)
+        assert t.read(0)[0] == 40 + targets.index(t)
+
+
+def test_run_protects_from_the_first_instruction(wpd):
+    # The program writes its stack and data from its first instructions on;
+    # wpd must have seen those writes before it had time to map anything.
+    r = subprocess.Popen(WP + ["--socket", wpd.sock, "run", "--json", "--", "sh", "-c", "sleep 1; exit 3"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    reply = json.loads(r.stderr.readline())
+    pid = reply["pid"]
+    assert reply["phase"] == "running" and reply["regions"]
+    st = json.loads(wp(wpd, "stats", pid, "--json").stdout)
+    assert st["faults"] > 0, "writes made right after exec were caught"
+    assert proc_status(pid)["TracerPid"].strip() == "0"
+    assert r.wait(20) == 3
+    r.stdout.close()
+    r.stderr.close()
