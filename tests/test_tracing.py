@@ -322,6 +322,7 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
     finally:
         proc.send_signal(2)
         _, err = proc.communicate(timeout=60)
+        proc.stderr.close()
     assert proc.returncode == 0, err
     recs, meta = records.read_trace(str(out))
     assert meta["lost"] == 0 and meta["target_pid"] == t.proc.pid
@@ -397,6 +398,8 @@ def test_live_mode_prints_histograms(traced):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
     assert proc.returncode == 0, err
     stamps = [line for line in out.splitlines() if line.count(":") == 2 and len(line) == 8]
     assert len(stamps) == 2, out

@@ -18,7 +18,15 @@ machines without it.
 """
 from wp.tracing.probes import FaultProbes, TracingUnavailable, check_prerequisites
 from wp.tracing.records import TraceWriter, read_trace, to_record
-from wp.tracing.trace import Tracer
 
 __all__ = ["FaultProbes", "TracingUnavailable", "check_prerequisites", "TraceWriter", "read_trace",
            "to_record", "Tracer"]
+
+
+def __getattr__(name):
+    # Imported on use: `python -m wp.tracing.trace` must not find
+    # wp.tracing.trace imported already by its package (runpy warns).
+    if name == "Tracer":
+        from wp.tracing.trace import Tracer
+        return Tracer
+    raise AttributeError("module 'wp.tracing' has no attribute %r" % name)
