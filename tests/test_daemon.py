@@ -65,7 +65,8 @@ def wpd(tmp_path):
     sockdir = tempfile.mkdtemp(prefix="wpd-test-")
     sock = os.path.join(sockdir, "wpd.sock")
     log = open(tmp_path / "wpd.log", "w+")
-    proc = subprocess.Popen(WPD + ["--socket", sock], stderr=log, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))  # user_protector
+    proc = subprocess.Popen(WPD + ["--socket", sock], stderr=log, cwd=ROOT, env=env)
     for _ in range(200):
         if os.path.exists(sock):
             break
@@ -296,3 +297,20 @@ def test_run_protects_from_the_first_instruction(wpd):
     assert r.wait(20) == 3
     r.stdout.close()
     r.stderr.close()
+
+
+def test_user_protector(wpd, memtarget):
+    t = memtarget("anon", 4)
+    wp(wpd, "attach", t.pid, "--protector", "user_protector:EveryOther",
+       "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    for i in range(3):
+        t.write(i, 9)
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["protector"] == "every-other"
+    assert st["protector_stats"] == {"pages": 3, "attempts": 6}
+    assert st["faults"] == 6
+    wp(wpd, "detach", t.pid)
+    assert [t.read(i)[0] for i in range(3)] == [9, 9, 9]
+    r = wp(wpd, "attach", t.pid, "--protector", "no_such_module:X", check=False)
+    assert r.returncode == 4 and "cannot load protector" in r.stderr
+    assert_untouched(t)
