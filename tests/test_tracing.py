@@ -125,6 +125,8 @@ def test_report_text_json_csv(trace_file, capsys):
     assert report.main([path]) == 0
     out = capsys.readouterr().out
     assert "wp" in out and "usecs" in out and "to_read" in out and "callback" in out
+    assert report.main([path, "--phase-hist"]) == 0
+    assert "kind = wp, phase = callback" in capsys.readouterr().out
     assert report.main([path, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["kinds"]["wp"]["count"] == N
@@ -336,7 +338,7 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
 def test_live_histogram_format():
     lines = report.format_log2_hist(report.log2_hist([500, 1500, 3000, 3500, 40000]))
     assert lines[0].split()[:3] == ["usecs", ":", "count"]
-    assert lines[1].split()[:4] == ["0", "->", "1", ":"]          # 0.5 us and 1.5 us
+    assert lines[1].split()[:5] == ["0", "->", "1", ":", "2"]     # 0.5 us and 1.5 us
     assert any(line.split()[:5] == ["2", "->", "3", ":", "2"] for line in lines)
     assert lines[-1].split()[:5] == ["32", "->", "63", ":", "1"]
 

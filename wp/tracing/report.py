@@ -9,6 +9,7 @@ Entry point for the CLI: ``main(argv)`` (argv without the program name)::
     wp report FILE --format perfetto [-o OUT]   Chrome trace-event JSON
     wp report FILE --plot PNG            latency histograms + address/time heat map
     --kind KIND (repeatable)             only these kinds
+    --no-hist / --phase-hist             text: no histograms / one per phase too
 
 Output goes to stdout unless -o names a file. Returns an exit code (0; 1 when
 the file cannot be read; 2 for bad usage).
@@ -47,14 +48,16 @@ def log2_hist(values_ns, unit_ns=1000):
     counts = {}
     for v in values_ns:
         u = int(v // unit_ns)
-        b = u.bit_length()     # 0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3 ...
+        # bcc's buckets: 0..1, 2..3, 4..7, ... (bpf_log2l, printed from 1)
+        b = max(1, u.bit_length())
         counts[b] = counts.get(b, 0) + 1
     if not counts:
         return []
     out = []
-    for b in range(0, max(counts) + 1):
-        low = 0 if b == 0 else 1 << (b - 1)
-        high = 1 if b == 0 else (1 << b) - 1
+    for b in range(1, max(counts) + 1):
+        low, high = (1 << b) >> 1, (1 << b) - 1
+        if low == high:
+            low -= 1
         out.append((low, high, counts.get(b, 0)))
     # bcc starts at the first non-empty bucket
     while out and out[0][2] == 0:
@@ -116,8 +119,10 @@ def _us(ns):
     return "-" if ns is None else "%.1f" % (ns / 1000.0)
 
 
-def format_summary(records, meta=None, hist=True):
-    """Returns the text summary (a list of lines)."""
+def format_summary(records, meta=None, hist=True, phase_hist=False):
+    """Returns the text summary (a list of lines): the table of kinds, the
+    phases of each kind, and log2 histograms of latency per kind (hist) and
+    of each phase (phase_hist)."""
     s = summarize(records, meta)
     lines = []
     head = "%d records" % s["records"]
@@ -160,6 +165,13 @@ def format_summary(records, meta=None, hist=True):
             lines.append("")
             lines.append("kind = %s" % kind)
             lines.extend(format_log2_hist(log2_hist(lat)))
+    if phase_hist:
+        for kind, k in s["kinds"].items():
+            for name in k.get("phases_ns", {}):
+                vals = [r["phases"][name] for r in records if r["kind"] == kind and name in r.get("phases", {})]
+                lines.append("")
+                lines.append("kind = %s, phase = %s" % (kind, name))
+                lines.extend(format_log2_hist(log2_hist(vals)))
     return lines
 
 
@@ -195,6 +207,7 @@ def build_parser(prog="wp report"):
     p.add_argument("--plot", metavar="PNG", help="also draw latency histograms and an address/time heat map")
     p.add_argument("--kind", action="append", help="only records of this kind (repeatable)")
     p.add_argument("--no-hist", action="store_true", help="text: leave out the log2 histograms")
+    p.add_argument("--phase-hist", action="store_true", help="text: also a log2 histogram per phase")
     return p
 
 
@@ -211,7 +224,8 @@ def main(argv=None):
     fmt = "json" if args.json else args.format
     buf = io.StringIO()
     if fmt == "text":
-        buf.write("\n".join(format_summary(records, meta, hist=not args.no_hist)) + "\n")
+        buf.write("\n".join(format_summary(records, meta, hist=not args.no_hist,
+                                            phase_hist=args.phase_hist)) + "\n")
     elif fmt == "json":
         buf.write(json.dumps(summarize(records, meta)) + "\n")
     elif fmt == "csv":
