@@ -265,6 +265,31 @@ def test_lost_events_are_counted(target_bin, spawn, tmp_path):
     p.stdin.flush()
 
 
+@needs_bcc
+def test_async_faults(target_bin, spawn):
+    """Async WP: the kernel resolves the fault, no message; the trace names
+    the faults in the async region "async"."""
+    p = spawn([target_bin("memtarget"), "anon", "4"])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    region = (addr, addr + length)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[region], async_regions=[region]) as tr:
+        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        with Session(space, TraceProtector(), regions=[region], mode="async") as s:
+            for i in range(4):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+            written = s.scan_written()
+            tr.pump(100)
+    assert sum(e - b for runs in written.values() for b, e in runs) == 4 * psize
+    faults = [r for r in tr.records if r["kind"] == "async"]
+    assert sorted({int(r["addr"], 16) & ~(psize - 1) for r in faults}) == [addr + i * psize for i in range(4)]
+    assert not [r for r in tr.records if r["kind"] == "wp"]
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
 class WakeFirst(WriteProtector):
     """Answers a page's first fault with WAKE (the writer retries and
     faults again), the second with UNPROTECT."""
