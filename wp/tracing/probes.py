@@ -80,8 +80,18 @@ def program_path(name="faults"):
                              "(pip install -e .) from a checkout that has bpf/" % (name, here))
 
 
-def wpffi_path():
-    """Returns the path of the cffi extension that holds the USDT probes."""
+def wpffi_path(pid=None):
+    """Returns the path of the cffi extension that holds the USDT probes: the
+    one process pid has mapped (a wpd from another install), else ours."""
+    if pid:
+        try:
+            with open("/proc/%d/maps" % pid) as f:
+                for line in f:
+                    path = line.split(None, 5)[5].strip() if line.count(" ") >= 5 else ""
+                    if "/_wpffi" in path and path.endswith(".so"):
+                        return path
+        except (OSError, IndexError):
+            pass
     from wp import _wpffi
     return os.path.realpath(_wpffi.__file__)
 
@@ -267,7 +277,7 @@ class FaultProbes:
         bcc = check_prerequisites(self.tracefs, self.modules_dir, self.ksm)
         contexts = []
         if USDT_LEVELS[self.usdt]:
-            path = wpffi_path()
+            path = wpffi_path(self.daemon_pid)
             try:
                 u = bcc.USDT(pid=self.daemon_pid, path=path)
                 for probe in USDT_LEVELS[self.usdt]:
