@@ -178,7 +178,6 @@ def _png_chunks(data):
 
 @needs_bcc
 def test_plot_is_a_valid_png(trace_file, tmp_path):
-    pytest.importorskip("matplotlib")
     png = tmp_path / "faults.png"
     assert report.main([str(trace_file[0]), "--plot", str(png), "-o", os.devnull]) == 0
     data = png.read_bytes()
