@@ -250,13 +250,13 @@ class FaultProbes:
             flags.append("-DNO_SYSCALLS")
         if self.raw_sched:
             off = btf_member_offset("task_struct", "pid")
-            if off is not None:
-                flags.append("-DTASK_PID_OFFSET=%d" % off)
-        if self.ksm:
-            owner = btf_member_offset("mm_struct", "owner")
             tgid = btf_member_offset("task_struct", "tgid")
-            if owner is not None and tgid is not None:
-                flags += ["-DMM_OWNER_OFFSET=%d" % owner, "-DTASK_TGID_OFFSET=%d" % tgid]
+            if off is not None and tgid is not None:
+                flags += ["-DTASK_PID_OFFSET=%d" % off, "-DTASK_TGID_OFFSET=%d" % tgid]
+        if self.ksm and "-DTASK_TGID_OFFSET" in " ".join(flags):
+            owner = btf_member_offset("mm_struct", "owner")
+            if owner is not None:
+                flags.append("-DMM_OWNER_OFFSET=%d" % owner)
         # A knob for measuring the probes' cost piece by piece (wp bench trace).
         flags.extend(os.environ.get("WP_TRACE_CFLAGS", "").split())
         return flags
