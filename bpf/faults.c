@@ -116,7 +116,11 @@ struct rec {
 struct ioctl_state { u64 ts_enter; u64 cmd; u32 fd; u32 pad; };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-BPF_TABLE("lru_hash", u32, struct rec, inflight, 16384);
+/* A plain hash, entries rewritten in place: an LRU hash allocates a node
+ * on every update of an existing key, and its free lists are shrunk now
+ * and then on the fault path. Entries of exited threads are deleted at
+ * sched_process_exit; 16384 threads of one target are plenty. */
+BPF_HASH(inflight, u32, struct rec, 16384);
 BPF_HASH(ioctls, u32, struct ioctl_state, 1024); /* daemon tid -> ioctl in progress */
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 
@@ -187,7 +191,10 @@ RAW_TRACEPOINT_PROBE(page_fault_user)
 	r.pid = TARGET_PID;
 	r.tid = tid;
 	r.state = FAULTED;
-	inflight.update(&tid, &r);
+	if (old)
+		__builtin_memcpy(old, &r, sizeof(r));
+	else
+		inflight.update(&tid, &r);
 	return 0;
 }
 
@@ -401,8 +408,7 @@ static __always_inline void read_done(u32 tid, long ret)
 			nr2.state = BLOCKED;
 			nr2.outcome = OUT_RETRY | OUT_BLOCKED;
 			nr2.ts_block = r->ts_run;
-			inflight.update(&wtid, &nr2);
-			r = inflight.lookup(&wtid);
+			__builtin_memcpy(r, &nr2, sizeof(nr2));
 		}
 		if (!r || r->state == WOKEN || (r->outcome & OUT_UFFD)) {
 			count(C_UNMATCHED_READ);
