@@ -258,10 +258,10 @@ static __always_inline void on_waking(u32 tid)
 /* Raw tracepoints where the task_struct's pid offset is known (from the
  * running kernel's BTF: the headers bcc compiles with are older than the
  * kernel, so their struct layout cannot be trusted): they skip the perf
- * record that a tracepoint builds before the program runs, and sched_switch
- * and sched_waking run for every task on the machine. Reading the tasks'
- * tgids first to skip the map lookups for other processes measured slower
- * here (wp bench trace: lean +50% instead of +20%), so it is not done. */
+ * record that a tracepoint builds before the program runs. sched_switch and
+ * sched_waking run for every task on the machine, yet wp bench trace
+ * measured them no cheaper here than the formatted tracepoints, which need
+ * no offsets: probes.py uses these only with raw_sched=True. */
 #ifdef TASK_PID_OFFSET
 static __always_inline u32 pid_of_task(void *task)
 {

@@ -190,11 +190,12 @@ def test_plot_is_a_valid_png(trace_file, tmp_path):
 
 
 @needs_bcc
-def test_c_handler_merges_the_callback_phase(target_bin, spawn):
+@pytest.mark.parametrize("raw_sched", [False, True], ids=["sched-tp", "sched-raw-tp"])
+def test_c_handler_merges_the_callback_phase(target_bin, spawn, raw_sched):
     p = spawn([target_bin("memtarget"), "anon", "4"])
     _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
     pid, addr, length = int(pid), int(addr, 16), int(length, 16)
-    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], raw_sched=raw_sched) as tr:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c"):
             for i in range(4):

@@ -214,13 +214,15 @@ class FaultProbes:
         syscalls: probe the daemon's read and ioctl calls. False is the lean
             profile: the daemon's whole turn is one phase, "handled", and the
             decision is unknown; it costs the traced faults about half as much.
-        raw_sched: use raw sched_switch/sched_waking tracepoints (cheaper)
-            when the kernel's BTF gives task_struct.pid; else the formatted ones.
+        raw_sched: use raw sched_switch/sched_waking tracepoints, with
+            task_struct.pid's offset from the kernel's BTF. Measured no
+            cheaper here than the formatted ones (wp bench trace), which need
+            no offsets: off by default.
         tracefs, modules_dir: see check_prerequisites.
     """
 
     def __init__(self, target_pid, daemon_pid=None, ksm=False, usdt="callbacks", ringbuf_pages=256,
-                 tracefs=DEFAULT_TRACEFS, modules_dir=None, raw_sched=True, syscalls=True):
+                 tracefs=DEFAULT_TRACEFS, modules_dir=None, raw_sched=False, syscalls=True):
         self.target_pid = target_pid
         self.syscalls = syscalls
         self.raw_sched = raw_sched
@@ -250,13 +252,13 @@ class FaultProbes:
             flags.append("-DNO_SYSCALLS")
         if self.raw_sched:
             off = btf_member_offset("task_struct", "pid")
-            tgid = btf_member_offset("task_struct", "tgid")
-            if off is not None and tgid is not None:
-                flags += ["-DTASK_PID_OFFSET=%d" % off, "-DTASK_TGID_OFFSET=%d" % tgid]
-        if self.ksm and "-DTASK_TGID_OFFSET" in " ".join(flags):
+            if off is not None:
+                flags.append("-DTASK_PID_OFFSET=%d" % off)
+        if self.ksm:
             owner = btf_member_offset("mm_struct", "owner")
-            if owner is not None:
-                flags.append("-DMM_OWNER_OFFSET=%d" % owner)
+            tgid = btf_member_offset("task_struct", "tgid")
+            if owner is not None and tgid is not None:
+                flags += ["-DMM_OWNER_OFFSET=%d" % owner, "-DTASK_TGID_OFFSET=%d" % tgid]
         # A knob for measuring the probes' cost piece by piece (wp bench trace).
         flags.extend(os.environ.get("WP_TRACE_CFLAGS", "").split())
         return flags
