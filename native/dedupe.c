@@ -222,3 +222,74 @@ void wp_dd_verify(const uint64_t *pm, const uint64_t *merged, uint64_t n,
 			broken_idx[counts[0]++] = i;
 	}
 }
+
+int64_t wp_dd_scan_window(int pid, uint64_t base, uint64_t page_size, const uint64_t *pm,
+			  uint64_t from, uint64_t to, uint64_t zero_pfn, uint64_t *hashes,
+			  void *buf, uint64_t buf_pages, uint64_t *addrs,
+			  uint64_t *zero_idx, uint64_t *zero_pos, uint64_t *stable_idx,
+			  uint64_t *stable_pos, uint64_t *counts)
+{
+	if (to - from > buf_pages)
+		return -EINVAL;
+	uint64_t idx[buf_pages > 0 ? buf_pages : 1];
+	uint64_t cur[buf_pages > 0 ? buf_pages : 1];
+	uint8_t zero[buf_pages > 0 ? buf_pages : 1];
+	int64_t err = 0;
+	uint64_t n = 0;
+	for (uint64_t i = from; i < to; i++) {
+		uint64_t e = pm[i];
+		if (!(e & PM_PRESENT) || (e & PM_FILE) || (e & PM_PFN) == zero_pfn) {
+			hashes[i] = 0;
+			continue;
+		}
+		idx[n] = i;
+		addrs[n] = base + i * page_size;
+		n++;
+	}
+	/* Pages keep their position: an unreadable one leaves a hole. */
+	uint64_t done = 0;
+	while (done < n) {
+		int64_t got = wp_vm_read(pid, (char *)buf + done * page_size, addrs + done, n - done,
+					 page_size);
+		uint64_t pages = got > 0 ? (uint64_t)got / page_size : 0;
+		wp_dd_hash_pages((char *)buf + done * page_size, pages, page_size, cur + done,
+				 zero + done);
+		for (uint64_t k = done; k < done + pages; k++) {
+			uint64_t j = idx[k];
+			uint64_t prev = hashes[j];
+			hashes[j] = cur[k];
+			counts[0]++;
+			if (prev != cur[k]) {
+				if (prev)
+					counts[1]++;
+			} else if (zero[k]) {
+				zero_pos[counts[3]] = k;
+				zero_idx[counts[3]++] = j;
+			} else {
+				stable_pos[counts[4]] = k;
+				stable_idx[counts[4]++] = j;
+			}
+		}
+		done += pages;
+		if (done < n) {
+			if (got < 0 && !err)
+				err = got;
+			hashes[idx[done]] = 0;
+			counts[2]++;
+			done++;
+		}
+	}
+	return err;
+}
+
+int64_t wp_dd_compare_at(const void *buf, uint64_t page_size, uint64_t store_base,
+			 const uint64_t *pos, const uint64_t *idx, uint64_t n, uint8_t *eq)
+{
+	int64_t k = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		eq[i] = memcmp((const char *)buf + pos[i] * page_size,
+			       (const char *)(uintptr_t)(store_base + idx[i] * page_size), page_size) == 0;
+		k += eq[i];
+	}
+	return k;
+}

@@ -49,5 +49,17 @@ int64_t wp_dd_compare(const void *buf, uint64_t n, uint64_t page_size, uint64_t 
  * absent_idx; counts[0] and counts[1] get their numbers. */
 void wp_dd_verify(const uint64_t *pm, const uint64_t *merged, uint64_t n,
 		  uint64_t *broken_idx, uint64_t *absent_idx, uint64_t *counts);
+/* Like wp_dd_scan for a window of at most buf_pages pages, read in one
+ * go: the bytes of the pages found stay in buf, and pos gets each listed
+ * page's position there (zero_pos for zero_idx, stable_pos for stable_idx). */
+int64_t wp_dd_scan_window(int pid, uint64_t base, uint64_t page_size, const uint64_t *pm,
+			  uint64_t from, uint64_t to, uint64_t zero_pfn, uint64_t *hashes,
+			  void *buf, uint64_t buf_pages, uint64_t *addrs,
+			  uint64_t *zero_idx, uint64_t *zero_pos, uint64_t *stable_idx,
+			  uint64_t *stable_pos, uint64_t *counts);
+/* eq[i] = 1 when the page at position pos[i] of buf equals store page
+ * idx[i] (at store_base + idx[i] * page_size). Returns matches. */
+int64_t wp_dd_compare_at(const void *buf, uint64_t page_size, uint64_t store_base,
+			 const uint64_t *pos, const uint64_t *idx, uint64_t n, uint8_t *eq);
 
 #endif

@@ -165,7 +165,7 @@ class _MapCount:
             f.write(str(self.saved))
 
 
-def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8):
+def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **knobs):
     """The wp dedupe half. Returns a dict."""
     from wp.daemon import _remote_uffd_source
     from wp.protectors.dedupe import DedupeProtector
@@ -180,7 +180,7 @@ def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8):
         with _MapCount(npages + 65536) as mc:
             prot = DedupeProtector(pages_to_scan=pages_to_scan, sleep_millisecs=0,
                                    use_zero_pages=True, max_page_sharing=256, auto=False,
-                                   measure_files=False)
+                                   measure_files=False, **knobs)
             cpu0 = _cpu_self()
             tsys0 = _sys_of(t.pid)
             t0 = time.monotonic()

@@ -155,3 +155,31 @@ class Scanner(Hasher):
         self._idx[0:n] = [2**64 - 1 if i is None else i for i in idxs]
         lib.wp_dd_compare(self.buf, n, self.page_size, store_base, self._idx, self._eq)
         return ffi.unpack(self._eq, n)
+
+    def scan_window(self, region, frm, to, zero_pfn):
+        """Like scan() for to - frm <= batch pages, leaving their bytes in
+        the buffer. Returns (zero_idx, zero_pos, stable_idx, stable_pos):
+        region page indexes and buffer positions (see page())."""
+        n = to - frm
+        zi = ffi.new("uint64_t[]", max(n, 1))
+        zp = ffi.new("uint64_t[]", max(n, 1))
+        si = ffi.new("uint64_t[]", max(n, 1))
+        sp = ffi.new("uint64_t[]", max(n, 1))
+        c = self.counts
+        z0, s0 = c[3], c[4]
+        c[3] = c[4] = 0
+        lib.wp_dd_scan_window(self.pid, region.start, self.page_size, region.pm, frm, to,
+                              zero_pfn if zero_pfn >= 0 else 2**64 - 1, region.hashes,
+                              self.buf, self.batch, self.addrs, zi, zp, si, sp, c)
+        nz, ns = c[3], c[4]
+        c[3], c[4] = z0 + nz, s0 + ns
+        return ffi.unpack(zi, nz), ffi.unpack(zp, nz), ffi.unpack(si, ns), ffi.unpack(sp, ns)
+
+    def compare_at(self, store_base, pos, idx):
+        """Compares buffer pages at positions pos with store pages idx."""
+        n = len(pos)
+        p = ffi.new("uint64_t[]", pos)
+        i = ffi.new("uint64_t[]", idx)
+        eq = ffi.new("uint8_t[]", max(n, 1))
+        lib.wp_dd_compare_at(self.buf, self.page_size, store_base, p, i, n, eq)
+        return ffi.unpack(eq, n)

@@ -64,6 +64,7 @@ class Store:
         self.key_of = {}        # page index -> (scope, hash)
         self.refs = {}          # page index -> mappings we made of it
         self.unstable = {}      # (scope, hash) -> (owner, addr): seen once, stable
+        self.owners = set()     # pids of the targets attached now
         self.freed = 0          # pages given back to the kernel
         self.mm = None
         self._old = []
@@ -112,6 +113,13 @@ class Store:
             if idx not in self.key_of:
                 self.free.append(idx)
 
+    def forget_owner(self, pid):
+        """pid is detached: its pages met once are nobody's match any more."""
+        with self.lock:
+            self.owners.discard(pid)
+            for key in [k for k, v in self.unstable.items() if v[0] == pid]:
+                del self.unstable[key]
+
     def content(self, idx):
         ps = self.page_size
         return self.mm[idx * ps:(idx + 1) * ps]
@@ -121,12 +129,14 @@ class Store:
 
     # -- lookup and refcounts ----------------------------------------------
 
-    def lookup(self, key, max_sharing=0):
+    def lookup(self, key, max_sharing=0, pending=None):
         """Returns a page index holding content with this key whose
-        refcount is below max_sharing (0: no limit), or None."""
+        refcount (plus pending[idx], merges planned) is below max_sharing
+        (0: no limit), or None."""
         with self.lock:
             for idx in self.by_key.get(key, ()):
-                if not max_sharing or self.refs.get(idx, 0) < max_sharing:
+                n = self.refs.get(idx, 0) + (pending.get(idx, 0) if pending else 0)
+                if not max_sharing or n < max_sharing:
                     return idx
         return None
 

@@ -50,6 +50,7 @@ VUsion, Dedup Est Machina, CAIN. Use "process" or "zero" between tenants
 that must not learn about each other.
 """
 import bisect
+import ctypes
 import errno
 import logging
 import os
@@ -123,6 +124,17 @@ def _remote(pid):
     from wp.remote import RemoteProcess
 
     class _Remote(RemoteProcess):
+        def rseq_page(self):
+            """Returns the page of the seized thread's rseq area (None if it
+            has none). The kernel writes that area when a syscall returns to
+            user mode, so it must never be frozen while we inject syscalls:
+            the thread would block on our own write protection."""
+            buf = (ctypes.c_uint64 * 3)()
+            r = _libc.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(buf), buf)
+            if r <= 0 or not buf[0]:
+                return None
+            return buf[0] & ~(os.sysconf("SC_PAGESIZE") - 1)
+
         def _find_syscall_insn(self):
             key = (self.pid, _start_time(self.pid))
             ip = _SYSCALL_IP.get(key)
@@ -140,6 +152,10 @@ def _remote(pid):
 
 
 _SYSCALL_IP = {}
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
 
 
 def _start_time(pid):
@@ -283,6 +299,12 @@ class DedupeProtector(WriteProtector):
             syscalls (a second thread). Off by default: on this 2-CPU VM it
             gained nothing, the target's mmap() holds its mmap lock, which
             our process_vm_readv and uffd ioctls need too.
+        windowed: freeze each window before scanning it and merge from the
+            scan's bytes (see _scan_windowed); False: scan everything, then
+            freeze, read again and compare, batch by batch.
+        window: pages per window (and per read buffer): one freeze, one
+            read and one ptrace round trip each. pages_to_scan stays the
+            unit of throttling (sleep_millisecs, cpu_budget).
     """
 
     name = "dedupe"
@@ -291,7 +313,7 @@ class DedupeProtector(WriteProtector):
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
                  map_count_reserve=1024, measure_files=True, interval=0.2, auto=True,
-                 guardian=True, pipeline=False):
+                 guardian=True, pipeline=False, windowed=True, window=16384):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
         self.pages_to_scan = int(pages_to_scan)
@@ -307,6 +329,8 @@ class DedupeProtector(WriteProtector):
         self.auto = auto
         self.use_guardian = bool(guardian)
         self.pipeline = bool(pipeline)
+        self.windowed = bool(windowed)
+        self.window = int(window)
         self.guardian = None
         self.page_size = os.sysconf("SC_PAGESIZE")
         self.lock = threading.RLock()
@@ -315,6 +339,8 @@ class DedupeProtector(WriteProtector):
         self._starts = []
         self.n_merged = 0       # pages of this target mapping the store
         self._skipped = set()   # anonymous VMAs we looked at and left alone
+        self._no_merge = set()  # pages never frozen: the seized thread's rseq area
+        self._rseq_known = False
         self._vmas = 0
         self.idx_refs = {}      # store index -> pages of this target mapping it
         self.frozen = []        # [(start, end)] write-protected for a merge or unmerge
@@ -341,6 +367,7 @@ class DedupeProtector(WriteProtector):
         self.space = session.space
         self.pid = session.pid
         self.store = Store.shared()
+        self.store.owners.add(session.pid)
         self.scope = None if self.share == "all" else self.pid
         self.vmas_at_attach = self._count_vmas()
         self.uffd_a = self.space.open_uffd(FREEZE_FEATURES)
@@ -360,7 +387,7 @@ class DedupeProtector(WriteProtector):
             from wp.dedupe.guardian import GuardianClient
             self.guardian = GuardianClient.shared(self.store.inode)
             self.guardian.add(self.pid, self.b.uffd.fd, self._coredump_filter)
-        self._scanner = _native.Scanner(self.pid, self.page_size, 4096)
+        self._scanner = _native.Scanner(self.pid, self.page_size, self.window)
         self._pagemap = _pagemap.Pagemap(self.pid)
         self._zero_pfn = _zero_pfn()
         self._t_attach = time.monotonic()
@@ -393,6 +420,7 @@ class DedupeProtector(WriteProtector):
         self._stop.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(30)
+        self.store.forget_owner(self.pid)
         if self.guardian is not None:
             self.guardian.forget(self.pid)
         try:
@@ -502,7 +530,14 @@ class DedupeProtector(WriteProtector):
             # What is still not ours is outside the regions or unsuitable.
             self._skipped.update((s, e) for s, e in new
                                  if self._region(s) is None or e > self._region(s).end)
-        mappings = None
+        if not self._rseq_known:
+            # Before anything is frozen: the thread we will seize must never
+            # block on our freeze when the kernel updates its rseq area.
+            with _remote(self.pid) as rp:
+                rseq = rp.rseq_page()
+            if rseq is not None:
+                self._no_merge.add(rseq)
+            self._rseq_known = True
         sc = self._scanner
         for r in self.rstate:
             sc.read_pagemap(r)
@@ -513,6 +548,15 @@ class DedupeProtector(WriteProtector):
         c = sc.counts
         for k in range(5):
             c[k] = 0
+        if self.windowed:
+            merged = self._scan_windowed(t_cpu, t_wall)
+            self.counters["full_scans"] += 1
+            self.counters["pages_scanned"] += c[0]
+            self.counters["pages_volatile"] = c[1]
+            if self.measure_files:
+                self._measure_files(self.space.maps())
+            self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
+            return merged
         for r in self.rstate:
             hashes = r.hashes
             start = r.start
@@ -538,6 +582,177 @@ class DedupeProtector(WriteProtector):
             self._measure_files(self.space.maps())
         self.counters["scan_cpu_s"] += time.thread_time() - t_cpu
         return merged
+
+    def _scan_windowed(self, t_cpu, t_wall):
+        """A pass in windows of up to pages_to_scan pages, each frozen
+        *before* it is read: the bytes the scan reads are the bytes that
+        get merged, so they are compared with the store from the scan's own
+        buffer (no second read), as KSM compares a write-protected page.
+        A content met once earlier in this pass (KSM's unstable tree) gets
+        its store page from the page in this window; the earlier page is
+        frozen, read and compared on its own and merged in the same batch.
+        Returns pages merged."""
+        ps = self.page_size
+        sc = self._scanner
+        store = self.store
+        W = sc.batch
+        freeze = self.counters["full_scans"] > 0
+        unstable = {}     # key -> addr met once so far in this pass (this target)
+        unshared = 0
+        merged = 0
+        for r in self.rstate:
+            for frm in range(0, r.n, W):
+                if self._stop.is_set():
+                    return merged
+                to = min(r.n, frm + W)
+                span = (r.addr(frm), r.addr(to))
+                frozen = False
+                if any(span[0] <= a < span[1] for a in self._no_merge):
+                    freeze_this = False   # the batch path freezes around it
+                else:
+                    freeze_this = freeze
+                if freeze_this:
+                    with self.lock:
+                        self.frozen.append(span)
+                    try:
+                        _retry(self.uffd_a.protect, span[0], span[1] - span[0])
+                        frozen = True
+                    except OSError:
+                        self._unfreeze([span])
+                try:
+                    zi, zp, si, sp = sc.scan_window(r, frm, to, self._zero_pfn)
+                    if not frozen:
+                        # Not ours all through (or the first pass): the
+                        # batch path freezes page runs and reads again.
+                        plan = [(r.addr(i), None) for i in zi] if self.use_zero_pages else []
+                        groups = {}
+                        if self.share != "zero":
+                            for i in si:
+                                groups.setdefault(r.hashes[i], []).append(r.addr(i))
+                        if plan or groups:
+                            merged += self._merge_all(self._plan_partial(plan, groups, unstable))
+                        continue
+                    to_zero = [r.addr(i) for i in zi] if self.use_zero_pages else []
+                    if self._no_merge:
+                        to_zero = [a for a in to_zero if a not in self._no_merge]
+                        keep = [k for k, i in enumerate(si) if r.addr(i) not in self._no_merge]
+                        si, sp = [si[k] for k in keep], [sp[k] for k in keep]
+                    cand_pos, cand_idx, cand_addr = [], [], []
+                    new = {}
+                    hashes = r.hashes
+                    if self.share != "zero":
+                        # Store lookups cached for the window; a cached page
+                        # is looked up again once max_page_sharing is near.
+                        cache = {}
+                        pending = {}
+                        refs = store.refs
+                        mps = self.max_page_sharing
+                        scope = self.scope
+                        start = r.start
+                        for i, p in zip(si, sp):
+                            h = hashes[i]
+                            idx = cache.get(h)
+                            if idx is None or (mps and refs.get(idx, 0) + pending[idx] >= mps):
+                                idx = store.lookup((scope, h), mps, pending)
+                                cache[h] = idx
+                            if idx is not None:
+                                pending[idx] = pending.get(idx, 0) + 1
+                                cand_pos.append(p)
+                                cand_idx.append(idx)
+                                cand_addr.append(start + i * ps)
+                            else:
+                                new.setdefault((scope, h), []).append((start + i * ps, p))
+                    extra = []    # (addr, key): earlier pages of this pass
+                    sources = []  # (first addr, key, pos)
+                    for key, lst in new.items():
+                        prev = unstable.get(key)
+                        other = store.unstable.get(key) if self.scope is None else None
+                        if other is not None and other[0] not in store.owners:
+                            other = None
+                        if len(lst) < 2 and prev is None and (other is None or other[0] == self.pid):
+                            unstable[key] = lst[0][0]
+                            store.unstable[key] = (self.pid, lst[0][0])
+                            unshared += 1
+                            continue
+                        sources.append((lst[0][0], key, lst[0][1]))
+                        if prev is not None:
+                            extra.append((prev, key))
+                            del unstable[key]
+                    # Store pages for new contents, in address order of
+                    # their sources: side-by-side sources, side-by-side pages.
+                    sources.sort()
+                    new_idx = {}
+                    for run_start, n, _ in _runs([a for a, _, _ in sources], ps):
+                        first = store.reserve(n)
+                        for k in range(n):
+                            new_idx[run_start + k * ps] = first + k
+                    for a, key, p in sources:
+                        idx = new_idx[a]
+                        store.fill(idx, key, sc.page(p))
+                        for a2, p2 in new[key]:
+                            cand_pos.append(p2)
+                            cand_idx.append(idx)
+                            cand_addr.append(a2)
+                        new_idx[key] = idx
+                    eq = sc.compare_at(store._base, cand_pos, cand_idx)
+                    to_store = [(a, x) for a, x, e in zip(cand_addr, cand_idx, eq) if e]
+                    self.counters["compare_failed"] += len(eq) - len(to_store)
+                    spans = [span]
+                    if extra:
+                        to_store += self._merge_extra(extra, new_idx, spans)
+                    to_store.sort()
+                    merged += self._execute(self._runs_for(spans, to_store, to_zero))
+                    frozen = False   # _execute unfroze it
+                finally:
+                    if frozen:
+                        self._unfreeze([span])
+                self._throttle(t_cpu, t_wall)
+        self.counters["pages_unshared"] = unshared
+        return merged
+
+    def _merge_extra(self, extra, new_idx, spans):
+        """Freezes, reads and compares pages met earlier in the pass whose
+        content another page now put in the store. Returns [(addr, idx)]."""
+        ps = self.page_size
+        out = []
+        for a, key in extra:
+            sp = (a, a + ps)
+            with self.lock:
+                self.frozen.append(sp)
+            try:
+                _retry(self.uffd_a.protect, a, ps)
+            except OSError:
+                self._unfreeze([sp])
+                continue
+            spans.append(sp)
+            idx = new_idx[key]
+            try:
+                data = self.space.read(a, ps)
+            except OSError:
+                continue
+            if data == self.store.content(idx):
+                out.append((a, idx))
+            else:
+                self.counters["compare_failed"] += 1
+        return out
+
+    def _runs_for(self, spans, to_store, to_zero):
+        """The (spans, store_runs, zero_runs) _execute takes, with the
+        vm.max_map_count headroom applied."""
+        ps = self.page_size
+        idx_of = dict(to_store)
+        store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
+        left = self._map_count_left()
+        if 2 * len(store_runs) > left:
+            keep = max(0, left // 2)
+            self.counters["map_count_limited"] += len(store_runs) - keep
+            store_runs = store_runs[:keep]
+        self._vmas += 2 * len(store_runs)
+        return spans, store_runs, _runs(to_zero, ps)
+
+    def _plan_partial(self, plan, groups, unstable):
+        """_plan for one window that could not be frozen whole."""
+        return self._plan([a for a, _ in plan], groups)
 
     def _merge_all(self, plan):
         """Merges plan in batches of merge_batch pages, pipelined: while a
@@ -587,10 +802,14 @@ class DedupeProtector(WriteProtector):
         """Returns [(addr, what)] sorted by address: what is None (a zero
         page), a store index, or (key, source_addr) for a content not stored
         yet (the source page's bytes become the store page)."""
-        plan = [(a, None) for a in zero_cands]
+        plan = [(a, None) for a in zero_cands if a not in self._no_merge]
         unshared = 0
         store = self.store
         for h, addrs in groups.items():
+            if self._no_merge:
+                addrs = [a for a in addrs if a not in self._no_merge]
+                if not addrs:
+                    continue
             key = (self.scope, h)
             idx = store.lookup(key, self.max_page_sharing)
             if idx is not None:
@@ -598,7 +817,7 @@ class DedupeProtector(WriteProtector):
                 continue
             if len(addrs) < 2:
                 other = store.unstable.get(key) if self.scope is None else None
-                if other is None or other[0] == self.pid:
+                if other is None or other[0] == self.pid or other[0] not in store.owners:
                     store.unstable[key] = (self.pid, addrs[0])
                     unshared += 1
                     continue
@@ -818,6 +1037,15 @@ class DedupeProtector(WriteProtector):
         sys0 = _sys_time(self.pid)
         ok_store, ok_zero = [], []
         with _remote(self.pid) as rp:
+            rseq = rp.rseq_page()
+            if rseq is not None and rseq not in self._no_merge:
+                self._no_merge.add(rseq)
+                with self.lock:
+                    frozen = any(fs <= rseq < fe for fs, fe in self.frozen)
+                if frozen:   # let the kernel write it; do not merge it now
+                    _retry(self.uffd_a.unprotect, rseq, ps)
+                    store_runs = [r for r in store_runs if not r[0] <= rseq < r[0] + r[1] * ps]
+                    zero_runs = [r for r in zero_runs if not r[0] <= rseq < r[0] + r[1] * ps]
             tfd = None
             scratch = None
             if store_runs:
