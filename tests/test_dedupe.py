@@ -521,3 +521,18 @@ def test_redis_servers_holding_same_data(spawn, dedupe, tmp_path):
         s.close()
     assert cli(sock0, "DEBUG", "DIGEST") == digest[0]
     assert cli(sock1, "GET", "key:5") == "x"
+
+
+def test_detach_unmerges_a_forked_child(dd, dedupe):
+    t = dd(1024, 16)
+    s, prot = dedupe(t)
+    w = t.cmd("K")
+    assert w[0] == "child"
+    child = int(w[1])
+    prot.scan_once()   # learns the child's pid
+    s.close()
+    with open("/proc/%d/maps" % child) as f:
+        assert STORE_NAME not in f.read()
+    # The child checks every page and that DONTNEED reads zeros: anonymous.
+    assert t.cmd("J %d" % child) == ["child", "0"]
+    assert t.check() == 0

@@ -21,10 +21,14 @@
  *   u IDX N         munmap, mmap anonymous again, refill as expected -> "ok"
  *   k               fork; the child checks every page, DONTNEEDs page 0 and
  *                   checks it reads zero, writes page 1 -> "child STATUS"
+ *   K               fork a child that waits for SIGUSR1 -> "child PID"
+ *   J PID           SIGUSR1 to that child, which then checks every page and
+ *                   that page 0 reads zero after DONTNEED -> "child STATUS"
  *   q               exit 0
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -125,7 +129,7 @@ int main(int argc, char **argv)
 		char cmd = 0;
 		long a = 0, b = 0, c = 0;
 		sscanf(line, "%c %ld %ld %ld", &cmd, &a, &b, &c);
-		if (cmd != 'q' && cmd != 'c' && cmd != 'k' && (a < 0 || (size_t)a >= npages ||
+		if (!strchr("qckKJ", cmd) && (a < 0 || (size_t)a >= npages ||
 				(strchr("dFmu", cmd) && (b < 1 || (size_t)(a + b) > npages)))) {
 			printf("error range\n");
 		} else if (cmd == 'c') {
@@ -209,6 +213,32 @@ int main(int argc, char **argv)
 			}
 			int st = 0;
 			waitpid(child, &st, 0);
+			printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st));
+		} else if (cmd == 'K') {
+			fflush(stdout);
+			pid_t child = fork();
+			if (child == 0) {
+				sigset_t set;
+				int sig;
+				sigemptyset(&set);
+				sigaddset(&set, SIGUSR1);
+				sigprocmask(SIG_BLOCK, &set, NULL);
+				sigwait(&set, &sig);
+				long first;
+				if (check_all(&first))
+					_exit(10);
+				if (madvise(base, PS, MADV_DONTNEED))
+					_exit(11);
+				for (int k = 0; k < PS; k++)
+					if (base[k])
+						_exit(12);
+				_exit(0);
+			}
+			printf("child %d\n", child);
+		} else if (cmd == 'J') {
+			int st = 0;
+			kill(a, SIGUSR1);
+			waitpid(a, &st, 0);
 			printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st));
 		} else if (cmd == 'q') {
 			return 0;

@@ -239,7 +239,7 @@ class _Merged:
         with self.owner.lock:
             zero = p in self.removed
             self.removed.discard(p)
-            wp = p in self.owner.frozen and self.pid == self.owner.pid
+            wp = any(fs <= p < fe for fs, fe in self.owner.frozen)
         self.minor_faults += 1
         try:
             if zero:
@@ -258,9 +258,11 @@ class _Merged:
         return WAKE
 
     def on_write(self, fault):
-        # Only unmerge write-protects merged pages: wait until it is done.
+        # Only a freeze write-protects merged pages: wait until it is done.
+        # Then unprotect: where the page is anonymous again (unmerged) the
+        # ioctl finds no WP registration and the loop only wakes the writer.
         self.owner.wait_unfrozen(fault.page)
-        return UNPROTECT if self.owner.is_merged(fault.page) else WAKE
+        return UNPROTECT
 
     def on_event(self, event):
         name = event["event"]
@@ -427,6 +429,15 @@ class DedupeProtector(WriteProtector):
             self.unmerge_all()
         except Exception:
             log.exception("pid %d: unmerge at detach failed", self.pid)
+        self._resolve_children()
+        for m in self.children:
+            # A forked child still alive maps store pages too: unmerge it,
+            # or its DONTNEED semantics would go with our uffd.
+            if m.pid and os.path.exists("/proc/%d" % m.pid):
+                try:
+                    unmerge_runs(self, m, _space_of(m.pid), self.store.inode)
+                except Exception:
+                    log.exception("pid %d (child of %d): unmerge at detach failed", m.pid, self.pid)
         if self._coredump_filter is not None:
             _coredump_filter(self.pid, self._coredump_filter)
         for m in [self.b] + self.children:
@@ -530,6 +541,7 @@ class DedupeProtector(WriteProtector):
             # What is still not ours is outside the regions or unsuitable.
             self._skipped.update((s, e) for s, e in new
                                  if self._region(s) is None or e > self._region(s).end)
+        self._resolve_children()
         if not self._rseq_known:
             # Before anything is frozen: the thread we will seize must never
             # block on our freeze when the kernel updates its rseq area.
@@ -1159,10 +1171,28 @@ class DedupeProtector(WriteProtector):
                     m.removed.discard(a)
                     m.removed.add(a - start + to)
 
+    def _resolve_children(self):
+        """Gives forked children their pid: the fork event comes before the
+        child is linked to its parent, so it is found afterwards."""
+        unknown = [m for m in self.children if not m.pid]
+        if not unknown:
+            return
+        known = {m.pid for m in self.children if m.pid}
+        kids = []
+        try:
+            for tid in os.listdir("/proc/%d/task" % self.pid):
+                with open("/proc/%d/task/%s/children" % (self.pid, tid)) as f:
+                    kids.extend(int(x) for x in f.read().split())
+        except OSError:
+            return
+        kids = sorted(k for k in kids if k not in known)
+        for m, pid in zip(unknown, kids):
+            m.pid = pid
+
     def forked(self, parent, fd):
         """A merged range was inherited by a forked child: serve its MINOR
         faults too, so DONTNEED there reads zeros as well."""
-        child = _newest_child(parent.pid, {c.pid for c in self.children})
+        child = 0   # not linked to its parent yet: see _resolve_children
         u = Userfaultfd.adopt(fd, parent.uffd.features)
         with self.lock:
             removed = set(parent.removed)
@@ -1430,6 +1460,11 @@ def daemon_stats(protectors):
     return out
 
 
+def _space_of(pid):
+    from wp.space import ProcessSpace
+    return ProcessSpace(pid, None)
+
+
 def _coredump_filter(pid, value=None):
     """Returns (or sets) /proc/PID/coredump_filter; None if pid is gone."""
     path = "/proc/%d/coredump_filter" % pid
@@ -1469,15 +1504,3 @@ def _zero_pfn():
             ent = pm.entries(addr, 1)[0]
         _ZERO_PFN = ent & _pagemap.PFN_MASK if ent & _pagemap.PRESENT else -1
     return _ZERO_PFN
-
-
-def _newest_child(pid, known):
-    kids = []
-    try:
-        for tid in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                kids.extend(int(x) for x in f.read().split())
-    except OSError:
-        return None
-    kids = [k for k in kids if k not in known]
-    return max(kids) if kids else None
