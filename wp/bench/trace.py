@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from wp.bench._writer import Writer
 from wp.bench.faults import placement as _placement

@@ -45,7 +45,7 @@ import json
 
 from wp.tracing import probes as _p
 
-__all__ = ["to_record", "TraceWriter", "read_trace", "PHASES", "FAULT_KINDS", "UFFD_KINDS",
+__all__ = ["to_record", "TraceWriter", "read_trace", "addr_of", "PHASES", "FAULT_KINDS", "UFFD_KINDS",
            "decision_of"]
 
 PHASES = ("to_block", "to_read", "to_callback", "callback", "to_resolve", "wake", "handled", "blocked",

@@ -20,7 +20,7 @@ import io
 import json
 import sys
 
-from wp.tracing.records import PHASES, addr_of, read_trace
+from wp.tracing.records import PHASES, read_trace
 
 __all__ = ["main", "summarize", "format_summary", "log2_hist", "format_log2_hist",
            "percentile", "to_csv", "build_parser"]

@@ -20,7 +20,6 @@ Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
 """
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
