@@ -351,7 +351,7 @@ class DedupeProtector(WriteProtector):
                              merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
                              zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
                              map_count_limited=0, taken_over=0, remote_ms=0.0, unmapped=0,
-                             moved_out=0,
+                             moved_out=0, pass_errors=0,
                              scan_cpu_s=0.0, target_sys_s=0.0)
         self.file_report = {}
         self.store = None
@@ -404,8 +404,24 @@ class DedupeProtector(WriteProtector):
             while not self._protected.wait(0.05):
                 if self._stop.is_set():
                     return
+            failures = 0
             while not self._stop.is_set():
-                self.scan_once()
+                try:
+                    self.scan_once()
+                    failures = 0
+                except ProcessLookupError:
+                    raise   # the target is gone: the daemon drops the session
+                except (OSError, TimeoutError) as err:
+                    # A pass can fail half way (the target unmapped memory
+                    # under us, a ptrace stop timed out); every batch
+                    # unfroze its pages, so try again later.
+                    failures += 1
+                    self.counters["pass_errors"] += 1
+                    self.error = "%s: %s" % (type(err).__name__, err)
+                    log.warning("pid %d: dedupe pass failed (%s); retrying", self.pid, err)
+                    if self._stop.wait(min(30.0, 0.5 * 2 ** failures)):
+                        return
+                    continue
                 self._ready.set()
                 self._stop.wait(self.interval)
         except Exception as err:
