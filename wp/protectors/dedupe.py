@@ -634,6 +634,7 @@ class DedupeProtector(WriteProtector):
                     return merged
                 to = min(r.n, frm + W)
                 span = (r.addr(frm), r.addr(to))
+                held = [span]   # frozen spans of this window (+ earlier pages)
                 frozen = False
                 if any(span[0] <= a < span[1] for a in self._no_merge):
                     freeze_this = False   # the batch path freezes around it
@@ -725,7 +726,7 @@ class DedupeProtector(WriteProtector):
                     eq = sc.compare_at(store._base, cand_pos, cand_idx)
                     to_store = [(a, x) for a, x, e in zip(cand_addr, cand_idx, eq) if e]
                     self.counters["compare_failed"] += len(eq) - len(to_store)
-                    spans = [span]
+                    spans = held
                     if extra:
                         to_store += self._merge_extra(extra, new_idx, spans)
                     to_store.sort()
@@ -733,7 +734,7 @@ class DedupeProtector(WriteProtector):
                     frozen = False   # _execute unfroze it
                 finally:
                     if frozen:
-                        self._unfreeze([span])
+                        self._unfreeze(held)
                 self._throttle(t_cpu, t_wall)
         self.counters["pages_unshared"] = unshared
         return merged
