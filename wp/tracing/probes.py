@@ -240,7 +240,6 @@ class FaultProbes:
         self.modules_dir = modules_dir
         self.bpf = None
         self._pending = []
-        self._usdt = None
         self.events_read = 0
 
     def cflags(self):
@@ -304,11 +303,6 @@ class FaultProbes:
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         if self.syscalls and self.daemon_pid:
             self._seed_uffd_fds()
-        # bcc's USDT context must outlive the BPF object: freed first (when
-        # `contexts` went out of scope here), it closed an fd that bcc's
-        # cleanup then closed a second time - by then someone else's fd (a
-        # fault loop's eventfd, seen with strace).
-        self._usdt = contexts
         return self
 
     def _seed_uffd_fds(self):
@@ -371,7 +365,6 @@ class FaultProbes:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-            self._usdt = None
 
     def __enter__(self):
         return self.open()
