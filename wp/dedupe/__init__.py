@@ -13,7 +13,7 @@ page goes back to the kernel.
 How it merges
 -------------
 A scanner reads the target's present anonymous pages (pagemap, then
-process_vm_readv in windows of 16,384 pages) and hashes them in C. A page
+process_vm_readv in windows of 8,192 pages) and hashes them in C. A page
 that hashed the same on the previous pass is a candidate (KSM's volatility
 test). Each window is write-protected (sync uffd-wp) *before* it is read,
 so the bytes compared with the store are the bytes that get merged. Then,
@@ -101,7 +101,8 @@ KSM's names, per target: ``pages_shared`` (store pages this target maps),
 ``pages_sharing`` (merged pages beyond those: the saving), ``pages_unshared``
 (stable but unique), ``pages_volatile`` (changed since the last pass),
 ``full_scans``, ``zero_pages``, ``general_profit`` (bytes saved minus our
-per-page metadata and 256 bytes per VMA added), ``vmas_added``,
+metadata — 24 bytes per page of a region plus the 32 MiB window buffer —
+and 256 bytes per VMA added), ``vmas_added``,
 ``map_count``, ``max_map_count``, ``map_count_headroom``; and ours:
 ``sharing_breaks``, ``compare_failed``, ``minor_faults``, ``zero_fills``,
 ``remove_events``, ``file_backed`` (below), ``store``.

@@ -315,7 +315,7 @@ class DedupeProtector(WriteProtector):
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
                  map_count_reserve=1024, measure_files=True, interval=0.2, auto=True,
-                 guardian=True, pipeline=False, windowed=True, window=16384):
+                 guardian=True, pipeline=False, windowed=True, window=8192):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
         self.pages_to_scan = int(pages_to_scan)
@@ -389,7 +389,7 @@ class DedupeProtector(WriteProtector):
             from wp.dedupe.guardian import GuardianClient
             self.guardian = GuardianClient.shared(self.store.inode)
             self.guardian.add(self.pid, self.b.uffd.fd, self._coredump_filter)
-        self._scanner = _native.Scanner(self.pid, self.page_size, self.window)
+        self._scanner = _native.Scanner(self.pid, self.page_size, 1024)
         self._pagemap = _pagemap.Pagemap(self.pid)
         self._zero_pfn = _zero_pfn()
         self._t_attach = time.monotonic()
@@ -558,6 +558,12 @@ class DedupeProtector(WriteProtector):
             self._skipped.update((s, e) for s, e in new
                                  if self._region(s) is None or e > self._region(s).end)
         self._resolve_children()
+        # The window buffer: up to `window` pages, a quarter of the largest
+        # region at most (it is metadata general_profit pays for).
+        want = max(1024, min(self.window, max((r.n for r in self.rstate), default=0) // 4))
+        if want != self._scanner.batch:
+            self._scanner.close()
+            self._scanner = _native.Scanner(self.pid, self.page_size, want)
         if not self._rseq_known:
             # Before anything is frozen: the thread we will seize must never
             # block on our freeze when the kernel updates its rseq area.
@@ -1300,8 +1306,10 @@ class DedupeProtector(WriteProtector):
             vmas, limit = 0, 0
         vmas_added = max(0, vmas - self.vmas_at_attach) if vmas else 0
         c = self.counters
-        profit = ((merged - shared + c["zero_pages"]) * ps - tracked * PAGE_META
-                  - vmas_added * VMA_COST)
+        # Our metadata: three 8-byte words per region page, and the window
+        # buffer the scanner reads into.
+        meta = tracked * PAGE_META + (self._scanner.batch * ps if self.session else 0)
+        profit = (merged - shared + c["zero_pages"]) * ps - meta - vmas_added * VMA_COST
         out = {
             "pages_shared": shared,
             "pages_sharing": max(0, merged - shared),
@@ -1311,6 +1319,7 @@ class DedupeProtector(WriteProtector):
             "full_scans": c["full_scans"],
             "zero_pages": c["zero_pages"],
             "general_profit": profit,
+            "metadata_bytes": meta,
             "vmas_added": vmas_added,
             "map_count": vmas,
             "max_map_count": limit,
@@ -1472,7 +1481,8 @@ def daemon_stats(protectors):
                vmas_added=sum(s["vmas_added"] for s in per),
                general_profit=(merged - shared + zero) * ps
                - sum(s["vmas_added"] for s in per) * VMA_COST
-               - sum(r.n for p in protectors for r in p.rstate) * PAGE_META,
+               - sum(r.n for p in protectors for r in p.rstate) * PAGE_META
+               - sum(p._scanner.batch * ps for p in protectors),
                store=store.stats())
     return out
 
