@@ -536,3 +536,28 @@ def test_detach_unmerges_a_forked_child(dd, dedupe):
     # The child checks every page and that DONTNEED reads zeros: anonymous.
     assert t.cmd("J %d" % child) == ["child", "0"]
     assert t.check() == 0
+
+
+def test_non_root_target_gets_the_store_over_a_socket(target_bin, spawn, dedupe):
+    """A target that may not open /proc/<wpd>/fd/N receives the store fd
+    over a unix socket (SCM_RIGHTS) instead."""
+    binary = target_bin("dd_target")
+    p = spawn([binary, "1024", "16"], user=65534, group=65534)
+    t = DD(p, 1024, 16)
+    # The uffds are created in the target: without root that takes
+    # vm.unprivileged_userfaultfd=1 (wp's attach limit, not dedupe's).
+    knob = "/proc/sys/vm/unprivileged_userfaultfd"
+    with open(knob) as f:
+        saved = f.read()
+    try:
+        with open(knob, "w") as f:
+            f.write("1")
+        _, prot = dedupe(t)
+    finally:
+        with open(knob, "w") as f:
+            f.write(saved)
+    st = prot.stats()
+    assert st["pages_merged"] >= 512 and st["merge_errors"] == 0
+    assert is_file(t.entries(0, 1)[0])
+    assert t.check() == 0
+    assert t.cmd("d 0 1") == ["ok"] and t.read_sum(0) == 0 and t.check() == 0

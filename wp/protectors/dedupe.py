@@ -55,6 +55,7 @@ import errno
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 
@@ -72,6 +73,8 @@ log = logging.getLogger("wp.dedupe")
 
 # x86_64 syscalls and flags used in the target.
 NR_OPEN, NR_CLOSE, NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MREMAP = 2, 3, 9, 11, 28, 25
+NR_SOCKET, NR_CONNECT, NR_RECVMSG = 41, 42, 47
+SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
@@ -1085,8 +1088,7 @@ class DedupeProtector(WriteProtector):
             scratch = None
             if store_runs:
                 scratch = rp.mmap_scratch()
-                rp.write_memory(scratch, b"/proc/%d/fd/%d\0" % (os.getpid(), self.store.fd))
-                tfd = rp.syscall(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
+                tfd = _store_fd_in(rp, scratch, self.store.fd)
             calls = []
             region = None
             for s, n, idx in store_runs:
@@ -1485,6 +1487,47 @@ def daemon_stats(protectors):
                - sum(p._scanner.batch * ps for p in protectors),
                store=store.stats())
     return out
+
+
+def _store_fd_in(rp, scratch, fd):
+    """Returns an fd of the store in the target (rp, stopped), using the
+    page at scratch. Root targets open /proc/<wpd>/fd/<fd>; the kernel lets
+    only a process that may ptrace wpd do that, so others get the fd over a
+    unix socket (SCM_RIGHTS): the target connects to an abstract socket of
+    ours, we send, the target receives."""
+    import socket
+    path = b"/proc/%d/fd/%d\0" % (os.getpid(), fd)
+    rp.write_memory(scratch, path)
+    r = rp.syscall_raw(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
+    if r >= 0:
+        return r
+    if r not in (-errno.EACCES, -errno.EPERM):
+        raise OSError(-r, "open(%s) in pid %d" % (path[:-1].decode(), rp.pid))
+    name = b"\0wp-dedupe-%d-%d" % (os.getpid(), threading.get_ident())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(name)
+        srv.listen(1)
+        # scratch: [0] sockaddr_un, [128] iovec, [144] msghdr, [208] data,
+        # [256] cmsg buffer (24 bytes for one fd).
+        addr = struct.pack("<H", socket.AF_UNIX) + name
+        rp.write_memory(scratch, addr)
+        s = rp.syscall(NR_SOCKET, socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC, 0)
+        try:
+            rp.syscall(NR_CONNECT, s, scratch, len(addr))
+            conn, _ = srv.accept()
+            with conn:
+                socket.send_fds(conn, [b"s"], [fd])
+            iov = struct.pack("<QQ", scratch + 208, 1)
+            msg = struct.pack("<QIIQQQQi4x", 0, 0, 0, scratch + 128, 1, scratch + 256, 24, 0)
+            rp.write_memory(scratch + 128, iov + msg)
+            rp.syscall(NR_RECVMSG, s, scratch + 144, MSG_CMSG_CLOEXEC)
+            cmsg = rp.read_memory(scratch + 256, 24)
+            length, level, typ, tfd = struct.unpack("<QiiI", cmsg[:20])
+            if level != socket.SOL_SOCKET or typ != socket.SCM_RIGHTS:
+                raise OSError(errno.EPROTO, "no fd received in pid %d" % rp.pid)
+            return tfd
+        finally:
+            rp.syscall_raw(NR_CLOSE, s)
 
 
 def _space_of(pid):
