@@ -58,10 +58,11 @@ wp does not see the target's failed MADV_FREE or mremap calls, so they are
 not counted in the stats; they are the documented cost of the mechanism.
 
 Mappings left alone: mlocked (``lo``), MADV_DONTFORK / WIPEONFORK (``dc``,
-``wf``), hugetlb, I/O. The target opens the store as
-/proc/<wpd>/fd/<n>, which the kernel allows only to root (or a process that
-may ptrace wpd): non-root targets cannot be merged yet (an SCM_RIGHTS
-handover would lift that).
+``wf``), hugetlb, I/O. The target opens the store as /proc/<wpd>/fd/<n>;
+a target the kernel does not allow that (not root) receives the fd over a
+unix socket instead (SCM_RIGHTS, three more injected syscalls per batch).
+The seized thread's rseq area is never frozen: the kernel writes it when an
+injected syscall returns, and would block on our own write protection.
 
 Leaving no trace
 ----------------
