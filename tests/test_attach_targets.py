@@ -52,6 +52,18 @@ def test_sleeper_target(wpd, target_bin, spawn):
     assert out.splitlines()[-1].startswith("ok"), out
 
 
+def test_busy_target(wpd, target_bin, spawn):
+    p = spawn([target_bin("rt_busy")])
+    time.sleep(0.2)
+    for _ in range(3):
+        wp(wpd, "attach", p.pid)
+        time.sleep(0.1)
+        wp(wpd, "detach", p.pid)
+    assert proc_status(p.pid)["TracerPid"].strip() == "0"
+    out, _ = p.communicate("q\n", timeout=20)
+    assert out.splitlines()[-1].startswith("ok"), out
+
+
 def test_pipe_reader_target(wpd, target_bin, spawn):
     p = spawn([target_bin("pipereader")], text=False)
     data = bytes(random.Random(1).randrange(256) for _ in range(200000))
