@@ -194,7 +194,14 @@ class FaultLoop:
             lib.wp_usdt_callback(m.addr, m.tid, 0)
         if region is not None:
             region.faults += 1
-        if decision is None or decision == UNPROTECT:
+        if kind == "minor" and (decision is None or decision == UNPROTECT):
+            # The page is in the page cache but not mapped here: map it
+            # (UFFDIO_CONTINUE wakes the writer; EEXIST: mapped meanwhile).
+            n = lib.wp_uffd_continue(self.uffd.fd, page, psize, 0)
+            if n < 0 and n != -errno.EEXIST:
+                self.last_error = "UFFDIO_CONTINUE at %#x: %s" % (page, os.strerror(-n))
+            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE)
+        elif decision is None or decision == UNPROTECT:
             lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT)
             self._resolved_in_batch.append((page, page + psize))
         elif decision == WAKE:

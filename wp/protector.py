@@ -80,7 +80,8 @@ class WriteProtector:
         return UNPROTECT
 
     def on_minor(self, fault):
-        """A minor fault (a MINOR-registered range): default maps the page."""
+        """A minor fault (a MINOR-registered range). UNPROTECT (the default)
+        maps the page cache page there with UFFDIO_CONTINUE."""
         return UNPROTECT
 
     def on_written(self, region, runs, t_ns):
