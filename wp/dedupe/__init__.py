@@ -1,5 +1,6 @@
-"""The dedupe protector's parts: the shared page store (store.py), the C
-helpers it uses (_native.py) and the guardian that outlives wpd
+"""The dedupe protector's parts: the shared page store (store.py), merged
+pages and unmerging (merged.py), what is done in and about the target
+(target.py), the C helpers (_native.py) and the guardian that outlives wpd
 (guardian.py). The protector itself is wp.protectors.dedupe.
 
 dedupe: a userspace KSM (README material)

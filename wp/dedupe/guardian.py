@@ -94,13 +94,13 @@ class GuardianClient:
 def rescue(pid, fd, removed, store_inode):
     """Serves pid's B uffd and unmerges every merged run of pid. Returns
     the pages unmerged."""
-    from wp.protectors.dedupe import MERGED_FEATURES, Orphan, _Merged, unmerge_runs
+    from wp.dedupe.merged import MERGED_FEATURES, Merged, Orphan, unmerge_runs
     from wp.space import ProcessSpace
     from wp.uffd import Userfaultfd
 
     u = Userfaultfd.adopt(fd, MERGED_FEATURES)
     owner = Orphan(pid)
-    m = _Merged(owner, pid, u, removed)
+    m = Merged(owner, pid, u, removed)
     m.start()
     try:
         space = ProcessSpace(pid, None)

@@ -50,36 +50,30 @@ VUsion, Dedup Est Machina, CAIN. Use "process" or "zero" between tenants
 that must not learn about each other.
 """
 import bisect
-import ctypes
-import errno
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 
 from wp import maps as _maps
 from wp import pagemap as _pagemap
 from wp.dedupe import _native
+from wp.dedupe.merged import (FREEZE_FEATURES, MERGED_FEATURES, Handler, Merged, Orphan,
+                              retry, runs, unmerge_runs)
 from wp.dedupe.store import Store
+from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
+                              NR_MADVISE, NR_MMAP, NR_MUNMAP, PROT_EXEC, PROT_READ, PROT_WRITE,
+                              coredump_filter, light_maps, remote, space_of, store_fd_in, sys_time,
+                              zero_pfn)
 from wp.faults import FaultLoop
 from wp.protector import UNPROTECT, WAKE, WriteProtector
 from wp.uffd import MODE_MINOR, MODE_WP, Userfaultfd
 
-__all__ = ["DedupeProtector"]
+__all__ = ["DedupeProtector", "daemon_stats", "Orphan", "unmerge_runs", "MERGED_FEATURES"]
 
 log = logging.getLogger("wp.dedupe")
 
-# x86_64 syscalls and flags used in the target.
-NR_OPEN, NR_CLOSE, NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MREMAP = 2, 3, 9, 11, 28, 25
-NR_SOCKET, NR_CONNECT, NR_RECVMSG = 41, 42, 47
-SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
-PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
-MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-O_RDWR, O_CLOEXEC = 0o2, 0o2000000
 
 # Bytes of kernel memory one VMA costs (vm_area_struct, anon_vma_chain,
 # maple tree slot): what general_profit charges per VMA added.
@@ -90,195 +84,6 @@ PAGE_META = 24
 # MADV_DONTFORK/WIPEONFORK (a new mapping would lose them), hugetlb, I/O.
 # (uffd flags "uw"/"um" are the session's: the protector takes those over.)
 _SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf"}
-
-
-def _features(*names):
-    bits = 0
-    for n in names:
-        bits |= _native.uffd_feature(n)
-    return bits
-
-
-FREEZE_FEATURES = _features("PAGEFAULT_FLAG_WP", "THREAD_ID")
-MERGED_FEATURES = _features("PAGEFAULT_FLAG_WP", "THREAD_ID", "MINOR_SHMEM",
-                            "WP_HUGETLBFS_SHMEM", "EVENT_REMOVE", "EVENT_REMAP", "EVENT_FORK")
-
-
-def _runs(addrs, ps, key=None):
-    """Groups sorted addrs into runs of neighbouring pages; with key(addr)
-    also requires key to grow by one from page to page. Returns [(start,
-    npages, first_key)]."""
-    out = []
-    for a in addrs:
-        k = key(a) if key else 0
-        if out:
-            s, n, k0 = out[-1]
-            if a == s + n * ps and (key is None or k == k0 + n):
-                out[-1] = (s, n + 1, k0)
-                continue
-        out.append((a, 1, k))
-    return out
-
-
-def _remote(pid):
-    """A wp.remote.RemoteProcess that finds the target's syscall instruction
-    once: the stock lookup reads /proc/PID/maps, which costs tens of ms once
-    merging has split the target into tens of thousands of VMAs."""
-    from wp.remote import RemoteProcess
-
-    class _Remote(RemoteProcess):
-        def rseq_page(self):
-            """Returns the page of the seized thread's rseq area (None if it
-            has none). The kernel writes that area when a syscall returns to
-            user mode, so it must never be frozen while we inject syscalls:
-            the thread would block on our own write protection."""
-            buf = (ctypes.c_uint64 * 3)()
-            r = _libc.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(buf), buf)
-            if r <= 0 or not buf[0]:
-                return None
-            return buf[0] & ~(os.sysconf("SC_PAGESIZE") - 1)
-
-        def _find_syscall_insn(self):
-            key = (self.pid, _start_time(self.pid))
-            ip = _SYSCALL_IP.get(key)
-            if ip is not None:
-                try:
-                    if self.read_memory(ip, 2) == b"\x0f\x05":
-                        return ip
-                except OSError:
-                    pass
-            ip = super()._find_syscall_insn()
-            _SYSCALL_IP[key] = ip
-            return ip
-
-    return _Remote(pid)
-
-
-_SYSCALL_IP = {}
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-_libc.ptrace.restype = ctypes.c_long
-
-
-def _start_time(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
-def _light_maps(pid, store_inode):
-    """Reads /proc/PID/maps (not smaps: tens of thousands of merged VMAs
-    make smaps slow). Returns (VMA count, [(start, end)] of anonymous
-    private writable mappings, [(start, end)] of store mappings)."""
-    anon, store = [], []
-    with open("/proc/%d/maps" % pid, "rb") as f:
-        lines = f.read().split(b"\n")
-    count = 0
-    for line in lines:
-        if not line:
-            continue
-        count += 1
-        parts = line.split(None, 5)
-        inode = int(parts[4])
-        if inode == 0:
-            if parts[1][1:2] != b"w" or parts[1][3:4] != b"p":
-                continue
-            path = parts[5] if len(parts) > 5 else b""
-            if path and not path.startswith((b"[heap", b"[stack", b"[anon")):
-                continue
-        elif inode != store_inode:
-            continue
-        s, e = parts[0].split(b"-")
-        (anon if inode == 0 else store).append((int(s, 16), int(e, 16)))
-    return count, anon, store
-
-
-def _retry(op, *args, tries=200):
-    """Runs a uffd ioctl, retrying while the kernel says EAGAIN (the target's
-    mappings are changing under a pending event)."""
-    for i in range(tries):
-        try:
-            return op(*args)
-        except BlockingIOError:
-            time.sleep(0.0005 * (i + 1))
-    return op(*args)
-
-
-class _Handler:
-    """What a FaultLoop calls for one of our uffds (it wants a protector)."""
-
-    def __init__(self, name, on_write, on_minor):
-        self.name = name
-        self.on_write = on_write
-        self.on_minor = on_minor
-
-
-class _Merged:
-    """The merged pages of one process and the uffd (B) that keeps their
-    anonymous semantics. A forked child of a target gets its own."""
-
-    def __init__(self, owner, pid, uffd, removed=()):
-        self.owner = owner
-        self.pid = pid
-        self.uffd = uffd
-        self.removed = set(removed)   # pages DONTNEED'd since merged: read zeros
-        self.minor_faults = 0
-        self.zero_fills = 0
-        self.removes = 0
-        self.loop = FaultLoop(uffd, _Handler("dedupe-merged", self.on_write, self.on_minor),
-                              lambda a: None, self.on_event, pid=pid,
-                              page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
-
-    def start(self):
-        self.loop.start()
-
-    def close(self):
-        self.loop.stop()
-        self.uffd.close()
-
-    def on_minor(self, fault):
-        p = fault.page
-        ps = self.owner.page_size
-        with self.owner.lock:
-            zero = p in self.removed
-            self.removed.discard(p)
-            wp = any(fs <= p < fe for fs, fe in self.owner.frozen)
-        self.minor_faults += 1
-        try:
-            if zero:
-                self.uffd.zeropage(p, ps)
-                self.zero_fills += 1
-                self.owner.journal_removed(self)
-            else:
-                self.uffd.continue_(p, ps, wp=wp)
-        except FileExistsError:
-            pass   # mapped meanwhile
-        except BlockingIOError:
-            # A mapping change is pending: the writer retries after the event.
-            if zero:
-                with self.owner.lock:
-                    self.removed.add(p)
-        return WAKE
-
-    def on_write(self, fault):
-        # Only a freeze write-protects merged pages: wait until it is done.
-        # Then unprotect: where the page is anonymous again (unmerged) the
-        # ioctl finds no WP registration and the loop only wakes the writer.
-        self.owner.wait_unfrozen(fault.page)
-        return UNPROTECT
-
-    def on_event(self, event):
-        name = event["event"]
-        ps = self.owner.page_size
-        if name == "remove":
-            with self.owner.lock:
-                self.removes += 1
-                self.removed.update(range(event["start"], event["end"], ps))
-            self.owner.journal_removed(self)
-        elif name == "remap":
-            self.owner.moved(self, event["start"], event["to"], event["length"])
-        elif name == "fork":
-            self.owner.forked(self, event["uffd"])
 
 
 class DedupeProtector(WriteProtector):
@@ -349,7 +154,7 @@ class DedupeProtector(WriteProtector):
         self._vmas = 0
         self.idx_refs = {}      # store index -> pages of this target mapping it
         self.frozen = []        # [(start, end)] write-protected for a merge or unmerge
-        self.children = []      # _Merged of forked children
+        self.children = []      # Merged of forked children
         self.counters = dict(full_scans=0, pages_scanned=0, pages_volatile=0, pages_unshared=0,
                              merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
                              zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
@@ -376,25 +181,25 @@ class DedupeProtector(WriteProtector):
         self.scope = None if self.share == "all" else self.pid
         self.vmas_at_attach = self._count_vmas()
         self.uffd_a = self.space.open_uffd(FREEZE_FEATURES)
-        self.loop_a = FaultLoop(self.uffd_a, _Handler("dedupe-freeze", self._on_write_a, None),
+        self.loop_a = FaultLoop(self.uffd_a, Handler("dedupe-freeze", self._on_write_a, None),
                                 lambda a: None, lambda e: None, pid=self.pid,
                                 page_size=self.page_size, name="wp-dedupe-a-%d" % self.pid)
         self.loop_a.start()
-        self.b = _Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
+        self.b = Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))
         self.b.start()
         # Kernel core dumps skip file-backed private memory unless bit 2 of
         # coredump_filter is set, and a merged page that was never written
         # is just that: set it while pages are merged (restored at detach).
-        self._coredump_filter = _coredump_filter(self.pid)
+        self._coredump_filter = coredump_filter(self.pid)
         if self._coredump_filter is not None and not self._coredump_filter & 0x4:
-            _coredump_filter(self.pid, self._coredump_filter | 0x4)
+            coredump_filter(self.pid, self._coredump_filter | 0x4)
         if self.use_guardian:
             from wp.dedupe.guardian import GuardianClient
             self.guardian = GuardianClient.shared(self.store.inode)
             self.guardian.add(self.pid, self.b.uffd.fd, self._coredump_filter)
         self._scanner = _native.Scanner(self.pid, self.page_size, 1024)
         self._pagemap = _pagemap.Pagemap(self.pid)
-        self._zero_pfn = _zero_pfn()
+        self._zero_pfn = zero_pfn()
         self._t_attach = time.monotonic()
         if self.auto:
             self._thread = threading.Thread(target=self._run, name="wp-dedupe-%d" % self.pid,
@@ -454,11 +259,11 @@ class DedupeProtector(WriteProtector):
             # or its DONTNEED semantics would go with our uffd.
             if m.pid and os.path.exists("/proc/%d" % m.pid):
                 try:
-                    unmerge_runs(self, m, _space_of(m.pid), self.store.inode)
+                    unmerge_runs(self, m, space_of(m.pid), self.store.inode)
                 except Exception:
                     log.exception("pid %d (child of %d): unmerge at detach failed", m.pid, self.pid)
         if self._coredump_filter is not None:
-            _coredump_filter(self.pid, self._coredump_filter)
+            coredump_filter(self.pid, self._coredump_filter)
         for m in [self.b] + self.children:
             m.close()
         self.loop_a.stop()
@@ -551,7 +356,7 @@ class DedupeProtector(WriteProtector):
         of pages merged (or zeroed) in this pass."""
         t_cpu = time.thread_time()
         t_wall = time.monotonic()
-        nvmas, anon, store_vmas = _light_maps(self.pid, self.store.inode)
+        nvmas, anon, store_vmas = light_maps(self.pid, self.store.inode)
         self._vmas = nvmas
         new = [(s, e) for s, e in anon if (s, e) not in self._skipped
                and (self._region(s) is None or e > self._region(s).end)]
@@ -570,7 +375,7 @@ class DedupeProtector(WriteProtector):
         if not self._rseq_known:
             # Before anything is frozen: the thread we will seize must never
             # block on our freeze when the kernel updates its rseq area.
-            with _remote(self.pid) as rp:
+            with remote(self.pid) as rp:
                 rseq = rp.rseq_page()
             if rseq is not None:
                 self._no_merge.add(rseq)
@@ -653,7 +458,7 @@ class DedupeProtector(WriteProtector):
                     with self.lock:
                         self.frozen.append(span)
                     try:
-                        _retry(self.uffd_a.protect, span[0], span[1] - span[0])
+                        retry(self.uffd_a.protect, span[0], span[1] - span[0])
                         frozen = True
                     except OSError:
                         self._unfreeze([span])
@@ -720,7 +525,7 @@ class DedupeProtector(WriteProtector):
                     # their sources: side-by-side sources, side-by-side pages.
                     sources.sort()
                     new_idx = {}
-                    for run_start, n, _ in _runs([a for a, _, _ in sources], ps):
+                    for run_start, n, _ in runs([a for a, _, _ in sources], ps):
                         first = store.reserve(n)
                         for k in range(n):
                             new_idx[run_start + k * ps] = first + k
@@ -758,7 +563,7 @@ class DedupeProtector(WriteProtector):
             with self.lock:
                 self.frozen.append(sp)
             try:
-                _retry(self.uffd_a.protect, a, ps)
+                retry(self.uffd_a.protect, a, ps)
             except OSError:
                 self._unfreeze([sp])
                 continue
@@ -779,14 +584,14 @@ class DedupeProtector(WriteProtector):
         vm.max_map_count headroom applied."""
         ps = self.page_size
         idx_of = dict(to_store)
-        store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
+        store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
         left = self._map_count_left()
         if 2 * len(store_runs) > left:
             keep = max(0, left // 2)
             self.counters["map_count_limited"] += len(store_runs) - keep
             store_runs = store_runs[:keep]
         self._vmas += 2 * len(store_runs)
-        return spans, store_runs, _runs(to_zero, ps)
+        return spans, store_runs, runs(to_zero, ps)
 
     def _plan_partial(self, plan, groups, unstable):
         """_plan for one window that could not be frozen whole."""
@@ -896,15 +701,15 @@ class DedupeProtector(WriteProtector):
         partial = None
         for s, e in spans:
             try:
-                _retry(self.uffd_a.protect, s, e - s)
+                retry(self.uffd_a.protect, s, e - s)
             except OSError:
                 # Some VMA in the span is not ours (a new mapping, locked
                 # memory): freeze page runs instead.
                 partial = partial if partial is not None else set()
                 lo, hi = bisect.bisect_left(addrs, s), bisect.bisect_left(addrs, e)
-                for rs_, rn, _ in _runs(addrs[lo:hi], ps):
+                for rs_, rn, _ in runs(addrs[lo:hi], ps):
                     try:
-                        _retry(self.uffd_a.protect, rs_, rn * ps)
+                        retry(self.uffd_a.protect, rs_, rn * ps)
                         partial.update(range(rs_, rs_ + rn * ps, ps))
                     except OSError:
                         pass
@@ -914,7 +719,7 @@ class DedupeProtector(WriteProtector):
         ps = self.page_size
         for s, e in spans:
             try:
-                _retry(self.uffd_a.unprotect, s, e - s)
+                retry(self.uffd_a.unprotect, s, e - s)
             except OSError:
                 # Part of the span is not WP-registered: unprotect what is,
                 # page by page, and wake every waiter.
@@ -960,7 +765,7 @@ class DedupeProtector(WriteProtector):
         try:
             # The sources first: frozen, their bytes become the store page.
             reserved = []
-            for run_start, n, _ in _runs([a for a, _ in firsts], ps):
+            for run_start, n, _ in runs([a for a, _ in firsts], ps):
                 first = store.reserve(n)
                 reserved.extend(range(first, first + n))
             for i in range(0, len(firsts), sc.batch):
@@ -1006,14 +811,14 @@ class DedupeProtector(WriteProtector):
             self.counters["compare_failed"] += failed
             # Keep headroom under vm.max_map_count: each run may add two VMAs.
             idx_of = dict(to_store)
-            store_runs = _runs([a for a, _ in to_store], ps, key=idx_of.get)
+            store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
             left = self._map_count_left()
             if 2 * len(store_runs) > left:
                 keep = max(0, left // 2)
                 self.counters["map_count_limited"] += len(store_runs) - keep
                 store_runs = store_runs[:keep]
             self._vmas += 2 * len(store_runs)
-            zero_runs = _runs(to_zero, ps)
+            zero_runs = runs(to_zero, ps)
         except BaseException:
             self._unfreeze(spans)
             raise
@@ -1053,7 +858,7 @@ class DedupeProtector(WriteProtector):
                     register(s, n * ps, mode)
                 except OSError:
                     try:
-                        _retry(register, s, n * ps, mode)
+                        retry(register, s, n * ps, mode)
                     except OSError as err:
                         log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
                                     self.pid, s, n, err)
@@ -1072,23 +877,23 @@ class DedupeProtector(WriteProtector):
         """Runs the merge batch in the target. Returns the runs that merged."""
         ps = self.page_size
         t0 = time.monotonic()
-        sys0 = _sys_time(self.pid)
+        sys0 = sys_time(self.pid)
         ok_store, ok_zero = [], []
-        with _remote(self.pid) as rp:
+        with remote(self.pid) as rp:
             rseq = rp.rseq_page()
             if rseq is not None and rseq not in self._no_merge:
                 self._no_merge.add(rseq)
                 with self.lock:
                     frozen = any(fs <= rseq < fe for fs, fe in self.frozen)
                 if frozen:   # let the kernel write it; do not merge it now
-                    _retry(self.uffd_a.unprotect, rseq, ps)
+                    retry(self.uffd_a.unprotect, rseq, ps)
                     store_runs = [r for r in store_runs if not r[0] <= rseq < r[0] + r[1] * ps]
                     zero_runs = [r for r in zero_runs if not r[0] <= rseq < r[0] + r[1] * ps]
             tfd = None
             scratch = None
             if store_runs:
                 scratch = rp.mmap_scratch()
-                tfd = _store_fd_in(rp, scratch, self.store.fd)
+                tfd = store_fd_in(rp, scratch, self.store.fd)
             calls = []
             region = None
             for s, n, idx in store_runs:
@@ -1130,7 +935,7 @@ class DedupeProtector(WriteProtector):
                 else:
                     self.counters["merge_errors"] += 1
         self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
-        self.counters["target_sys_s"] += _sys_time(self.pid) - sys0
+        self.counters["target_sys_s"] += sys_time(self.pid) - sys0
         return ok_store, ok_zero
 
     # -- keeping track -----------------------------------------------------
@@ -1221,7 +1026,7 @@ class DedupeProtector(WriteProtector):
         u = Userfaultfd.adopt(fd, parent.uffd.features)
         with self.lock:
             removed = set(parent.removed)
-        m = _Merged(self, child or 0, u, removed)
+        m = Merged(self, child or 0, u, removed)
         m.start()
         self.children.append(m)
 
@@ -1229,7 +1034,7 @@ class DedupeProtector(WriteProtector):
 
     def store_runs_in_maps(self, pid=None):
         """Returns [(start, end)] of the target's mappings of the store."""
-        return _light_maps(pid or self.pid, self.store.inode)[2]
+        return light_maps(pid or self.pid, self.store.inode)[2]
 
     def unmerge_all(self):
         """Makes every merged page of the target private anonymous memory
@@ -1343,128 +1148,6 @@ class DedupeProtector(WriteProtector):
         return out
 
 
-class Orphan:
-    """The owner of merged pages whose protector is gone (the guardian,
-    after wpd died): enough of DedupeProtector for _Merged and unmerge_runs."""
-
-    def __init__(self, pid):
-        self.pid = pid
-        self.page_size = os.sysconf("SC_PAGESIZE")
-        self.lock = threading.RLock()
-        self.cond = threading.Condition(self.lock)
-        self.frozen = []
-
-    def is_merged(self, page):
-        return False
-
-    def wait_unfrozen(self, page, timeout=30.0):
-        with self.cond:
-            self.cond.wait_for(lambda: not any(s <= page < e for s, e in self.frozen), timeout)
-
-    def moved(self, m, start, to, length):
-        pass
-
-    def forked(self, m, fd):
-        os.close(fd)
-
-    def journal_removed(self, m):
-        pass
-
-
-def unmerge_runs(owner, m, space, store_inode, absent_is_removed=False):
-    """Makes every store mapping of process m.pid private anonymous memory
-    again: freeze each run with WP on m.uffd, read it, write it into fresh
-    anonymous memory of the target, mremap that over the run (atomic for the
-    target's threads: mremap holds the mmap lock), wake the writers.
-    absent_is_removed: treat merged pages with no PTE as DONTNEED'd (they
-    read zeros afterwards). The guardian uses it: wpd may have read a REMOVE
-    event (which lets the target go on) and died before it journaled it.
-    Merged pages are populated when merged and the store is never swapped
-    unless swap is on, so a missing PTE means DONTNEED (or MADV_PAGEOUT).
-    Returns the pages unmerged."""
-    ps = owner.page_size
-    pid = m.pid
-    try:
-        runs = _light_maps(pid, store_inode)[2]
-    except (OSError, ProcessLookupError):
-        return 0
-    if not runs:
-        return 0
-    bu = m.uffd
-    # Pages removed and not faulted back yet: give them zeros first.
-    with owner.lock:
-        removed = set(m.removed)
-        m.removed.clear()
-    if absent_is_removed:
-        with _pagemap.Pagemap(pid) as pm:
-            for s, e in runs:
-                ents = pm.entries(s, (e - s) // ps)
-                removed.update(s + i * ps for i, x in enumerate(ents) if not x & _pagemap.PRESENT)
-    removed = sorted(removed)
-    for a in removed:
-        if any(s <= a < e for s, e in runs):
-            try:
-                bu.zeropage(a, ps)
-            except OSError:
-                pass
-    with owner.lock:
-        owner.frozen.extend(runs)
-    failed = list(runs)
-    try:
-        for s, e in runs:
-            try:
-                _retry(bu.protect, s, e - s)
-            except OSError:
-                try:   # the registration went (e.g. the session dropped it)
-                    bu.register(s, e - s, MODE_MINOR | MODE_WP)
-                    _retry(bu.protect, s, e - s)
-                except OSError as err:
-                    log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s", pid, s, e, err)
-        total = sum(e - s for s, e in runs)
-        with _remote(pid) as rp:
-            fresh = rp.mmap_scratch(total)
-            off = 0
-            zero = bytes(ps)
-            for s, e in runs:
-                data = space.read(s, e - s)
-                k = 0
-                while k < e - s:   # write runs of non-zero pages; zeros stay unallocated
-                    if data[k:k + ps] == zero:
-                        k += ps
-                        continue
-                    j = k + ps
-                    while j < e - s and data[j:j + ps] != zero:
-                        j += ps
-                    space.write(fresh + off + k, data[k:j])
-                    k = j
-                off += e - s
-            calls = []
-            off = 0
-            for s, e in runs:
-                calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
-                off += e - s
-            res = rp.syscalls(calls)
-            failed = [run for r, run in zip(res, runs) if r != run[0]]
-            if failed:
-                log.warning("pid %d: %d mremaps failed at unmerge: %s", pid, len(failed), failed[:3])
-        return total // ps - sum((e - s) // ps for s, e in failed)
-    finally:
-        for s, e in failed:   # still merged: do not leave them frozen
-            try:
-                bu.unprotect(s, e - s)
-            except OSError:
-                pass
-        with owner.cond:
-            for sp in runs:
-                owner.frozen.remove(sp)
-            owner.cond.notify_all()
-        for s, e in runs:
-            try:
-                bu.wake(s, e - s)
-            except OSError:
-                pass
-
-
 def daemon_stats(protectors):
     """KSM's counters for the daemon as a whole, from its dedupe protectors."""
     ps = os.sysconf("SC_PAGESIZE")
@@ -1489,88 +1172,3 @@ def daemon_stats(protectors):
     return out
 
 
-def _store_fd_in(rp, scratch, fd):
-    """Returns an fd of the store in the target (rp, stopped), using the
-    page at scratch. Root targets open /proc/<wpd>/fd/<fd>; the kernel lets
-    only a process that may ptrace wpd do that, so others get the fd over a
-    unix socket (SCM_RIGHTS): the target connects to an abstract socket of
-    ours, we send, the target receives."""
-    import socket
-    path = b"/proc/%d/fd/%d\0" % (os.getpid(), fd)
-    rp.write_memory(scratch, path)
-    r = rp.syscall_raw(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
-    if r >= 0:
-        return r
-    if r not in (-errno.EACCES, -errno.EPERM):
-        raise OSError(-r, "open(%s) in pid %d" % (path[:-1].decode(), rp.pid))
-    name = b"\0wp-dedupe-%d-%d" % (os.getpid(), threading.get_ident())
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind(name)
-        srv.listen(1)
-        # scratch: [0] sockaddr_un, [128] iovec, [144] msghdr, [208] data,
-        # [256] cmsg buffer (24 bytes for one fd).
-        addr = struct.pack("<H", socket.AF_UNIX) + name
-        rp.write_memory(scratch, addr)
-        s = rp.syscall(NR_SOCKET, socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC, 0)
-        try:
-            rp.syscall(NR_CONNECT, s, scratch, len(addr))
-            conn, _ = srv.accept()
-            with conn:
-                socket.send_fds(conn, [b"s"], [fd])
-            iov = struct.pack("<QQ", scratch + 208, 1)
-            msg = struct.pack("<QIIQQQQi4x", 0, 0, 0, scratch + 128, 1, scratch + 256, 24, 0)
-            rp.write_memory(scratch + 128, iov + msg)
-            rp.syscall(NR_RECVMSG, s, scratch + 144, MSG_CMSG_CLOEXEC)
-            cmsg = rp.read_memory(scratch + 256, 24)
-            length, level, typ, tfd = struct.unpack("<QiiI", cmsg[:20])
-            if level != socket.SOL_SOCKET or typ != socket.SCM_RIGHTS:
-                raise OSError(errno.EPROTO, "no fd received in pid %d" % rp.pid)
-            return tfd
-        finally:
-            rp.syscall_raw(NR_CLOSE, s)
-
-
-def _space_of(pid):
-    from wp.space import ProcessSpace
-    return ProcessSpace(pid, None)
-
-
-def _coredump_filter(pid, value=None):
-    """Returns (or sets) /proc/PID/coredump_filter; None if pid is gone."""
-    path = "/proc/%d/coredump_filter" % pid
-    try:
-        if value is None:
-            with open(path) as f:
-                return int(f.read(), 16)
-        with open(path, "w") as f:
-            f.write("%#x" % value)
-        return value
-    except OSError:
-        return None
-
-
-def _sys_time(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
-
-
-_ZERO_PFN = None
-
-
-def _zero_pfn():
-    """Returns the PFN of the kernel's shared zero page (root sees PFNs)."""
-    global _ZERO_PFN
-    if _ZERO_PFN is None:
-        import mmap
-        import ctypes
-        m = mmap.mmap(-1, 4096, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        _ = m[0]   # a read fault maps the zero page
-        with _pagemap.Pagemap(os.getpid()) as pm:
-            ent = pm.entries(addr, 1)[0]
-        _ZERO_PFN = ent & _pagemap.PFN_MASK if ent & _pagemap.PRESENT else -1
-    return _ZERO_PFN
