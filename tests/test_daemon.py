@@ -313,4 +313,6 @@ def test_user_protector(wpd, memtarget):
     assert [t.read(i)[0] for i in range(3)] == [9, 9, 9]
     r = wp(wpd, "attach", t.pid, "--protector", "no_such_module:X", check=False)
     assert r.returncode == 4 and "cannot load protector" in r.stderr
+    r = wp(wpd, "attach", t.pid, "-o", "no_such_knob=1", check=False)
+    assert r.returncode == 4 and "does not take these options" in r.stderr
     assert_untouched(t)

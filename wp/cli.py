@@ -123,7 +123,8 @@ def _regions_table(regions):
 def cmd_attach(args):
     req = {"op": "attach", "pid": args.pid, "protector": args.protector,
            "regions": args.region or None, "mode": "async" if args.async_ else None,
-           "handler": args.handler, "follow_fork": not args.no_follow_fork}
+           "handler": args.handler, "follow_fork": not args.no_follow_fork,
+           "options": _options(args.option)}
     reply = _request(args, req)
     if args.json:
         _print_json(reply)
@@ -200,7 +201,8 @@ def cmd_run(args):
     try:
         conn.send({"op": "run", "pid": pid, "argv": cmd, "protector": args.protector,
                    "regions": args.region or None, "mode": "async" if args.async_ else None,
-                   "handler": args.handler, "follow_fork": not args.no_follow_fork})
+                   "handler": args.handler, "follow_fork": not args.no_follow_fork,
+                   "options": _options(args.option)})
         armed = conn.recv()
         if not armed or not armed.get("ok"):
             os.close(w)
@@ -262,7 +264,23 @@ def _add_target_args(p):
                    help="python: the protector decides (default); c: fast path, unprotect only")
     p.add_argument("--no-follow-fork", action="store_true",
                    help="release children the target forks instead of protecting them")
+    p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", default=[],
+                   help="a keyword argument for the protector's constructor (VALUE is JSON if it "
+                        "parses, else a string), e.g. -o pages_to_scan=4000; repeatable")
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
+
+
+def _options(pairs):
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit("wp: bad --option %r: use KEY=VALUE" % pair)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def build_parser():

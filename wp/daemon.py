@@ -140,12 +140,19 @@ class Daemon:
             self._attaching.add(pid)
         try:
             cls = load_protector(protector)
-            prot = cls(**(options or {}))
+            try:
+                prot = cls(**(options or {}))
+            except TypeError as err:
+                raise ValueError("protector %s does not take these options: %s" % (protector, err)) from err
             space = ProcessSpace(pid, uffd_source or _remote_uffd_source(pid))
             session = Session(space, prot, regions=regions or None, mode=mode, handler=handler,
                               follow_fork=follow_fork, scan_interval=1.0)
             session.start()
-            target = Target(self, pid, session, argv)
+            try:
+                target = Target(self, pid, session, argv)
+            except BaseException:
+                session.close()   # e.g. the target exited meanwhile (no pidfd)
+                raise
             with self.lock:
                 self.targets[pid] = target
             target.start()
