@@ -561,3 +561,24 @@ def test_non_root_target_gets_the_store_over_a_socket(target_bin, spawn, dedupe)
     assert is_file(t.entries(0, 1)[0])
     assert t.check() == 0
     assert t.cmd("d 0 1") == ["ok"] and t.read_sum(0) == 0 and t.check() == 0
+
+
+def test_scanner_thread_merges_and_stops(dd):
+    """The protector as wpd runs it: its own scanner thread, knobs from
+    the client (cpu_budget, sleep_millisecs), stats while it runs."""
+    t = dd(2048, 16)
+    prot = DedupeProtector(interval=0.05, cpu_budget=0.5, sleep_millisecs=1, pages_to_scan=512)
+    s = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot, regions=["anon"])
+    s.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and prot.stats()["pages_merged"] < 1024:
+            time.sleep(0.05)
+        st = prot.stats()
+        assert st["pages_merged"] >= 1024 and st["error"] is None
+        assert st["knobs"]["cpu_budget"] == 0.5
+        assert t.check() == 0
+        assert t.cmd("w 0 1") == ["ok"] and t.check() == 0
+    finally:
+        s.close()
+    assert t.store_maps() == 0 and t.check() == 0
