@@ -18,7 +18,7 @@ import pytest
 
 from wp import pagemap
 from wp.daemon import _remote_uffd_source
-from wp.dedupe.store import STORE_NAME
+from wp.dedupe.store import STORE_NAME, Store
 from wp.protectors.dedupe import DedupeProtector
 from wp.session import Session
 from wp.space import ProcessSpace
@@ -582,3 +582,28 @@ def test_scanner_thread_merges_and_stops(dd):
     finally:
         s.close()
     assert t.store_maps() == 0 and t.check() == 0
+
+
+def test_store_pages_freed_when_nothing_maps_them(dd, dedupe):
+    t = dd(1024, 16)
+    store = Store.shared()
+    before = set(store.key_of)   # pages earlier tests' processes may still map
+    s, prot = dedupe(t)
+    mine = set(prot.idx_refs) - before
+    assert mine and all(i in store.key_of for i in mine)
+    freed0 = store.stats()["store_pages_freed"]
+    s.close()
+    # Only this target mapped them (its children too, none here): all go back.
+    assert store.stats()["store_pages_freed"] - freed0 >= len(mine)
+    assert not mine & set(store.key_of)
+    assert t.check() == 0
+
+
+def test_max_page_sharing_spreads_mappings(dd, dedupe):
+    t = dd(1024, 4)    # 512 duplicates of 4 contents
+    _, prot = dedupe(t, max_page_sharing=32)
+    st = prot.stats()
+    assert st["pages_merged"] >= 480
+    assert st["pages_shared"] >= 512 // 32
+    assert max(prot.idx_refs.values()) <= 32
+    assert t.check() == 0

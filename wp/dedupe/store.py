@@ -82,6 +82,9 @@ class Store:
         # scanner of another target may be comparing against it in C.
         if self.mm is not None:
             self._old.append(self.mm)
+            # Its PTEs would count in kpagecount (see collect): drop them;
+            # the page cache keeps the pages.
+            self.mm.madvise(mmap.MADV_DONTNEED)
         self.mm = mmap.mmap(self.fd, new, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.capacity = new // self.page_size
@@ -186,6 +189,11 @@ class Store:
             cands = [i for i, r in self.refs.items() if r == 0 and i in self.key_of]
             if not cands:
                 return 0
+            ps = self.page_size
+            for old in self._old:   # a scanner comparing late may have mapped some back
+                for i in cands:
+                    if (i + 1) * ps <= len(old):
+                        old.madvise(mmap.MADV_DONTNEED, i * ps, ps)
             pfns = self._pfns(cands)
             counts = _native.kpagecount([p for p in pfns if p])
             it = iter(counts)

@@ -506,7 +506,7 @@ class DedupeProtector(WriteProtector):
                             else:
                                 new.setdefault((scope, h), []).append((start + i * ps, p))
                     extra = []    # (addr, key): earlier pages of this pass
-                    sources = []  # (first addr, key, pos)
+                    sources = []  # (first addr, key, pos, [(addr, pos)] it serves)
                     for key, lst in new.items():
                         prev = unstable.get(key)
                         other = store.unstable.get(key) if self.scope is None else None
@@ -517,7 +517,11 @@ class DedupeProtector(WriteProtector):
                             store.unstable[key] = (self.pid, lst[0][0])
                             unshared += 1
                             continue
-                        sources.append((lst[0][0], key, lst[0][1]))
+                        # max_page_sharing: one store page per so many pages.
+                        step = self.max_page_sharing or len(lst)
+                        for c0 in range(0, len(lst), step):
+                            chunk = lst[c0:c0 + step]
+                            sources.append((chunk[0][0], key, chunk[0][1], chunk))
                         if prev is not None:
                             extra.append((prev, key))
                             del unstable[key]
@@ -525,18 +529,18 @@ class DedupeProtector(WriteProtector):
                     # their sources: side-by-side sources, side-by-side pages.
                     sources.sort()
                     new_idx = {}
-                    for run_start, n, _ in runs([a for a, _, _ in sources], ps):
+                    for run_start, n, _ in runs([src[0] for src in sources], ps):
                         first = store.reserve(n)
                         for k in range(n):
                             new_idx[run_start + k * ps] = first + k
-                    for a, key, p in sources:
+                    for a, key, p, chunk in sources:
                         idx = new_idx[a]
                         store.fill(idx, key, sc.page(p))
-                        for a2, p2 in new[key]:
+                        for a2, p2 in chunk:
                             cand_pos.append(p2)
                             cand_idx.append(idx)
                             cand_addr.append(a2)
-                        new_idx[key] = idx
+                        new_idx.setdefault(key, idx)
                     eq = sc.compare_at(store._base, cand_pos, cand_idx)
                     to_store = [(a, x) for a, x, e in zip(cand_addr, cand_idx, eq) if e]
                     self.counters["compare_failed"] += len(eq) - len(to_store)
