@@ -494,8 +494,9 @@ class DedupeProtector(WriteProtector):
                         start = r.start
                         for i, p in zip(si, sp):
                             h = hashes[i]
-                            idx = cache.get(h)
-                            if idx is None or (mps and refs.get(idx, 0) + pending[idx] >= mps):
+                            idx = cache.get(h, -1)
+                            if idx == -1 or (idx is not None and mps
+                                             and refs.get(idx, 0) + pending[idx] >= mps):
                                 idx = store.lookup((scope, h), mps, pending)
                                 cache[h] = idx
                             if idx is not None:
