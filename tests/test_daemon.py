@@ -1,4 +1,5 @@
 """wpd and wp against real targets: attach, protect, detach, and bad input."""
+import errno
 import json
 import os
 import shutil
@@ -316,3 +317,33 @@ def test_user_protector(wpd, memtarget):
     r = wp(wpd, "attach", t.pid, "-o", "no_such_knob=1", check=False)
     assert r.returncode == 4 and "does not take these options" in r.stderr
     assert_untouched(t)
+
+
+@pytest.fixture
+def strict_userfaultfd():
+    """vm.unprivileged_userfaultfd = 0 (the default), restored at teardown."""
+    path = "/proc/sys/vm/unprivileged_userfaultfd"
+    old = slurp(path).strip()
+    with open(path, "w") as f:
+        f.write("0")
+    yield path
+    with open(path, "w") as f:
+        f.write(old)
+
+
+def test_attach_non_root_target(wpd, target_bin, spawn, strict_userfaultfd):
+    # The kernel checks the creating (target's) credentials: wp allows
+    # unprivileged userfaultfd for the one injected call and puts it back.
+    p = spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               target_bin("memtarget"), "anon", "4"], cwd="/")
+    t = Target(p)
+    from wp.remote import SYS, RemoteProcess
+    with RemoteProcess(t.pid) as rp:   # what the kernel says without wp's help
+        assert rp.syscall_raw(SYS["userfaultfd"], os.O_CLOEXEC) == -errno.EPERM
+    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    assert slurp(strict_userfaultfd).strip() == "0"
+    t.write(1, 5)
+    assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 1
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+    assert t.read(1)[0] == 5

@@ -200,7 +200,12 @@ class Daemon:
         if op == "status":
             with self.lock:
                 targets = list(self.targets.values())
-            return {"daemon_pid": os.getpid(), "targets": [t.status() for t in targets]}
+            out = {"daemon_pid": os.getpid(), "targets": [t.status() for t in targets]}
+            dedupers = [t.session.protector for t in targets if t.session.protector.name == "dedupe"]
+            if dedupers:   # KSM's counters for the daemon as a whole
+                from wp.protectors.dedupe import daemon_stats
+                out["dedupe"] = daemon_stats(dedupers)
+            return out
         if op == "stats":
             pid = int(req["pid"])
             with self.lock:

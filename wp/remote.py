@@ -40,6 +40,7 @@ Not handled:
   - 32-bit (compat) targets are refused; execve by another thread while we
     hold one is untested.
 """
+import contextlib
 import errno
 import os
 import threading
@@ -143,6 +144,28 @@ def choose_thread(pid):
     if not live:
         raise TargetError("pid %d has no live thread left" % pid)
     return min(live, key=lambda dt: dt[0])[1]   # stable: the leader first
+
+
+_SYSCTL_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+_sysctl_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _unprivileged_userfaultfd():
+    """Sets vm.unprivileged_userfaultfd to 1 for the duration, then puts the
+    old value back."""
+    with _sysctl_lock:
+        with open(_SYSCTL_UFFD) as f:
+            old = f.read().strip()
+        if old != "1":
+            with open(_SYSCTL_UFFD, "w") as f:
+                f.write("1")
+        try:
+            yield
+        finally:
+            if old != "1":
+                with open(_SYSCTL_UFFD, "w") as f:
+                    f.write(old)
 
 
 class RemoteProcess:
@@ -407,7 +430,17 @@ class RemoteProcess:
         """Returns a userfaultfd of the target's mm, created by the target
         itself; the target keeps no copy. Every uffd ioctl on it acts on the
         target's memory."""
-        remote = self.syscall(SYS["userfaultfd"], flags)
+        remote = self.syscall_raw(SYS["userfaultfd"], flags)
+        if remote == -errno.EPERM:
+            # The kernel asks the *target* for CAP_SYS_PTRACE unless
+            # vm.unprivileged_userfaultfd is 1 (UFFD_USER_MODE_ONLY would
+            # pass, but turns the target's own syscalls that touch protected
+            # memory into EFAULT). Allow it for this one call.
+            with _unprivileged_userfaultfd():
+                remote = self.syscall_raw(SYS["userfaultfd"], flags)
+        if remote < 0:
+            raise OSError(-remote, "%s (originated from userfaultfd() in pid %d)"
+                          % (os.strerror(-remote), self.pid))
         try:
             return self.take_fd(remote)
         except OSError:

@@ -191,6 +191,7 @@ class Session:
         self._lock = threading.Lock()
         self.started_ns = None
         self._attached = False
+        self._last_layout = None
         self._pending = []
         self._recent = collections.deque(maxlen=100000)
         self.records_dropped = 0
@@ -267,6 +268,16 @@ class Session:
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
         if not named:
             return []
+        # /proc/PID/maps is cheap next to smaps (which walks every page
+        # table): read smaps only when the list of mappings changed.
+        try:
+            with open("/proc/%d/maps" % self.pid) as f:
+                layout = f.read()
+        except OSError:
+            return []
+        if layout == self._last_layout:
+            return []
+        self._last_layout = layout
         try:
             wanted = resolve_regions(self.space.maps(), named, self.pid, self.mode)
         except (BadRange, UnsupportedMemory, OSError):
