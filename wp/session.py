@@ -20,7 +20,7 @@ from wp.faults import FaultLoop
 from wp.pagemap import Pagemap
 from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
 
-__all__ = ["Session", "Region", "resolve_regions"]
+__all__ = ["Session", "Region", "resolve_regions", "subtract_ranges"]
 
 log = logging.getLogger("wp.session")
 
@@ -285,7 +285,7 @@ class Session:
         added = []
         with self._lock:
             for w in wanted:
-                for start, end in _subtract((w.start, w.end), [(r.start, r.end) for r in self.regions]):
+                for start, end in subtract_ranges((w.start, w.end), [(r.start, r.end) for r in self.regions]):
                     u = self.sync_uffd if w.mode == "sync" else self.async_uffd
                     if u is None:
                         continue  # that kind of uffd was not opened at start
@@ -483,7 +483,7 @@ class Session:
         self.close()
 
 
-def _subtract(span, taken):
+def subtract_ranges(span, taken):
     """Returns the parts of span = (start, end) not covered by taken ranges."""
     out = []
     pos, end = span

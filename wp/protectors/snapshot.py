@@ -49,6 +49,7 @@ from wp import elfcore, pagemap
 from wp._native import ffi, lib
 from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
+from wp.session import subtract_ranges
 
 __all__ = ["SnapshotProtector", "snapshot", "add_parser", "main"]
 
@@ -269,7 +270,7 @@ class SnapshotProtector(WriteProtector):
         if not self.raw:
             anon = _smaps_anonymous(self.pid)
             for m in maps:
-                for start, end in _subtract((m.start, m.end), covered):
+                for start, end in subtract_ranges((m.start, m.end), covered):
                     readable = m.perms[0] == "r" and m.path not in ("[vvar]", "[vvar_vclock]",
                                                                     "[vsyscall]")
                     if m.writable:
@@ -628,20 +629,6 @@ def _tids(pid):
         return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
     except FileNotFoundError:
         raise ProcessLookupError(3, "no such process %d" % pid) from None
-
-
-def _subtract(span, taken):
-    out = []
-    pos, end = span
-    for s, e in sorted(taken):
-        if e <= pos or s >= end:
-            continue
-        if s > pos:
-            out.append((pos, s))
-        pos = max(pos, e)
-    if pos < end:
-        out.append((pos, end))
-    return out
 
 
 # -- driver and command line -------------------------------------------------
