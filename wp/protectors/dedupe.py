@@ -288,8 +288,10 @@ class DedupeProtector(WriteProtector):
     # -- regions -----------------------------------------------------------
 
     def _count_vmas(self):
-        with open("/proc/%d/maps" % self.pid) as f:
-            return sum(1 for _ in f)
+        # One line per VMA; counting bytes is ~10x faster than iterating
+        # lines when merging has added 100k+ VMAs.
+        with open("/proc/%d/maps" % self.pid, "rb") as f:
+            return f.read().count(b"\n")
 
     def _region(self, addr):
         i = bisect.bisect_right(self._starts, addr) - 1
