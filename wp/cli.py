@@ -283,12 +283,21 @@ def _options(pairs):
     return out
 
 
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("wp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="wp", description="Generic page write protection for running processes.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--socket", default=None, help="wpd's socket (default /run/wp/wpd.sock)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version="wp " + _version())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("attach", help="protect a running process",
                        epilog="example: wp attach 1234 --region anon --protector trace")
