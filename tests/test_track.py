@@ -118,3 +118,27 @@ def test_cli_json_lines(sweep, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and all(r["pid"] == t.pid and r["pages_written"] == 0 for r in lines)
     assert os.path.exists("/proc/%d" % t.pid)
+
+
+def test_report_plots_a_track_file(sweep, tmp_path):
+    """wp report reads wp track's JSON lines: summary, CSV and a PNG."""
+    from wp.tracing import report
+    t = sweep("anon", 64)
+    gen = track(ProcessSpace.cooperative(t.pid, t.uffds), interval=0.05, count=4, regions=[t.range()])
+    recs = []
+    for i, rec in enumerate(gen):
+        recs.append(rec)
+        if i in (0, 1):
+            t.write(0, 10 * (i + 1))
+    path = tmp_path / "track.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert [r["pages_written"] for r in recs] == [0, 10, 20, 0]
+    out = tmp_path / "summary.json"
+    assert report.main([str(path), "--json", "-o", str(out), "--plot", str(tmp_path / "ws.png")]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["intervals"] == 4
+    assert summary["pages_written"] == {"total": 30, "mean": 7.5, "max": 20, "min": 0}
+    assert (tmp_path / "ws.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.main([str(path), "--format", "csv", "-o", str(tmp_path / "t.csv")]) == 0
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0].startswith("t,interval_s") and [r.split(",")[3] for r in rows[1:]] == ["0", "10", "20", "0"]

@@ -219,6 +219,9 @@ def main(argv=None):
     except (OSError, ValueError) as err:
         print("wp report: %s" % err, file=sys.stderr)
         return 1
+    from wp.tracing import workingset
+    if workingset.is_track(records):   # the output of wp track --json
+        return _report_track(args, records, workingset)
     if args.kind:
         records = [r for r in records if r["kind"] in args.kind]
     fmt = "json" if args.json else args.format
@@ -246,6 +249,29 @@ def main(argv=None):
         except ImportError as err:
             print("wp report: --plot needs matplotlib (%s): pip install matplotlib" % err, file=sys.stderr)
             return 1
+        print("wrote %s" % args.plot, file=sys.stderr)
+    return 0
+
+
+def _report_track(args, records, ws):
+    fmt = "json" if args.json else args.format
+    buf = io.StringIO()
+    if fmt == "json":
+        buf.write(json.dumps(ws.summarize(records)) + "\n")
+    elif fmt == "csv":
+        ws.to_csv(records, buf)
+    elif fmt == "text":
+        buf.write("\n".join(ws.format_summary(records)) + "\n")
+    else:
+        print("wp report: a wp track file has no %s format: use text, json or csv" % fmt, file=sys.stderr)
+        return 2
+    if args.output == "-":
+        sys.stdout.write(buf.getvalue())
+    else:
+        with open(args.output, "w") as f:
+            f.write(buf.getvalue())
+    if args.plot:
+        ws.plot(records, args.plot)
         print("wrote %s" % args.plot, file=sys.stderr)
     return 0
 
