@@ -21,7 +21,7 @@
  *           (the program reads them from the daemon's buffer: ptid names
  *           the writer, flags the kind)
  *   daemon  USDT wp:fault_read(addr, tid, flags) (optional: --usdt all)   t_msg
- *   daemon  USDT wp:callback_enter / wp:callback_exit around the Python
+ *   daemon  USDT wp:callback (after it, with its start time) for the Python
  *           protector (fired when the FaultLoop's usdt is on)  t_cb_enter, t_cb_exit
  *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE): sys_enter_ioctl  t_ioctl
  *           the ioctl wakes the writer: sched_waking, p = writer         t_waking
@@ -52,10 +52,10 @@
  * fault is done starts a new record (flag RETRY) from its last t_run.
  *
  * # What it costs (wp bench trace, the writer's median write, a sync WP fault
- * # of 9 us with writer and handler on one CPU, three runs): the full profile
- * # +60% (of which ~2.2 us are the two USDT uprobe traps around the Python
- * # callback, ~1.1 us each), without USDT +35%, lean (no syscall or USDT
- * # probes) +19%. With the handler on the other CPU (42 us faults): +12% and
+ * # of 9 us with writer and handler on one CPU): the full profile +37-47%
+ * # (+60% while the callback had two USDT probes around it; one uprobe trap
+ * # costs ~1.1 us), without USDT +23-35%, lean (no syscall or USDT probes)
+ * # +4-37%, usually ~20%. With the handler on the other CPU (42 us faults): +12% and
  * # ~0. Every probe here runs for every process on the machine, so each
  * # leaves as early as it can; the reader is not woken per record.
  */
@@ -94,8 +94,8 @@ struct rec {
 	u64 ts_block;     /* writer off CPU */
 	u64 ts_read;      /* handler's read(uffd) returned */
 	u64 ts_msg;       /* USDT fault_read */
-	u64 ts_cb_enter;  /* USDT callback_enter */
-	u64 ts_cb_exit;   /* USDT callback_exit */
+	u64 ts_cb_enter;  /* USDT callback: its t_enter argument */
+	u64 ts_cb_exit;   /* USDT callback: when it fired */
 	u64 ts_ioctl;     /* resolving ioctl entered */
 	u64 ts_waking;    /* writer woken */
 	u64 ts_run;       /* writer on CPU again */
@@ -496,34 +496,22 @@ int on_fault_read(struct pt_regs *ctx)
 	return 0;
 }
 
-/* bcc rewrites bpf_usdt_readarg only inside the probe's own function, so
- * each probe reads its arguments and hands them to the helper. */
-static __always_inline int callback(u32 tid, int enter)
+/* wp:callback(addr, tid, t_enter_ns) fires once, after the callback; the
+ * daemon read its start on the same clock (CLOCK_MONOTONIC). */
+int on_callback(struct pt_regs *ctx)
 {
+	u32 tid = 0;
+	u64 t_enter = 0;
+	bpf_usdt_readarg(2, ctx, &tid);
+	bpf_usdt_readarg(3, ctx, &t_enter);
 	struct rec *r = inflight.lookup(&tid);
 	if (!r || !(r->outcome & OUT_UFFD) || r->state == DONE) {
 		count(C_UNMATCHED_CB);
 		return 0;
 	}
-	if (enter)
-		r->ts_cb_enter = bpf_ktime_get_ns();
-	else
-		r->ts_cb_exit = bpf_ktime_get_ns();
+	r->ts_cb_enter = t_enter;
+	r->ts_cb_exit = bpf_ktime_get_ns();
 	return 0;
-}
-
-int on_callback_enter(struct pt_regs *ctx)
-{
-	u32 tid = 0;
-	bpf_usdt_readarg(2, ctx, &tid);
-	return callback(tid, 1);
-}
-
-int on_callback_exit(struct pt_regs *ctx)
-{
-	u32 tid = 0;
-	bpf_usdt_readarg(2, ctx, &tid);
-	return callback(tid, 0);
 }
 
 int on_fault_resolved(struct pt_regs *ctx)

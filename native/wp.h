@@ -103,8 +103,9 @@ int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
  * count) or the loop is stopped (-ECANCELED). */
 int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max);
 uint64_t wp_loop_drain(struct wp_loop *loop, struct wp_record *out, uint64_t max);
-/* USDT markers around a Python protector callback (bcc attaches to them). */
-void wp_usdt_callback(uint64_t addr, uint32_t tid, int enter);
+/* USDT marker after a Python protector callback that started at
+ * t_enter_ns (CLOCK_MONOTONIC, as bpf_ktime_get_ns); bcc attaches to it. */
+void wp_usdt_callback(uint64_t addr, uint32_t tid, uint64_t t_enter_ns);
 
 uint64_t wp_now_ns(void);
 

@@ -178,7 +178,7 @@ class FaultLoop:
             self.pid = _tgid(m.tid)
         fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
         if self.usdt:
-            lib.wp_usdt_callback(m.addr, m.tid, 1)
+            t_enter = lib.wp_now_ns()
         try:
             if kind == "minor":
                 decision = self.protector.on_minor(fault)
@@ -191,7 +191,7 @@ class FaultLoop:
                 log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
             self.last_error = "%s: %s" % (type(err).__name__, err)
         if self.usdt:
-            lib.wp_usdt_callback(m.addr, m.tid, 0)
+            lib.wp_usdt_callback(m.addr, m.tid, t_enter)
         if region is not None:
             region.faults += 1
         if kind == "minor" and (decision is None or decision == UNPROTECT):

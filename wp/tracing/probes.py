@@ -41,12 +41,12 @@ _KSM_TRACEPOINTS = ("ksm/ksm_merge_one_page", "ksm/ksm_merge_with_ksm_page",
                     "ksm/ksm_remove_ksm_page", "ksm/ksm_remove_rmap_item")
 _KEEP_USDT_CONTEXTS = []
 _USDT = {"fault_read": "on_fault_read", "fault_resolved": "on_fault_resolved",
-         "callback_enter": "on_callback_enter", "callback_exit": "on_callback_exit"}
+         "callback": "on_callback"}
 # Which USDT probes each --usdt level attaches. Every probe hit is a uprobe
 # trap (~1.1 us here), so the default is only what nothing else can see: the
 # Python callback. The read and the resolve are seen in the syscalls.
-USDT_LEVELS = {"none": (), "callbacks": ("callback_enter", "callback_exit"),
-               "all": ("fault_read", "callback_enter", "callback_exit", "fault_resolved")}
+USDT_LEVELS = {"none": (), "callbacks": ("callback",),
+               "all": ("fault_read", "callback", "fault_resolved")}
 
 
 class TracingUnavailable(WPError):
