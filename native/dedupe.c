@@ -144,51 +144,15 @@ int64_t wp_dd_scan(int pid, uint64_t base, uint64_t page_size, const uint64_t *p
 		   void *buf, uint64_t buf_pages, uint64_t *addrs,
 		   uint64_t *zero_idx, uint64_t *stable_idx, uint64_t *counts)
 {
-	uint64_t idx[buf_pages > 0 ? buf_pages : 1];
-	uint64_t cur[buf_pages > 0 ? buf_pages : 1];
-	uint8_t zero[buf_pages > 0 ? buf_pages : 1];
+	/* Windows of buf_pages pages, their positions in buf not kept. */
 	int64_t err = 0;
-	uint64_t i = from;
-	while (i < to) {
-		uint64_t n = 0;
-		for (; i < to && n < buf_pages; i++) {
-			uint64_t e = pm[i];
-			if (!(e & PM_PRESENT) || (e & PM_FILE) || (e & PM_PFN) == zero_pfn) {
-				hashes[i] = 0;
-				continue;
-			}
-			idx[n] = i;
-			addrs[n] = base + i * page_size;
-			n++;
-		}
-		uint64_t done = 0;
-		while (done < n) {
-			int64_t got = wp_vm_read(pid, buf, addrs + done, n - done, page_size);
-			uint64_t pages = got > 0 ? (uint64_t)got / page_size : 0;
-			wp_dd_hash_pages(buf, pages, page_size, cur, zero);
-			for (uint64_t k = 0; k < pages; k++) {
-				uint64_t j = idx[done + k];
-				uint64_t prev = hashes[j];
-				hashes[j] = cur[k];
-				counts[0]++;
-				if (prev != cur[k]) {
-					if (prev)
-						counts[1]++;
-				} else if (zero[k]) {
-					zero_idx[counts[3]++] = j;
-				} else {
-					stable_idx[counts[4]++] = j;
-				}
-			}
-			done += pages;
-			if (done < n) {   /* unreadable page: skip it */
-				if (got < 0 && !err)
-					err = got;
-				hashes[idx[done]] = 0;
-				counts[2]++;
-				done++;
-			}
-		}
+	for (uint64_t i = from; i < to; i += buf_pages) {
+		uint64_t end = to - i > buf_pages ? i + buf_pages : to;
+		int64_t r = wp_dd_scan_window(pid, base, page_size, pm, i, end, zero_pfn, hashes,
+					      buf, buf_pages, addrs, zero_idx, NULL, stable_idx,
+					      NULL, counts);
+		if (r < 0 && !err)
+			err = r;
 	}
 	return err;
 }
@@ -263,10 +227,12 @@ int64_t wp_dd_scan_window(int pid, uint64_t base, uint64_t page_size, const uint
 				if (prev)
 					counts[1]++;
 			} else if (zero[k]) {
-				zero_pos[counts[3]] = k;
+				if (zero_pos)
+					zero_pos[counts[3]] = k;
 				zero_idx[counts[3]++] = j;
 			} else {
-				stable_pos[counts[4]] = k;
+				if (stable_pos)
+					stable_pos[counts[4]] = k;
 				stable_idx[counts[4]++] = j;
 			}
 		}

@@ -28,8 +28,8 @@ int wp_dd_punch(int fd, uint64_t offset, uint64_t len);
 int64_t wp_dd_kpagecount(int fd, const uint64_t *pfns, uint64_t n, uint64_t *counts);
 /* One scan window of a region: pages [from, to) of the region at base.
  * pm[i] is the pagemap entry of page i (the whole region's). Pages present,
- * anonymous (not a file page) and not the zero page are read in batches of
- * buf_pages into buf and hashed; hashes[i] holds the region's hashes from
+ * anonymous (not a file page) and not the zero page are read window by
+ * window (buf_pages pages each, wp_dd_scan_window) into buf and hashed; hashes[i] holds the region's hashes from
  * the last pass (0: not seen) and gets this pass's (2 for a zero page, odd
  * otherwise; 0 for pages not scanned). Indexes of pages whose hash did not
  * change go to zero_idx (zero pages) or stable_idx (others); counts[0..4]
@@ -51,7 +51,8 @@ void wp_dd_verify(const uint64_t *pm, const uint64_t *merged, uint64_t n,
 		  uint64_t *broken_idx, uint64_t *absent_idx, uint64_t *counts);
 /* Like wp_dd_scan for a window of at most buf_pages pages, read in one
  * go: the bytes of the pages found stay in buf, and pos gets each listed
- * page's position there (zero_pos for zero_idx, stable_pos for stable_idx). */
+ * page's position there (zero_pos for zero_idx, stable_pos for stable_idx;
+ * either may be NULL). */
 int64_t wp_dd_scan_window(int pid, uint64_t base, uint64_t page_size, const uint64_t *pm,
 			  uint64_t from, uint64_t to, uint64_t zero_pfn, uint64_t *hashes,
 			  void *buf, uint64_t buf_pages, uint64_t *addrs,
