@@ -20,6 +20,7 @@ import io
 import json
 import sys
 
+from wp.tracing import workingset
 from wp.tracing.records import PHASES, read_trace
 
 __all__ = ["main", "summarize", "format_summary", "log2_hist", "format_log2_hist",
@@ -219,59 +220,51 @@ def main(argv=None):
     except (OSError, ValueError) as err:
         print("wp report: %s" % err, file=sys.stderr)
         return 1
-    from wp.tracing import workingset
-    if workingset.is_track(records):   # the output of wp track --json
-        return _report_track(args, records, workingset)
-    if args.kind:
-        records = [r for r in records if r["kind"] in args.kind]
     fmt = "json" if args.json else args.format
     buf = io.StringIO()
-    if fmt == "text":
-        buf.write("\n".join(format_summary(records, meta, hist=not args.no_hist,
-                                            phase_hist=args.phase_hist)) + "\n")
-    elif fmt == "json":
-        buf.write(json.dumps(summarize(records, meta)) + "\n")
-    elif fmt == "csv":
-        to_csv(records, buf)
-    elif fmt == "perfetto":
-        from wp.tracing.perfetto import to_trace_events
-        json.dump(to_trace_events(records, meta), buf)
-        buf.write("\n")
+    if workingset.is_track(records):   # the output of wp track --json
+        if fmt not in ("text", "json", "csv"):
+            print("wp report: a wp track file has no %s format: use text, json or csv" % fmt,
+                  file=sys.stderr)
+            return 2
+        if fmt == "text":
+            buf.write("\n".join(workingset.format_summary(records)) + "\n")
+        elif fmt == "json":
+            buf.write(json.dumps(workingset.summarize(records)) + "\n")
+        else:
+            workingset.to_csv(records, buf)
+
+        def draw(path):
+            workingset.plot(records, path)
+    else:
+        if args.kind:
+            records = [r for r in records if r["kind"] in args.kind]
+        if fmt == "text":
+            buf.write("\n".join(format_summary(records, meta, hist=not args.no_hist,
+                                                phase_hist=args.phase_hist)) + "\n")
+        elif fmt == "json":
+            buf.write(json.dumps(summarize(records, meta)) + "\n")
+        elif fmt == "csv":
+            to_csv(records, buf)
+        elif fmt == "perfetto":
+            from wp.tracing.perfetto import to_trace_events
+            json.dump(to_trace_events(records, meta), buf)
+            buf.write("\n")
+
+        def draw(path):
+            from wp.tracing.plots import plot
+            plot(records, path, meta)
     if args.output == "-":
         sys.stdout.write(buf.getvalue())
     else:
         with open(args.output, "w") as f:
             f.write(buf.getvalue())
     if args.plot:
-        from wp.tracing.plots import plot
         try:
-            plot(records, args.plot, meta)
+            draw(args.plot)
         except ImportError as err:
             print("wp report: --plot needs matplotlib (%s): pip install matplotlib" % err, file=sys.stderr)
             return 1
-        print("wrote %s" % args.plot, file=sys.stderr)
-    return 0
-
-
-def _report_track(args, records, ws):
-    fmt = "json" if args.json else args.format
-    buf = io.StringIO()
-    if fmt == "json":
-        buf.write(json.dumps(ws.summarize(records)) + "\n")
-    elif fmt == "csv":
-        ws.to_csv(records, buf)
-    elif fmt == "text":
-        buf.write("\n".join(ws.format_summary(records)) + "\n")
-    else:
-        print("wp report: a wp track file has no %s format: use text, json or csv" % fmt, file=sys.stderr)
-        return 2
-    if args.output == "-":
-        sys.stdout.write(buf.getvalue())
-    else:
-        with open(args.output, "w") as f:
-            f.write(buf.getvalue())
-    if args.plot:
-        ws.plot(records, args.plot)
         print("wrote %s" % args.plot, file=sys.stderr)
     return 0
 
