@@ -588,7 +588,7 @@ class DedupeProtector(WriteProtector):
 
     def _runs_for(self, spans, to_store, to_zero):
         """The (spans, store_runs, zero_runs) _execute takes, with the
-        vm.max_map_count headroom applied."""
+        vm.max_map_count headroom applied: each run may add two VMAs."""
         ps = self.page_size
         idx_of = dict(to_store)
         store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
@@ -816,20 +816,10 @@ class DedupeProtector(WriteProtector):
                 to_store = [(a, x) for a, x in to_store if a in partial]
                 to_zero = [a for a in to_zero if a in partial]
             self.counters["compare_failed"] += failed
-            # Keep headroom under vm.max_map_count: each run may add two VMAs.
-            idx_of = dict(to_store)
-            store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
-            left = self._map_count_left()
-            if 2 * len(store_runs) > left:
-                keep = max(0, left // 2)
-                self.counters["map_count_limited"] += len(store_runs) - keep
-                store_runs = store_runs[:keep]
-            self._vmas += 2 * len(store_runs)
-            zero_runs = runs(to_zero, ps)
+            return self._runs_for(spans, to_store, to_zero)
         except BaseException:
             self._unfreeze(spans)
             raise
-        return spans, store_runs, zero_runs
 
     def _execute(self, prepared):
         """The second half of a batch: the syscalls in the target, our
