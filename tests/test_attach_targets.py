@@ -1,7 +1,6 @@
 """Attaching to targets that sleep, read, run threads, map memory, and to
 real programs (python3, redis-server): their own checks pass afterwards."""
 import json
-import os
 import random
 import shutil
 import socket
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from test_daemon import WP, assert_untouched, proc_status, wp, wpd  # noqa: F401 (fixture)
+from test_daemon import proc_status, wp, wpd  # noqa: F401 (wpd is a fixture)
 
 
 def stats(wpd, pid):

@@ -18,7 +18,7 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.errors import BadRange, NotRoot, UnsupportedMemory
+from wp.errors import BadRange, UnsupportedMemory
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
 from wp.protectors.trace import TraceProtector

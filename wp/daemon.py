@@ -23,7 +23,7 @@ import threading
 import time
 
 from wp import protocol
-from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+from wp.errors import TargetError, WPError
 from wp.protectors import load as load_protector
 from wp.session import Session
 from wp.space import ProcessSpace
@@ -174,10 +174,12 @@ class Daemon:
         return stats
 
     def forget(self, pid, reason):
+        """Drops a target wpd no longer serves (reason: why, for the log)."""
         with self.lock:
             target = self.targets.pop(pid, None)
         if target is not None:
             target.close()
+            log.info("pid %d: session closed (%s)", pid, reason)
 
     def detach_all(self):
         for pid in list(self.targets):

@@ -100,7 +100,7 @@ def main():
 
 def _have_tracing():
     try:
-        from wp.tracing import trace  # noqa: F401
+        from wp.tracing import trace  # noqa: F401 (can it load?)
         return True
     except Exception:
         return False

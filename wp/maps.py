@@ -5,7 +5,6 @@ anonymous, shmem (memfd, /dev/shm, tmpfs, MAP_SHARED anonymous) and hugetlbfs
 VMAs; any other file mapping, private or shared, is refused (EINVAL) unless
 the uffd is WP_ASYNC, which accepts every VMA.
 """
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -124,6 +123,3 @@ def read_maps(pid):
         mp.kind = classify(mp, fstypes)
     return mappings
 
-
-def page_size():
-    return os.sysconf("SC_PAGESIZE")

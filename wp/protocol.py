@@ -13,14 +13,10 @@ the client's exit codes.
 import json
 import socket
 
-__all__ = ["DEFAULT_SOCKET", "send", "recv", "Connection"]
+__all__ = ["DEFAULT_SOCKET", "Connection"]
 
 DEFAULT_SOCKET = "/run/wp/wpd.sock"
 MAX_LINE = 1 << 24
-
-
-def send(sock, obj):
-    sock.sendall(json.dumps(obj).encode() + b"\n")
 
 
 class Connection:
@@ -38,7 +34,7 @@ class Connection:
         return cls(s)
 
     def send(self, obj):
-        send(self.sock, obj)
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
 
     def recv(self):
         """Returns the next object, or None at end of stream."""
@@ -61,7 +57,3 @@ class Connection:
 
     def close(self):
         self.sock.close()
-
-
-def recv(conn):
-    return conn.recv()

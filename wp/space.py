@@ -31,15 +31,6 @@ class Space:
                   "process_vm_readv(%d, %#x+%#x)" % (self.pid, addr, length))
         return ffi.buffer(buf, n)[:]
 
-    def read_pages(self, addrs, chunk):
-        """Returns the chunk-byte blocks at each of addrs, concatenated (one
-        process_vm_readv per 1024 blocks)."""
-        buf = ffi.new("char[]", len(addrs) * chunk)
-        arr = ffi.new("uint64_t[]", list(addrs))
-        n = check(lib.wp_vm_read(self.pid, buf, arr, len(addrs), chunk),
-                  "process_vm_readv(%d, %d blocks)" % (self.pid, len(addrs)))
-        return ffi.buffer(buf, n)[:]
-
     def write(self, addr, data):
         """Writes data at addr. Note: a write-protected page faults like any
         other write, so the calling thread blocks until it is resolved."""

@@ -31,7 +31,7 @@ class TraceProtector(WriteProtector):
                 for page in range(start, end, region.page_size):
                     self.async_pages += 1
                     if len(self.writes) < self.keep:
-                        self.writes.append((page, 0, t_ns, region and self.session.pid))
+                        self.writes.append((page, 0, t_ns, self.session.pid))
 
     def stats(self):
         return {"first_writes": self.count, "async_pages_written": self.async_pages}
