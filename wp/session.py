@@ -215,15 +215,13 @@ class Session:
             self._attached = True
             if self.sync_uffd:
                 self._start_loop(self.sync_uffd, self.pid)
-            done = []
             for r in self.regions:
-                u = self.sync_uffd if r.mode == "sync" else self.async_uffd
+                u = self._uffd_for(r)
                 try:
                     u.register(r.start, r.length, MODE_WP)
                 except OSError as err:
                     raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
                                             % (r.start, r.end, r.kind, r.path, r.mode, err)) from err
-                done.append(r)
                 u.protect(r.start, r.length)
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
@@ -237,6 +235,9 @@ class Session:
                  self.pid, len(self.regions), sum(r.mode == "sync" for r in self.regions),
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
         return self
+
+    def _uffd_for(self, region):
+        return self.sync_uffd if region.mode == "sync" else self.async_uffd
 
     def _index(self):
         self.regions.sort(key=lambda r: r.start)
@@ -286,7 +287,7 @@ class Session:
         with self._lock:
             for w in wanted:
                 for start, end in subtract_ranges((w.start, w.end), [(r.start, r.end) for r in self.regions]):
-                    u = self.sync_uffd if w.mode == "sync" else self.async_uffd
+                    u = self._uffd_for(w)
                     if u is None:
                         continue  # that kind of uffd was not opened at start
                     try:
@@ -449,7 +450,7 @@ class Session:
         Safe to call twice and after a failed start."""
         self._stop.set()
         for r in self.regions:
-            u = self.sync_uffd if r.mode == "sync" else self.async_uffd
+            u = self._uffd_for(r)
             if u is None or u.fd < 0:
                 continue
             for op in (u.unprotect, u.unregister):
