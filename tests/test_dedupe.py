@@ -17,7 +17,6 @@ import time
 import pytest
 
 from wp import pagemap
-from wp.daemon import _remote_uffd_source
 from wp.dedupe.store import STORE_NAME, Store
 from wp.protectors.dedupe import DedupeProtector
 from wp.session import Session
@@ -106,7 +105,7 @@ def dedupe():
     def start(t, passes=2, **knobs):
         knobs.setdefault("auto", False)
         prot = DedupeProtector(**knobs)
-        s = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot, regions=["anon"])
+        s = Session(ProcessSpace.attached(t.pid), prot, regions=["anon"])
         s.start()
         sessions.append(s)
         for _ in range(passes):
@@ -371,13 +370,12 @@ def test_detach_unmerges(dd, dedupe):
 
 KILLED_DAEMON = r"""
 import sys, time
-from wp.daemon import _remote_uffd_source
 from wp.protectors.dedupe import DedupeProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 pid = int(sys.argv[1])
 prot = DedupeProtector(auto=False)
-s = Session(ProcessSpace(pid, _remote_uffd_source(pid)), prot, regions=["anon"])
+s = Session(ProcessSpace.attached(pid), prot, regions=["anon"])
 s.start()
 prot.scan_once(); prot.scan_once()
 print("merged", prot.stats()["pages_merged"], prot.guardian.pid, flush=True)
@@ -568,7 +566,7 @@ def test_scanner_thread_merges_and_stops(dd):
     the client (cpu_budget, sleep_millisecs), stats while it runs."""
     t = dd(2048, 16)
     prot = DedupeProtector(interval=0.05, cpu_budget=0.5, sleep_millisecs=1, pages_to_scan=512)
-    s = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot, regions=["anon"])
+    s = Session(ProcessSpace.attached(t.pid), prot, regions=["anon"])
     s.start()
     try:
         deadline = time.monotonic() + 20

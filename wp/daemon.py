@@ -91,17 +91,6 @@ def _comm(pid):
         return None
 
 
-def _remote_uffd_source(pid):
-    """Returns source(n) that creates a uffd in pid by syscall injection and
-    hands the daemon the only copy."""
-    from wp.remote import RemoteProcess
-
-    def source(_n):
-        with RemoteProcess(pid) as rp:
-            return rp.open_userfaultfd()
-    return source
-
-
 def check_target(pid):
     """Raises TargetError/ProcessLookupError unless pid is a process wp may attach."""
     if pid == os.getpid():
@@ -144,7 +133,7 @@ class Daemon:
                 prot = cls(**(options or {}))
             except TypeError as err:
                 raise ValueError("protector %s does not take these options: %s" % (protector, err)) from err
-            space = ProcessSpace(pid, uffd_source or _remote_uffd_source(pid))
+            space = ProcessSpace(pid, uffd_source) if uffd_source else ProcessSpace.attached(pid)
             session = Session(space, prot, regions=regions or None, mode=mode, handler=handler,
                               follow_fork=follow_fork, scan_interval=1.0)
             session.start()

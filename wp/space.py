@@ -81,6 +81,17 @@ class ProcessSpace(Space):
                 os.close(pidfd)
         return cls(pid, take)
 
+    @classmethod
+    def attached(cls, pid):
+        """A target that does not cooperate: each uffd is created in it by
+        syscall injection (wp.remote) and the daemon keeps the only copy."""
+        from wp.remote import RemoteProcess
+
+        def take(_n):
+            with RemoteProcess(pid) as rp:
+                return rp.open_userfaultfd()
+        return cls(pid, take)
+
     def open_uffd(self, features):
         fd = self._uffd_source(self._count)
         self._count += 1

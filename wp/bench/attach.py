@@ -114,7 +114,6 @@ print(sum(mem[::4096]), flush=True)
 def attach_big(rounds=3):
     """Attach (inject uffds, register, write-protect all writable memory)
     and detach on a python3 target with 1 GiB mapped and 64 threads."""
-    from wp.daemon import _remote_uffd_source
     from wp.protectors.trace import TraceProtector
     from wp.session import Session
     from wp.space import ProcessSpace
@@ -126,7 +125,7 @@ def attach_big(rounds=3):
         attach, detach, mapped = [], [], 0
         for _ in range(rounds):
             t = time.perf_counter()
-            s = Session(ProcessSpace(target.pid, _remote_uffd_source(target.pid)), TraceProtector()).start()
+            s = Session(ProcessSpace.attached(target.pid), TraceProtector()).start()
             attach.append(time.perf_counter() - t)
             mapped = sum(r.length for r in s.regions)
             t = time.perf_counter()
@@ -149,7 +148,6 @@ def wp_round_trip(pages=2048, rounds=3):
     core's in-process figure), in the same run."""
     from wp.bench._writer import Writer
     from wp.bench.faults import Unprotect, placement
-    from wp.daemon import _remote_uffd_source
     from wp.session import Session
     from wp.space import ProcessSpace
     wcpu, hcpu, spin = placement("same")
@@ -157,10 +155,10 @@ def wp_round_trip(pages=2048, rounds=3):
     for how in ("in_process", "attached", "in_process", "attached"):
         w = Writer("anon", pages, cpu=wcpu)
         try:
-            source = w.take_uffd if how == "in_process" else _remote_uffd_source(w.pid)
             lat = []
             for _ in range(rounds):
-                with Session(ProcessSpace(w.pid, source), Unprotect(), regions=[(w.addr, w.addr + w.length)],
+                space = ProcessSpace(w.pid, w.take_uffd) if how == "in_process" else ProcessSpace.attached(w.pid)
+                with Session(space, Unprotect(), regions=[(w.addr, w.addr + w.length)],
                              cpu=hcpu, spin=spin):
                     lat.extend(w.write())
         finally:

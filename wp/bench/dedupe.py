@@ -167,7 +167,6 @@ class _MapCount:
 
 def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **knobs):
     """The wp dedupe half. Returns a dict."""
-    from wp.daemon import _remote_uffd_source
     from wp.protectors.dedupe import DedupeProtector
     from wp.session import Session
     from wp.space import ProcessSpace
@@ -184,7 +183,7 @@ def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **kno
             cpu0 = _cpu_self()
             tsys0 = _sys_of(t.pid)
             t0 = time.monotonic()
-            session = Session(ProcessSpace(t.pid, _remote_uffd_source(t.pid)), prot,
+            session = Session(ProcessSpace.attached(t.pid), prot,
                               regions=["anon"])
             session.start()
             passes = []
@@ -282,7 +281,6 @@ def demo(nproc=3, out=sys.stdout):
     """Shows memory saved: nproc python3 processes hold the same 64 MiB;
     dedupe merges them; each checks its data; detach gives it back.
     Returns {"pss_before_kib", "pss_merged_kib", "pss_after_detach_kib", "checks"}."""
-    from wp.daemon import _remote_uffd_source
     from wp.protectors.dedupe import DedupeProtector
     from wp.session import Session
     from wp.space import ProcessSpace
@@ -311,7 +309,7 @@ def demo(nproc=3, out=sys.stdout):
               file=out)
         for p in procs:
             prot = DedupeProtector(auto=False)
-            s = Session(ProcessSpace(p.pid, _remote_uffd_source(p.pid)), prot, regions=["anon"])
+            s = Session(ProcessSpace.attached(p.pid), prot, regions=["anon"])
             s.start()
             sessions.append((s, prot))
             prot.scan_once()

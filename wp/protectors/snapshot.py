@@ -705,8 +705,7 @@ def space_for(pid, uffds=None):
     from wp.space import ProcessSpace
     if uffds:
         return ProcessSpace.cooperative(pid, uffds)
-    from wp.daemon import _remote_uffd_source
-    return ProcessSpace(pid, _remote_uffd_source(pid))
+    return ProcessSpace.attached(pid)
 
 
 def main(args):
