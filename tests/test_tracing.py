@@ -65,8 +65,7 @@ def traced(target_bin, spawn):
     try:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         session = Session(space, TraceProtector(), regions=[(addr, addr + length)]).start()
-        for loop in session.loops:
-            loop.usdt = True
+        session.set_usdt(True)
         t = Target(p, session, addr, length, psize)
         yield t, tracer
     finally:
@@ -313,8 +312,7 @@ def test_wake_then_retry(target_bin, spawn):
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         with Session(space, WakeFirst(), regions=[(addr, addr + length)]) as s:
-            for loop in s.loops:
-                loop.usdt = True
+            s.set_usdt(True)
             for i in range(4):
                 p.stdin.write("w %d 9\n" % i)
                 p.stdin.flush()

@@ -152,6 +152,13 @@ class Daemon:
                  len(session.regions), protector)
         return target
 
+    def _target(self, pid):
+        with self.lock:
+            t = self.targets.get(pid)
+        if t is None:
+            raise TargetError("pid %d is not attached (see `wp status`)" % pid)
+        return t
+
     def detach(self, pid):
         with self.lock:
             target = self.targets.pop(pid, None)
@@ -198,23 +205,12 @@ class Daemon:
                 out["dedupe"] = daemon_stats(dedupers)
             return out
         if op == "stats":
-            pid = int(req["pid"])
-            with self.lock:
-                t = self.targets.get(pid)
-            if t is None:
-                raise TargetError("pid %d is not attached (see `wp status`)" % pid)
-            return {"stats": t.session.stats()}
+            return {"stats": self._target(int(req["pid"])).session.stats()}
         if op == "usdt":
             # wp trace: fire the protector-callback USDT probes of this target.
-            pid = int(req["pid"])
-            with self.lock:
-                t = self.targets.get(pid)
-            if t is None:
-                raise TargetError("pid %d is not attached (see `wp status`)" % pid)
-            t.session.usdt = bool(req.get("on", True))
-            for loop in t.session.loops:
-                loop.usdt = t.session.usdt
-            return {"usdt": t.session.usdt}
+            session = self._target(int(req["pid"])).session
+            session.set_usdt(bool(req.get("on", True)))
+            return {"usdt": session.usdt}
         if op == "ping":
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)

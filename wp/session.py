@@ -236,6 +236,12 @@ class Session:
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
         return self
 
+    def set_usdt(self, on):
+        """Fires (or stops firing) the callback USDT probe in every loop."""
+        self.usdt = on
+        for loop in self.loops:
+            loop.usdt = on
+
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
 

@@ -98,8 +98,7 @@ def run(pages=2048, rounds=3, where="same", handler="python", profiles=("full", 
                     s = Session(space, TraceProtector(), regions=[(w.addr, w.addr + w.length)],
                                 handler=handler, spin=spin, cpu=hcpu)
                     with s:
-                        for loop in s.loops:
-                            loop.usdt = name != "untraced" and PROFILES[name][1]
+                        s.set_usdt(name != "untraced" and PROFILES[name][1])
                         lat[name].extend(w.write())
                 finally:
                     if tracer:
