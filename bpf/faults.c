@@ -3,11 +3,10 @@
  * Loaded by wp/tracing/probes.py with bcc, with
  *   -DTARGET_PID=<target tgid>  -DDAEMON_PID=<tgid of the process running the fault loop>
  *   -DWITH_KSM=1 (optional)      -DRINGBUF_PAGES=<n> (optional)
- *   -DTASK_PID_OFFSET=<n>: task_struct.pid in the running kernel (from BTF):
- *                          raw sched tracepoints (optional)
  *   -DMM_OWNER_OFFSET, -DTASK_TGID_OFFSET: KSM events of the target only
- *   -DNO_SYSCALLS: the lean profile, no syscall probes: the daemon's turn
- *                  is one phase, "handled" (optional)
+ *   -DWITH_NOTES: read the daemon's resolve notes (below)
+ *   -DWITH_SYSCALLS: also probe the daemon's read and ioctl syscalls
+ *   -DTID_INDEX: keep a tid -> task map, for the syscall and USDT programs
  *
  * Only tracepoints and USDT probes: kprobes and fentry are not available on
  * the machines wp runs on (DESIGN.md).
@@ -17,25 +16,29 @@
  *   writer  page_fault_user (raw tracepoint)                t_fault (address, error code)
  *   writer  handle_userfault queues a message, wakes the handler and sleeps:
  *           sched_switch, prev = writer, not preempted, state != running   t_block
- *   daemon  read(uffd) returns the messages: syscalls:sys_exit_read   t_read
- *           (the program reads them from the daemon's buffer: ptid names
- *           the writer, flags the kind)
- *   daemon  USDT wp:fault_read(addr, tid, flags) (optional: --usdt all)   t_msg
- *   daemon  USDT wp:callback (after it, with its start time) for the Python
- *           protector (fired when the FaultLoop's usdt is on)  t_cb_enter, t_cb_exit
- *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE): sys_enter_ioctl  t_ioctl
+ *   daemon  read(uffd) returns the messages                 t_read
+ *   daemon  the Python protector's callback                 t_cb_enter, t_cb_exit
+ *   daemon  ioctl(uffd, UFFDIO_WRITEPROTECT or UFFDIO_WAKE)  t_ioctl
  *           the ioctl wakes the writer: sched_waking, p = writer         t_waking
  *   writer  back on a CPU: sched_switch, next = writer                   t_run
- *   daemon  USDT wp:fault_resolved(addr, tid, how) (optional; may come after t_run)
  *
- * The fault is joined in `inflight`, keyed by the writer's tid: a thread has
- * at most one fault in flight. The read and the ioctl happen on the handler
- * thread: the read names the writers whose messages it returned; the ioctl
- * is kept per handler tid and attached to the writer's fault at its waking
- * (the waker is the handler, inside that ioctl, which also gives the
- * decision: UFFDIO_WRITEPROTECT unprotects, UFFDIO_WAKE only wakes). The
- * record is emitted when the writer runs again, from the writer's own
- * sched_switch.
+ * The writer's side comes from the kernel's tracepoints. The daemon's side
+ * (t_read .. t_ioctl and the decision) comes from the daemon itself: before
+ * each resolving ioctl its fault loop writes a "resolve note" (struct
+ * wp_note, native/wp.h) into `notes`, a map it has mapped into its memory;
+ * sched_waking, inside that very ioctl, joins it to the writer's fault.
+ * This costs the fault path a few stores and clock reads in the daemon
+ * instead of more probe firings: syscall tracepoints put every task of the
+ * machine on the slow syscall path, and a USDT probe is a uprobe trap
+ * (~1.1 us here). Those remain as -DWITH_SYSCALLS and the USDT programs
+ * (wp trace --syscalls, --usdt): the same points seen from outside, for a
+ * uffd handler that is not wp's, at a price.
+ *
+ * A fault is joined in `inflight`, a slot per writer thread (tid modulo the
+ * array size: array lookups are inlined, a hash lookup cost ~40 ns per
+ * sched_switch here, and sched_switch runs for every task of the machine).
+ * A thread has at most one fault in flight. The record is emitted when the
+ * writer runs again, from the writer's own sched_switch.
  *
  * If the handler wakes the writer before the writer got off its CPU (a fast
  * handler on the other CPU), the writer never blocks: the record is emitted
@@ -44,20 +47,20 @@
  * A fault that never reaches the daemon is an ordinary page fault (the
  * baseline). There is no tracepoint at the end of a page fault, so its
  * duration is only known when it blocked (t_block .. t_run); otherwise it is
- * emitted, without an end, when the thread faults again, makes a syscall or
- * exits.
+ * emitted, without an end, when the thread faults again, blocks in a
+ * syscall or exits. Which one a block is, fault or syscall, the thread's
+ * saved user registers tell: x86's page fault entry sets orig_ax to -1, a
+ * syscall leaves its number there (the registers' address comes with
+ * page_fault_user, and stays the same for the thread's life).
  *
  * A WAKE decision makes the writer retry the fault inside the same
- * exception: no new page_fault_user. The next message for a thread whose
- * fault is done starts a new record (flag RETRY) from its last t_run.
+ * exception: no new page_fault_user. When a thread whose fault is done
+ * blocks again still inside an exception, a new record starts (flag RETRY)
+ * from its last t_run.
  *
- * # What it costs (wp bench trace, the writer's median write, a sync WP fault
- * # of 9 us with writer and handler on one CPU): the full profile +37-47%
- * # (+60% while the callback had two USDT probes around it; one uprobe trap
- * # costs ~1.1 us), without USDT +23-35%, lean (no syscall or USDT probes)
- * # +4-37%, usually ~20%. With the handler on the other CPU (42 us faults): +12% and
- * # ~0. Every probe here runs for every process on the machine, so each
- * # leaves as early as it can; the reader is not woken per record.
+ * # What it costs: see wp bench trace (README, "Tracing").
+ * Every probe here runs for every process on the machine, so each leaves as
+ * early as it can; the reader is not woken per record.
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -71,8 +74,11 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
+#ifndef INFLIGHT_SLOTS
+#define INFLIGHT_SLOTS 16384    /* a power of two */
+#endif
 
-enum state { FAULTED = 1, BLOCKED, WOKEN, DONE };
+enum state { FREE = 0, FAULTED = 1, BLOCKED, WOKEN, DONE };
 
 enum rec_type { REC_FAULT = 1, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE, REC_KSM_REMOVE_RMAP };
 
@@ -87,15 +93,15 @@ enum rec_type { REC_FAULT = 1, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE,
 
 /* counters[] */
 enum { C_LOST, C_FAULTS, C_EMITTED, C_UNMATCHED_READ, C_RESOLVED, C_OVERWRITTEN,
-       C_KSM, C_UNMATCHED_CB, C_NCOUNTERS };
+       C_KSM, C_UNMATCHED_CB, C_NOTES, C_NCOUNTERS };
 
 struct rec {
 	u64 ts_fault;     /* page_fault_user */
 	u64 ts_block;     /* writer off CPU */
 	u64 ts_read;      /* handler's read(uffd) returned */
 	u64 ts_msg;       /* USDT fault_read */
-	u64 ts_cb_enter;  /* USDT callback: its t_enter argument */
-	u64 ts_cb_exit;   /* USDT callback: when it fired */
+	u64 ts_cb_enter;  /* the protector's callback began */
+	u64 ts_cb_exit;   /* ... and returned */
 	u64 ts_ioctl;     /* resolving ioctl entered */
 	u64 ts_waking;    /* writer woken */
 	u64 ts_run;       /* writer on CPU again */
@@ -104,11 +110,13 @@ struct rec {
 	u64 error_code;   /* x86 page fault error code (ksm: err) */
 	u64 uffd_flags;   /* UFFD_PAGEFAULT_FLAG_* from the message */
 	u64 ioctl_cmd;    /* the resolving ioctl's request number */
+	u64 regs;         /* the thread's saved user registers (struct pt_regs *) */
+	u64 task;         /* the thread's task_struct: the key of its slot */
 	u32 pid;
 	u32 tid;
 	u32 handler_tid;
 	u32 waker_tid;
-	u32 how;          /* USDT fault_resolved's how, if seen before t_run */
+	u32 how;          /* the daemon's WP_HOW_* | bit 31 (seen) */
 	u32 type;
 	u32 outcome;
 	u32 state;
@@ -116,15 +124,8 @@ struct rec {
 	u32 pad;
 };
 
-struct ioctl_state { u64 ts_enter; u64 cmd; u32 fd; u32 pad; };
-
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-/* A plain hash, entries rewritten in place: an LRU hash allocates a node
- * on every update of an existing key, and its free lists are shrunk now
- * and then on the fault path. Entries of exited threads are deleted at
- * sched_process_exit; 16384 threads of one target are plenty. */
-BPF_HASH(inflight, u32, struct rec, 16384);
-BPF_HASH(ioctls, u32, struct ioctl_state, 1024); /* daemon tid -> ioctl in progress */
+BPF_ARRAY(inflight, struct rec, INFLIGHT_SLOTS);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 
 static __always_inline void count(int idx)
@@ -133,6 +134,41 @@ static __always_inline void count(int idx)
 	if (v)
 		(*v)++;
 }
+
+/* A thread's fault lives in one of the two slots of the set its
+ * task_struct's address hashes to. The raw sched tracepoints hand over task
+ * pointers: keyed by them, no program reads a task's pid (each
+ * bpf_probe_read_kernel costs ~30 ns here, and sched_switch runs for every
+ * task of the machine). */
+static __always_inline u32 set_of(u64 task)
+{
+	return (u32)((task * 0x9E3779B97F4A7C15ull) >> 32) & (INFLIGHT_SLOTS / 2 - 1);
+}
+
+/* The slot holding the fault of the thread whose task_struct is task, or NULL. */
+static __always_inline struct rec *fault_of(u64 task)
+{
+	u32 slot = set_of(task) * 2;
+	struct rec *r = inflight.lookup(&slot);
+	if (r && r->task == task && r->state != FREE)
+		return r;
+	slot++;
+	r = inflight.lookup(&slot);
+	if (r && r->task == task && r->state != FREE)
+		return r;
+	return NULL;
+}
+
+#ifdef TID_INDEX
+/* The daemon-side probes (syscalls, USDT) name the writer by its tid. */
+BPF_HASH(task_of, u32, u64, 16384);
+
+static __always_inline struct rec *fault_of_tid(u32 tid)
+{
+	u64 *task = task_of.lookup(&tid);
+	return task ? fault_of(*task) : NULL;
+}
+#endif
 
 /* Waking the reader on every record costs the traced system a context
  * switch per fault (on 2 CPUs, that doubled a fault's latency). The reader
@@ -144,6 +180,7 @@ static __always_inline void count(int idx)
 
 static __always_inline void emit(struct rec *r)
 {
+
 	struct rec *out = events.ringbuf_reserve(sizeof(struct rec));
 	if (!out) {
 		count(C_LOST);
@@ -165,164 +202,98 @@ static __always_inline void emit(struct rec *r)
  * every process pays for while the probe is attached. */
 RAW_TRACEPOINT_PROBE(page_fault_user)
 {
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) != TARGET_PID)
+		return 0;
 	u64 address = ctx->args[0];
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[1];
 	u64 error_code = ctx->args[2];
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != TARGET_PID)
-		return 0;
 	u32 tid = (u32)id;
+	u64 task = bpf_get_current_task();
 	count(C_FAULTS);
-	struct rec *old = inflight.lookup(&tid);
-	if (old) {
-		if (old->state == FAULTED) {
-			/* The previous fault ended without blocking or the daemon. */
-			old->outcome |= OUT_NO_END;
-			emit(old);
-		} else if (old->state != DONE) {
-			/* Blocked but never woken by anyone we saw: keep it. */
-			count(C_OVERWRITTEN);
-			emit(old);
-		}
-	}
-	struct rec r = {};
-	r.type = REC_FAULT;
-	r.ts_fault = bpf_ktime_get_ns();
-	r.addr = address;
-	bpf_probe_read_kernel(&r.ip, sizeof(r.ip), &regs->ip);
-	r.error_code = error_code;
-	r.pid = TARGET_PID;
-	r.tid = tid;
-	r.state = FAULTED;
-	if (old)
-		__builtin_memcpy(old, &r, sizeof(r));
-	else
-		inflight.update(&tid, &r);
-	return 0;
-}
-
-/* ---- the scheduler: writer blocks, is woken, runs ---------------------- */
-
-#ifndef NO_SCHED
-static __always_inline void on_switch(u32 prev, int blocked, u32 next)
-{
-	struct rec *r = inflight.lookup(&prev);
-	if (r && r->state == FAULTED && blocked) {
-		r->ts_block = bpf_ktime_get_ns();
-		r->state = BLOCKED;
-		r->outcome |= OUT_BLOCKED;
-	}
-	r = inflight.lookup(&next);
-	if (r && r->state == WOKEN) {
-		r->ts_run = bpf_ktime_get_ns();
-		r->cpu = bpf_get_smp_processor_id();
-		r->state = DONE;
-		emit(r);
-	}
-}
-
-static __always_inline void on_waking(u32 tid)
-{
-	struct rec *r = inflight.lookup(&tid);
-	if (!r || (r->state != BLOCKED && r->state != FAULTED))
-		return;
-	u64 id = bpf_get_current_pid_tgid();
-	/* A waking while FAULTED of a fault the daemon never read (nor woke)
-	 * is not ours: the thread is still on its CPU in an ordinary fault. */
-	if (r->state == FAULTED && !(r->outcome & OUT_UFFD) && (id >> 32) != DAEMON_PID)
-		return;
-	u64 now = bpf_ktime_get_ns();
-	u32 waker = (u32)id;
-	r->ts_waking = now;
-	r->waker_tid = waker;
-	if ((id >> 32) == DAEMON_PID) {
-		r->outcome |= OUT_DAEMON_WAKER;
-		/* The waker is inside its resolving ioctl: the last UFFDIO_*
-		 * ioctl it entered after it read this fault. */
-		struct ioctl_state *io = ioctls.lookup(&waker);
-		if (io && io->ts_enter >= (r->ts_read ? r->ts_read : r->ts_fault)) {
-			r->ts_ioctl = io->ts_enter;
-			r->ioctl_cmd = io->cmd;
-			r->outcome |= OUT_DAEMON_WAKE;
-		}
-	}
-	if (r->state == FAULTED) {
-		/* Woken before it got off the CPU: it never blocked. */
-		r->ts_run = now;
-		r->cpu = bpf_get_smp_processor_id();
-		r->state = DONE;
-		emit(r);
-		return;
-	}
-	r->state = WOKEN;
-	return;
-}
-
-/* Raw tracepoints where the task_struct's pid offset is known (from the
- * running kernel's BTF: the headers bcc compiles with are older than the
- * kernel, so their struct layout cannot be trusted): they skip the perf
- * record that a tracepoint builds before the program runs. sched_switch and
- * sched_waking run for every task on the machine, yet wp bench trace
- * measured them no cheaper here than the formatted tracepoints, which need
- * no offsets: probes.py uses these only with raw_sched=True. */
-#ifdef TASK_PID_OFFSET
-static __always_inline u32 pid_of_task(void *task)
-{
-	u32 pid = 0;
-	bpf_probe_read_kernel(&pid, sizeof(pid), task + TASK_PID_OFFSET);
-	return pid;
-}
-
-/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
- *          unsigned int prev_state); current is still prev here. */
-RAW_TRACEPOINT_PROBE(sched_switch)
-{
-	int blocked = !ctx->args[0] && (u32)ctx->args[3] != 0;
-	on_switch((u32)bpf_get_current_pid_tgid(), blocked, pid_of_task((void *)ctx->args[2]));
-	return 0;
-}
-
-/* TP_PROTO(struct task_struct *p) */
-RAW_TRACEPOINT_PROBE(sched_waking)
-{
-	on_waking(pid_of_task((void *)ctx->args[0]));
-	return 0;
-}
-#else
-TRACEPOINT_PROBE(sched, sched_switch)
-{
-	on_switch(args->prev_pid, args->prev_state != 0, args->next_pid);
-	return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_waking)
-{
-	on_waking(args->pid);
-	return 0;
-}
-#endif
-#endif
-
-TRACEPOINT_PROBE(sched, sched_process_exit)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != TARGET_PID)
+	/* This thread's slot of its set, else a free or finished one, else
+	 * the first (its fault is cut short: counted). */
+	u32 slot = set_of(task) * 2;
+	struct rec *r = inflight.lookup(&slot);
+	if (!r)
 		return 0;
-	u32 tid = (u32)id;
-	struct rec *r = inflight.lookup(&tid);
-	if (r) {
-		if (r->state == FAULTED) {
-			r->outcome |= OUT_NO_END | OUT_EXITED;
-			emit(r);
-		}
-		inflight.delete(&tid);
+	if (r->task != task) {
+		u32 slot1 = slot + 1;
+		struct rec *r1 = inflight.lookup(&slot1);
+		if (r1 && (r1->task == task ||
+			   ((r->state != FREE && r->state != DONE) &&
+			    (r1->state == FREE || r1->state == DONE))))
+			r = r1;
 	}
+	if (r->state != FREE && r->state != DONE) {
+		if (r->task == task && r->state == FAULTED) {
+			/* The previous fault ended without blocking or the daemon. */
+			r->outcome |= OUT_NO_END;
+		} else {
+			/* Blocked but never woken by anyone we saw, or another
+			 * thread's fault in this slot: keep it as it is. */
+			count(C_OVERWRITTEN);
+		}
+		emit(r);
+	}
+	struct rec n = {};
+	n.type = REC_FAULT;
+	n.ts_fault = bpf_ktime_get_ns();
+	n.addr = address;
+	n.error_code = error_code;
+	n.regs = (u64)regs;
+	n.task = task;
+	n.pid = TARGET_PID;
+	n.tid = tid;
+	n.state = FAULTED;
+	__builtin_memcpy(r, &n, sizeof(n));
+#ifdef TID_INDEX
+	task_of.update(&tid, &task);
+#endif
 	return 0;
 }
 
-/* ---- the daemon: read(uffd) and the resolving ioctl --------------------- */
+/* ---- the daemon's resolve notes --------------------------------------- */
+#ifdef WITH_NOTES
+/* struct wp_note (native/wp.h): what the daemon's fault loop is doing about
+ * a writer's fault, written just before the resolving ioctl. The map is
+ * memory-mappable: the daemon maps it and writes a writer's note in slot
+ * (writer tid % NOTE_SLOTS) with plain stores; this program reads it with
+ * an array lookup. (Reading the daemon's own memory instead, with
+ * bpf_probe_read_user from sched_waking, cost the fault ~0.25 us here.) */
+struct wp_note {
+	u64 addr;
+	u64 flags;
+	u64 t_read;
+	u64 t_cb_enter;
+	u64 t_cb_exit;
+	u64 t_ioctl;
+	u32 tid;
+	u32 how;
+};
+#define NOTE_SLOTS 1024
+BPF_F_TABLE("array", u32, struct wp_note, notes, NOTE_SLOTS, BPF_F_MMAPABLE);
 
-#ifndef NO_SYSCALLS
+static __always_inline void read_note(struct rec *r, u32 waker)
+{
+	u32 slot = r->tid & (NOTE_SLOTS - 1);
+	struct wp_note *n = notes.lookup(&slot);
+	/* The note is this writer's, of this round of its fault. */
+	if (!n || n->tid != r->tid || n->t_ioctl < r->ts_fault)
+		return;
+	count(C_NOTES);
+	r->outcome |= OUT_UFFD | OUT_DAEMON_WAKE;
+	r->handler_tid = waker;
+	r->uffd_flags = n->flags;
+	r->ts_read = n->t_read;
+	r->ts_cb_enter = n->t_cb_enter;
+	r->ts_cb_exit = n->t_cb_exit;
+	r->ts_ioctl = n->t_ioctl;
+	r->how = n->how | 0x80000000;     /* bit 31: seen */
+}
+#endif
+
+#ifdef WITH_SYSCALLS
 /* The daemon's read and ioctl calls. Three programs, the fewest that
  * work: raw_syscalls (one program on every syscall's entry and exit) cost
  * as much per fault here (measured), and the ioctl's exit is not needed (sched_waking
@@ -352,6 +323,20 @@ struct uffd_msg_raw {
 struct fd_key { u32 tgid; u32 fd; };
 BPF_HASH(uffd_fds, struct fd_key, u8, 256);
 BPF_HASH(pending_read, u32, u64, 1024);   /* daemon tid -> buffer of a uffd read */
+struct ioctl_state { u64 ts_enter; u64 cmd; u32 fd; u32 pad; };
+BPF_HASH(ioctls, u32, struct ioctl_state, 1024); /* daemon tid -> ioctl in progress */
+
+/* The waker is inside its resolving ioctl: the last UFFDIO_* ioctl it
+ * entered after it read this fault. */
+static __always_inline void ioctl_of_waker(struct rec *r, u32 waker)
+{
+	struct ioctl_state *io = ioctls.lookup(&waker);
+	if (io && io->ts_enter >= (r->ts_read ? r->ts_read : r->ts_fault)) {
+		r->ts_ioctl = io->ts_enter;
+		r->ioctl_cmd = io->cmd;
+		r->outcome |= OUT_DAEMON_WAKE;
+	}
+}
 
 static __always_inline void ioctl_enter(u64 id, u32 fd, u64 cmd)
 {
@@ -397,23 +382,8 @@ static __always_inline void read_done(u32 tid, long ret)
 		if (m.event != UFFD_EVENT_PAGEFAULT)
 			continue;
 		u32 wtid = m.ptid;
-		struct rec *r = inflight.lookup(&wtid);
-		if (r && r->state == DONE) {
-			/* Retried after a WAKE: a new round of the same exception. */
-			struct rec nr2 = {};
-			nr2.type = REC_FAULT;
-			nr2.ts_fault = r->ts_run;
-			nr2.addr = r->addr;
-			nr2.ip = r->ip;
-			nr2.error_code = r->error_code;
-			nr2.pid = TARGET_PID;
-			nr2.tid = wtid;
-			nr2.state = BLOCKED;
-			nr2.outcome = OUT_RETRY | OUT_BLOCKED;
-			nr2.ts_block = r->ts_run;
-			__builtin_memcpy(r, &nr2, sizeof(nr2));
-		}
-		if (!r || r->state == WOKEN || (r->outcome & OUT_UFFD)) {
+		struct rec *r = fault_of_tid(wtid);
+		if (!r || r->state == WOKEN || r->state == DONE || (r->outcome & OUT_UFFD)) {
 			count(C_UNMATCHED_READ);
 			continue;
 		}
@@ -449,26 +419,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
 }
 #endif
 
-/* A page fault is over once its thread makes a syscall: without this, a
- * thread that faulted (ordinary fault, no end seen) and then slept in a
- * syscall would look like a fault that blocked. A raw tracepoint: it runs on
- * every syscall of every process, so it must cost next to nothing. */
-RAW_TRACEPOINT_PROBE(sys_enter)
-{
-	u64 id = bpf_get_current_pid_tgid();
-	if ((id >> 32) != TARGET_PID)
-		return 0;
-	u32 tid = (u32)id;
-	struct rec *r = inflight.lookup(&tid);
-	if (r && r->state == FAULTED) {
-		r->outcome |= OUT_NO_END;
-		emit(r);
-		inflight.delete(&tid);
-	}
-	return 0;
-}
-
 /* ---- USDT probes in native/faultloop.c ----------------------------------- */
+
+#ifdef TID_INDEX
 
 /* Optional: the read already told us everything; this adds t_msg (the
  * moment the loop looked at the message) and covers a daemon whose uffd
@@ -480,7 +433,7 @@ int on_fault_read(struct pt_regs *ctx)
 	bpf_usdt_readarg(1, ctx, &addr);
 	bpf_usdt_readarg(2, ctx, &tid);
 	bpf_usdt_readarg(3, ctx, &flags);
-	struct rec *r = inflight.lookup(&tid);
+	struct rec *r = fault_of_tid(tid);
 	if (!r || r->state == WOKEN || r->state == DONE) {
 		count(C_UNMATCHED_READ);
 		return 0;
@@ -504,7 +457,7 @@ int on_callback(struct pt_regs *ctx)
 	u64 t_enter = 0;
 	bpf_usdt_readarg(2, ctx, &tid);
 	bpf_usdt_readarg(3, ctx, &t_enter);
-	struct rec *r = inflight.lookup(&tid);
+	struct rec *r = fault_of_tid(tid);
 	if (!r || !(r->outcome & OUT_UFFD) || r->state == DONE) {
 		count(C_UNMATCHED_CB);
 		return 0;
@@ -522,9 +475,141 @@ int on_fault_resolved(struct pt_regs *ctx)
 	bpf_usdt_readarg(2, ctx, &tid);
 	bpf_usdt_readarg(3, ctx, &how);
 	count(C_RESOLVED);
-	struct rec *r = inflight.lookup(&tid);
+	struct rec *r = fault_of_tid(tid);
 	if (r && r->state != DONE)
 		r->how = how | 0x80000000;   /* bit 31: seen */
+	return 0;
+}
+#endif
+
+/* ---- the scheduler: writer blocks, is woken, runs ---------------------- */
+
+/* Is the thread that faulted inside an exception (a page fault: x86's
+ * entry sets orig_ax to -1) rather than a syscall (orig_ax is its number)?
+ * Also takes the user ip of the fault, next to orig_ax in struct pt_regs:
+ * read here, once a fault blocks, rather than for every fault. */
+static __always_inline int in_exception(struct rec *r)
+{
+	struct { long orig_ax; u64 ip; } regs = {};
+	bpf_probe_read_kernel(&regs, sizeof(regs), &((struct pt_regs *)r->regs)->orig_ax);
+	if (regs.orig_ax != -1)
+		return 0;
+	r->ip = regs.ip;
+	return 1;
+}
+
+static __always_inline void on_switch(u64 prev, int blocked, u64 next)
+{
+	struct rec *r = blocked ? fault_of(prev) : NULL;
+	if (r && r->state == FAULTED) {
+		if (in_exception(r)) {
+			r->ts_block = bpf_ktime_get_ns();
+			r->state = BLOCKED;
+			r->outcome |= OUT_BLOCKED;
+		} else {
+			/* Blocked in a syscall: the fault ended before. */
+			r->outcome |= OUT_NO_END;
+			emit(r);
+			r->state = FREE;
+		}
+	} else if (r && r->state == DONE && in_exception(r)) {
+		/* Blocked again in the same exception: a retried fault
+		 * (UFFDIO_WAKE without unprotecting), a new round. */
+		struct rec n = {};
+		n.type = REC_FAULT;
+		n.ts_fault = r->ts_run;
+		n.ts_block = bpf_ktime_get_ns();
+		n.addr = r->addr;
+		n.ip = r->ip;
+		n.error_code = r->error_code;
+		n.regs = r->regs;
+		n.task = r->task;
+		n.pid = TARGET_PID;
+		n.tid = r->tid;
+		n.state = BLOCKED;
+		n.outcome = OUT_RETRY | OUT_BLOCKED;
+		__builtin_memcpy(r, &n, sizeof(n));
+	}
+	r = fault_of(next);
+	if (r && r->state == WOKEN) {
+		r->ts_run = bpf_ktime_get_ns();
+		r->cpu = bpf_get_smp_processor_id();
+		r->state = DONE;
+		emit(r);
+	}
+}
+
+static __always_inline void on_waking(u64 task)
+{
+	struct rec *r = fault_of(task);
+	if (!r || (r->state != BLOCKED && r->state != FAULTED))
+		return;
+	u64 id = bpf_get_current_pid_tgid();
+	int by_daemon = (id >> 32) == DAEMON_PID;
+	/* A waking while FAULTED of a fault the daemon never read (nor woke)
+	 * is not ours: the thread is still on its CPU in an ordinary fault. */
+	if (r->state == FAULTED && !(r->outcome & OUT_UFFD) && !by_daemon)
+		return;
+	u64 now = bpf_ktime_get_ns();
+	u32 waker = (u32)id;
+	r->ts_waking = now;
+	r->waker_tid = waker;
+	if (by_daemon) {
+		r->outcome |= OUT_DAEMON_WAKER;
+#ifdef WITH_NOTES
+		read_note(r, waker);
+#endif
+#ifdef WITH_SYSCALLS
+		ioctl_of_waker(r, waker);
+#endif
+	}
+	if (r->state == FAULTED) {
+		/* Woken before it got off the CPU: it never blocked. */
+		r->ts_run = now;
+		r->cpu = bpf_get_smp_processor_id();
+		r->state = DONE;
+		emit(r);
+		return;
+	}
+	r->state = WOKEN;
+}
+
+/* Raw tracepoints: their arguments are the kernel's own (task pointers),
+ * with no perf record built first. */
+
+/* TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
+ *          unsigned int prev_state) */
+RAW_TRACEPOINT_PROBE(sched_switch)
+{
+	int blocked = !ctx->args[0] && (u32)ctx->args[3] != 0;
+	on_switch(ctx->args[1], blocked, ctx->args[2]);
+	return 0;
+}
+
+/* TP_PROTO(struct task_struct *p) */
+RAW_TRACEPOINT_PROBE(sched_waking)
+{
+	on_waking(ctx->args[0]);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	if ((id >> 32) != TARGET_PID)
+		return 0;
+	struct rec *r = fault_of(bpf_get_current_task());
+	if (r) {
+		if (r->state == FAULTED) {
+			r->outcome |= OUT_NO_END | OUT_EXITED;
+			emit(r);
+		}
+		r->state = FREE;
+	}
+#ifdef TID_INDEX
+	u32 tid = (u32)id;
+	task_of.delete(&tid);
+#endif
 	return 0;
 }
 

@@ -138,14 +138,41 @@ int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_
 	}
 }
 
+/* Writes the writer's resolve note if wp trace is listening. Python may
+ * switch notes on and off meanwhile; a map stays mapped until the loop is
+ * gone (wp.session), so a note written just after "off" lands harmlessly. */
+static void note(struct wp_loop *loop, const struct wp_msg *msg, uint32_t how,
+		 uint64_t t_cb_enter, uint64_t t_cb_exit)
+{
+	struct wp_note *notes = __atomic_load_n(&loop->notes, __ATOMIC_ACQUIRE);
+	if (!notes)
+		return;
+	struct wp_note *n = &notes[msg->tid & loop->note_mask];
+	n->addr = msg->addr;
+	n->flags = msg->flags;
+	n->t_read_ns = msg->t_read_ns;
+	n->t_cb_enter_ns = t_cb_enter;
+	n->t_cb_exit_ns = t_cb_exit;
+	n->tid = msg->tid;
+	n->how = how;
+	n->t_ioctl_ns = wp_now_ns();
+}
+
 int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
-		    uint64_t start, uint64_t len, uint32_t how)
+		    uint64_t start, uint64_t len, uint32_t how,
+		    uint64_t t_cb_enter_ns, uint64_t t_cb_exit_ns)
 {
 	int r;
-	if (how & WP_HOW_UNPROTECT)
+	note(loop, msg, how, t_cb_enter_ns, t_cb_exit_ns);
+	if (how & WP_HOW_CONTINUE) {
+		r = wp_uffd_continue(loop->uffd, start, len, 0);
+		if (r == -EEXIST)   /* mapped meanwhile: only wake the writer */
+			r = wp_uffd_wake(loop->uffd, start, len);
+	} else if (how & WP_HOW_UNPROTECT) {
 		r = wp_uffd_writeprotect(loop->uffd, start, len, 0);
-	else
+	} else {
 		r = wp_uffd_wake(loop->uffd, start, len);
+	}
 	if (r < 0) {
 		loop->errors++;
 		how |= WP_HOW_ERROR;
@@ -178,6 +205,7 @@ int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 			struct wp_msg *m = &batch[i];
 			if (m->event == UFFD_EVENT_PAGEFAULT && (m->flags & UFFD_PAGEFAULT_FLAG_WP)) {
 				uint64_t page = m->addr & ~(loop->page_size - 1);
+				note(loop, m, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
 				/* hugetlbfs only takes ranges aligned to its page
 				 * size (EINVAL otherwise); 2 MiB is the one we map. */
 				if (wp_uffd_writeprotect(loop->uffd, page, loop->page_size, 0) == -EINVAL)
@@ -185,7 +213,7 @@ int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 				else
 					page = 0;
 				if (page)
-					wp_loop_resolve(loop, m, page, 2ull << 20, WP_HOW_UNPROTECT | WP_HOW_C);
+					wp_loop_resolve(loop, m, page, 2ull << 20, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
 				else
 					resolved_c(loop, m);
 			} else if (other < max) {

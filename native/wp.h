@@ -61,6 +61,23 @@ int64_t wp_vm_write(int pid, const void *local, const uint64_t *addrs, uint64_t 
 #define WP_HOW_WAKE      2   /* writer woken, protection kept (it retries) */
 #define WP_HOW_C         4   /* resolved by the C fast path */
 #define WP_HOW_ERROR     8   /* the resolving ioctl failed */
+#define WP_HOW_CONTINUE 16   /* minor fault: the page mapped (UFFDIO_CONTINUE) */
+
+/* What the loop is doing about the fault it resolves, written just before
+ * the resolving ioctl while loop->notes is set: wp trace's notes map
+ * (bpf/faults.c), mapped into this process, a slot per writer thread (tid
+ * & note_mask). The probes join it to the writer's fault at its wake-up:
+ * the daemon's side of a fault costs a few stores, not probe firings. */
+struct wp_note {
+	uint64_t addr;
+	uint64_t flags;          /* UFFD_PAGEFAULT_FLAG_* */
+	uint64_t t_read_ns;      /* CLOCK_MONOTONIC, as bpf_ktime_get_ns */
+	uint64_t t_cb_enter_ns;  /* the protector's callback; 0: none (C path) */
+	uint64_t t_cb_exit_ns;
+	uint64_t t_ioctl_ns;     /* just before the resolving ioctl */
+	uint32_t tid;            /* the writer */
+	uint32_t how;            /* WP_HOW_* */
+};
 
 /* What the daemon did with one fault, kept in a ring that Python drains. */
 struct wp_record {
@@ -86,6 +103,8 @@ struct wp_loop {
 	uint64_t head;       /* written by the loop thread */
 	uint64_t tail;       /* written by the drainer */
 	uint64_t dropped;    /* records overwritten before they were drained */
+	struct wp_note *notes;   /* NULL, or the notes map: write one per resolve */
+	uint32_t note_mask;      /* slots - 1 */
 };
 
 struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size);
@@ -95,9 +114,12 @@ void wp_loop_stop(struct wp_loop *loop);
  * of them; 0 on timeout, -ECANCELED once stopped. Used by Python handlers. */
 int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_ms);
 /* Resolves a fault read by wp_loop_next: unprotects [start, start+len)
- * (or only wakes the writer when how is WP_HOW_WAKE) and records it. */
+ * (WP_HOW_UNPROTECT), only wakes the writer (WP_HOW_WAKE) or maps the page
+ * (WP_HOW_CONTINUE), and records it. t_cb_enter/exit_ns: when the
+ * protector's callback ran, for the note (0: not timed). */
 int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
-		    uint64_t start, uint64_t len, uint32_t how);
+		    uint64_t start, uint64_t len, uint32_t how,
+		    uint64_t t_cb_enter_ns, uint64_t t_cb_exit_ns);
 /* The C fast path: resolves every write-protect fault by unprotecting its
  * page until a message of another kind arrives (copied to out, returns the
  * count) or the loop is stopped (-ECANCELED). */

@@ -347,3 +347,47 @@ def test_attach_non_root_target(wpd, target_bin, spawn, strict_userfaultfd):
     wp(wpd, "detach", t.pid)
     assert_untouched(t)
     assert t.read(1)[0] == 5
+
+
+def _no_tracing():
+    from wp.tracing import probes
+    try:
+        probes.check_prerequisites()
+    except probes.TracingUnavailable as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.skipif(_no_tracing() is not None, reason=_no_tracing() or "")
+def test_wp_trace_through_wpd(wpd, memtarget, tmp_path):
+    """`wp trace PID -o FILE`: wpd maps the tracer's notes map (pidfd_getfd)
+    and its fault loop writes a note per fault: every phase, the Python
+    callback's included, and the decision, without daemon-side probes."""
+    t = memtarget("anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    out = tmp_path / "t.jsonl"
+    proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(out),
+                                  "--duration", "60"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()
+        assert "Tracing" in line, line + proc.stderr.read()
+        for i in range(8):
+            t.write(i, i + 1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    wp_recs = [r for r in recs if r["kind"] == "wp"]
+    assert sorted(int(r["addr"], 16) & ~4095 for r in wp_recs) == [t.page(i) for i in range(8)]
+    for r in wp_recs:
+        assert r["decision"] == "unprotect" and r["handler"] == "python"
+        assert {"to_read", "to_callback", "callback", "to_resolve", "wake", "to_run"} <= set(r["phases"])
+        assert sum(r["phases"].values()) == r["latency_ns"]
+        assert r["handler_tid"] != t.pid and r["waker_tid"] == r["handler_tid"]
+    end = recs[-1]
+    assert end["kind"] == "meta" and end["lost"] == 0 and end["counters"]["notes"] == 8
+    # the target's data is what it wrote
+    assert [t.read(i)[0] for i in range(8)] == list(range(1, 9))
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)

@@ -2,7 +2,9 @@
 
 A memtarget writes N known pages once each under the trace protector, with
 the session (the daemon side) in this process; the bcc probes must see each
-of those writes as exactly one `wp` record whose phases add up.
+of those writes as exactly one `wp` record whose phases add up. The session's
+fault loop writes resolve notes into the tracer's notes map (wp.notes), as
+wpd does for `wp trace`.
 """
 import contextlib
 import csv
@@ -17,6 +19,7 @@ import zlib
 
 import pytest
 
+from wp.notes import NotesMap
 from wp.protector import UNPROTECT, WAKE, WriteProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
@@ -52,20 +55,32 @@ class Target:
         return self.proc.stdout.readline().strip()
 
 
+def notes_to(tracer, session):
+    """The session's fault loops write resolve notes into tracer's map."""
+    session.set_trace(NotesMap(tracer.probes.notes_fd))
+
+
+def spawn_memtarget(target_bin, spawn, npages):
+    """Returns (process, pid, addr, length, page size, its two uffds)."""
+    p = spawn([target_bin("memtarget"), "anon", str(npages)])
+    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
+    return p, int(pid), int(addr, 16), int(length, 16), int(psize), [int(u1), int(u2)]
+
+
 @pytest.fixture
 def traced(target_bin, spawn):
     """Yields (target, tracer): N pages of anon memory protected by the trace
-    protector, traced with USDT callbacks on; both closed at teardown."""
+    protector, traced with resolve notes; both closed at teardown."""
     p = spawn([target_bin("memtarget"), "anon", str(N)])
     _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
     pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
-    tracer = Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)])
+    tracer = Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True)
     tracer.start()
     session = None
     try:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         session = Session(space, TraceProtector(), regions=[(addr, addr + length)]).start()
-        session.set_usdt(True)
+        notes_to(tracer, session)
         t = Target(p, session, addr, length, psize)
         yield t, tracer
     finally:
@@ -189,14 +204,17 @@ def test_plot_is_a_valid_png(trace_file, tmp_path):
 
 
 @needs_bcc
-@pytest.mark.parametrize("raw_sched", [False, True], ids=["sched-tp", "sched-raw-tp"])
-def test_c_handler_merges_the_callback_phase(target_bin, spawn, raw_sched):
-    p = spawn([target_bin("memtarget"), "anon", "4"])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
-    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], raw_sched=raw_sched) as tr:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
-        with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c"):
+@pytest.mark.parametrize("view", ["notes", "syscalls"])
+def test_c_handler_merges_the_callback_phase(target_bin, spawn, view):
+    """The C fast path has no callback; its side is seen through its notes,
+    or from outside through its read and ioctl syscalls."""
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)],
+                notes=view == "notes", syscalls=view == "syscalls") as tr:
+        space = ProcessSpace.cooperative(pid, uffds)
+        with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c") as s:
+            if view == "notes":
+                notes_to(tr, s)
             for i in range(4):
                 p.stdin.write("w %d 7\n" % i)
                 p.stdin.flush()
@@ -213,13 +231,48 @@ def test_c_handler_merges_the_callback_phase(target_bin, spawn, raw_sched):
 
 
 @needs_bcc
+def test_notes_agree_with_the_syscalls(target_bin, spawn):
+    """Two tracers at once on the same faults: one joins the fault loop's
+    notes, the other sees its read and ioctl syscalls from outside. The
+    notes' read and ioctl times lie just after the read returned and just
+    before the ioctl entered, so they agree within a few microseconds; a
+    note joined to the wrong fault would be a whole fault (or more) away."""
+    n = 8
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, n)
+    region = [(addr, addr + length)]
+    with Tracer(pid, daemon_pid=os.getpid(), regions=region, notes=True) as by_notes, \
+            Tracer(pid, daemon_pid=os.getpid(), regions=region, syscalls=True) as by_syscalls:
+        space = ProcessSpace.cooperative(pid, uffds)
+        with Session(space, TraceProtector(), regions=region) as s:
+            notes_to(by_notes, s)
+            for i in range(n):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+            by_notes.pump(100)
+            by_syscalls.pump(100)
+    a = {r["addr"]: r for r in by_notes.records if r["kind"] == "wp"}
+    b = {r["addr"]: r for r in by_syscalls.records if r["kind"] == "wp"}
+    assert len(a) == n and a.keys() == b.keys()
+    for key, ra in a.items():
+        ta, tb = ra["times"], b[key]["times"]
+        # the same tracepoints, each program reading the clock itself
+        assert abs(ta["fault"] - tb["fault"]) < 5000 and abs(ta["run"] - tb["run"]) < 5000
+        assert 0 <= ta["read"] - tb["read"] < 50000        # note: after read() returned
+        assert 0 <= tb["ioctl"] - ta["ioctl"] < 50000      # note: before the ioctl entered
+        assert ta["read"] <= ta["cb_enter"] <= ta["cb_exit"] <= ta["ioctl"]
+        assert ra["decision"] == b[key]["decision"] == "unprotect"
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
+@needs_bcc
 def test_lean_profile(target_bin, spawn):
-    """No syscall or USDT probes: the daemon's turn is one phase."""
+    """No notes, syscall or USDT probes: the daemon's turn is one phase."""
     p = spawn([target_bin("memtarget"), "anon", "4"])
     _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
     pid, addr, length = int(pid), int(addr, 16), int(length, 16)
-    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], usdt="none",
-                syscalls=False) as tr:
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
             for i in range(4):
@@ -309,10 +362,10 @@ def test_wake_then_retry(target_bin, spawn):
     p = spawn([target_bin("memtarget"), "anon", "4"])
     _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
     pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
-    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True) as tr:
         space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
         with Session(space, WakeFirst(), regions=[(addr, addr + length)]) as s:
-            s.set_usdt(True)
+            notes_to(tr, s)
             for i in range(4):
                 p.stdin.write("w %d 9\n" % i)
                 p.stdin.flush()

@@ -206,11 +206,17 @@ class Daemon:
             return out
         if op == "stats":
             return {"stats": self._target(int(req["pid"])).session.stats()}
-        if op == "usdt":
-            # wp trace: fire the protector-callback USDT probes of this target.
+        if op == "trace":
+            # wp trace: write resolve notes into its notes map (it sends its
+            # pid and the map's fd: taken with pidfd_getfd) or stop.
             session = self._target(int(req["pid"])).session
-            session.set_usdt(bool(req.get("on", True)))
-            return {"usdt": session.usdt}
+            notes = None
+            if req.get("notes_map"):
+                from wp.notes import NotesMap
+                tracer_pid, fd = req["notes_map"]
+                notes = NotesMap.from_process(int(tracer_pid), int(fd))
+            session.set_trace(notes, bool(req.get("usdt")))
+            return {"notes": notes is not None, "usdt": session.usdt}
         if op == "ping":
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)

@@ -6,10 +6,10 @@ GIL released; the C fast path (handler="c") resolves write faults without
 entering Python at all and only returns for the other events.
 
 # Some facts about the fault path on this VM (DESIGN.md)
-- A writer blocked on a sync WP fault waits for the handler to be scheduled:
-  a handler thread sleeping on the other CPU costs ~10 us a round trip, on
-  the same CPU 90-120 us. Pinning the handler away from the writer, or
-  spinning on a non-blocking read (``spin``), is what makes it fast.
+- A writer blocked on a sync WP fault waits for the handler to be scheduled.
+  Measured here (wp bench faults): writer and handler on the same CPU ~9 us
+  a round trip (Python), a handler sleeping on the other CPU 45-62 us (a
+  cross-vCPU wakeup), one spinning on the other CPU (``spin``) 5 us (C).
 - Non-cooperative events (fork, remap, remove, unmap) block the target thread
   that caused them until the message is read, so the loop must keep reading.
 """
@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import threading
+import time
 
 from wp._native import ffi, lib
 from wp.protector import UNPROTECT, WAKE, Fault, Unprotect
@@ -36,7 +37,10 @@ _FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
 _FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
+_HOW_CONTINUE = lib.WP_HOW_CONTINUE
 _BATCH = 64
+# CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns: callback times for wp trace.
+_now_ns = time.monotonic_ns
 
 
 class FaultLoop:
@@ -77,11 +81,22 @@ class FaultLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._drain_buf = ffi.new("struct wp_record[]", 4096)
         self.usdt = False
+        self._notes = False
 
     # -- control -----------------------------------------------------------
 
     def start(self):
         self._thread.start()
+
+    def set_notes(self, notes_map):
+        """Writes a resolve note into notes_map (a wp.notes.NotesMap) before
+        each resolving ioctl, for wp trace; None: stops."""
+        if notes_map is None:
+            self._loop.notes = ffi.NULL
+        else:
+            self._loop.note_mask = notes_map.slots - 1
+            self._loop.notes = notes_map.notes
+        self._notes = notes_map is not None
 
     def stop(self, timeout=5.0):
         lib.wp_loop_stop(self._loop)
@@ -177,8 +192,9 @@ class FaultLoop:
         if not self.pid:  # a forked child's loop learns its pid from a fault
             self.pid = _tgid(m.tid)
         fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
-        if self.usdt:
-            t_enter = lib.wp_now_ns()
+        # Timed for wp trace (the resolve note, the callback USDT probe).
+        timed = self._notes or self.usdt
+        t_enter = _now_ns() if timed else 0
         try:
             if kind == "minor":
                 decision = self.protector.on_minor(fault)
@@ -190,29 +206,32 @@ class FaultLoop:
             if self.last_error is None:
                 log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
             self.last_error = "%s: %s" % (type(err).__name__, err)
-        if self.usdt:
-            lib.wp_usdt_callback(m.addr, m.tid, t_enter)
+        t_exit = 0
+        if timed:
+            t_exit = _now_ns()
+            if self.usdt:
+                lib.wp_usdt_callback(m.addr, m.tid, t_enter)
         if region is not None:
             region.faults += 1
+        resolve = lib.wp_loop_resolve
         if kind == "minor" and (decision is None or decision == UNPROTECT):
             # The page is in the page cache but not mapped here: map it
             # (UFFDIO_CONTINUE wakes the writer; EEXIST: mapped meanwhile).
-            n = lib.wp_uffd_continue(self.uffd.fd, page, psize, 0)
-            if n < 0 and n != -errno.EEXIST:
+            n = resolve(self._loop, m, page, psize, _HOW_CONTINUE, t_enter, t_exit)
+            if n < 0:
                 self.last_error = "UFFDIO_CONTINUE at %#x: %s" % (page, os.strerror(-n))
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE)
         elif decision is None or decision == UNPROTECT:
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT)
+            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((page, page + psize))
         elif decision == WAKE:
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE)
+            resolve(self._loop, m, page, psize, _HOW_WAKE, t_enter, t_exit)
         elif isinstance(decision, Unprotect):
-            lib.wp_loop_resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT)
+            resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((decision.start, decision.start + decision.length))
         else:
             self.callback_errors += 1
             self.last_error = "on_write returned %r" % (decision,)
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT)
+            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((page, page + psize))
 
     def _dispatch_other(self, m):

@@ -195,7 +195,9 @@ class Session:
         self._pending = []
         self._recent = collections.deque(maxlen=100000)
         self.records_dropped = 0
-        self.usdt = False   # fire the callback USDT probes (wp trace turns it on)
+        self.notes = None   # a wp.notes.NotesMap the loops write to (wp trace)
+        self._notes_maps = []   # every one ever given: unmapped once the loops stop
+        self.usdt = False   # loops fire the callback USDT probe
 
     # -- setup -------------------------------------------------------------
 
@@ -236,11 +238,17 @@ class Session:
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
         return self
 
-    def set_usdt(self, on):
-        """Fires (or stops firing) the callback USDT probe in every loop."""
-        self.usdt = on
+    def set_trace(self, notes=None, usdt=False):
+        """Turns wp trace's view of the fault loops on or off: resolve notes
+        into notes (a wp.notes.NotesMap; None: off) and the callback USDT
+        probe. A map stays mapped until the session closes: a loop may be
+        writing a note into it right now."""
+        self.notes, self.usdt = notes, bool(usdt)
+        if notes is not None and notes not in self._notes_maps:
+            self._notes_maps.append(notes)
         for loop in self.loops:
-            loop.usdt = on
+            loop.set_notes(notes)
+            loop.usdt = self.usdt
 
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
@@ -261,6 +269,7 @@ class Session:
         loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
                          name="wp-faults-%d" % pid)
+        loop.set_notes(self.notes)
         loop.usdt = self.usdt
         self.loops.append(loop)
         if child:  # listed before it can handle the child's first fault
@@ -468,6 +477,10 @@ class Session:
                     log.debug("pid %d: %s %#x-%#x: %s", self.pid, op.__name__, r.start, r.end, err)
         for loop in self.loops:
             loop.stop()
+        if not any(loop.alive for loop in self.loops):
+            for nm in self._notes_maps:
+                nm.close()
+            self._notes_maps.clear()
         for _, loop in self.children:
             loop.uffd.close()
         if self._scanner:

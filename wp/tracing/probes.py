@@ -32,19 +32,19 @@ REC_FAULT, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE, REC_KSM_REMOVE_RMAP
 OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE, OUT_DAEMON_WAKER = \
     1, 2, 4, 8, 16, 32, 64
 COUNTER_NAMES = ("lost", "faults", "emitted", "unmatched_reads", "resolved", "overwritten", "ksm",
-                 "unmatched_callbacks")
+                 "unmatched_callbacks", "notes")
 
 _TRACEPOINTS = ("exceptions/page_fault_user", "sched/sched_switch", "sched/sched_waking",
-                "sched/sched_process_exit", "raw_syscalls/sys_enter", "syscalls/sys_enter_read",
-                "syscalls/sys_exit_read", "syscalls/sys_enter_ioctl")
+                "sched/sched_process_exit")
+_SYSCALL_TRACEPOINTS = ("syscalls/sys_enter_read", "syscalls/sys_exit_read", "syscalls/sys_enter_ioctl")
 _KSM_TRACEPOINTS = ("ksm/ksm_merge_one_page", "ksm/ksm_merge_with_ksm_page",
                     "ksm/ksm_remove_ksm_page", "ksm/ksm_remove_rmap_item")
 _KEEP_USDT_CONTEXTS = []
 _USDT = {"fault_read": "on_fault_read", "fault_resolved": "on_fault_resolved",
          "callback": "on_callback"}
 # Which USDT probes each --usdt level attaches. Every probe hit is a uprobe
-# trap (~1.1 us here), so the default is only what nothing else can see: the
-# Python callback. The read and the resolve are seen in the syscalls.
+# trap (~1.1 us here); the resolve notes already carry what they tell, so
+# none is the default: they are an independent view, at a price.
 USDT_LEVELS = {"none": (), "callbacks": ("callback",),
                "all": ("fault_read", "callback", "fault_resolved")}
 
@@ -57,7 +57,7 @@ class RawEvent(ct.Structure):
     """struct rec of bpf/faults.c, field for field."""
     _fields_ = [(name, ct.c_uint64) for name in (
         "ts_fault", "ts_block", "ts_read", "ts_msg", "ts_cb_enter", "ts_cb_exit", "ts_ioctl",
-        "ts_waking", "ts_run", "addr", "ip", "error_code", "uffd_flags", "ioctl_cmd")] + \
+        "ts_waking", "ts_run", "addr", "ip", "error_code", "uffd_flags", "ioctl_cmd", "regs", "task")] + \
         [(name, ct.c_uint32) for name in (
             "pid", "tid", "handler_tid", "waker_tid", "how", "type", "outcome", "state", "cpu", "pad")]
 
@@ -165,13 +165,14 @@ def _import_bcc():
     return bcc
 
 
-def check_prerequisites(tracefs=DEFAULT_TRACEFS, modules_dir=None, ksm=False):
+def check_prerequisites(tracefs=DEFAULT_TRACEFS, modules_dir=None, ksm=False, syscalls=False):
     """Checks that the probes can load; returns the bcc module.
 
     Args:
         tracefs: where tracefs is mounted.
         modules_dir: /lib/modules/$(uname -r) (where bcc finds kernel headers).
         ksm: also require the ksm tracepoints.
+        syscalls: also require the read and ioctl syscall tracepoints.
     Raises:
         TracingUnavailable: not root, tracefs not mounted, a tracepoint or the
             kernel headers missing, or bcc not importable; the message names the fix.
@@ -183,7 +184,7 @@ def check_prerequisites(tracefs=DEFAULT_TRACEFS, modules_dir=None, ksm=False):
     if not os.path.isdir(events):
         raise TracingUnavailable("tracefs is not mounted at %s: mount -t tracefs nodev "
                                  "/sys/kernel/tracing or run scripts/setup" % tracefs)
-    for tp in _TRACEPOINTS + (_KSM_TRACEPOINTS if ksm else ()):
+    for tp in _TRACEPOINTS + (_KSM_TRACEPOINTS if ksm else ()) + (_SYSCALL_TRACEPOINTS if syscalls else ()):
         if not os.path.isdir(os.path.join(events, tp)):
             raise TracingUnavailable("tracepoint %s is missing in %s: this kernel does not offer "
                                      "it (CONFIG_FTRACE_SYSCALLS / CONFIG_KSM?)" % (tp, events))
@@ -203,34 +204,34 @@ class FaultProbes:
     Args:
         target_pid: the protected process.
         daemon_pid: the process running the FaultLoop (wpd; os.getpid() when
-            the session runs in this process). None: no daemon-side probes
-            (read, ioctl, USDT) - only faults, blocking and wakeups.
+            the session runs in this process). None: no daemon side - only
+            faults, blocking and wakeups.
+        notes: make a resolve notes map (notes_fd, wp.notes): a fault loop
+            that maps it (Session.set_trace, wpd's "trace" op) writes the
+            daemon's side of each fault there - read, callback, resolving
+            ioctl, decision - joined at the writer's wake-up. False: the
+            daemon's turn is one phase, "handled", unless syscalls is set.
+        syscalls: probe the daemon's read and ioctl syscalls: the daemon's
+            side of a uffd handler that is not wp's (no notes). Syscall
+            tracepoints put every task on the slow syscall path: the faults
+            cost about a third more (wp bench trace).
         ksm: also trace KSM merges and unmerges of the target's memory
             (of every process when the kernel has no BTF).
         usdt: which USDT probes of the daemon's wp/_wpffi*.so to attach:
-            "none", "callbacks" (default; True means this) or "all" (adds
-            fault_read and fault_resolved: t_msg and the C handler's "how").
+            "none" (default), "callbacks" or "all" (adds fault_read and
+            fault_resolved: t_msg). The notes tell the same for less.
         ringbuf_pages: ring buffer size in pages (a power of two).
-        syscalls: probe the daemon's read and ioctl calls. False is the lean
-            profile: the daemon's whole turn is one phase, "handled", and the
-            decision is unknown; it costs the traced faults about half as much.
-        raw_sched: use raw sched_switch/sched_waking tracepoints, with
-            task_struct.pid's offset from the kernel's BTF. Measured no
-            cheaper here than the formatted ones (wp bench trace), which need
-            no offsets: off by default.
         tracefs, modules_dir: see check_prerequisites.
     """
 
-    def __init__(self, target_pid, daemon_pid=None, ksm=False, usdt="callbacks", ringbuf_pages=256,
-                 tracefs=DEFAULT_TRACEFS, modules_dir=None, raw_sched=False, syscalls=True):
+    def __init__(self, target_pid, daemon_pid=None, notes=False, syscalls=False, ksm=False, usdt="none",
+                 ringbuf_pages=256, tracefs=DEFAULT_TRACEFS, modules_dir=None):
         self.target_pid = target_pid
-        self.syscalls = syscalls
-        self.raw_sched = raw_sched
+        self.notes = bool(notes and daemon_pid is not None)
+        self.syscalls = bool(syscalls and daemon_pid is not None)
         self.daemon_pid = daemon_pid
         self.ksm = ksm
-        if usdt is True:
-            usdt = "callbacks"
-        elif not usdt:
+        if not usdt:
             usdt = "none"
         if usdt not in USDT_LEVELS:
             raise ValueError("usdt must be one of %s, not %r" % (", ".join(USDT_LEVELS), usdt))
@@ -247,12 +248,12 @@ class FaultProbes:
                  "-DRINGBUF_PAGES=%d" % self.ringbuf_pages]
         if self.ksm:
             flags.append("-DWITH_KSM=1")
-        if not self.syscalls:
-            flags.append("-DNO_SYSCALLS")
-        if self.raw_sched:
-            off = btf_member_offset("task_struct", "pid")
-            if off is not None:
-                flags.append("-DTASK_PID_OFFSET=%d" % off)
+        if self.syscalls:
+            flags.append("-DWITH_SYSCALLS")
+        if self.notes:
+            flags.append("-DWITH_NOTES")
+        if self.syscalls or USDT_LEVELS[self.usdt]:
+            flags.append("-DTID_INDEX")
         if self.ksm:
             owner = btf_member_offset("mm_struct", "owner")
             tgid = btf_member_offset("task_struct", "tgid")
@@ -275,7 +276,7 @@ class FaultProbes:
             TracingUnavailable: prerequisites missing, the program failed to
                 load, or the daemon has no USDT probes to attach.
         """
-        bcc = check_prerequisites(self.tracefs, self.modules_dir, self.ksm)
+        bcc = check_prerequisites(self.tracefs, self.modules_dir, self.ksm, self.syscalls)
         contexts = []
         if USDT_LEVELS[self.usdt]:
             path = wpffi_path(self.daemon_pid)
@@ -301,9 +302,14 @@ class FaultProbes:
             raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
                                      "(scripts/setup links them)" % (program_path(), err)) from err
         self.bpf[b"events"].open_ring_buffer(self._on_event)
-        if self.syscalls and self.daemon_pid:
+        if self.syscalls:
             self._seed_uffd_fds()
         return self
+
+    @property
+    def notes_fd(self):
+        """The fd of the resolve notes map (for wp.notes.NotesMap), or None."""
+        return self.bpf[b"notes"].map_fd if self.notes and self.bpf is not None else None
 
     def _seed_uffd_fds(self):
         """Tells the program which of the daemon's fds are uffds now (it
@@ -356,7 +362,7 @@ class FaultProbes:
         table = self.bpf[b"inflight"]
         out = []
         for k, v in list(table.items()):
-            if v.state != 4:   # DONE: emitted already
+            if v.state not in (0, 4):   # FREE, DONE: emitted already
                 out.append(RawEvent.from_buffer_copy(bytes(v)))
         table.clear()
         return out

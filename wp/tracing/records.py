@@ -58,20 +58,24 @@ _PF_PROT, _PF_WRITE = 1, 2                          # x86 page fault error code 
 # _IOC_NR of the UFFDIO_* ioctls (linux/userfaultfd.h).
 _IOCTL_DECISION = {2: "wake", 3: "copy", 4: "zeropage", 5: "move", 6: "unprotect", 7: "continue",
                    8: "poison"}
-_HOW_UNPROTECT, _HOW_WAKE, _HOW_C, _HOW_ERROR, _HOW_SEEN = 1, 2, 4, 8, 1 << 31
+_HOW_UNPROTECT, _HOW_WAKE, _HOW_C, _HOW_ERROR, _HOW_CONTINUE, _HOW_SEEN = 1, 2, 4, 8, 16, 1 << 31
 _KSM_KINDS = {_p.REC_KSM_MERGE: "ksm_merge", _p.REC_KSM_MERGE_KSM: "ksm_merge_ksm",
               _p.REC_KSM_REMOVE: "ksm_remove", _p.REC_KSM_REMOVE_RMAP: "ksm_remove_rmap"}
 
 
 def decision_of(raw):
-    """Returns how the daemon resolved the fault: "unprotect", "wake", ...,
-    "error" when the resolving ioctl failed, or None if no daemon ioctl woke it."""
-    if raw.how & _HOW_SEEN and raw.how & _HOW_ERROR:
-        return "error"
+    """Returns how the daemon resolved the fault: "unprotect", "wake",
+    "continue", ... (from its resolve note or USDT probe, else from the
+    resolving ioctl), "error" when that ioctl failed, or None if no daemon
+    ioctl woke it."""
+    if raw.how & _HOW_SEEN:
+        if raw.how & _HOW_ERROR:
+            return "error"
+        if raw.how & _HOW_CONTINUE:
+            return "continue"
+        return "unprotect" if raw.how & _HOW_UNPROTECT else "wake"
     if raw.outcome & _p.OUT_DAEMON_WAKE:
         return _IOCTL_DECISION.get(raw.ioctl_cmd & 0xff, "ioctl_%#x" % raw.ioctl_cmd)
-    if raw.how & _HOW_SEEN:
-        return "unprotect" if raw.how & _HOW_UNPROTECT else "wake"
     return None
 
 
@@ -137,7 +141,7 @@ def to_record(raw, async_regions=()):
     latency, phases = _phases(raw, kind)
     rec = {"ts_ns": raw.ts_fault, "pid": raw.pid, "tid": raw.tid, "addr": "%#x" % raw.addr,
            "kind": kind, "latency_ns": latency, "phases": phases, "decision": decision_of(raw),
-           "error_code": raw.error_code, "ip": "%#x" % raw.ip,
+           "error_code": raw.error_code, "ip": "%#x" % raw.ip if raw.ip else None,
            "blocked": bool(raw.outcome & _p.OUT_BLOCKED), "cpu": raw.cpu if raw.ts_run else None}
     if raw.outcome & _p.OUT_RETRY:
         rec["retry"] = True

@@ -6,13 +6,19 @@ Entry point for the CLI: ``main(argv)`` (argv without the program name)::
                                  JSON lines, one per fault (wp.tracing.records)
     wp trace PID [interval [count]]   (or wp trace -p PID [interval [count]])
                                  live: log2 latency histograms per interval
-    common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm,
-            --usdt {callbacks,all,none} / --no-usdt, --lean, --ebpf (print the BPF program and exit), --json (live:
-            one JSON summary per interval)
+    common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm, --lean,
+            --syscalls, --usdt {none,callbacks,all}, --ebpf (print the BPF
+            program and exit), --json (live: one JSON summary per interval)
+
+The daemon's side of each fault (read, callback, resolving ioctl, decision)
+comes from the resolve notes its fault loops write (wpd's "trace" op turns
+them on and says where they are); --syscalls and --usdt add probes that see
+the same points from outside, for a uffd handler that is not wp's.
 
 In-process use (tests, benchmarks: the session runs in this process)::
 
-    with Tracer(target_pid, daemon_pid=os.getpid(), path="t.jsonl") as tr:
+    notes = session.set_trace(True)
+    with Tracer(target_pid, daemon_pid=os.getpid(), notes=notes, path="t.jsonl") as tr:
         ...                 # faults happen; tr.pump() drains the ring buffer
     tr.records              # the records (also written to path)
 
@@ -20,6 +26,7 @@ Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
 """
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,7 +43,8 @@ class Tracer:
     regions, writes them to a file, keeps them (up to ``keep``).
 
     Args:
-        target_pid, daemon_pid, ksm, usdt: see wp.tracing.probes.FaultProbes.
+        target_pid, daemon_pid, notes, syscalls, ksm, usdt: see
+            wp.tracing.probes.FaultProbes.
         path: trace file to write (None: keep in memory only).
         regions: [(start, end)]: keep only faults in these ranges (KSM events
             are always kept). None: all faults of the target.
@@ -46,9 +54,8 @@ class Tracer:
     """
 
     def __init__(self, target_pid, daemon_pid=None, path=None, regions=None, async_regions=(),
-                 ksm=False, usdt="callbacks", keep=1000000, background=False, poll_ms=100, meta=None,
-                 **probe_kw):
-        self.probes = _probes.FaultProbes(target_pid, daemon_pid, ksm=ksm, usdt=usdt, **probe_kw)
+                 keep=1000000, background=False, poll_ms=100, meta=None, **probe_kw):
+        self.probes = _probes.FaultProbes(target_pid, daemon_pid, **probe_kw)
         self.path = path
         self.regions = list(regions) if regions else None
         self.async_regions = list(async_regions)
@@ -192,52 +199,54 @@ def build_parser(prog="wp trace"):
                    "(default: ask wpd)")
     p.add_argument("--socket", help="wpd's socket")
     p.add_argument("--ksm", action="store_true", help="also trace KSM merges and unmerges")
-    p.add_argument("--usdt", choices=list(_probes.USDT_LEVELS), default="callbacks",
-                   help="USDT probes of the daemon to attach: callbacks (default: the Python "
-                   "protector's time), all (also message read and resolve), none")
-    p.add_argument("--no-usdt", dest="usdt", action="store_const", const="none",
-                   help="same as --usdt none (cheapest; the callback is part of to_resolve)")
     p.add_argument("--lean", action="store_true",
-                   help="no syscall or USDT probes: cheapest; the daemon's turn is one phase (handled)")
+                   help="no resolve notes: the daemon's whole turn is one phase (handled)")
+    p.add_argument("--syscalls", action="store_true",
+                   help="also probe the daemon's read and ioctl syscalls (the default for a "
+                   "--daemon-pid that is not wpd; slows every syscall on the machine)")
+    p.add_argument("--usdt", choices=list(_probes.USDT_LEVELS), default="none",
+                   help="USDT probes of the daemon to attach: none (default), callbacks, all "
+                   "(each a uprobe trap, ~1 us)")
+    p.add_argument("--notes", action="store_true",
+                   help="with --daemon-pid: the fault loop there is wp's and maps the notes map "
+                   "itself (its pid and fd are printed at the start; benchmarks use it)")
     p.add_argument("--json", action="store_true", help="live mode: one JSON summary per interval")
     p.add_argument("--ebpf", action="store_true", help="print the BPF program and exit")
     return p
 
 
-def _ask_wpd(args):
-    """Returns (daemon_pid, async_regions) from wpd, and asks it to fire the
-    callback USDT probes for the target (if it knows the "usdt" op)."""
+def _wpd(args, *requests):
+    """Sends requests to wpd; returns the replies."""
     from wp import protocol
-    path = args.socket or protocol.DEFAULT_SOCKET
-    conn = protocol.Connection.connect(path, timeout=10)
+    conn = protocol.Connection.connect(args.socket or protocol.DEFAULT_SOCKET, timeout=10)
     try:
-        st = conn.request({"op": "status"})
-        daemon_pid = st.get("daemon_pid")
-        async_regions = []
-        stats = conn.request({"op": "stats", "pid": args.pid})
-        for r in (stats.get("stats") or {}).get("regions", []):
-            if r.get("mode") == "async":
-                async_regions.append((int(r["start"], 16), int(r["end"], 16)))
-        usdt_on = False
-        if args.usdt != "none":
-            usdt = conn.request({"op": "usdt", "pid": args.pid, "on": True})
-            usdt_on = bool(usdt.get("ok") and usdt.get("usdt"))
-        return daemon_pid, async_regions, usdt_on
+        return [conn.request(req) for req in requests]
     finally:
         conn.close()
 
 
-def _usdt_off(args):
-    """Asks wpd to stop firing the callback probes (a cffi call per fault)."""
-    from wp import protocol
+def _wpd_target(args):
+    """Returns (wpd's pid, the target's async-WP regions)."""
+    st, stats = _wpd(args, {"op": "status"}, {"op": "stats", "pid": args.pid})
+    async_regions = [(int(r["start"], 16), int(r["end"], 16))
+                     for r in (stats.get("stats") or {}).get("regions", []) if r.get("mode") == "async"]
+    return st.get("daemon_pid"), async_regions
+
+
+def _wpd_trace(args, notes_fd, usdt):
+    """Asks wpd to write the target's resolve notes into our notes map
+    (notes_fd; None: stop) and to fire the callback USDT probe or not.
+    Returns whether the notes are on."""
+    req = {"op": "trace", "pid": args.pid, "usdt": usdt,
+           "notes_map": [os.getpid(), notes_fd] if notes_fd is not None else None}
     try:
-        conn = protocol.Connection.connect(args.socket or protocol.DEFAULT_SOCKET, timeout=10)
-        try:
-            conn.request({"op": "usdt", "pid": args.pid, "on": False})
-        finally:
-            conn.close()
-    except OSError:
-        pass
+        rep, = _wpd(args, req)
+    except OSError as err:
+        rep = {"ok": False, "error": str(err)}
+    if not rep.get("ok") and notes_fd is not None:
+        print("wp trace: wpd does not write resolve notes (%s): the daemon's turn is one phase"
+              % rep.get("error"), file=sys.stderr)
+    return bool(rep.get("ok") and rep.get("notes"))
 
 
 def main(argv=None):
@@ -263,35 +272,38 @@ def main(argv=None):
     if args.ebpf:
         print(_probes.FaultProbes(args.pid, args.daemon_pid).text())
         return 0
-    if args.lean:
-        args.usdt = "none"
     async_regions = []
     daemon_pid = args.daemon_pid
-    usdt_on = False
-    if daemon_pid is None:
+    via_wpd = daemon_pid is None
+    if via_wpd:
         try:
-            daemon_pid, async_regions, usdt_on = _ask_wpd(args)
-            if not usdt_on and args.usdt != "none":
-                print("wp trace: wpd does not fire the callback probes: the callback is part of "
-                      "to_resolve", file=sys.stderr)
+            daemon_pid, async_regions = _wpd_target(args)
         except OSError as err:
             print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
                   file=sys.stderr)
             return 1
+        args.notes = True
+    elif not args.notes and not args.lean:
+        args.syscalls = True     # a uffd handler that is not wp's: see it from outside
+    if args.lean:
+        args.notes = False
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=regions,
-                    async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, syscalls=not args.lean,
-                    keep=0 if args.output else 1000000)
+                    async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, notes=args.notes,
+                    syscalls=args.syscalls, keep=0 if args.output else 1000000)
     try:
         tracer.start()
     except _probes.TracingUnavailable as err:
-        if usdt_on:
-            _usdt_off(args)
         print("wp trace: %s" % err, file=sys.stderr)
         return 1
+    asked_wpd = via_wpd and (args.notes or args.usdt != "none")
+    if asked_wpd:
+        _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
     stop = threading.Event()
     old = signal.signal(signal.SIGINT, lambda *_: stop.set())
     deadline = time.monotonic() + args.duration if args.duration else None
     what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
+    if args.notes and not via_wpd:
+        what += " [notes map: pid %d fd %d]" % (os.getpid(), tracer.probes.notes_fd)
     if args.output:
         print("Tracing %s to %s... Hit Ctrl-C to end." % (what, args.output), file=sys.stderr)
     else:
@@ -314,8 +326,8 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGINT, old)
         counters = tracer.stop()
-        if usdt_on:
-            _usdt_off(args)
+        if asked_wpd:
+            _wpd_trace(args, None, False)
     if not args.output and (args.count is None or intervals < args.count):
         _live_print(tracer, args, format_summary, summarize)
     if args.output:
