@@ -85,7 +85,7 @@ enum rec_type { REC_FAULT = 1, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE,
 /* rec.outcome bits */
 #define OUT_UFFD      1   /* the daemon read a uffd message for it */
 #define OUT_BLOCKED   2   /* the writer left its CPU */
-#define OUT_NO_END    4   /* ordinary fault that did not block: no end time */
+#define OUT_NO_END    4   /* its end was not seen (it did not block) */
 #define OUT_RETRY     8   /* a retried fault (after a WAKE) */
 #define OUT_EXITED   16   /* flushed when the thread exited */
 #define OUT_DAEMON_WAKE 32 /* woken by the daemon inside a uffd ioctl */
@@ -195,6 +195,63 @@ static __always_inline void emit(struct rec *r)
 	events.ringbuf_submit(out, emitted % WAKEUP_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
 }
 
+/* ---- the daemon's resolve notes --------------------------------------- */
+#ifdef WITH_NOTES
+/* struct wp_note (native/wp.h): what the daemon's fault loop is doing about
+ * a writer's fault, written just before the resolving ioctl. The map is
+ * memory-mappable: the daemon maps it and writes a writer's note in slot
+ * (writer tid % NOTE_SLOTS) with plain stores; this program reads it with
+ * an array lookup. (Reading the daemon's own memory instead, with
+ * bpf_probe_read_user from sched_waking, cost the fault ~0.25 us here.) */
+struct wp_note {
+	u64 addr;
+	u64 flags;
+	u64 t_read;
+	u64 t_cb_enter;
+	u64 t_cb_exit;
+	u64 t_ioctl;
+	u32 tid;
+	u32 how;
+};
+#define NOTE_SLOTS 1024
+BPF_F_TABLE("array", u32, struct wp_note, notes, NOTE_SLOTS, BPF_F_MMAPABLE);
+
+static __always_inline void read_note(struct rec *r, u32 waker)
+{
+	u32 slot = r->tid & (NOTE_SLOTS - 1);
+	struct wp_note *n = notes.lookup(&slot);
+	/* The note is this writer's, of this round of its fault. */
+	if (!n || n->tid != r->tid || n->t_ioctl < r->ts_fault)
+		return;
+	count(C_NOTES);
+	r->outcome |= OUT_UFFD;
+	if (waker) {     /* inside the resolving ioctl, in the handler thread */
+		r->outcome |= OUT_DAEMON_WAKE;
+		r->handler_tid = waker;
+	}
+	r->uffd_flags = n->flags;
+	r->ts_read = n->t_read;
+	r->ts_cb_enter = n->t_cb_enter;
+	r->ts_cb_exit = n->t_cb_exit;
+	r->ts_ioctl = n->t_ioctl;
+	r->how = n->how | 0x80000000;     /* bit 31: seen */
+}
+#endif
+
+/* A fault whose end was not seen: the thread faulted again, blocked in a
+ * syscall or exited first. Either an ordinary fault that did not block, or
+ * a uffd fault that a handler on another CPU resolved before the writer
+ * went to sleep (it then never sleeps, and nobody wakes it): its note
+ * tells. */
+static __always_inline void emit_no_end(struct rec *r, u32 outcome)
+{
+	r->outcome |= OUT_NO_END | outcome;
+#ifdef WITH_NOTES
+	read_note(r, 0);
+#endif
+	emit(r);
+}
+
 /* ---- the writer: fault entry ------------------------------------------ */
 
 /* A raw tracepoint: its arguments come as they are (address, regs,
@@ -227,14 +284,13 @@ RAW_TRACEPOINT_PROBE(page_fault_user)
 	}
 	if (r->state != FREE && r->state != DONE) {
 		if (r->task == task && r->state == FAULTED) {
-			/* The previous fault ended without blocking or the daemon. */
-			r->outcome |= OUT_NO_END;
+			emit_no_end(r, 0);
 		} else {
 			/* Blocked but never woken by anyone we saw, or another
 			 * thread's fault in this slot: keep it as it is. */
 			count(C_OVERWRITTEN);
+			emit(r);
 		}
-		emit(r);
 	}
 	struct rec n = {};
 	n.type = REC_FAULT;
@@ -252,46 +308,6 @@ RAW_TRACEPOINT_PROBE(page_fault_user)
 #endif
 	return 0;
 }
-
-/* ---- the daemon's resolve notes --------------------------------------- */
-#ifdef WITH_NOTES
-/* struct wp_note (native/wp.h): what the daemon's fault loop is doing about
- * a writer's fault, written just before the resolving ioctl. The map is
- * memory-mappable: the daemon maps it and writes a writer's note in slot
- * (writer tid % NOTE_SLOTS) with plain stores; this program reads it with
- * an array lookup. (Reading the daemon's own memory instead, with
- * bpf_probe_read_user from sched_waking, cost the fault ~0.25 us here.) */
-struct wp_note {
-	u64 addr;
-	u64 flags;
-	u64 t_read;
-	u64 t_cb_enter;
-	u64 t_cb_exit;
-	u64 t_ioctl;
-	u32 tid;
-	u32 how;
-};
-#define NOTE_SLOTS 1024
-BPF_F_TABLE("array", u32, struct wp_note, notes, NOTE_SLOTS, BPF_F_MMAPABLE);
-
-static __always_inline void read_note(struct rec *r, u32 waker)
-{
-	u32 slot = r->tid & (NOTE_SLOTS - 1);
-	struct wp_note *n = notes.lookup(&slot);
-	/* The note is this writer's, of this round of its fault. */
-	if (!n || n->tid != r->tid || n->t_ioctl < r->ts_fault)
-		return;
-	count(C_NOTES);
-	r->outcome |= OUT_UFFD | OUT_DAEMON_WAKE;
-	r->handler_tid = waker;
-	r->uffd_flags = n->flags;
-	r->ts_read = n->t_read;
-	r->ts_cb_enter = n->t_cb_enter;
-	r->ts_cb_exit = n->t_cb_exit;
-	r->ts_ioctl = n->t_ioctl;
-	r->how = n->how | 0x80000000;     /* bit 31: seen */
-}
-#endif
 
 #ifdef WITH_SYSCALLS
 /* The daemon's read and ioctl calls. Three programs, the fewest that
@@ -508,8 +524,7 @@ static __always_inline void on_switch(u64 prev, int blocked, u64 next)
 			r->outcome |= OUT_BLOCKED;
 		} else {
 			/* Blocked in a syscall: the fault ended before. */
-			r->outcome |= OUT_NO_END;
-			emit(r);
+			emit_no_end(r, 0);
 			r->state = FREE;
 		}
 	} else if (r && r->state == DONE && in_exception(r)) {
@@ -600,10 +615,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 	struct rec *r = fault_of(bpf_get_current_task());
 	if (r) {
-		if (r->state == FAULTED) {
-			r->outcome |= OUT_NO_END | OUT_EXITED;
-			emit(r);
-		}
+		if (r->state == FAULTED)
+			emit_no_end(r, OUT_EXITED);
 		r->state = FREE;
 	}
 #ifdef TID_INDEX

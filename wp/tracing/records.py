@@ -22,11 +22,16 @@ path, in this order, each named after where it ends:
     to_read      -> the daemon's read(uffd) returned it
     to_callback  -> the Python protector is called (cffi return, Fault built)
     callback     -> the protector returned (Python time)
-    to_resolve   -> the resolving ioctl (UFFDIO_WRITEPROTECT / UFFDIO_WAKE) entered
+    to_resolve   -> the resolving ioctl (UFFDIO_WRITEPROTECT / WAKE / CONTINUE) entered
     wake         -> the writer was woken (inside that ioctl)
-    handled      (lean profile, no syscall probes: off CPU -> woken by the daemon)
+    handled      (lean: no notes: off CPU -> woken by the daemon)
     blocked      (ordinary faults: off CPU -> woken by whoever woke it)
     to_run       -> the writer on a CPU again (run queue wait)
+
+The writer's points come from tracepoints; the daemon's (read, callback,
+ioctl) from the fault loop's resolve note (wp.notes), or from the syscall
+and USDT probes (``wp trace --syscalls``, ``--usdt``) for a uffd handler
+that is not wp's.
 
 A point that was not seen (no callback with the C handler, no block when the
 handler was faster than the writer's schedule()) merges its phase into the
