@@ -34,15 +34,16 @@
  * (wp trace --syscalls, --usdt): the same points seen from outside, for a
  * uffd handler that is not wp's, at a price.
  *
- * A fault is joined in `inflight`, a slot per writer thread (tid modulo the
- * array size: array lookups are inlined, a hash lookup cost ~40 ns per
- * sched_switch here, and sched_switch runs for every task of the machine).
- * A thread has at most one fault in flight. The record is emitted when the
- * writer runs again, from the writer's own sched_switch.
+ * A fault is joined in `inflight`, a slot per writer thread found by its
+ * task_struct pointer (see fault_of). A thread has at most one fault in
+ * flight. The record is emitted when the writer runs again, from the
+ * writer's own sched_switch.
  *
  * If the handler wakes the writer before the writer got off its CPU (a fast
  * handler on the other CPU), the writer never blocks: the record is emitted
- * at the waking, with t_block = 0 and t_run = t_waking.
+ * at the waking, with t_block = 0 and t_run = t_waking. If the handler even
+ * resolved the fault before the writer went to sleep, nobody wakes it: the
+ * record ends without an end time, its note still telling what it was.
  *
  * A fault that never reaches the daemon is an ordinary page fault (the
  * baseline). There is no tracepoint at the end of a page fault, so its
@@ -180,7 +181,6 @@ static __always_inline struct rec *fault_of_tid(u32 tid)
 
 static __always_inline void emit(struct rec *r)
 {
-
 	struct rec *out = events.ringbuf_reserve(sizeof(struct rec));
 	if (!out) {
 		count(C_LOST);
@@ -500,25 +500,24 @@ int on_fault_resolved(struct pt_regs *ctx)
 
 /* ---- the scheduler: writer blocks, is woken, runs ---------------------- */
 
-/* Is the thread that faulted inside an exception (a page fault: x86's
- * entry sets orig_ax to -1) rather than a syscall (orig_ax is its number)?
- * Also takes the user ip of the fault, next to orig_ax in struct pt_regs:
- * read here, once a fault blocks, rather than for every fault. */
-static __always_inline int in_exception(struct rec *r)
+/* Returns the user ip where the thread that faulted is inside an exception
+ * (a page fault: x86's entry sets orig_ax to -1), or 0 if it is in a
+ * syscall (orig_ax is its number). ip is next to orig_ax in struct
+ * pt_regs: read here, once a fault blocks, rather than for every fault. */
+static __always_inline u64 exception_ip(struct rec *r)
 {
 	struct { long orig_ax; u64 ip; } regs = {};
 	bpf_probe_read_kernel(&regs, sizeof(regs), &((struct pt_regs *)r->regs)->orig_ax);
-	if (regs.orig_ax != -1)
-		return 0;
-	r->ip = regs.ip;
-	return 1;
+	return regs.orig_ax == -1 ? regs.ip : 0;
 }
 
 static __always_inline void on_switch(u64 prev, int blocked, u64 next)
 {
 	struct rec *r = blocked ? fault_of(prev) : NULL;
 	if (r && r->state == FAULTED) {
-		if (in_exception(r)) {
+		u64 ip = exception_ip(r);
+		if (ip) {
+			r->ip = ip;
 			r->ts_block = bpf_ktime_get_ns();
 			r->state = BLOCKED;
 			r->outcome |= OUT_BLOCKED;
@@ -527,9 +526,11 @@ static __always_inline void on_switch(u64 prev, int blocked, u64 next)
 			emit_no_end(r, 0);
 			r->state = FREE;
 		}
-	} else if (r && r->state == DONE && in_exception(r)) {
-		/* Blocked again in the same exception: a retried fault
-		 * (UFFDIO_WAKE without unprotecting), a new round. */
+	} else if (r && r->state == DONE && r->ip && exception_ip(r) == r->ip) {
+		/* Blocked again in the same exception, at the same instruction:
+		 * a retried fault (UFFDIO_WAKE without unprotecting), a new
+		 * round. (An interrupt also sets orig_ax to -1, but a thread
+		 * stopped on its way back from one is elsewhere.) */
 		struct rec n = {};
 		n.type = REC_FAULT;
 		n.ts_fault = r->ts_run;
@@ -575,7 +576,8 @@ static __always_inline void on_waking(u64 task)
 		read_note(r, waker);
 #endif
 #ifdef WITH_SYSCALLS
-		ioctl_of_waker(r, waker);
+		if (!r->ts_ioctl)     /* the note, if any, said it first */
+			ioctl_of_waker(r, waker);
 #endif
 	}
 	if (r->state == FAULTED) {
