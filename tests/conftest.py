@@ -21,6 +21,20 @@ def build_target(name):
     return str(out)
 
 
+def _tracing_unavailable():
+    from wp.tracing import probes
+    try:
+        probes.check_prerequisites()
+    except probes.TracingUnavailable as err:
+        return str(err)
+    return None
+
+
+_NO_TRACING = _tracing_unavailable()
+# Tests that load the bcc probes: skipped, with the fix named, where they cannot.
+needs_bcc = pytest.mark.skipif(_NO_TRACING is not None, reason=_NO_TRACING or "")
+
+
 @pytest.fixture
 def target_bin():
     return build_target

@@ -13,6 +13,8 @@ import pytest
 
 from wp import pagemap
 
+from conftest import needs_bcc
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WP = [sys.executable, "-m", "wp.cli"]
 WPD = [sys.executable, "-m", "wp.daemon"]
@@ -349,16 +351,7 @@ def test_attach_non_root_target(wpd, target_bin, spawn, strict_userfaultfd):
     assert t.read(1)[0] == 5
 
 
-def _no_tracing():
-    from wp.tracing import probes
-    try:
-        probes.check_prerequisites()
-    except probes.TracingUnavailable as err:
-        return str(err)
-    return None
-
-
-@pytest.mark.skipif(_no_tracing() is not None, reason=_no_tracing() or "")
+@needs_bcc
 def test_wp_trace_through_wpd(wpd, memtarget, tmp_path):
     """`wp trace PID -o FILE`: wpd maps the tracer's notes map (pidfd_getfd)
     and its fault loop writes a note per fault: every phase, the Python

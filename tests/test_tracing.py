@@ -27,19 +27,9 @@ from wp.space import ProcessSpace
 from wp.tracing import probes, records, report
 from wp.tracing.trace import Tracer
 
+from conftest import needs_bcc
+
 N = 16
-
-
-def _probe_reason():
-    try:
-        probes.check_prerequisites()
-    except probes.TracingUnavailable as err:
-        return str(err)
-    return None
-
-
-_REASON = _probe_reason()
-needs_bcc = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 class Target:
