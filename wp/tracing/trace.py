@@ -185,7 +185,10 @@ def build_parser(prog="wp trace"):
                "  wp trace 1234 -o faults.jsonl --duration 10   record 10 s, then `wp report faults.jsonl`\n"
                "  wp trace 1234                                  live log2 histograms, Ctrl-C to end\n"
                "  wp trace 1234 1 5                              five 1-second intervals\n"
-               "  wp trace 1234 --ebpf                           print the BPF program\n")
+               "  wp trace 1234 --ebpf                           print the BPF program\n"
+               "  wp trace 1234 --daemon-pid 4321 -o f.jsonl     the uffd handler is another program\n"
+               "                                                 (QEMU, CRIU lazy-pages): its read and\n"
+               "                                                 ioctl seen by syscall tracepoints\n")
     p.add_argument("positional", nargs="*", metavar="PID [interval [count]]",
                    help="the target (attached with `wp attach`; or give it with -p), then for live "
                    "mode the seconds between summaries (default: one at the end) and their number")
@@ -270,7 +273,8 @@ def main(argv=None):
             print("wp trace: %s" % err, file=sys.stderr)
             return 2
     if args.ebpf:
-        print(_probes.FaultProbes(args.pid, args.daemon_pid).text())
+        print(_probes.FaultProbes(args.pid, args.daemon_pid or 0, notes=not args.lean,
+                                  syscalls=args.syscalls, ksm=args.ksm, usdt=args.usdt).text())
         return 0
     async_regions = []
     daemon_pid = args.daemon_pid
