@@ -13,10 +13,12 @@ daemon process, which must have that extension loaded already.
 """
 import ctypes as ct
 import functools
+import mmap
 import os
 import pathlib
 import platform
 
+from wp._native import check, ffi, lib
 from wp.errors import WPError
 
 __all__ = ["TracingUnavailable", "FaultProbes", "RawEvent", "check_prerequisites",
@@ -63,6 +65,15 @@ class RawEvent(ct.Structure):
 
     def as_dict(self):
         return {name: getattr(self, name) for name, _ in self._fields_ if name != "pad"}
+
+
+REC_SIZE = ct.sizeof(RawEvent)
+_BATCH = 4096      # records copied out of the ring buffer per call
+
+
+def events_of(data):
+    """Returns the RawEvents in data, whole records as FaultProbes.read gives them."""
+    return [RawEvent.from_buffer_copy(data, off) for off in range(0, len(data), REC_SIZE)]
 
 
 def program_path(name="faults"):
@@ -220,12 +231,14 @@ class FaultProbes:
         usdt: which USDT probes of the daemon's wp/_wpffi*.so to attach:
             "none" (default), "callbacks" or "all" (adds fault_read and
             fault_resolved: t_msg). The notes tell the same for less.
-        ringbuf_pages: ring buffer size in pages (a power of two).
+        ringbuf_pages: ring buffer size in pages (a power of two; the
+            default, 8 MiB, holds ~50,000 records: half a second of faults
+            at the fastest).
         tracefs, modules_dir: see check_prerequisites.
     """
 
     def __init__(self, target_pid, daemon_pid=None, notes=False, syscalls=False, ksm=False, usdt="none",
-                 ringbuf_pages=256, tracefs=DEFAULT_TRACEFS, modules_dir=None):
+                 ringbuf_pages=2048, tracefs=DEFAULT_TRACEFS, modules_dir=None):
         self.target_pid = target_pid
         self.notes = bool(notes and daemon_pid is not None)
         self.syscalls = bool(syscalls and daemon_pid is not None)
@@ -240,7 +253,7 @@ class FaultProbes:
         self.tracefs = tracefs
         self.modules_dir = modules_dir
         self.bpf = None
-        self._pending = []
+        self._rb = None
         self.events_read = 0
 
     def cflags(self):
@@ -301,7 +314,10 @@ class FaultProbes:
         except Exception as err:
             raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
                                      "(scripts/setup links them)" % (program_path(), err)) from err
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._rb = ffi.new("struct wp_ringbuf *")
+        check(lib.wp_ringbuf_open(self._rb, self.bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE),
+              "mapping the probes' ring buffer")
+        self._batch = ffi.new("char[]", _BATCH * REC_SIZE)
         if self.syscalls:
             self._seed_uffd_fds()
         return self
@@ -330,20 +346,26 @@ class FaultProbes:
                 key = table.Key(self.daemon_pid, int(name))
                 table[key] = table.Leaf(1)
 
-    def _on_event(self, ctx, data, size):
-        self._pending.append(RawEvent.from_buffer_copy(ct.string_at(data, ct.sizeof(RawEvent))))
+    def read(self, timeout_ms=0):
+        """Returns what the ring buffer holds as bytes, whole records of
+        REC_SIZE (struct rec), waiting up to timeout_ms for the first
+        (0: do not wait; -1: until one arrives)."""
+        if timeout_ms:
+            lib.wp_ringbuf_wait(self._rb, timeout_ms)
+        chunks = []
+        while True:
+            n = lib.wp_ringbuf_read(self._rb, self._batch, REC_SIZE, _BATCH)
+            if n:
+                chunks.append(ffi.buffer(self._batch, n * REC_SIZE)[:])
+            if n < _BATCH:
+                break
+        data = b"".join(chunks)
+        self.events_read += len(data) // REC_SIZE
+        return data
 
     def poll(self, timeout_ms=0):
-        """Returns the events the ring buffer holds, waiting up to timeout_ms
-        (0: do not wait; -1: until one arrives)."""
-        if timeout_ms == 0:
-            self.bpf.ring_buffer_consume()
-        else:
-            self.bpf.ring_buffer_poll(timeout_ms)
-            self.bpf.ring_buffer_consume()
-        out, self._pending = self._pending, []
-        self.events_read += len(out)
-        return out
+        """Like read, as a list of RawEvent."""
+        return events_of(self.read(timeout_ms))
 
     def counters(self):
         """Returns the program's counters summed over CPUs: lost (ring buffer
@@ -368,6 +390,9 @@ class FaultProbes:
         return out
 
     def close(self):
+        if self._rb is not None:
+            lib.wp_ringbuf_close(self._rb)
+            self._rb = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

@@ -27,6 +27,7 @@ Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
 import argparse
 import json
 import os
+import tempfile
 import signal
 import sys
 import threading
@@ -51,10 +52,15 @@ class Tracer:
         async_regions: [(start, end)] of async-WP memory (kind "async").
         keep: how many records to keep in .records (all are written).
         background: drain from a thread of its own every poll_ms.
+        defer: with path: while tracing, only copy the probes' records to a
+            spool file beside path; turn them into JSON lines at stop. What
+            `wp trace -o` does: a record costs ~7 us of Python to convert,
+            about what a fault costs, so converting as they come falls
+            behind the fastest targets and the ring buffer overflows.
     """
 
     def __init__(self, target_pid, daemon_pid=None, path=None, regions=None, async_regions=(),
-                 keep=1000000, background=False, poll_ms=100, meta=None, **probe_kw):
+                 keep=1000000, background=False, poll_ms=100, meta=None, defer=False, **probe_kw):
         self.probes = _probes.FaultProbes(target_pid, daemon_pid, **probe_kw)
         self.path = path
         self.regions = list(regions) if regions else None
@@ -71,6 +77,9 @@ class Tracer:
         self._lock = threading.Lock()
         self.started_ns = None
         self.written = 0
+        self.defer = bool(defer and path)
+        self._spool = None
+        self.spooled = 0
 
     def start(self):
         """Loads the probes and starts recording. Raises TracingUnavailable."""
@@ -83,6 +92,8 @@ class Tracer:
                     "async_regions": [["%#x" % s, "%#x" % e] for s, e in self.async_regions]}
             meta.update(self.meta)
             self._writer = TraceWriter(self.path, meta)
+            if self.defer:
+                self._spool = tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(self.path)))
         if self.background:
             self._thread = threading.Thread(target=self._run, name="wp-trace", daemon=True)
             self._thread.start()
@@ -116,8 +127,25 @@ class Tracer:
         return out
 
     def pump(self, timeout_ms=0):
-        """Drains the ring buffer (waiting up to timeout_ms); returns the new records."""
-        return self._take(self.probes.poll(timeout_ms))
+        """Drains the ring buffer (waiting up to timeout_ms); returns the new
+        records (none while deferring: they are spooled)."""
+        data = self.probes.read(timeout_ms)
+        if self._spool is not None:
+            self._spool.write(data)
+            self.spooled += len(data) // _probes.REC_SIZE
+            return []
+        return self._take(_probes.events_of(data))
+
+    def _convert_spool(self):
+        spool, self._spool = self._spool, None
+        spool.seek(0)
+        chunk = 65536 * _probes.REC_SIZE
+        while True:
+            data = spool.read(chunk)
+            if not data:
+                break
+            self._take(_probes.events_of(data))
+        spool.close()
 
     def counters(self):
         c = self.probes.counters()
@@ -134,15 +162,19 @@ class Tracer:
         if self.probes.bpf is None:
             return {}
         self.pump(0)
-        self._take(self.probes.in_flight())
-        counters = self.counters()
+        in_flight = self.probes.in_flight()
+        counters = self.probes.counters()
+        self.probes.close()        # nothing more comes in while converting
+        if self._spool is not None:
+            self._convert_spool()
+        self._take(in_flight)
+        counters["outside_regions"] = self.dropped_by_region
         if self._writer:
             self.written = self._writer.count
             self._writer.close({"lost": counters["lost"], "counters": counters,
                                 "ended_ns": time.monotonic_ns(),
                                 "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3)})
             self._writer = None
-        self.probes.close()
         self.final_counters = counters
         return counters
 
@@ -293,7 +325,7 @@ def main(argv=None):
         args.notes = False
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=regions,
                     async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, notes=args.notes,
-                    syscalls=args.syscalls, keep=0 if args.output else 1000000)
+                    syscalls=args.syscalls, keep=0 if args.output else 1000000, defer=bool(args.output))
     try:
         tracer.start()
     except _probes.TracingUnavailable as err:
@@ -329,6 +361,8 @@ def main(argv=None):
                     break
     finally:
         signal.signal(signal.SIGINT, old)
+        if tracer.spooled > 100000:
+            print("wp trace: writing %d records to %s..." % (tracer.spooled, args.output), file=sys.stderr)
         counters = tracer.stop()
         if asked_wpd:
             _wpd_trace(args, None, False)
