@@ -308,6 +308,28 @@ def test_lost_events_are_counted(target_bin, spawn, tmp_path):
 
 
 @needs_bcc
+def test_ring_buffer_wraps(target_bin, spawn):
+    """A one-page ring buffer drained after every write: records (176 bytes
+    with their header) wrap around its end again and again; every one comes
+    out whole and in order (native/ringbuf.c reads the double mapping)."""
+    n = 64
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, n)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], ringbuf_pages=1) as tr:
+        with Session(ProcessSpace.cooperative(pid, uffds), TraceProtector(), regions=[(addr, addr + length)]):
+            for i in range(n):
+                p.stdin.write("w %d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().startswith("done")
+                tr.pump(0)
+    assert tr.final_counters["lost"] == 0
+    wp = [r for r in tr.records if r["kind"] == "wp"]
+    assert [int(r["addr"], 16) & ~(psize - 1) for r in wp] == [addr + i * psize for i in range(n)]
+    assert all(sum(r["phases"].values()) == r["latency_ns"] for r in wp)
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
+@needs_bcc
 def test_async_faults(target_bin, spawn):
     """Async WP: the kernel resolves the fault, no message; the trace names
     the faults in the async region "async"."""
