@@ -384,3 +384,40 @@ def test_wp_trace_through_wpd(wpd, memtarget, tmp_path):
     assert [t.read(i)[0] for i in range(8)] == list(range(1, 9))
     wp(wpd, "detach", t.pid)
     assert_untouched(t)
+
+
+@needs_bcc
+def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
+    """A `wp trace` killed with -9 never says stop: wpd goes on writing notes
+    into the dead tracer's map (still mapped), the target's writes still
+    complete with their data, and the next trace gets every phase again."""
+    t = memtarget("anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+
+    def trace(path):
+        proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(path)],
+                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        line = proc.stderr.readline()
+        assert "Tracing" in line, line + proc.stderr.read()
+        return proc
+
+    first = trace(tmp_path / "1.jsonl")
+    t.write(0, 1)
+    first.kill()
+    first.communicate(timeout=30)
+    for i in range(1, 4):
+        t.write(i, i + 1)
+    second = trace(tmp_path / "2.jsonl")
+    for i in range(4, 8):
+        t.write(i, i + 1)
+    second.send_signal(signal.SIGINT)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    recs = [json.loads(line) for line in (tmp_path / "2.jsonl").read_text().splitlines()]
+    wp_recs = [r for r in recs if r["kind"] == "wp"]
+    assert sorted(int(r["addr"], 16) & ~4095 for r in wp_recs) == [t.page(i) for i in range(4, 8)]
+    assert all("callback" in r["phases"] for r in wp_recs)
+    assert [t.read(i)[0] for i in range(8)] == list(range(1, 9))
+    assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 8
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
