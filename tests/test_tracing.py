@@ -452,7 +452,7 @@ def test_missing_bcc_names_the_fix(monkeypatch):
 
 
 def test_phases_clamp_and_add_up():
-    raw = probes.RawEvent(ts_fault=1000, ts_block=5000, ts_read=4000, ts_msg=4100, ts_cb_enter=6000,
+    raw = probes.RawEvent(ts_fault=1000, ts_block=5000, ts_read=4000, ts_cb_enter=6000,
                           ts_cb_exit=8000, ts_ioctl=9000, ts_waking=9500, ts_run=12000, addr=0x1000,
                           uffd_flags=3, ioctl_cmd=0xc018aa06, outcome=probes.OUT_UFFD | probes.OUT_BLOCKED
                           | probes.OUT_DAEMON_WAKE, type=probes.REC_FAULT, pid=1, tid=2, handler_tid=3)
@@ -461,6 +461,12 @@ def test_phases_clamp_and_add_up():
     assert rec["latency_ns"] == 11000
     assert rec["phases"] == {"to_block": 4000, "to_read": 0, "to_callback": 1000, "callback": 2000,
                              "to_resolve": 1000, "wake": 500, "to_run": 2500}
+    # the ring buffer's compact record says the same: times after the fault, plus one
+    ev = probes.Event(ts_fault=1000, ts_run=12000, d_block=4001, d_read=3001, d_cb_enter=5001,
+                      d_cb_exit=7001, d_ioctl=8001, d_waking=8501, addr=0x1000, uffd_flags=3,
+                      ioctl_cmd=0xc018aa06, outcome=raw.outcome, type=probes.REC_FAULT, pid=1, tid=2,
+                      handler_tid=3)
+    assert records.to_record(ev) == rec
     # an ordinary fault that did not block has no end
     raw = probes.RawEvent(ts_fault=1000, addr=0x2000, error_code=6, outcome=probes.OUT_NO_END,
                           type=probes.REC_FAULT)

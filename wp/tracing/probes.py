@@ -21,18 +21,18 @@ import platform
 from wp._native import check, ffi, lib
 from wp.errors import WPError
 
-__all__ = ["TracingUnavailable", "FaultProbes", "RawEvent", "check_prerequisites",
+__all__ = ["TracingUnavailable", "FaultProbes", "RawEvent", "Event", "events_of", "check_prerequisites",
            "program_path", "wpffi_path", "btf_member_offset", "DEFAULT_TRACEFS", "COUNTER_NAMES", "USDT_LEVELS",
            "REC_FAULT", "REC_KSM_MERGE", "REC_KSM_MERGE_KSM", "REC_KSM_REMOVE", "REC_KSM_REMOVE_RMAP",
            "OUT_UFFD", "OUT_BLOCKED", "OUT_NO_END", "OUT_RETRY", "OUT_EXITED", "OUT_DAEMON_WAKE",
-           "OUT_DAEMON_WAKER"]
+           "OUT_DAEMON_WAKER", "OUT_LONG"]
 
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 
 # Mirrors of the constants in bpf/faults.c.
 REC_FAULT, REC_KSM_MERGE, REC_KSM_MERGE_KSM, REC_KSM_REMOVE, REC_KSM_REMOVE_RMAP = 1, 2, 3, 4, 5
-OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE, OUT_DAEMON_WAKER = \
-    1, 2, 4, 8, 16, 32, 64
+OUT_UFFD, OUT_BLOCKED, OUT_NO_END, OUT_RETRY, OUT_EXITED, OUT_DAEMON_WAKE, OUT_DAEMON_WAKER, OUT_LONG = \
+    1, 2, 4, 8, 16, 32, 64, 128
 COUNTER_NAMES = ("lost", "faults", "emitted", "unmatched_reads", "resolved", "overwritten", "ksm",
                  "unmatched_callbacks", "notes")
 
@@ -56,24 +56,48 @@ class TracingUnavailable(WPError):
 
 
 class RawEvent(ct.Structure):
-    """struct rec of bpf/faults.c, field for field."""
+    """struct rec of bpf/faults.c, field for field: a fault still in the
+    join map (FaultProbes.in_flight)."""
     _fields_ = [(name, ct.c_uint64) for name in (
-        "ts_fault", "ts_block", "ts_read", "ts_msg", "ts_cb_enter", "ts_cb_exit", "ts_ioctl",
+        "ts_fault", "ts_block", "ts_read", "ts_cb_enter", "ts_cb_exit", "ts_ioctl",
         "ts_waking", "ts_run", "addr", "ip", "error_code", "uffd_flags", "ioctl_cmd", "regs", "task")] + \
         [(name, ct.c_uint32) for name in (
             "pid", "tid", "handler_tid", "waker_tid", "how", "type", "outcome", "state", "cpu", "pad")]
 
-    def as_dict(self):
-        return {name: getattr(self, name) for name, _ in self._fields_ if name != "pad"}
+
+_DELTAS = ("block", "read", "cb_enter", "cb_exit", "ioctl", "waking")
 
 
-REC_SIZE = ct.sizeof(RawEvent)
+class Event(ct.Structure):
+    """struct out of bpf/faults.c: a record from the ring buffer. The times
+    between ts_fault and ts_run come as ns after ts_fault plus one (0: not
+    seen); the ts_* properties give them back as RawEvent has them."""
+    _fields_ = [(name, ct.c_uint64) for name in ("ts_fault", "ts_run", "addr", "ip")] + \
+        [("d_" + name, ct.c_uint32) for name in _DELTAS] + \
+        [(name, ct.c_uint32) for name in (
+            "error_code", "uffd_flags", "ioctl_cmd", "pid", "tid", "handler_tid", "waker_tid", "how")] + \
+        [("cpu", ct.c_uint16), ("type", ct.c_uint8), ("outcome", ct.c_uint8)]
+
+
+def _time_after_fault(name):
+    field = "d_" + name
+
+    def get(self):
+        d = getattr(self, field)
+        return self.ts_fault + d - 1 if d else 0
+    return property(get)
+
+
+for _name in _DELTAS:
+    setattr(Event, "ts_" + _name, _time_after_fault(_name))
+
+REC_SIZE = ct.sizeof(Event)
 _BATCH = 4096      # records copied out of the ring buffer per call
 
 
 def events_of(data):
-    """Returns the RawEvents in data, whole records as FaultProbes.read gives them."""
-    return [RawEvent.from_buffer_copy(data, off) for off in range(0, len(data), REC_SIZE)]
+    """Returns the Events in data, whole records as FaultProbes.read gives them."""
+    return [Event.from_buffer_copy(data, off) for off in range(0, len(data), REC_SIZE)]
 
 
 def program_path(name="faults"):
@@ -348,7 +372,7 @@ class FaultProbes:
 
     def read(self, timeout_ms=0):
         """Returns what the ring buffer holds as bytes, whole records of
-        REC_SIZE (struct rec), waiting up to timeout_ms for the first
+        REC_SIZE (struct out, Event), waiting up to timeout_ms for the first
         (0: do not wait; -1: until one arrives)."""
         if timeout_ms:
             lib.wp_ringbuf_wait(self._rb, timeout_ms)
@@ -364,7 +388,7 @@ class FaultProbes:
         return data
 
     def poll(self, timeout_ms=0):
-        """Like read, as a list of RawEvent."""
+        """Like read, as a list of Event."""
         return events_of(self.read(timeout_ms))
 
     def counters(self):

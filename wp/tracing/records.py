@@ -150,6 +150,8 @@ def to_record(raw, async_regions=()):
            "blocked": bool(raw.outcome & _p.OUT_BLOCKED), "cpu": raw.cpu if raw.ts_run else None}
     if raw.outcome & _p.OUT_RETRY:
         rec["retry"] = True
+    if raw.outcome & _p.OUT_LONG:
+        rec["capped"] = True       # a time over ~4.3 s after the fault: its phases are approximate
     if kind in UFFD_KINDS and not raw.outcome & _p.OUT_UFFD:
         rec["inferred"] = True     # from the waker, not from a message
     if kind in UFFD_KINDS:
@@ -162,7 +164,7 @@ def to_record(raw, async_regions=()):
     if raw.waker_tid:
         rec["waker_tid"] = raw.waker_tid
     rec["times"] = {name: getattr(raw, "ts_" + name) for name in
-                    ("fault", "block", "read", "msg", "cb_enter", "cb_exit", "ioctl", "waking", "run")
+                    ("fault", "block", "read", "cb_enter", "cb_exit", "ioctl", "waking", "run")
                     if getattr(raw, "ts_" + name)}
     return rec
 
