@@ -413,6 +413,18 @@ class FaultProbes:
         table.clear()
         return out
 
+    def detach(self):
+        """Stops the programs, keeping the maps: what they wrote stays
+        readable (read, in_flight, counters), and no fault moves from the
+        join map to the ring buffer between two reads."""
+        bpf = self.bpf
+        for tp in list(bpf.raw_tracepoint_fds):
+            bpf.detach_raw_tracepoint(tp)
+        for tp in list(bpf.tracepoint_fds):
+            bpf.detach_tracepoint(tp)
+        for ev in list(bpf.uprobe_fds):
+            bpf.detach_uprobe_event(ev)
+
     def close(self):
         if self._rb is not None:
             lib.wp_ringbuf_close(self._rb)

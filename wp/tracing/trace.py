@@ -161,10 +161,11 @@ class Tracer:
             self._thread = None
         if self.probes.bpf is None:
             return {}
+        self.probes.detach()       # the last records: none in flight moves meanwhile
         self.pump(0)
         in_flight = self.probes.in_flight()
         counters = self.probes.counters()
-        self.probes.close()        # nothing more comes in while converting
+        self.probes.close()
         if self._spool is not None:
             self._convert_spool()
         self._take(in_flight)
