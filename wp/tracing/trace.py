@@ -17,8 +17,8 @@ the same points from outside, for a uffd handler that is not wp's.
 
 In-process use (tests, benchmarks: the session runs in this process)::
 
-    notes = session.set_trace(True)
-    with Tracer(target_pid, daemon_pid=os.getpid(), notes=notes, path="t.jsonl") as tr:
+    with Tracer(target_pid, daemon_pid=os.getpid(), notes=True, path="t.jsonl") as tr:
+        session.set_trace(NotesMap(tr.probes.notes_fd))     # wp.notes
         ...                 # faults happen; tr.pump() drains the ring buffer
     tr.records              # the records (also written to path)
 
@@ -27,9 +27,9 @@ Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
 import argparse
 import json
 import os
-import tempfile
 import signal
 import sys
+import tempfile
 import threading
 import time
 
