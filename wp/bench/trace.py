@@ -9,9 +9,11 @@ tracepoints and the fault loop's resolve notes; every phase), "lean" (no
 notes: the daemon's turn is one phase), "syscalls" (the daemon seen from
 outside: syscall tracepoints and the callback USDT probe, as for a uffd
 handler that is not wp's). The overhead is the ratio of the medians (and of
-the means) of traced and untraced writes; the goal is <= 10% for the
-default. The machine is shared and noisy: compare the numbers of one run. The verdict (goal_met) takes the median over rounds of each
-round's traced median over the untraced one before it.
+the means) of traced and untraced writes, and, the verdict (goal_met: <= 10%
+for the default), the median over rounds of each round's traced median over
+the untraced one just before it. The machine is shared and noisy: compare
+the numbers of one run. The tracer process runs on the CPUs the writer and
+the handler do not use, when there are any.
 
 CLI: ``add_arguments(parser)`` then ``main(args)`` (an argparse Namespace,
 or a list of strings).
