@@ -421,3 +421,18 @@ def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
     assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 8
     wp(wpd, "detach", t.pid)
     assert_untouched(t)
+
+
+@needs_bcc
+def test_wp_trace_bad_targets(wpd, memtarget, tmp_path):
+    """No such process: exit 1, nothing traced. A process wpd has not
+    attached: said so, and only its ordinary faults are traced."""
+    r = wp(wpd, "trace", 999999, "-o", tmp_path / "none.jsonl", "--duration", "1", check=False)
+    assert r.returncode == 1 and "no process 999999" in r.stderr
+    assert not (tmp_path / "none.jsonl").exists()
+    t = memtarget("anon", 4)
+    out = tmp_path / "t.jsonl"
+    r = wp(wpd, "trace", t.pid, "-o", out, "--duration", "1")
+    assert "is not attached to wpd (`wp attach %d` first)" % t.pid in r.stderr
+    assert out.read_text().splitlines()[-1].startswith('{"kind":"meta"')
+    assert_untouched(t)

@@ -22,7 +22,8 @@ In-process use (tests, benchmarks: the session runs in this process)::
         ...                 # faults happen; tr.pump() drains the ring buffer
     tr.records              # the records (also written to path)
 
-Returns exit codes like the rest of wp: 0, 1 (tracing failed), 2 (usage).
+Returns exit codes like the rest of wp: 0, 1 (tracing failed, no such
+process), 2 (usage), 3 (no wpd to ask).
 """
 import argparse
 import json
@@ -262,11 +263,12 @@ def _wpd(args, *requests):
 
 
 def _wpd_target(args):
-    """Returns (wpd's pid, the target's async-WP regions)."""
+    """Returns (wpd's pid, the target's async-WP regions, whether wpd has
+    the target attached)."""
     st, stats = _wpd(args, {"op": "status"}, {"op": "stats", "pid": args.pid})
     async_regions = [(int(r["start"], 16), int(r["end"], 16))
                      for r in (stats.get("stats") or {}).get("regions", []) if r.get("mode") == "async"]
-    return st.get("daemon_pid"), async_regions
+    return st.get("daemon_pid"), async_regions, bool(stats.get("ok"))
 
 
 def _wpd_trace(args, notes_fd, usdt):
@@ -309,17 +311,25 @@ def main(argv=None):
         print(_probes.FaultProbes(args.pid, args.daemon_pid or 0, notes=not args.lean,
                                   syscalls=args.syscalls, ksm=args.ksm, usdt=args.usdt).text())
         return 0
+    if not os.path.isdir("/proc/%d" % args.pid):
+        print("wp trace: no process %d (`wp status` lists the attached ones)" % args.pid, file=sys.stderr)
+        return 1
     async_regions = []
     daemon_pid = args.daemon_pid
     via_wpd = daemon_pid is None
     if via_wpd:
         try:
-            daemon_pid, async_regions = _wpd_target(args)
+            daemon_pid, async_regions, attached = _wpd_target(args)
         except OSError as err:
             print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
                   file=sys.stderr)
-            return 1
-        args.notes = True
+            return 3
+        if not attached:
+            print("wp trace: pid %d is not attached to wpd (`wp attach %d` first): only its ordinary "
+                  "page faults%s are traced" % (args.pid, args.pid, " and KSM events" if args.ksm else ""),
+                  file=sys.stderr)
+            via_wpd = False
+        args.notes = attached
     elif not args.notes and not args.lean:
         args.syscalls = True     # a uffd handler that is not wp's: see it from outside
     if args.lean:
