@@ -521,6 +521,74 @@ def test_redis_servers_holding_same_data(spawn, dedupe, tmp_path):
     assert cli(sock1, "GET", "key:5") == "x"
 
 
+KILLED_DAEMON_FORK = r"""
+import sys, time
+from wp.protectors.dedupe import DedupeProtector
+from wp.session import Session
+from wp.space import ProcessSpace
+pid = int(sys.argv[1])
+prot = DedupeProtector(auto=False)
+s = Session(ProcessSpace.attached(pid), prot, regions=["anon"])
+s.start()
+prot.scan_once(); prot.scan_once()
+print("merged", prot.stats()["pages_merged"], prot.guardian.pid, flush=True)
+sys.stdin.readline()      # the target forked
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    prot.scan_once()      # learns the child's pid, tells the guardian
+    kids = prot.stats()["children"]
+    if kids and all(kids):
+        break
+    time.sleep(0.05)      # the fork event may still be on its way
+print("children", *kids, flush=True)
+time.sleep(1000)
+"""
+
+
+def test_wpd_killed_guardian_unmerges_a_forked_child(dd, tmp_path):
+    """A child forked by a merged target maps store pages too: when wpd is
+    killed, the guardian unmerges it as well, and its DONTNEED reads zeros
+    with no daemon left."""
+    t = dd(1024, 16)
+    script = tmp_path / "wpd_like.py"
+    script.write_text(KILLED_DAEMON_FORK)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = subprocess.Popen([sys.executable, str(script), str(t.pid)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        w = d.stdout.readline().split()
+        assert w[0] == "merged" and int(w[1]) > 0, w
+        guardian = int(w[2])
+        w = t.cmd("K")
+        assert w[0] == "child"
+        child = int(w[1])
+        d.stdin.write("forked\n")
+        d.stdin.flush()
+        assert d.stdout.readline().split() == ["children", str(child)]
+        with open("/proc/%d/maps" % child) as f:
+            assert STORE_NAME in f.read()
+        os.kill(d.pid, signal.SIGKILL)
+        d.wait(10)
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait()
+        d.stdout.close()
+        d.stdin.close()
+    deadline = time.monotonic() + 30
+    while os.path.exists("/proc/%d" % guardian) and time.monotonic() < deadline:
+        with open("/proc/%d/stat" % guardian) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    with open("/proc/%d/maps" % child) as f:
+        assert STORE_NAME not in f.read()
+    assert t.store_maps() == 0
+    # The child checks every page and that DONTNEED reads zeros: anonymous.
+    assert t.cmd("J %d" % child) == ["child", "0"]
+    assert t.check() == 0
+
+
 def test_detach_unmerges_a_forked_child(dd, dedupe):
     t = dd(1024, 16)
     s, prot = dedupe(t)

@@ -77,7 +77,9 @@ If wpd is killed (-9), the guardian — a small process wpd starts once, in
 its own session — holds a copy of each target's MINOR/REMOVE uffd and a
 journal of pages DONTNEED'd but not read back. When its socket to wpd
 reads EOF it serves those uffds and unmerges every target the same way,
-then exits. (Children forked by a target are not known to the guardian.)
+then exits. Children a target forks are handed to the guardian too, once
+a scan pass has learnt their pid (the fork event comes before the child is
+linked to its parent).
 
 Knobs (KSM's names)
 -------------------

@@ -255,6 +255,8 @@ class DedupeProtector(WriteProtector):
             log.exception("pid %d: unmerge at detach failed", self.pid)
         self._resolve_children()
         for m in self.children:
+            if self.guardian is not None and m.pid:
+                self.guardian.forget(m.pid)
             # A forked child still alive maps store pages too: unmerge it,
             # or its DONTNEED semantics would go with our uffd.
             if m.pid and os.path.exists("/proc/%d" % m.pid):
@@ -1015,6 +1017,11 @@ class DedupeProtector(WriteProtector):
         kids = sorted(k for k in kids if k not in known)
         for m, pid in zip(unknown, kids):
             m.pid = pid
+            if self.guardian is not None:
+                # If wpd dies, the guardian unmerges the child too (it
+                # inherited the coredump_filter wp set in its parent).
+                self.guardian.add(pid, m.uffd.fd, self._coredump_filter)
+                self.journal_removed(m)
 
     def forked(self, parent, fd):
         """A merged range was inherited by a forked child: serve its MINOR
@@ -1046,11 +1053,12 @@ class DedupeProtector(WriteProtector):
         return n
 
     def journal_removed(self, m):
-        """m's removed pages changed: tell the guardian (if m is ours)."""
-        if m is self.b and self.guardian is not None:
+        """m's removed pages changed: tell the guardian (the target's own,
+        or a forked child's whose pid is known)."""
+        if self.guardian is not None and (m is self.b or m.pid):
             with self.lock:
                 pages = list(m.removed)
-            self.guardian.removed(self.pid, pages)
+            self.guardian.removed(self.pid if m is self.b else m.pid, pages)
 
     # -- file-backed memory: measured only -----------------------------------
 
