@@ -216,6 +216,10 @@ class Daemon:
                 tracer_pid, fd = req["notes_map"]
                 notes = NotesMap.from_process(int(tracer_pid), int(fd))
             session.set_trace(notes, bool(req.get("usdt")))
+            if notes is not None:
+                log.info("pid %d: resolve notes on, for wp trace %s", session.pid, tracer_pid)
+            else:
+                log.info("pid %d: resolve notes off", session.pid)
             return {"notes": notes is not None, "usdt": session.usdt}
         if op == "ping":
             return {"daemon_pid": os.getpid()}
