@@ -59,7 +59,7 @@
  * blocks again still inside an exception, a new record starts (flag RETRY)
  * from its last t_run.
  *
- * # What it costs: see wp bench trace (README, "Tracing").
+ * # What it costs: wp bench trace (README, "Fault anatomy").
  * Every probe here runs for every process on the machine, so each leaves as
  * early as it can; the reader is not woken per record.
  */
