@@ -50,6 +50,17 @@ def notes_to(tracer, session):
     session.set_trace(NotesMap(tracer.probes.notes_fd))
 
 
+def write_pages(p, n, value, after_each=None):
+    """Makes memtarget p write value to its pages 0..n-1, one "w" each
+    (calling after_each() after each)."""
+    for i in range(n):
+        p.stdin.write("w %d %d\n" % (i, value))
+        p.stdin.flush()
+        assert p.stdout.readline().startswith("done")
+        if after_each:
+            after_each()
+
+
 def spawn_memtarget(target_bin, spawn, npages):
     """Returns (process, pid, addr, length, page size, its two uffds)."""
     p = spawn([target_bin("memtarget"), "anon", str(npages)])
@@ -61,14 +72,12 @@ def spawn_memtarget(target_bin, spawn, npages):
 def traced(target_bin, spawn):
     """Yields (target, tracer): N pages of anon memory protected by the trace
     protector, traced with resolve notes; both closed at teardown."""
-    p = spawn([target_bin("memtarget"), "anon", str(N)])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, N)
     tracer = Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True)
     tracer.start()
     session = None
     try:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        space = ProcessSpace.cooperative(pid, uffds)
         session = Session(space, TraceProtector(), regions=[(addr, addr + length)]).start()
         notes_to(tracer, session)
         t = Target(p, session, addr, length, psize)
@@ -205,10 +214,7 @@ def test_c_handler_merges_the_callback_phase(target_bin, spawn, view):
         with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c") as s:
             if view == "notes":
                 notes_to(tr, s)
-            for i in range(4):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, 4, 7)
             tr.pump(100)
     wp = [r for r in tr.records if r["kind"] == "wp"]
     assert len(wp) == 4
@@ -235,10 +241,7 @@ def test_notes_agree_with_the_syscalls(target_bin, spawn):
         space = ProcessSpace.cooperative(pid, uffds)
         with Session(space, TraceProtector(), regions=region) as s:
             notes_to(by_notes, s)
-            for i in range(n):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, n, 7)
             by_notes.pump(100)
             by_syscalls.pump(100)
     a = {r["addr"]: r for r in by_notes.records if r["kind"] == "wp"}
@@ -259,16 +262,11 @@ def test_notes_agree_with_the_syscalls(target_bin, spawn):
 @needs_bcc
 def test_lean_profile(target_bin, spawn):
     """No notes, syscall or USDT probes: the daemon's turn is one phase."""
-    p = spawn([target_bin("memtarget"), "anon", "4"])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        space = ProcessSpace.cooperative(pid, uffds)
         with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
-            for i in range(4):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, 4, 7)
             tr.pump(100)
     wp = [r for r in tr.records if r["kind"] == "wp"]
     assert len(wp) == 4 and all(r.get("inferred") for r in wp)
@@ -284,19 +282,14 @@ def test_lost_events_are_counted(target_bin, spawn, tmp_path):
     """A one-page ring buffer that is not drained: what does not fit is
     counted as lost and written to the trace's closing line."""
     n = 64
-    p = spawn([target_bin("memtarget"), "anon", str(n)])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length = int(pid), int(addr, 16), int(length, 16)
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, n)
     path = tmp_path / "small.jsonl"
     tr = Tracer(pid, daemon_pid=os.getpid(), path=str(path), regions=[(addr, addr + length)],
                 ringbuf_pages=1).start()
     try:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        space = ProcessSpace.cooperative(pid, uffds)
         with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
-            for i in range(n):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, n, 7)
     finally:
         counters = tr.stop()
     recs, meta = records.read_trace(str(path))
@@ -309,18 +302,14 @@ def test_lost_events_are_counted(target_bin, spawn, tmp_path):
 
 @needs_bcc
 def test_ring_buffer_wraps(target_bin, spawn):
-    """A one-page ring buffer drained after every write: records (176 bytes
-    with their header) wrap around its end again and again; every one comes
-    out whole and in order (native/ringbuf.c reads the double mapping)."""
+    """A one-page ring buffer drained after every write: records (104 bytes
+    with their header) wrap around its end, one of them across it; every one
+    comes out whole and in order (native/ringbuf.c reads the double mapping)."""
     n = 64
     p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, n)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], ringbuf_pages=1) as tr:
         with Session(ProcessSpace.cooperative(pid, uffds), TraceProtector(), regions=[(addr, addr + length)]):
-            for i in range(n):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
-                tr.pump(0)
+            write_pages(p, n, 7, after_each=lambda: tr.pump(0))
     assert tr.final_counters["lost"] == 0
     wp = [r for r in tr.records if r["kind"] == "wp"]
     assert [int(r["addr"], 16) & ~(psize - 1) for r in wp] == [addr + i * psize for i in range(n)]
@@ -333,17 +322,12 @@ def test_ring_buffer_wraps(target_bin, spawn):
 def test_async_faults(target_bin, spawn):
     """Async WP: the kernel resolves the fault, no message; the trace names
     the faults in the async region "async"."""
-    p = spawn([target_bin("memtarget"), "anon", "4"])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
     region = (addr, addr + length)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[region], async_regions=[region]) as tr:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        space = ProcessSpace.cooperative(pid, uffds)
         with Session(space, TraceProtector(), regions=[region], mode="async") as s:
-            for i in range(4):
-                p.stdin.write("w %d 7\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, 4, 7)
             written = s.scan_written()
             tr.pump(100)
     assert sum(e - b for runs in written.values() for b, e in runs) == 4 * psize
@@ -371,17 +355,12 @@ class WakeFirst(WriteProtector):
 
 @needs_bcc
 def test_wake_then_retry(target_bin, spawn):
-    p = spawn([target_bin("memtarget"), "anon", "4"])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    pid, addr, length, psize = int(pid), int(addr, 16), int(length, 16), int(psize)
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True) as tr:
-        space = ProcessSpace.cooperative(pid, [int(u1), int(u2)])
+        space = ProcessSpace.cooperative(pid, uffds)
         with Session(space, WakeFirst(), regions=[(addr, addr + length)]) as s:
             notes_to(tr, s)
-            for i in range(4):
-                p.stdin.write("w %d 9\n" % i)
-                p.stdin.flush()
-                assert p.stdout.readline().startswith("done")
+            write_pages(p, 4, 9)
             tr.pump(100)
     wp = [r for r in tr.records if r["kind"] == "wp"]
     for i in range(4):
