@@ -338,6 +338,15 @@ static int resume(struct wp_remote *r, int req, enum want want)
 	}
 }
 
+/* resume, then the registers the thread stopped with. */
+static int resume_regs(struct wp_remote *r, int req, enum want want, struct wp_regs *regs)
+{
+	int ret = resume(r, req, want);
+	if (ret < 0)
+		return ret;
+	return wp_remote_getregs(r->tid, regs);
+}
+
 /* ---- attach, inject, detach --------------------------------------------- */
 
 int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
@@ -437,19 +446,13 @@ int wp_remote_syscall(struct wp_remote *r, uint64_t nr, const uint64_t *args, in
 
 	/* Enter stop: the kernel has read the number into orig_rax and set rax
 	 * to -ENOSYS. Checking both catches a thread that went elsewhere. */
-	ret = resume(r, PTRACE_SYSCALL, WANT_SYSCALL);
-	if (ret < 0)
-		return ret;
-	ret = wp_remote_getregs(r->tid, &regs);
+	ret = resume_regs(r, PTRACE_SYSCALL, WANT_SYSCALL, &regs);
 	if (ret < 0)
 		return ret;
 	if (regs.orig_rax != nr || regs.rip != r->syscall_ip + 2 || regs.rax != (uint64_t)-ENOSYS)
 		return -EPROTO;
 
-	ret = resume(r, PTRACE_SYSCALL, WANT_SYSCALL);
-	if (ret < 0)
-		return ret;
-	ret = wp_remote_getregs(r->tid, &regs);
+	ret = resume_regs(r, PTRACE_SYSCALL, WANT_SYSCALL, &regs);
 	if (ret < 0)
 		return ret;
 	*result = (int64_t)regs.rax;
@@ -539,10 +542,7 @@ int64_t wp_remote_batch(struct wp_remote *r, struct wp_call *calls, uint64_t n, 
 		ret = wp_remote_setregs(r->tid, &regs);
 		if (ret < 0)
 			return ret;
-		ret = resume(r, PTRACE_CONT, WANT_BLOB_END);
-		if (ret < 0)
-			return ret;
-		ret = wp_remote_getregs(r->tid, &regs);
+		ret = resume_regs(r, PTRACE_CONT, WANT_BLOB_END, &regs);
 		if (ret < 0)
 			return ret;
 		if (regs.rip != r->blob + BLOB_AFTER_TGKILL && regs.rip != r->blob + BLOB_AFTER_INT3)
