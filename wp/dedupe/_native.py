@@ -20,6 +20,11 @@ def hash_bytes(data):
     return h[0]
 
 
+
+def _pfn(zero_pfn):
+    """The zero page's pfn for C: all ones when unknown (negative)."""
+    return zero_pfn if zero_pfn >= 0 else 2**64 - 1
+
 class Hasher:
     """Reads pages of one process in batches and hashes them.
 
@@ -131,15 +136,22 @@ class Scanner(Hasher):
         n = to - frm
         zero_idx = ffi.new("uint64_t[]", max(n, 1))
         stable_idx = ffi.new("uint64_t[]", max(n, 1))
+        nz, ns = self._count_stable(lambda c: lib.wp_dd_scan(
+            self.pid, region.start, self.page_size, region.pm, frm, to, _pfn(zero_pfn), region.hashes,
+            self.buf, self.batch, self.addrs, zero_idx, stable_idx, c))
+        return ffi.unpack(zero_idx, nz), ffi.unpack(stable_idx, ns)
+
+    def _count_stable(self, scan):
+        """Runs scan(counts): a wp_dd_scan* call, which sets counts[3] and
+        [4] to the stable zero and other pages it found. Returns those two
+        and adds them to the running totals there."""
         c = self.counts
         z0, s0 = c[3], c[4]
         c[3] = c[4] = 0
-        lib.wp_dd_scan(self.pid, region.start, self.page_size, region.pm, frm, to,
-                       zero_pfn if zero_pfn >= 0 else 2**64 - 1, region.hashes,
-                       self.buf, self.batch, self.addrs, zero_idx, stable_idx, c)
+        scan(c)
         nz, ns = c[3], c[4]
         c[3], c[4] = z0 + nz, s0 + ns
-        return ffi.unpack(zero_idx, nz), ffi.unpack(stable_idx, ns)
+        return nz, ns
 
     def verify(self, region):
         """Returns (broken, absent) page indexes of merged pages (wp_dd_verify)."""
@@ -165,14 +177,9 @@ class Scanner(Hasher):
         zp = ffi.new("uint64_t[]", max(n, 1))
         si = ffi.new("uint64_t[]", max(n, 1))
         sp = ffi.new("uint64_t[]", max(n, 1))
-        c = self.counts
-        z0, s0 = c[3], c[4]
-        c[3] = c[4] = 0
-        lib.wp_dd_scan_window(self.pid, region.start, self.page_size, region.pm, frm, to,
-                              zero_pfn if zero_pfn >= 0 else 2**64 - 1, region.hashes,
-                              self.buf, self.batch, self.addrs, zi, zp, si, sp, c)
-        nz, ns = c[3], c[4]
-        c[3], c[4] = z0 + nz, s0 + ns
+        nz, ns = self._count_stable(lambda c: lib.wp_dd_scan_window(
+            self.pid, region.start, self.page_size, region.pm, frm, to, _pfn(zero_pfn), region.hashes,
+            self.buf, self.batch, self.addrs, zi, zp, si, sp, c))
         return ffi.unpack(zi, nz), ffi.unpack(zp, nz), ffi.unpack(si, ns), ffi.unpack(sp, ns)
 
     def compare_at(self, store_base, pos, idx):
