@@ -37,6 +37,7 @@ are released.
 Output: an ELF core that ``gdb PROGRAM FILE`` opens (wp.elfcore), or with
 ``raw`` exactly the bytes of the single region.
 """
+import argparse
 import bisect
 import logging
 import os
@@ -676,7 +677,7 @@ def add_parser(subparsers):
                     "writes it. The default output is an ELF core that `gdb PROGRAM FILE` opens.",
         epilog="examples:\n  wp snapshot 1234 -o core.1234\n"
                "  wp snapshot 1234 --raw --region 7f0000000000-7f0000100000 -o region.bin\n",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pid", type=int)
     p.add_argument("-o", "--output", help="output file (default core.PID, or PID.raw with --raw)")
     p.add_argument("--region", action="append",
