@@ -379,41 +379,60 @@ s = Session(ProcessSpace.attached(pid), prot, regions=["anon"])
 s.start()
 prot.scan_once(); prot.scan_once()
 print("merged", prot.stats()["pages_merged"], prot.guardian.pid, flush=True)
+if sys.argv[2:] == ["fork"]:
+    sys.stdin.readline()      # the target forked
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        prot.scan_once()      # learns the child's pid, tells the guardian
+        kids = prot.stats()["children"]
+        if kids and all(kids):
+            break
+        time.sleep(0.05)      # the fork event may still be on its way
+    print("children", *kids, flush=True)
 time.sleep(1000)
 """
 
 
+class WpdLike:
+    """KILLED_DAEMON on target t: .guardian once it merged; kill() kills
+    it with -9 and waits for the guardian to have unmerged and exited."""
+
+    def __init__(self, t, tmp_path, *args):
+        script = tmp_path / "wpd_like.py"
+        script.write_text(KILLED_DAEMON)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen([sys.executable, str(script), str(t.pid), *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+        w = self.proc.stdout.readline().split()
+        assert w[0] == "merged" and int(w[1]) > 0, w
+        self.guardian = int(w[2])
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self.proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with open("/proc/%d/stat" % self.guardian) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        return
+            except FileNotFoundError:
+                return
+            time.sleep(0.05)
+        pytest.fail("guardian %d still running" % self.guardian)
+
+
 def test_wpd_killed_guardian_unmerges(dd, tmp_path):
     t = dd(2048, 16)
-    script = tmp_path / "wpd_like.py"
-    script.write_text(KILLED_DAEMON)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    d = subprocess.Popen([sys.executable, str(script), str(t.pid)], stdout=subprocess.PIPE,
-                         text=True, cwd=root)
+    d = WpdLike(t, tmp_path)
     try:
-        w = d.stdout.readline().split()
-        assert w[0] == "merged" and int(w[1]) > 0, w
-        guardian = int(w[2])
         assert t.store_maps() > 0
         assert t.cmd("d 4 1") == ["ok"]   # removed; wpd dies before it is read back
-        os.kill(d.pid, signal.SIGKILL)
-        d.wait(10)
     finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait()
-        d.stdout.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with open("/proc/%d/stat" % guardian) as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-        except FileNotFoundError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("guardian %d still running" % guardian)
+        d.kill()
     assert t.store_maps() == 0
     assert not any(e & pagemap.FILE_SHARED for e in t.entries())
     assert t.check() == 0
@@ -521,66 +540,23 @@ def test_redis_servers_holding_same_data(spawn, dedupe, tmp_path):
     assert cli(sock1, "GET", "key:5") == "x"
 
 
-KILLED_DAEMON_FORK = r"""
-import sys, time
-from wp.protectors.dedupe import DedupeProtector
-from wp.session import Session
-from wp.space import ProcessSpace
-pid = int(sys.argv[1])
-prot = DedupeProtector(auto=False)
-s = Session(ProcessSpace.attached(pid), prot, regions=["anon"])
-s.start()
-prot.scan_once(); prot.scan_once()
-print("merged", prot.stats()["pages_merged"], prot.guardian.pid, flush=True)
-sys.stdin.readline()      # the target forked
-deadline = time.monotonic() + 10
-while time.monotonic() < deadline:
-    prot.scan_once()      # learns the child's pid, tells the guardian
-    kids = prot.stats()["children"]
-    if kids and all(kids):
-        break
-    time.sleep(0.05)      # the fork event may still be on its way
-print("children", *kids, flush=True)
-time.sleep(1000)
-"""
-
-
 def test_wpd_killed_guardian_unmerges_a_forked_child(dd, tmp_path):
     """A child forked by a merged target maps store pages too: when wpd is
     killed, the guardian unmerges it as well, and its DONTNEED reads zeros
     with no daemon left."""
     t = dd(1024, 16)
-    script = tmp_path / "wpd_like.py"
-    script.write_text(KILLED_DAEMON_FORK)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    d = subprocess.Popen([sys.executable, str(script), str(t.pid)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=root)
+    d = WpdLike(t, tmp_path, "fork")
     try:
-        w = d.stdout.readline().split()
-        assert w[0] == "merged" and int(w[1]) > 0, w
-        guardian = int(w[2])
         w = t.cmd("K")
         assert w[0] == "child"
         child = int(w[1])
-        d.stdin.write("forked\n")
-        d.stdin.flush()
-        assert d.stdout.readline().split() == ["children", str(child)]
+        d.proc.stdin.write("forked\n")
+        d.proc.stdin.flush()
+        assert d.proc.stdout.readline().split() == ["children", str(child)]
         with open("/proc/%d/maps" % child) as f:
             assert STORE_NAME in f.read()
-        os.kill(d.pid, signal.SIGKILL)
-        d.wait(10)
     finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait()
-        d.stdout.close()
-        d.stdin.close()
-    deadline = time.monotonic() + 30
-    while os.path.exists("/proc/%d" % guardian) and time.monotonic() < deadline:
-        with open("/proc/%d/stat" % guardian) as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        time.sleep(0.05)
+        d.kill()
     with open("/proc/%d/maps" % child) as f:
         assert STORE_NAME not in f.read()
     assert t.store_maps() == 0
