@@ -25,6 +25,40 @@ from wp.space import ProcessSpace
 NCPU = os.cpu_count()
 
 
+class Held(SnapshotProtector):
+    """A snapshot whose copier waits for .go before it copies memory of
+    the kind held names: "sync" (_copy_sync) or "plain" (_copy_plain,
+    async-only memory)."""
+
+    def __init__(self, *args, held="sync", **kw):
+        super().__init__(*args, **kw)
+        self.go = threading.Event()
+        self.held = held
+
+    def _copy_sync(self, p):
+        if self.held == "sync":
+            self.go.wait(10)
+        super()._copy_sync(p)
+
+    def _copy_plain(self, p):
+        if self.held == "plain":
+            self.go.wait(10)
+        super()._copy_plain(p)
+
+
+def memtarget(target_bin, spawn, kind, npages):
+    """A memtarget process: (pid, addr, length, its two uffds, cmd(line) ->
+    the words of its answer)."""
+    p = spawn([target_bin("memtarget"), kind, str(npages)])
+    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
+
+    def cmd(line):
+        p.stdin.write(line + "\n")
+        p.stdin.flush()
+        return p.stdout.readline().split()
+    return int(pid), int(addr, 16), int(length, 16), [int(u1), int(u2)], cmd
+
+
 class Sweep:
     """A gen_sweep process."""
 
@@ -159,13 +193,6 @@ def test_snapshot_without_freeze_has_no_stop(sweep, tmp_path):
 
 def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
     """Pages written before the copier reaches them are copied first."""
-    class Held(SnapshotProtector):
-        go = threading.Event()
-
-        def _copy_sync(self, p):      # the copier waits until the target wrote
-            self.go.wait(10)
-            super()._copy_sync(p)
-
     t = sweep("anon", 4096)
     t.cmd("w 0 4096 1")
     out = tmp_path / "raw"
@@ -185,13 +212,6 @@ def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
 
 
 def test_target_exit_fails_the_snapshot(sweep, tmp_path):
-    class Held(SnapshotProtector):
-        go = threading.Event()
-
-        def _copy_sync(self, p):
-            self.go.wait(10)
-            super()._copy_sync(p)
-
     t = sweep("anon", 256)
     prot = Held(str(tmp_path / "raw"), raw=True)
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False)
@@ -227,15 +247,8 @@ def test_shared_file_copied_while_stopped(sweep, tmp_path):
 def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
     """Past freeze_copy_limit async-only memory is copied after the instant:
     the snapshot says so and counts the pages written meanwhile."""
-    class Held(SnapshotProtector):
-        go = threading.Event()
-
-        def _copy_plain(self, p):
-            self.go.wait(10)
-            super()._copy_plain(p)
-
     t = sweep("file", 512, str(tmp_path / "shared"))
-    prot = Held(str(tmp_path / "raw"), raw=True, freeze=False, freeze_copy_limit=0)
+    prot = Held(str(tmp_path / "raw"), raw=True, freeze=False, freeze_copy_limit=0, held="plain")
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False)
     s.start()
     try:
@@ -253,26 +266,12 @@ def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
 def test_pages_discarded_before_copy_are_reported(target_bin, spawn, tmp_path):
     """MADV_DONTNEED before the copier gets there: the REMOVE event lets the
     target go as soon as it is read, so the page is lost (zeros) and said so."""
-    class Held(SnapshotProtector):
-        go = threading.Event()
-
-        def _copy_sync(self, p):
-            self.go.wait(10)
-            super()._copy_sync(p)
-
-    p = spawn([target_bin("memtarget"), "anon", "16"])
-    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
-    addr, length = int(addr, 16), int(length, 16)
-
-    def cmd(line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
-        return p.stdout.readline().split()
+    pid, addr, length, uffds, cmd = memtarget(target_bin, spawn, "anon", 16)
     for i in range(16):
         assert cmd("w %d 7" % i)[0] == "done"
     out = tmp_path / "raw"
     prot = Held(str(out), raw=True)
-    s = Session(ProcessSpace.cooperative(int(pid), [int(u1), int(u2)]), prot,
+    s = Session(ProcessSpace.cooperative(pid, uffds), prot,
                 regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
     s.start()
     try:
@@ -295,25 +294,11 @@ def test_never_populated_pages_are_skipped(target_bin, spawn, tmp_path):
     """Anonymous pages never touched are zeros in the image without being
     read or written (the file stays sparse); one first written after the
     instant is still zeros there."""
-    class Held(SnapshotProtector):
-        go = threading.Event()
-
-        def _copy_sync(self, p):
-            self.go.wait(10)
-            super()._copy_sync(p)
-
-    p = spawn([target_bin("memtarget"), "anon-unpop", "256"])
-    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
-    addr, length = int(addr, 16), int(length, 16)
-
-    def cmd(line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
-        return p.stdout.readline().split()
+    pid, addr, length, uffds, cmd = memtarget(target_bin, spawn, "anon-unpop", 256)
     assert cmd("w 5 1")[0] == "done" and cmd("w 40 2")[0] == "done"
     out = tmp_path / "raw"
     prot = Held(str(out), raw=True, chunk=4096)
-    s = Session(ProcessSpace.cooperative(int(pid), [int(u1), int(u2)]), prot,
+    s = Session(ProcessSpace.cooperative(pid, uffds), prot,
                 regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
     s.start()
     try:
