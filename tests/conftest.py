@@ -65,3 +65,49 @@ def spawn():
         for f in (p.stdin, p.stdout, p.stderr):
             if f:
                 f.close()
+
+
+class Sweep:
+    """A gen_sweep process (tests/targets/gen_sweep.c), driven line by line."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        w = proc.stdout.readline().split()
+        assert w[0] == "ready", w
+        self.pid = int(w[1])
+        self.addr = int(w[2], 16)
+        self.length = int(w[3], 16)
+        self.page_size = int(w[4])
+        self.uffds = [int(w[5]), int(w[6])]
+        self.stats_addr = int(w[7], 16)
+
+    def cmd(self, line):
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def space(self):
+        """A Space for one session: the target makes two fresh uffds (a uffd
+        takes UFFDIO_API once)."""
+        if self.uffds is None:
+            w = self.cmd("u")
+            assert w[0] == "uffds", w
+            self.uffds = [int(w[1]), int(w[2])]
+        fds, self.uffds = self.uffds, None
+        from wp.space import ProcessSpace
+        return ProcessSpace.cooperative(self.pid, fds)
+
+    def write(self, idx, n, val=1):
+        """Pages idx..idx+n-1 written with val."""
+        assert self.cmd("w %d %d %d" % (idx, n, val)) == ["done"]
+
+    def range(self):
+        return "%x-%x" % (self.addr, self.addr + self.length)
+
+    def swept(self):
+        return int(self.cmd("c")[1])
+
+    def wp_pages(self):
+        from wp import pagemap
+        with pagemap.Pagemap(self.pid) as pm:
+            return sum(bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096))

@@ -16,11 +16,13 @@ import time
 
 import pytest
 
-from wp import maps, pagemap
+from wp import maps
 from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protectors.snapshot import SnapshotProtector, snapshot
 from wp.session import Session
 from wp.space import ProcessSpace
+
+from conftest import Sweep
 
 NCPU = os.cpu_count()
 
@@ -57,46 +59,6 @@ def memtarget(target_bin, spawn, kind, npages):
         p.stdin.flush()
         return p.stdout.readline().split()
     return int(pid), int(addr, 16), int(length, 16), [int(u1), int(u2)], cmd
-
-
-class Sweep:
-    """A gen_sweep process."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        w = proc.stdout.readline().split()
-        assert w[0] == "ready", w
-        self.pid = int(w[1])
-        self.addr = int(w[2], 16)
-        self.length = int(w[3], 16)
-        self.page_size = int(w[4])
-        self.uffds = [int(w[5]), int(w[6])]
-        self.stats_addr = int(w[7], 16)
-
-    def cmd(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def space(self):
-        """A Space for one session: the target makes two fresh uffds (a uffd
-        takes UFFDIO_API once)."""
-        if self.uffds is None:
-            w = self.cmd("u")
-            assert w[0] == "uffds", w
-            self.uffds = [int(w[1]), int(w[2])]
-        fds, self.uffds = self.uffds, None
-        return ProcessSpace.cooperative(self.pid, fds)
-
-    def range(self):
-        return "%x-%x" % (self.addr, self.addr + self.length)
-
-    def swept(self):
-        return int(self.cmd("c")[1])
-
-    def wp_pages(self):
-        with pagemap.Pagemap(self.pid) as pm:
-            return sum(bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096))
 
 
 @pytest.fixture

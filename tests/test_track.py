@@ -14,27 +14,7 @@ from wp.protectors.track import TrackProtector, main, track
 from wp.session import Session
 from wp.space import ProcessSpace
 
-
-class Sweep:
-    def __init__(self, proc):
-        self.proc = proc
-        w = proc.stdout.readline().split()
-        assert w[0] == "ready", w
-        self.pid = int(w[1])
-        self.addr = int(w[2], 16)
-        self.length = int(w[3], 16)
-        self.uffds = [int(w[5]), int(w[6])]
-
-    def cmd(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def write(self, idx, n, val=1):
-        assert self.cmd("w %d %d %d" % (idx, n, val)) == ["done"]
-
-    def range(self):
-        return "%x-%x" % (self.addr, self.addr + self.length)
+from conftest import Sweep
 
 
 @pytest.fixture
