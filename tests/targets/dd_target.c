@@ -97,6 +97,28 @@ static uint64_t now_ns(void)
 	return ts.tv_sec * 1000000000ULL + ts.tv_nsec;
 }
 
+/* What a forked child checks: every page as expected (10), and page 0
+ * reads zeros after MADV_DONTNEED (11: madvise failed, 12: not zeros). */
+static int child_checks(void)
+{
+	long first;
+	if (check_all(&first))
+		return 10;
+	if (madvise(base, PS, MADV_DONTNEED))
+		return 11;
+	for (int k = 0; k < PS; k++)
+		if (base[k])
+			return 12;
+	return 0;
+}
+
+static void print_child_status(pid_t child)
+{
+	int st = 0;
+	waitpid(child, &st, 0);
+	printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st));
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2) {
@@ -197,23 +219,16 @@ int main(int argc, char **argv)
 			fflush(stdout);
 			pid_t child = fork();
 			if (child == 0) {
-				long first;
-				if (check_all(&first))
-					_exit(10);
-				if (madvise(base, PS, MADV_DONTNEED))
-					_exit(11);
-				for (int k = 0; k < PS; k++)
-					if (base[k])
-						_exit(12);
+				int err = child_checks();
+				if (err)
+					_exit(err);
 				memset(base + PS, 7, PS);
 				for (int k = 0; k < PS; k++)
 					if (base[PS + k] != 7)
 						_exit(13);
 				_exit(0);
 			}
-			int st = 0;
-			waitpid(child, &st, 0);
-			printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st));
+			print_child_status(child);
 		} else if (cmd == 'K') {
 			fflush(stdout);
 			pid_t child = fork();
@@ -224,22 +239,12 @@ int main(int argc, char **argv)
 				sigaddset(&set, SIGUSR1);
 				sigprocmask(SIG_BLOCK, &set, NULL);
 				sigwait(&set, &sig);
-				long first;
-				if (check_all(&first))
-					_exit(10);
-				if (madvise(base, PS, MADV_DONTNEED))
-					_exit(11);
-				for (int k = 0; k < PS; k++)
-					if (base[k])
-						_exit(12);
-				_exit(0);
+				_exit(child_checks());
 			}
 			printf("child %d\n", child);
 		} else if (cmd == 'J') {
-			int st = 0;
 			kill(a, SIGUSR1);
-			waitpid(a, &st, 0);
-			printf("child %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 100 + WTERMSIG(st));
+			print_child_status(a);
 		} else if (cmd == 'q') {
 			return 0;
 		} else {
