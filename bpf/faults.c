@@ -309,6 +309,15 @@ static __always_inline void emit_no_end(struct rec *r, u32 outcome)
 	emit(r);
 }
 
+/* -DBARE: the per-fault programs return at once. What the probe firings
+ * alone cost the traced system, before any work (wp bench trace's "bare"
+ * profile): the floor of this probe set on a machine. */
+#ifdef BARE
+#define BARE_RETURN() return 0
+#else
+#define BARE_RETURN() do { } while (0)
+#endif
+
 /* ---- the writer: fault entry ------------------------------------------ */
 
 /* A raw tracepoint: its arguments come as they are (address, regs,
@@ -316,6 +325,7 @@ static __always_inline void emit_no_end(struct rec *r, u32 outcome)
  * every process pays for while the probe is attached. */
 RAW_TRACEPOINT_PROBE(page_fault_user)
 {
+	BARE_RETURN();
 	u64 id = bpf_get_current_pid_tgid();
 	if ((id >> 32) != TARGET_PID)
 		return 0;
@@ -653,6 +663,7 @@ static __always_inline void on_waking(u64 task)
  *          unsigned int prev_state) */
 RAW_TRACEPOINT_PROBE(sched_switch)
 {
+	BARE_RETURN();
 	int blocked = !ctx->args[0] && (u32)ctx->args[3] != 0;
 	on_switch(ctx->args[1], blocked, ctx->args[2]);
 	return 0;
@@ -661,6 +672,7 @@ RAW_TRACEPOINT_PROBE(sched_switch)
 /* TP_PROTO(struct task_struct *p) */
 RAW_TRACEPOINT_PROBE(sched_waking)
 {
+	BARE_RETURN();
 	on_waking(ctx->args[0]);
 	return 0;
 }

@@ -32,9 +32,10 @@ def test_bench_faults_json():
 def test_bench_trace_json():
     """wp bench trace: each profile's `wp trace` process saw every page
     write as one wp record (the default one with every phase, through the
-    notes map the bench's loop took from it); no timing asserted."""
+    notes map the bench's loop took from it), the bare one none; no timing
+    asserted."""
     r = subprocess.run([sys.executable, "-m", "wp.cli", "bench", "trace", "--json", "--pages", "64",
-                        "--rounds", "1", "--profile", "default", "--profile", "lean"],
+                        "--rounds", "1", "--profile", "default", "--profile", "lean", "--profile", "bare"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -50,3 +51,7 @@ def test_bench_trace_json():
     assert out["profiles"]["lean"]["wp_records"] >= 62
     assert {"to_read", "callback", "to_resolve", "wake"} <= set(out["profiles"]["default"]["trace_phases_us_median"])
     assert "handled" in out["profiles"]["lean"]["trace_phases_us_median"]
+    # bare: the same writes under probes that return at once: no record
+    bare = out["profiles"]["bare"]
+    assert bare["writes"] == 64 and bare["wp_records"] == bare["expected_records"] == 0
+    assert "goal_met" not in bare

@@ -6,7 +6,9 @@ once and times each write itself (the cost it sees, fault included). A
 traced pass runs `wp trace` (wp.tracing.trace) as a separate process, as a
 user would, in one of the PROFILES: "default" (what `wp trace` does: kernel
 tracepoints and the fault loop's resolve notes; every phase), "lean" (no
-notes: the daemon's turn is one phase), "syscalls" (the daemon seen from
+notes: the daemon's turn is one phase), "bare" (lean's probes, each program
+returning at once: what the probe firings alone cost, the floor of this
+probe set on the machine; no records), "syscalls" (the daemon seen from
 outside: syscall tracepoints and the callback USDT probe, as for a uffd
 handler that is not wp's). The overhead is the ratio of the medians (and of
 the means) of traced and untraced writes, and, the verdict (goal_met: <= 10%
@@ -46,24 +48,26 @@ def _stats(lat_ns):
             "us_p99": round(s[int(len(s) * 0.99)] / 1000, 3)}
 
 
-# What each profile asks of `wp trace`, and whether the fault loop fires the
-# callback USDT probe.
+# What each profile asks of `wp trace`, whether the fault loop fires the
+# callback USDT probe, and extra flags for the BPF program (bpf/faults.c).
 PROFILES = {
-    "default": (["--notes"], False),                            # every phase
-    "lean": (["--lean"], False),                                # to_block, handled, to_run
-    "syscalls": (["--syscalls", "--usdt", "callbacks"], True),  # every phase, seen from outside
+    "default": (["--notes"], False, ""),                            # every phase
+    "lean": (["--lean"], False, ""),                                # to_block, handled, to_run
+    "bare": (["--lean"], False, "-DBARE"),                          # firings only, no records
+    "syscalls": (["--syscalls", "--usdt", "callbacks"], True, ""),  # every phase, seen from outside
 }
 
 
 class _TraceProcess:
     """`python -m wp.tracing.trace PID -o FILE --daemon-pid ME ...` until stopped."""
 
-    def __init__(self, pid, path, extra, cpus=None):
+    def __init__(self, pid, path, extra, cpus=None, cflags=""):
         self.path = path
+        env = dict(os.environ, WP_TRACE_CFLAGS=cflags) if cflags else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wp.tracing.trace", str(pid), "-o", path,
              "--daemon-pid", str(os.getpid())] + extra,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         line = self.proc.stderr.readline()
         if "Tracing" not in line:
@@ -83,7 +87,8 @@ class _TraceProcess:
         return read_trace(self.path)
 
 
-def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default", "lean"), progress=None):
+def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default", "lean", "bare"),
+        progress=None):
     """Returns the comparison as a dict (see the module docstring). Each
     round writes the pages once untraced, then once under each profile."""
     for name in profiles:
@@ -112,9 +117,9 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
                 with s:
                     try:
                         if name != "untraced":
-                            extra, usdt = PROFILES[name]
+                            extra, usdt, cflags = PROFILES[name]
                             tracer = _TraceProcess(w.pid, os.path.join(tmp, "%s-%d.jsonl" % (name, rnd)),
-                                                   extra, tracer_cpus)
+                                                   extra, tracer_cpus, cflags)
                             s.set_trace(tracer.notes_map, usdt)
                         got = w.write()
                         lat[name].extend(got)
@@ -143,7 +148,7 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
         st["overhead_pct_paired"] = round(statistics.median(paired) * 100, 1)
         st["overhead_pct_rounds"] = [round(x * 100, 1) for x in paired]
         st["wp_records"] = len(recs[name])
-        st["expected_records"] = pages * rounds
+        st["expected_records"] = 0 if name == "bare" else pages * rounds
         st["lost"] = lost[name]
         tl = sorted(r["latency_ns"] for r in recs[name] if r.get("latency_ns"))
         if tl:
@@ -152,7 +157,8 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
             st["trace_phases_us_median"] = {
                 p: round(statistics.median(r["phases"].get(p, 0) for r in recs[name]) / 1000, 3)
                 for p in names}
-        st["goal_met"] = st["overhead_pct_paired"] <= 10.0
+        if name != "bare":
+            st["goal_met"] = st["overhead_pct_paired"] <= 10.0
         out["profiles"][name] = st
     return out
 
@@ -165,7 +171,7 @@ def add_arguments(p):
                    help="CPUs of writer and handler (default same)")
     p.add_argument("--handler", default="python", choices=["python", "c"], help="fault handler (default python)")
     p.add_argument("--profile", action="append", choices=list(PROFILES),
-                   help="tracing profile to compare (repeatable; default: default and lean)")
+                   help="tracing profile to compare (repeatable; default: default, lean and bare)")
     return p
 
 
@@ -174,7 +180,7 @@ def main(args=None):
     if args is None or isinstance(args, list):
         args = add_arguments(argparse.ArgumentParser(prog="wp bench trace")).parse_args(args)
     prog = None if args.json else (lambda s: print("bench trace: " + s, file=sys.stderr))
-    out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or ("default", "lean")),
+    out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or ("default", "lean", "bare")),
               prog)
     if args.json:
         print(json.dumps(out))
