@@ -55,22 +55,35 @@ int64_t wp_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, uint64_t f
 	return n;
 }
 
-/* process_vm_readv takes at most IOV_MAX (1024) remote iovecs per call. */
+/* process_vm_readv takes at most IOV_MAX (1024) remote iovecs per call.
+ * Consecutive chunks go in one iovec: the kernel pins a remote iovec's pages
+ * up to 16 at a time, taking the target's mmap lock for each batch, so a
+ * page per iovec costs a lock round trip and a page walk per page (reading
+ * 1 GiB page by page took ~0.28 s here). */
 static int64_t vm_rw(int write, int pid, void *local, const uint64_t *addrs,
 		     uint64_t n, uint64_t chunk)
 {
 	struct iovec liov, riov[IOV_MAX];
 	uint64_t done = 0;
 	while (done < n) {
-		uint64_t k = n - done > IOV_MAX ? IOV_MAX : n - done;
-		for (uint64_t i = 0; i < k; i++) {
-			riov[i].iov_base = (void *)(uintptr_t)addrs[done + i];
-			riov[i].iov_len = chunk;
+		uint64_t k = 0, nv = 0;
+		while (done + k < n) {
+			uint64_t a = addrs[done + k];
+			if (nv && (uint64_t)(uintptr_t)riov[nv - 1].iov_base + riov[nv - 1].iov_len == a) {
+				riov[nv - 1].iov_len += chunk;
+			} else if (nv < IOV_MAX) {
+				riov[nv].iov_base = (void *)(uintptr_t)a;
+				riov[nv].iov_len = chunk;
+				nv++;
+			} else {
+				break;
+			}
+			k++;
 		}
 		liov.iov_base = (char *)local + done * chunk;
 		liov.iov_len = k * chunk;
-		ssize_t r = write ? process_vm_writev(pid, &liov, 1, riov, k, 0)
-				  : process_vm_readv(pid, &liov, 1, riov, k, 0);
+		ssize_t r = write ? process_vm_writev(pid, &liov, 1, riov, nv, 0)
+				  : process_vm_readv(pid, &liov, 1, riov, nv, 0);
 		if (r < 0)
 			return done ? (int64_t)(done * chunk) : -errno;
 		done += r / chunk;

@@ -108,3 +108,37 @@ def test_take_written_reports_and_rearms(memtarget, kind):
 def test_no_such_process():
     with pytest.raises(FileNotFoundError):
         Pagemap((1 << 22) + 1)
+
+
+def test_vm_read_keeps_order_and_stops_at_a_hole():
+    """wp_vm_read (native/proc.c) reads adjacent pages in one iovec, in the
+    order asked, and a partial read still ends exactly at the first
+    unreadable page, inside an iovec: of pages 5, 0, 1, 2, 3, 4 with page 3
+    PROT_NONE, the first four come back."""
+    import ctypes
+    import mmap
+    import os
+
+    from wp._native import ffi, lib
+    ps = mmap.PAGESIZE
+    m = mmap.mmap(-1, 6 * ps)
+    for i in range(6):
+        m[i * ps:(i + 1) * ps] = bytes([i + 1]) * ps
+    base = int(ffi.cast("uint64_t", ffi.from_buffer(m)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    buf = ffi.new("char[]", 6 * ps)
+    # Out of order and adjacent: 5, then 0-1-2-3 (one iovec), then 4.
+    order = [5, 0, 1, 2, 3, 4]
+    addrs = ffi.new("uint64_t[]", [base + i * ps for i in order])
+    assert lib.wp_vm_read(os.getpid(), buf, addrs, 6, ps) == 6 * ps
+    assert bytes(ffi.buffer(buf, 6 * ps)) == b"".join(bytes([i + 1]) * ps for i in order)
+    assert libc.mprotect(base + 3 * ps, ps, 0) == 0, ctypes.get_errno()
+    try:
+        buf = ffi.new("char[]", 6 * ps)
+        assert lib.wp_vm_read(os.getpid(), buf, addrs, 6, ps) == 4 * ps
+        assert bytes(ffi.buffer(buf, 4 * ps)) == b"".join(bytes([i + 1]) * ps for i in (5, 0, 1, 2))
+    finally:
+        libc.mprotect(base + 3 * ps, ps, mmap.PROT_READ | mmap.PROT_WRITE)
+    del buf
+    m.close()
