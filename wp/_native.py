@@ -11,13 +11,14 @@ from wp._wpffi import ffi, lib
 __all__ = ["ffi", "lib", "check"]
 
 
-def check(ret, what):
+def check(ret, what, *args):
     """Returns ret, or raises OSError for a negative (-errno) ret.
 
     ``what`` names the syscall or ioctl and its arguments, e.g.
-    ``"ioctl(UFFDIO_REGISTER, 0x7f00..+0x1000)"``.
+    ``"ioctl(UFFDIO_REGISTER, 0x7f00..+0x1000)"``; with args, it is a
+    format for them, only formatted on error (hot paths make many calls).
     """
     if ret < 0:
         err = -ret
-        raise OSError(err, "%s (originated from %s)" % (os.strerror(err), what))
+        raise OSError(err, "%s (originated from %s)" % (os.strerror(err), what % args if args else what))
     return ret

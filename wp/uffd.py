@@ -120,50 +120,50 @@ class Userfaultfd:
         """Registers [start, start+length); returns the ioctl mask allowed there."""
         out = ffi.new("uint64_t *")
         check(lib.wp_uffd_register(self.fd, start, length, mode, out),
-              "ioctl(UFFDIO_REGISTER, %#x+%#x, mode=%#x)" % (start, length, mode))
+              "ioctl(UFFDIO_REGISTER, %#x+%#x, mode=%#x)", start, length, mode)
         return out[0]
 
     def unregister(self, start, length):
         check(lib.wp_uffd_unregister(self.fd, start, length),
-              "ioctl(UFFDIO_UNREGISTER, %#x+%#x)" % (start, length))
+              "ioctl(UFFDIO_UNREGISTER, %#x+%#x)", start, length)
 
     def protect(self, start, length, dontwake=False):
         mode = lib.UFFDIO_WRITEPROTECT_MODE_WP
         if dontwake:
             mode |= lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE
         check(lib.wp_uffd_writeprotect(self.fd, start, length, mode),
-              "ioctl(UFFDIO_WRITEPROTECT, %#x+%#x, WP)" % (start, length))
+              "ioctl(UFFDIO_WRITEPROTECT, %#x+%#x, WP)", start, length)
 
     def unprotect(self, start, length, dontwake=False):
         """Removes write protection (and wakes writers blocked there)."""
         mode = lib.UFFDIO_WRITEPROTECT_MODE_DONTWAKE if dontwake else 0
         check(lib.wp_uffd_writeprotect(self.fd, start, length, mode),
-              "ioctl(UFFDIO_WRITEPROTECT, %#x+%#x, 0)" % (start, length))
+              "ioctl(UFFDIO_WRITEPROTECT, %#x+%#x, 0)", start, length)
 
     def wake(self, start, length):
-        check(lib.wp_uffd_wake(self.fd, start, length), "ioctl(UFFDIO_WAKE, %#x+%#x)" % (start, length))
+        check(lib.wp_uffd_wake(self.fd, start, length), "ioctl(UFFDIO_WAKE, %#x+%#x)", start, length)
 
     def zeropage(self, start, length, dontwake=False):
         """Maps zero pages on a missing range; returns the bytes mapped."""
         mode = lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE if dontwake else 0
         return check(lib.wp_uffd_zeropage(self.fd, start, length, mode),
-                     "ioctl(UFFDIO_ZEROPAGE, %#x+%#x)" % (start, length))
+                     "ioctl(UFFDIO_ZEROPAGE, %#x+%#x)", start, length)
 
     def copy(self, dst, src, length, wp=False, dontwake=False):
         """Copies from this process's src into the uffd's mm at dst."""
         mode = (lib.UFFDIO_COPY_MODE_WP if wp else 0) | (lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0)
         return check(lib.wp_uffd_copy(self.fd, dst, src, length, mode),
-                     "ioctl(UFFDIO_COPY, %#x<-%#x+%#x)" % (dst, src, length))
+                     "ioctl(UFFDIO_COPY, %#x<-%#x+%#x)", dst, src, length)
 
     def continue_(self, start, length, wp=False, dontwake=False):
         """Maps the page cache pages already there (minor faults)."""
         mode = (lib.UFFDIO_CONTINUE_MODE_WP if wp else 0) | (lib.UFFDIO_CONTINUE_MODE_DONTWAKE if dontwake else 0)
         return check(lib.wp_uffd_continue(self.fd, start, length, mode),
-                     "ioctl(UFFDIO_CONTINUE, %#x+%#x)" % (start, length))
+                     "ioctl(UFFDIO_CONTINUE, %#x+%#x)", start, length)
 
     def move(self, dst, src, length, allow_holes=False, dontwake=False):
         """Moves anonymous pages within the uffd's mm from src to dst."""
         mode = ((lib.UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES if allow_holes else 0)
                 | (lib.UFFDIO_MOVE_MODE_DONTWAKE if dontwake else 0))
         return check(lib.wp_uffd_move(self.fd, dst, src, length, mode),
-                     "ioctl(UFFDIO_MOVE, %#x<-%#x+%#x)" % (dst, src, length))
+                     "ioctl(UFFDIO_MOVE, %#x<-%#x+%#x)", dst, src, length)
