@@ -350,7 +350,12 @@ def main(args=None):
                         (what scripts/demo can show)
     Returns the exit status (0).
     """
-    ap = argparse.ArgumentParser(prog="wp bench dedupe", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="wp bench dedupe", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="examples:\n"
+                                        "  wp bench dedupe --json              1 GiB, KSM then wp dedupe\n"
+                                        "  wp bench dedupe --size 256 --only wp\n"
+                                        "  wp bench dedupe --demo              three python3 processes\n")
     ap.add_argument("--size", type=int, default=1024, help="MiB of anonymous memory (1024)")
     ap.add_argument("--distinct", type=int, default=1000, help="distinct duplicate contents")
     ap.add_argument("--only", choices=("ksm", "wp"))

@@ -178,7 +178,17 @@ def add_arguments(p):
 def main(args=None):
     """Runs `wp bench trace`; returns the exit code."""
     if args is None or isinstance(args, list):
-        args = add_arguments(argparse.ArgumentParser(prog="wp bench trace")).parse_args(args)
+        ap = argparse.ArgumentParser(
+            prog="wp bench trace", formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="What tracing costs a write fault: rounds of page writes, untraced and\n"
+                        "traced by a `wp trace` process in turn. Profiles: default (every phase),\n"
+                        "lean (no resolve notes), bare (the probes returning at once: the floor),\n"
+                        "syscalls (the daemon seen through syscall tracepoints).",
+            epilog="examples:\n"
+                   "  wp bench trace --rounds 10 --json        default, lean and bare, 10 rounds\n"
+                   "  wp bench trace --profile default --handler c\n"
+                   "  wp bench trace --placement split         writer and handler on two CPUs\n")
+        args = add_arguments(ap).parse_args(args)
     prog = None if args.json else (lambda s: print("bench trace: " + s, file=sys.stderr))
     out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or ("default", "lean", "bare")),
               prog)
