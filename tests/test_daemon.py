@@ -192,6 +192,32 @@ def test_refuse_self_second_attach_and_bad_ranges(wpd, memtarget):
     assert t.read(1) == (3, 3 * 4096)
 
 
+def test_snapshot_and_track_of_a_wpd_target_name_the_fix(wpd, memtarget, tmp_path):
+    """A page takes one userfaultfd at a time: wp snapshot and wp track of
+    a process wpd protects are refused (exit 4) with the fix named (wp
+    detach), and change nothing: wpd still sees the next write."""
+    t = memtarget("anon", 8)
+    wp(wpd, "attach", t.pid, "--region", "anon")
+    maps_before = slurp("/proc/%d/maps" % t.pid)
+    for cmd in (["snapshot", t.pid, "-o", tmp_path / "core"],
+                ["track", t.pid, "--interval", "0.2", "--count", "1"]):
+        r = wp(wpd, *cmd, check=False)
+        assert r.returncode == 4, (cmd, r.stderr)
+        assert "wp detach %d" % t.pid in r.stderr, r.stderr
+    assert slurp("/proc/%d/maps" % t.pid) == maps_before
+    assert not (tmp_path / "core").exists()
+    def faults_on_page_2():
+        st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+        return sum(r["faults"] for r in st["regions"]
+                   if int(r["start"], 16) <= t.addr + 2 * 4096 < int(r["end"], 16))
+    assert t.wp_bits()[2], "wpd's protection of page 2 is still there"
+    before = faults_on_page_2()
+    t.write(2, 7)
+    assert faults_on_page_2() == before + 1
+    wp(wpd, "detach", t.pid)
+    assert t.read(2) == (7, 7 * 4096)
+
+
 def test_non_root_client(wpd):
     # The socket is 0600: a non-root client cannot even connect. Open it up to
     # check that wpd's own credential check (SO_PEERCRED) refuses it too.

@@ -71,14 +71,20 @@ def spawn_memtarget(target_bin, spawn, npages):
 @pytest.fixture
 def traced(target_bin, spawn):
     """Yields (target, tracer): N pages of anon memory protected by the trace
-    protector, traced with resolve notes; both closed at teardown."""
+    protector, traced with resolve notes; both closed at teardown.
+
+    The target's writer threads and the fault handler share CPU 0, so every
+    writer sleeps in its fault and every record has an end: a handler on the
+    other CPU may resolve a fault before its writer sleeps, and nothing then
+    marks the end of that fault (README, "Fault anatomy")."""
     p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, N)
+    os.sched_setaffinity(pid, {0})    # threads it starts later inherit it
     tracer = Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True)
     tracer.start()
     session = None
     try:
         space = ProcessSpace.cooperative(pid, uffds)
-        session = Session(space, TraceProtector(), regions=[(addr, addr + length)]).start()
+        session = Session(space, TraceProtector(), regions=[(addr, addr + length)], cpu=0).start()
         notes_to(tracer, session)
         t = Target(p, session, addr, length, psize)
         yield t, tracer

@@ -8,6 +8,7 @@ protection removed, ranges unregistered, uffds closed.
 """
 import bisect
 import collections
+import errno
 import logging
 import os
 import threading
@@ -207,6 +208,7 @@ class Session:
         if not self.regions:
             raise BadRange("no memory to protect in pid %d for regions %s" % (self.pid, self.specs))
         self._index()
+        registered = []
         try:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
@@ -222,8 +224,14 @@ class Session:
                 try:
                     u.register(r.start, r.length, MODE_WP)
                 except OSError as err:
+                    why = err
+                    if err.errno == errno.EBUSY:
+                        # A VMA takes one userfaultfd at a time.
+                        why = ("another userfaultfd has it registered already: if wpd is attached "
+                               "to pid %d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
                     raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
-                                            % (r.start, r.end, r.kind, r.path, r.mode, err)) from err
+                                            % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
+                registered.append(r)
                 u.protect(r.start, r.length)
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
@@ -231,6 +239,11 @@ class Session:
             self.started_ns = time.monotonic_ns()
             self.protector.on_protected()
         except BaseException:
+            # Undo only what this session registered. Any uffd of the target
+            # may unprotect pages another uffd registered (the kernel checks
+            # the VMA is registered, not by whom): closing over every region
+            # would strip wpd's protection of a process it refused us.
+            self.regions = registered
             self.close()
             raise
         log.info("pid %d: protecting %d regions (%d sync, %d async) with %s",

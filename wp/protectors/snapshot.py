@@ -655,17 +655,24 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
     prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
-    session.start()
+    existed = path is not None and os.path.exists(path)
     try:
-        prot.protected()
-        while not prot.done.wait(0.5):
-            if progress:
-                progress(prot.stats())
-        st = prot.wait()
-        st["faults"] = session.faults()
-        return st
-    finally:
-        session.close()
+        session.start()
+        try:
+            prot.protected()
+            while not prot.done.wait(0.5):
+                if progress:
+                    progress(prot.stats())
+            st = prot.wait()
+            st["faults"] = session.faults()
+            return st
+        finally:
+            session.close()
+    except BaseException:
+        # Refused or failed: no half-written core left behind.
+        if not existed and prot.path and os.path.exists(prot.path):
+            os.unlink(prot.path)
+        raise
 
 
 def add_parser(subparsers):
