@@ -218,6 +218,21 @@ def test_snapshot_and_track_of_a_wpd_target_name_the_fix(wpd, memtarget, tmp_pat
     assert t.read(2) == (7, 7 * 4096)
 
 
+@pytest.mark.parametrize("pid, message", [
+    (999999, "no such process"),
+    (1, "init"),
+    (2, "kernel thread"),
+])
+def test_snapshot_and_track_bad_pids(wpd, pid, message, tmp_path):
+    """wp snapshot and wp track refuse the pids wp attach refuses, with the
+    same words and exit 4, before touching anything."""
+    r = wp(wpd, "snapshot", pid, "-o", tmp_path / "core", check=False)
+    assert r.returncode == 4 and message in r.stderr, r.stderr
+    assert not (tmp_path / "core").exists()
+    r = wp(wpd, "track", pid, "--interval", "0.2", "--count", "1", check=False)
+    assert r.returncode == 4 and message in r.stderr, r.stderr
+
+
 def test_non_root_client(wpd):
     # The socket is 0600: a non-root client cannot even connect. Open it up to
     # check that wpd's own credential check (SO_PEERCRED) refuses it too.
@@ -455,6 +470,9 @@ def test_wp_trace_bad_targets(wpd, memtarget, tmp_path):
     attached: said so, and only its ordinary faults are traced."""
     r = wp(wpd, "trace", 999999, "-o", tmp_path / "none.jsonl", "--duration", "1", check=False)
     assert r.returncode == 1 and "no process 999999" in r.stderr
+    assert not (tmp_path / "none.jsonl").exists()
+    r = wp(wpd, "trace", 2, "-o", tmp_path / "none.jsonl", "--duration", "1", check=False)
+    assert r.returncode == 1 and "pid 2 is a kernel thread" in r.stderr
     assert not (tmp_path / "none.jsonl").exists()
     t = memtarget("anon", 4)
     out = tmp_path / "t.jsonl"

@@ -48,7 +48,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory, WPError
+from wp.errors import BadRange, TargetError, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -709,10 +709,17 @@ def add_parser(subparsers):
 
 def space_for(pid, uffds=None):
     """Returns a ProcessSpace for pid: cooperative when the target's own uffd
-    numbers are given, else uffds made by syscall injection (wp.remote)."""
+    numbers are given, else uffds made by syscall injection (wp.remote).
+
+    Raises:
+        TargetError (NoSuchProcess): a pid wp may not seize (init, a kernel
+            thread, this process, ...), as `wp attach` says.
+    """
     from wp.space import ProcessSpace
     if uffds:
         return ProcessSpace.cooperative(pid, uffds)
+    from wp.remote import validate_target
+    validate_target(pid)
     return ProcessSpace.attached(pid)
 
 
@@ -733,7 +740,7 @@ def main(args):
         st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
                       freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
                       strict=args.strict)
-    except (BadRange, UnsupportedMemory) as err:
+    except (BadRange, UnsupportedMemory, TargetError) as err:
         print("wp snapshot: %s" % err, file=sys.stderr)
         return 4
     except (WPError, OSError) as err:

@@ -197,12 +197,17 @@ def add_parser(subparsers):
 
 def main(args):
     """`wp track`: see add_parser for args. Returns the exit code."""
-    from wp.errors import BadRange, UnsupportedMemory, WPError
+    from wp.errors import BadRange, TargetError, UnsupportedMemory, WPError
     from wp.protectors.snapshot import space_for
     if args.interval <= 0:
         print("wp track: --interval must be positive", file=sys.stderr)
         return 2
-    gen = track(space_for(args.pid, args.uffd), args.interval, args.count, args.region,
+    try:
+        space = space_for(args.pid, args.uffd)
+    except TargetError as err:
+        print("wp track: %s" % err, file=sys.stderr)
+        return 4
+    gen = track(space, args.interval, args.count, args.region,
                 mode=None if args.sync else "async", top=args.top)
     try:
         if not args.json:

@@ -311,8 +311,15 @@ def main(argv=None):
         print(_probes.FaultProbes(args.pid, args.daemon_pid or 0, notes=not args.lean,
                                   syscalls=args.syscalls, ksm=args.ksm, usdt=args.usdt).text())
         return 0
-    if not os.path.isdir("/proc/%d" % args.pid):
+    try:
+        with open("/proc/%d/stat" % args.pid) as f:
+            flags = int(f.read().rsplit(")", 1)[1].split()[6])
+    except OSError:
         print("wp trace: no process %d (`wp status` lists the attached ones)" % args.pid, file=sys.stderr)
+        return 1
+    if flags & 0x00200000:   # PF_KTHREAD
+        print("wp trace: pid %d is a kernel thread: it takes no page faults in user memory" % args.pid,
+              file=sys.stderr)
         return 1
     async_regions = []
     daemon_pid = args.daemon_pid
