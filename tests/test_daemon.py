@@ -246,6 +246,27 @@ def test_non_root_client(wpd):
     assert r.returncode == 4 and "serves root only" in r.stderr
 
 
+def test_non_root_snapshot_track_trace(tmp_path):
+    """The commands that act without wpd refuse a non-root user (exit 4,
+    naming root) even on the user's own process, and leave it as it was."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    target = subprocess.Popen(base + ["sleep", "60"])
+    try:
+        for args in (["snapshot", target.pid, "-o", "/tmp/wp-nobody.core"],
+                     ["track", target.pid, "--count", "1"],
+                     ["trace", target.pid, "--duration", "1"]):
+            r = subprocess.run(base + WP + [str(a) for a in args], capture_output=True, text=True,
+                               env=env, cwd="/", timeout=60)
+            assert r.returncode == 4 and "needs root" in r.stderr, (args, r.stderr)
+        assert not os.path.exists("/tmp/wp-nobody.core")
+        assert proc_status(target.pid)["TracerPid"].strip() == "0"
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
+
+
 def test_kill9_daemon_leaves_target_running(wpd, memtarget):
     t = memtarget("anon", 8)
     wp(wpd, "attach", t.pid, "--region", "anon")

@@ -168,7 +168,7 @@ class Session:
     def __init__(self, space, protector, regions=None, mode=None, handler="python",
                  spin=False, cpu=None, scan_interval=None, follow_fork=True):
         if os.geteuid() != 0:
-            raise NotRoot("write-protecting another process needs root: run wpd as root")
+            raise NotRoot("write-protecting another process needs root: run wpd (or this command) as root")
         self.space = space
         self.pid = space.pid
         self.protector = protector

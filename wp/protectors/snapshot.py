@@ -48,7 +48,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, TargetError, UnsupportedMemory, WPError
+from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -740,7 +740,7 @@ def main(args):
         st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
                       freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
                       strict=args.strict)
-    except (BadRange, UnsupportedMemory, TargetError) as err:
+    except (BadRange, UnsupportedMemory, TargetError, NotRoot) as err:
         print("wp snapshot: %s" % err, file=sys.stderr)
         return 4
     except (WPError, OSError) as err:

@@ -197,7 +197,7 @@ def add_parser(subparsers):
 
 def main(args):
     """`wp track`: see add_parser for args. Returns the exit code."""
-    from wp.errors import BadRange, TargetError, UnsupportedMemory, WPError
+    from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
     from wp.protectors.snapshot import space_for
     if args.interval <= 0:
         print("wp track: --interval must be positive", file=sys.stderr)
@@ -223,7 +223,7 @@ def main(args):
                                                          rec["bytes"] // 1024, busy), flush=True)
     except KeyboardInterrupt:
         pass
-    except (BadRange, UnsupportedMemory) as err:
+    except (BadRange, UnsupportedMemory, NotRoot) as err:
         print("wp track: %s" % err, file=sys.stderr)
         return 4
     except (WPError, OSError) as err:

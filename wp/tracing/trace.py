@@ -23,7 +23,7 @@ In-process use (tests, benchmarks: the session runs in this process)::
     tr.records              # the records (also written to path)
 
 Returns exit codes like the rest of wp: 0, 1 (tracing failed, no such
-process), 2 (usage), 3 (no wpd to ask).
+process, a kernel thread), 2 (usage), 3 (no wpd to ask), 4 (not root).
 """
 import argparse
 import json
@@ -311,6 +311,10 @@ def main(argv=None):
         print(_probes.FaultProbes(args.pid, args.daemon_pid or 0, notes=not args.lean,
                                   syscalls=args.syscalls, ksm=args.ksm, usdt=args.usdt).text())
         return 0
+    if os.geteuid() != 0:
+        print("wp trace: tracing the fault path needs root (bcc loads BPF programs): run it as root",
+              file=sys.stderr)
+        return 4
     try:
         with open("/proc/%d/stat" % args.pid) as f:
             flags = int(f.read().rsplit(")", 1)[1].split()[6])
