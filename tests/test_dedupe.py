@@ -607,9 +607,11 @@ def test_non_root_target_gets_the_store_over_a_socket(target_bin, spawn, dedupe)
 
 def test_scanner_thread_merges_and_stops(dd):
     """The protector as wpd runs it: its own scanner thread, knobs from
-    the client (cpu_budget, sleep_millisecs), stats while it runs."""
+    the client (cpu_budget, sleep_millisecs), stats while it runs; passes
+    back off while the target is idle, and come back when it changes."""
     t = dd(2048, 16)
-    prot = DedupeProtector(interval=0.05, cpu_budget=0.5, sleep_millisecs=1, pages_to_scan=512)
+    prot = DedupeProtector(interval=0.05, max_interval=0.4, cpu_budget=0.5, sleep_millisecs=1,
+                           pages_to_scan=512)
     s = Session(ProcessSpace.attached(t.pid), prot, regions=["anon"])
     s.start()
     try:
@@ -620,7 +622,21 @@ def test_scanner_thread_merges_and_stops(dd):
         assert st["pages_merged"] >= 1024 and st["error"] is None
         assert st["knobs"]["cpu_budget"] == 0.5
         assert t.check() == 0
-        assert t.cmd("w 0 1") == ["ok"] and t.check() == 0
+        # Idle: the wait between passes doubles up to max_interval.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and prot.stats()["pass_interval_s"] < 0.4:
+            time.sleep(0.05)
+        assert prot.stats()["pass_interval_s"] == 0.4
+        # Two pages written alike: the next pass sees them change (back to
+        # interval), a later one merges them.
+        assert t.cmd("w 0 1") == ["ok"] and t.cmd("w 1 1") == ["ok"] and t.check() == 0
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(is_file(e) for e in t.entries(0, 2)):
+            seen.append(prot.stats()["pass_interval_s"])
+            time.sleep(0.01)
+        assert all(is_file(e) for e in t.entries(0, 2)) and t.check() == 0
+        assert min(seen) == 0.05, sorted(set(seen))
     finally:
         s.close()
     assert t.store_maps() == 0 and t.check() == 0

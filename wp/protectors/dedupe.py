@@ -100,8 +100,12 @@ class DedupeProtector(WriteProtector):
         map_count_reserve: VMAs left free under vm.max_map_count.
         measure_files: also hash shared file/shmem mappings and report what
             merging them would save and break (they are never merged).
-        interval: seconds between full passes once converged (0: as fast
-            as the knobs allow).
+        interval: seconds between full passes (0: as fast as the knobs
+            allow).
+        max_interval: after a pass that merged nothing and saw no page
+            change, the next waits twice as long, up to this (an idle
+            target costs little: a pass over 1 GiB takes ~0.3 s of CPU);
+            any change brings it back to interval.
         auto: run the scanner thread (False: call :meth:`scan_once`).
         guardian: start (once per daemon) the guardian process that unmerges
             the targets if wpd dies (wp.dedupe.guardian).
@@ -122,7 +126,7 @@ class DedupeProtector(WriteProtector):
 
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
-                 map_count_reserve=1024, measure_files=True, interval=0.2, auto=True,
+                 map_count_reserve=1024, measure_files=True, interval=0.2, max_interval=5.0, auto=True,
                  guardian=True, pipeline=False, windowed=True, window=8192):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
@@ -136,6 +140,8 @@ class DedupeProtector(WriteProtector):
         self.map_count_reserve = int(map_count_reserve)
         self.measure_files = bool(measure_files)
         self.interval = float(interval)
+        self.max_interval = max(float(max_interval), self.interval)
+        self.wait_s = self.interval     # until the next pass (the scanner thread's)
         self.auto = auto
         self.use_guardian = bool(guardian)
         self.pipeline = bool(pipeline)
@@ -215,7 +221,7 @@ class DedupeProtector(WriteProtector):
             failures = 0
             while not self._stop.is_set():
                 try:
-                    self.scan_once()
+                    merged = self.scan_once()
                     failures = 0
                 except ProcessLookupError:
                     raise   # the target is gone: the daemon drops the session
@@ -231,7 +237,10 @@ class DedupeProtector(WriteProtector):
                         return
                     continue
                 self._ready.set()
-                self._stop.wait(self.interval)
+                quiet = (merged == 0 and self.counters["pages_volatile"] == 0
+                         and self.counters["full_scans"] > 1)   # the first pass only hashes
+                self.wait_s = min(2 * self.wait_s, self.max_interval) if quiet else self.interval
+                self._stop.wait(self.wait_s)
         except Exception as err:
             if not self._stop.is_set():
                 self.error = "%s: %s" % (type(err).__name__, err)
@@ -1139,7 +1148,9 @@ class DedupeProtector(WriteProtector):
             "knobs": {"pages_to_scan": self.pages_to_scan, "sleep_millisecs": self.sleep_millisecs,
                       "use_zero_pages": int(self.use_zero_pages),
                       "max_page_sharing": self.max_page_sharing, "cpu_budget": self.cpu_budget,
-                      "share": self.share},
+                      "share": self.share, "interval": self.interval,
+                      "max_interval": self.max_interval},
+            "pass_interval_s": self.wait_s,
             "minor_faults": self.b.minor_faults if self.session else 0,
             "zero_fills": self.b.zero_fills if self.session else 0,
             "remove_events": self.b.removes if self.session else 0,
