@@ -171,6 +171,7 @@ class DedupeProtector(WriteProtector):
         self.store = None
         self.session = None
         self._stop = threading.Event()
+        self._kick = threading.Event()   # a pass now (a fork: the guardian wants the child's pid)
         self._thread = None
         self._ready = threading.Event()
         self._protected = threading.Event()
@@ -240,7 +241,8 @@ class DedupeProtector(WriteProtector):
                 quiet = (merged == 0 and self.counters["pages_volatile"] == 0
                          and self.counters["full_scans"] > 1)   # the first pass only hashes
                 self.wait_s = min(2 * self.wait_s, self.max_interval) if quiet else self.interval
-                self._stop.wait(self.wait_s)
+                self._kick.wait(self.wait_s)
+                self._kick.clear()
         except Exception as err:
             if not self._stop.is_set():
                 self.error = "%s: %s" % (type(err).__name__, err)
@@ -253,6 +255,7 @@ class DedupeProtector(WriteProtector):
         """Stops scanning and unmerges: every merged page becomes a private
         anonymous page again."""
         self._stop.set()
+        self._kick.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(30)
         self.store.forget_owner(self.pid)
@@ -1042,6 +1045,8 @@ class DedupeProtector(WriteProtector):
         m = Merged(self, child or 0, u, removed)
         m.start()
         self.children.append(m)
+        self.wait_s = self.interval
+        self._kick.set()
 
     # -- unmerging ---------------------------------------------------------
 
