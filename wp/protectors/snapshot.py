@@ -655,7 +655,7 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
     prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
-    existed = path is not None and os.path.exists(path)
+    existed = os.path.exists(path) if path is not None else None
     try:
         session.start()
         try:
@@ -670,7 +670,7 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
             session.close()
     except BaseException:
         # Refused or failed: no half-written core left behind.
-        if not existed and prot.path and os.path.exists(prot.path):
+        if existed is False and os.path.exists(path):
             os.unlink(prot.path)
         raise
 

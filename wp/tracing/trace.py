@@ -315,13 +315,14 @@ def main(argv=None):
         print("wp trace: tracing the fault path needs root (bcc loads BPF programs): run it as root",
               file=sys.stderr)
         return 4
+    from wp.remote import PF_KTHREAD
     try:
         with open("/proc/%d/stat" % args.pid) as f:
             flags = int(f.read().rsplit(")", 1)[1].split()[6])
     except OSError:
         print("wp trace: no process %d (`wp status` lists the attached ones)" % args.pid, file=sys.stderr)
         return 1
-    if flags & 0x00200000:   # PF_KTHREAD
+    if flags & PF_KTHREAD:
         print("wp trace: pid %d is a kernel thread: it takes no page faults in user memory" % args.pid,
               file=sys.stderr)
         return 1
