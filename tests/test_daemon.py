@@ -253,13 +253,13 @@ def test_non_root_snapshot_track_trace(tmp_path):
     base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = subprocess.Popen(base + ["sleep", "60"])
     try:
-        for args in (["snapshot", target.pid, "-o", "/tmp/wp-nobody.core"],
+        for args in (["snapshot", target.pid, "-o", tmp_path / "core"],
                      ["track", target.pid, "--count", "1"],
                      ["trace", target.pid, "--duration", "1"]):
             r = subprocess.run(base + WP + [str(a) for a in args], capture_output=True, text=True,
                                env=env, cwd="/", timeout=60)
             assert r.returncode == 4 and "needs root" in r.stderr, (args, r.stderr)
-        assert not os.path.exists("/tmp/wp-nobody.core")
+        assert not (tmp_path / "core").exists()
         assert proc_status(target.pid)["TracerPid"].strip() == "0"
         assert target.poll() is None
     finally:
