@@ -6,6 +6,7 @@ tests check what the kernel says about the target afterwards (State,
 TracerPid, /proc/PID/maps) and what the injected syscalls did.
 """
 import os
+import re
 import signal
 import threading
 import time
@@ -313,6 +314,21 @@ def test_bad_targets():
         RemoteProcess(os.getpid())
     for pid in (1, 2):
         assert proc_status(pid)["TracerPid"] == "0"
+
+
+def test_already_traced_names_the_tracer(target_bin, spawn):
+    """A second seizer (another wp command, a debugger) is told who holds
+    the target; the holder is not disturbed."""
+    p = spawn([target_bin("sleeper")])
+    wait_ready(p)
+    with open("/proc/self/comm") as f:
+        me = f.read().strip()
+    with RemoteProcess(p.pid) as rp:
+        with pytest.raises(TargetError, match=re.escape("already traced by pid %d (%s: " % (os.getpid(), me))):
+            RemoteProcess(p.pid)
+        assert rp.syscall(SYS["getpid"]) == p.pid
+    out = quit_target(p)
+    assert out.startswith("ok"), out
 
 
 def test_injected_error_names_the_syscall(target_bin, spawn):

@@ -113,8 +113,13 @@ def validate_target(pid):
     except FileNotFoundError:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     if tracer:
-        raise TargetError("pid %d is already traced by pid %d (a debugger or strace?): "
-                          "detach that first" % (pid, tracer))
+        try:
+            with open("/proc/%d/comm" % tracer) as f:
+                who = f.read().strip()
+        except OSError:
+            who = "?"
+        raise TargetError("pid %d is already traced by pid %d (%s: a debugger, strace, or another "
+                          "wp command at work): wait for it or detach that first" % (pid, tracer, who))
 
 
 def _ns_ids(pid, tid):

@@ -227,8 +227,9 @@ class Session:
                     why = err
                     if err.errno == errno.EBUSY:
                         # A VMA takes one userfaultfd at a time.
-                        why = ("another userfaultfd has it registered already: if wpd is attached "
-                               "to pid %d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
+                        why = ("another userfaultfd has it registered already (wpd, another wp "
+                               "snapshot or track, or the program's own): if wpd is attached to pid "
+                               "%d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
                     raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
                                             % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
                 registered.append(r)
