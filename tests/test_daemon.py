@@ -267,6 +267,34 @@ def test_non_root_snapshot_track_trace(tmp_path):
         target.wait()
 
 
+def test_exec_drops_the_session(wpd, tmp_path):
+    """exec gives the target a new address space that nothing protects and
+    sends no uffd event: wpd notices at its next rescan, says so and drops
+    the session; the new program runs untouched."""
+    code = ("import os, sys; b = bytearray(1 << 22); sys.stdout.write('ready\\n'); sys.stdout.flush(); "
+            "sys.stdin.readline(); os.execvp('sleep', ['sleep', '30'])")
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline() == "ready\n"
+        wp(wpd, "attach", p.pid, "--region", "anon")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and json.loads(wp(wpd, "status", "--json").stdout)["targets"]:
+            time.sleep(0.1)
+        assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+        assert "pid %d executed a new program (sleep)" % p.pid in slurp(wpd.logfile)
+        assert p.poll() is None and proc_status(p.pid)["TracerPid"].strip() == "0"
+        r = wp(wpd, "stats", p.pid, check=False)
+        assert r.returncode == 4 and "not attached" in r.stderr
+    finally:
+        p.kill()
+        p.wait()
+        p.stdin.close()
+        p.stdout.close()
+
+
 def test_kill9_daemon_leaves_target_running(wpd, memtarget):
     t = memtarget("anon", 8)
     wp(wpd, "attach", t.pid, "--region", "anon")

@@ -61,6 +61,12 @@ class Target:
                 log.info("pid %d exited; dropping its session", self.pid)
                 self.daemon.forget(self.pid, reason="exited")
                 return
+            if self.session.executed() and not select.select([self.pidfd], [], [], 0)[0]:
+                log.warning("pid %d executed a new program (%s): its new memory is not protected; "
+                            "dropping the session (`wp attach %d` protects the new program)",
+                            self.pid, _comm(self.pid), self.pid)
+                self.daemon.forget(self.pid, reason="exec")
+                return
             try:
                 self.session.refresh()
             except Exception:

@@ -187,6 +187,7 @@ class Session:
         self.events = {}
         self._starts = []
         self._pagemap = None
+        self._mm_fd = None
         self._scanner = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -209,6 +210,8 @@ class Session:
             raise BadRange("no memory to protect in pid %d for regions %s" % (self.pid, self.specs))
         self._index()
         registered = []
+        # Held for executed(): a pagemap fd keeps the mm it was opened on.
+        self._mm_fd = os.open("/proc/%d/pagemap" % self.pid, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
@@ -290,6 +293,19 @@ class Session:
             self.children.append([None, loop])
         loop.start()
         return loop
+
+    def executed(self):
+        """True once the target has executed a new program (or exited): exec
+        gives it a new mm, which nothing here protects, and sends no uffd
+        event. The pagemap fd opened at start still points at the old mm:
+        once that is gone, reading it returns nothing (a live mm always has
+        an entry for address 0, mapped or not)."""
+        if self._mm_fd is None:
+            return False
+        try:
+            return len(os.pread(self._mm_fd, 8, 0)) < 8
+        except OSError as err:
+            return err.errno == errno.ESRCH
 
     def refresh(self):
         """Protects memory that appeared since start (new mmaps, a grown heap)
@@ -504,6 +520,9 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
+        if self._mm_fd is not None:
+            os.close(self._mm_fd)
+            self._mm_fd = None
         if self._attached:   # also after a start that failed half way
             self._attached = False
             self.protector.detach()
