@@ -187,7 +187,6 @@ class Session:
         self.events = {}
         self._starts = []
         self._pagemap = None
-        self._mm_fd = None
         self._scanner = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -210,14 +209,14 @@ class Session:
             raise BadRange("no memory to protect in pid %d for regions %s" % (self.pid, self.specs))
         self._index()
         registered = []
-        # Held for executed(): a pagemap fd keeps the mm it was opened on.
-        self._mm_fd = os.open("/proc/%d/pagemap" % self.pid, os.O_RDONLY | os.O_CLOEXEC)
+        # Async scans read it; executed() too: a pagemap fd keeps the mm it
+        # was opened on.
+        self._pagemap = Pagemap(self.pid)
         try:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
             if any(r.mode == "async" for r in self.regions):
                 self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
-                self._pagemap = Pagemap(self.pid)
             self.protector.attach(self)
             self._attached = True
             if self.sync_uffd:
@@ -300,10 +299,10 @@ class Session:
         event. The pagemap fd opened at start still points at the old mm:
         once that is gone, reading it returns nothing (a live mm always has
         an entry for address 0, mapped or not)."""
-        if self._mm_fd is None:
+        if self._pagemap is None or self._pagemap.fd < 0:
             return False
         try:
-            return len(os.pread(self._mm_fd, 8, 0)) < 8
+            return not self._pagemap.entries(0, 1)
         except OSError as err:
             return err.errno == errno.ESRCH
 
@@ -412,7 +411,7 @@ class Session:
         """Reports pages written in async regions since the last scan to the
         protector, re-protects them, and returns {region: [(start, end)]}."""
         out = {}
-        if not self._pagemap:
+        if not self.async_uffd:
             return out
         t = time.monotonic_ns()
         for r in list(self.regions):
@@ -520,9 +519,6 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
-        if self._mm_fd is not None:
-            os.close(self._mm_fd)
-            self._mm_fd = None
         if self._attached:   # also after a start that failed half way
             self._attached = False
             self.protector.detach()
