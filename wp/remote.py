@@ -72,7 +72,7 @@ def _syscall_name(nr, args=()):
                        ", ".join(hex(a) if a >= 1 << 16 else str(a) for a in args))
 
 
-def _stat_fields(pid, tid=None):
+def stat_fields(pid, tid=None):
     """Fields of /proc/PID[/task/TID]/stat after the comm, or None if gone."""
     path = "/proc/%d/stat" % pid if tid is None else "/proc/%d/task/%d/stat" % (pid, tid)
     try:
@@ -101,7 +101,7 @@ def validate_target(pid):
                           "run wp from another process" % pid)
     if pid == 1:
         raise TargetError("pid 1 is init: wp refuses to stop it; attach to a service's own pid")
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (check the pid with ps)" % pid)
     if int(fields[6]) & PF_KTHREAD:
@@ -143,7 +143,7 @@ def choose_thread(pid):
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     live = []
     for tid in [pid] + [t for t in tids if t != pid]:
-        fields = _stat_fields(pid, tid)
+        fields = stat_fields(pid, tid)
         if fields is not None and fields[0] not in ("Z", "X"):
             live.append((fields[0] == "D", tid))
     if not live:

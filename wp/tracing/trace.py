@@ -315,14 +315,12 @@ def main(argv=None):
         print("wp trace: tracing the fault path needs root (bcc loads BPF programs): run it as root",
               file=sys.stderr)
         return 4
-    from wp.remote import PF_KTHREAD
-    try:
-        with open("/proc/%d/stat" % args.pid) as f:
-            flags = int(f.read().rsplit(")", 1)[1].split()[6])
-    except OSError:
+    from wp.remote import PF_KTHREAD, stat_fields
+    fields = stat_fields(args.pid)
+    if fields is None:
         print("wp trace: no process %d (`wp status` lists the attached ones)" % args.pid, file=sys.stderr)
         return 1
-    if flags & PF_KTHREAD:
+    if int(fields[6]) & PF_KTHREAD:
         print("wp trace: pid %d is a kernel thread: it takes no page faults in user memory" % args.pid,
               file=sys.stderr)
         return 1
