@@ -12,6 +12,7 @@ import io
 import json
 import os
 import struct
+import signal
 import subprocess
 import sys
 import time
@@ -382,7 +383,8 @@ def test_wake_then_retry(target_bin, spawn):
 
 @needs_bcc
 def test_trace_cli_writes_a_file(traced, tmp_path):
-    """`wp trace PID -o FILE --daemon-pid` from another process."""
+    """`wp trace PID -o FILE --daemon-pid` from another process; SIGUSR1
+    pauses it (the writes meanwhile are not traced), SIGUSR2 resumes."""
     t, tracer = traced
     tracer.stop()
     out = tmp_path / "cli.jsonl"
@@ -394,6 +396,10 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
         assert "Tracing" in line, line + proc.stderr.read()
         for i in range(4):
             t.cmd("w %d 3" % i)
+            if i in (1, 2):
+                proc.send_signal(signal.SIGUSR1 if i == 1 else signal.SIGUSR2)
+                line = proc.stderr.readline()
+                assert ("paused" if i == 1 else "resumed") in line, line
     finally:
         proc.send_signal(2)
         _, err = proc.communicate(timeout=60)
@@ -403,7 +409,9 @@ def test_trace_cli_writes_a_file(traced, tmp_path):
     assert meta["lost"] == 0 and meta["target_pid"] == t.proc.pid
     assert ["%#x" % t.addr, "%#x" % (t.addr + t.length)] in meta["regions"]
     wp = [r for r in recs if r["kind"] == "wp"]
-    assert sorted(int(r["addr"], 16) & ~4095 for r in wp) == [t.addr + i * t.psize for i in range(4)]
+    # page 2 was written while paused
+    assert sorted(int(r["addr"], 16) & ~4095 for r in wp) == [t.addr + i * t.psize for i in (0, 1, 3)]
+    assert meta["pauses"] == 1 and meta["paused_s"] > 0
     # the session's uffd was open before the tracer started: seeded from /proc
     assert all("to_read" in r["phases"] and r["decision"] == "unprotect" for r in wp)
 

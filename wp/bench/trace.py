@@ -2,20 +2,26 @@
 
 One run, one writer process, rounds that alternate untraced and traced
 writes: each time the writer writes every page of a freshly protected region
-once and times each write itself (the cost it sees, fault included). A
-traced pass runs `wp trace` (wp.tracing.trace) as a separate process, as a
-user would, in one of the PROFILES: "default" (what `wp trace` does: kernel
-tracepoints and the fault loop's resolve notes; every phase), "lean" (no
-notes: the daemon's turn is one phase), "bare" (lean's probes, each program
-returning at once: what the probe firings alone cost, the floor of this
-probe set on the machine; no records), "syscalls" (the daemon seen from
-outside: syscall tracepoints and the callback USDT probe, as for a uffd
-handler that is not wp's). The overhead is the ratio of the medians (and of
-the means) of traced and untraced writes, and, the verdict (goal_met: <= 10%
-for the default), the median over rounds of each round's traced median over
-the untraced one just before it. The machine is shared and noisy: compare
-the numbers of one run. The tracer process runs on the CPUs the writer and
-the handler do not use, when there are any.
+once and times each write itself (the cost it sees, fault included). The
+tracing is `wp trace` (wp.tracing.trace) as a separate process, as a user
+would run it, one per profile, started once and paused (SIGUSR1: its probes
+detached) except during its own rounds (SIGUSR2), in one of the PROFILES:
+"default" (what `wp trace` does: kernel tracepoints and the fault loop's
+resolve notes; every phase), "lean" (no notes: the daemon's turn is one
+phase), "bare" (lean's probes, each program returning at once: what the
+probe firings alone cost, the floor of this probe set on the machine; no
+records), "syscalls" (the daemon seen from outside: syscall tracepoints and
+the callback USDT probe, as for a uffd handler that is not wp's).
+
+The overhead is the ratio of the medians (and of the means) of traced and
+untraced writes, and, the verdict (goal_met: <= 10% for the default), the
+median over rounds of each round's traced median over the untraced one just
+before it. The rounds start `settle` seconds after the tracers are loaded:
+bcc's compile (~2 s of clang on another CPU) slows this VM's writer for
+the next seconds (~1% in the round right after it, as much as a 2 s busy
+loop there; gone after ~3 s), a start-up cost that is not the probes'. The
+machine is shared and noisy: compare the numbers of one run. The tracers
+run on the CPUs the writer and the handler do not use, when there are any.
 
 CLI: ``add_arguments(parser)`` then ``main(args)`` (an argparse Namespace,
 or a list of strings).
@@ -29,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from wp.bench._writer import Writer
 from wp.bench.faults import placement as _placement
@@ -76,7 +83,28 @@ class _TraceProcess:
             raise RuntimeError("wp trace did not start: %s" % err.strip())
         # "[notes map: pid P fd N]": the map this process's loops write to.
         m = re.search(r"notes map: pid (\d+) fd (\d+)", line)
-        self.notes_map = NotesMap.from_process(int(m.group(1)), int(m.group(2))) if m else None
+        self._notes_at = (int(m.group(1)), int(m.group(2))) if m else None
+
+    def notes_map(self):
+        """A mapping of the tracer's notes map (a session unmaps what it
+        was given when it stops), or None."""
+        return NotesMap.from_process(*self._notes_at) if self._notes_at else None
+
+    def _signal(self, sig, ack):
+        """Sends sig and waits for wp trace to say it is done."""
+        self.proc.send_signal(sig)
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError("wp trace ended: %s" % self.proc.stderr.read().strip())
+            if ack in line:
+                return
+
+    def pause(self):
+        self._signal(signal.SIGUSR1, "paused")
+
+    def resume(self):
+        self._signal(signal.SIGUSR2, "resumed")
 
     def stop(self):
         self.proc.send_signal(signal.SIGINT)
@@ -86,9 +114,14 @@ class _TraceProcess:
         from wp.tracing.records import read_trace
         return read_trace(self.path)
 
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
-def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default", "lean", "bare"),
-        progress=None):
+
+def run(pages=2048, rounds=20, where="same", handler="python", profiles=("default", "lean", "bare"),
+        settle=3.0, progress=None):
     """Returns the comparison as a dict (see the module docstring). Each
     round writes the pages once untraced, then once under each profile."""
     for name in profiles:
@@ -102,43 +135,52 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
     w = Writer("anon", pages, cpu=wcpu)
     lat = {name: [] for name in ("untraced",) + tuple(profiles)}
     round_medians = {name: [] for name in lat}
-    recs = {name: [] for name in profiles}
-    lost = {name: 0 for name in profiles}
+    tracers = {}
     tmp = tempfile.mkdtemp(prefix="wp-bench-trace-")
     try:
+        for name in profiles:
+            if progress:
+                progress("loading the %s probes" % name)
+            extra, _, cflags = PROFILES[name]
+            tracers[name] = _TraceProcess(w.pid, os.path.join(tmp, name + ".jsonl"), extra, tracer_cpus, cflags)
+            tracers[name].pause()
+        if progress and settle:
+            progress("settling %.0f s after bcc's compile" % settle)
+        time.sleep(settle)
         for rnd in range(rounds):
+            if progress:
+                progress("round %d/%d" % (rnd + 1, rounds))
             for name in ("untraced",) + tuple(profiles):
-                if progress:
-                    progress("round %d/%d %s" % (rnd + 1, rounds, name))
-                tracer = None
+                tracer = tracers.get(name)
                 space = ProcessSpace(w.pid, w.take_uffd)
                 s = Session(space, TraceProtector(), regions=[(w.addr, w.addr + w.length)],
                             handler=handler, spin=spin, cpu=hcpu)
                 with s:
+                    if tracer:
+                        tracer.resume()
+                        s.set_trace(tracer.notes_map(), PROFILES[name][1])
                     try:
-                        if name != "untraced":
-                            extra, usdt, cflags = PROFILES[name]
-                            tracer = _TraceProcess(w.pid, os.path.join(tmp, "%s-%d.jsonl" % (name, rnd)),
-                                                   extra, tracer_cpus, cflags)
-                            s.set_trace(tracer.notes_map, usdt)
                         got = w.write()
-                        lat[name].extend(got)
-                        round_medians[name].append(statistics.median(got))
                     finally:
                         if tracer:
-                            rs, meta = tracer.stop()
-                            recs[name].extend(r for r in rs if r["kind"] == "wp")
-                            lost[name] += meta.get("lost", 0)
+                            tracer.pause()
+                    lat[name].extend(got)
+                    round_medians[name].append(statistics.median(got))
+        results = {name: tracers.pop(name).stop() for name in profiles}
     finally:
         w.close()
+        for tracer in tracers.values():
+            tracer.kill()
         for f in os.listdir(tmp):
             os.unlink(os.path.join(tmp, f))
         os.rmdir(tmp)
     un = _stats(lat["untraced"])
     out = {"placement": where, "writer_cpu": wcpu, "handler_cpu": hcpu,
            "tracer_cpus": sorted(tracer_cpus) or None, "handler": handler, "pages": pages,
-           "rounds": rounds, "untraced": un, "profiles": {}}
+           "rounds": rounds, "settle_s": settle, "untraced": un, "profiles": {}}
     for name in profiles:
+        rs, meta = results[name]
+        recs = [r for r in rs if r["kind"] == "wp"]
         st = _stats(lat[name])
         st["overhead_pct_median"] = round((st["us_median"] / un["us_median"] - 1) * 100, 1)
         st["overhead_pct_mean"] = round((st["us_mean"] / un["us_mean"] - 1) * 100, 1)
@@ -147,15 +189,15 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
         paired = [t / u - 1 for t, u in zip(round_medians[name], round_medians["untraced"])]
         st["overhead_pct_paired"] = round(statistics.median(paired) * 100, 1)
         st["overhead_pct_rounds"] = [round(x * 100, 1) for x in paired]
-        st["wp_records"] = len(recs[name])
+        st["wp_records"] = len(recs)
         st["expected_records"] = 0 if name == "bare" else pages * rounds
-        st["lost"] = lost[name]
-        tl = sorted(r["latency_ns"] for r in recs[name] if r.get("latency_ns"))
+        st["lost"] = meta.get("lost", 0)
+        tl = sorted(r["latency_ns"] for r in recs if r.get("latency_ns"))
         if tl:
             st["trace_latency_us_median"] = round(statistics.median(tl) / 1000, 3)
-            names = sorted({p for r in recs[name] for p in r.get("phases", {})})
+            names = sorted({p for r in recs for p in r.get("phases", {})})
             st["trace_phases_us_median"] = {
-                p: round(statistics.median(r["phases"].get(p, 0) for r in recs[name]) / 1000, 3)
+                p: round(statistics.median(r["phases"].get(p, 0) for r in recs) / 1000, 3)
                 for p in names}
         if name != "bare":
             st["goal_met"] = st["overhead_pct_paired"] <= 10.0
@@ -166,7 +208,9 @@ def run(pages=2048, rounds=5, where="same", handler="python", profiles=("default
 def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--pages", type=int, default=2048, help="4 KiB pages written per round (default 2048)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds of untraced and traced writes (default 5)")
+    p.add_argument("--rounds", type=int, default=20, help="rounds of untraced and traced writes (default 20)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds between loading the probes and the first round (default 3)")
     p.add_argument("--placement", default="same", choices=["same", "split", "split-spin", "unpinned"],
                    help="CPUs of writer and handler (default same)")
     p.add_argument("--handler", default="python", choices=["python", "c"], help="fault handler (default python)")
@@ -181,9 +225,10 @@ def main(args=None):
         ap = argparse.ArgumentParser(
             prog="wp bench trace", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="What tracing costs a write fault: rounds of page writes, untraced and\n"
-                        "traced by a `wp trace` process in turn. Profiles: default (every phase),\n"
-                        "lean (no resolve notes), bare (the probes returning at once: the floor),\n"
-                        "syscalls (the daemon seen through syscall tracepoints).",
+                        "traced in turn by `wp trace` processes (one per profile, started once,\n"
+                        "paused outside its rounds). Profiles: default (every phase), lean (no\n"
+                        "resolve notes), bare (the probes returning at once: the floor), syscalls\n"
+                        "(the daemon seen through syscall tracepoints).",
             epilog="examples:\n"
                    "  wp bench trace --rounds 10 --json        default, lean and bare, 10 rounds\n"
                    "  wp bench trace --profile default --handler c\n"
@@ -191,7 +236,7 @@ def main(args=None):
         args = add_arguments(ap).parse_args(args)
     prog = None if args.json else (lambda s: print("bench trace: " + s, file=sys.stderr))
     out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or ("default", "lean", "bare")),
-              prog)
+              args.settle, prog)
     if args.json:
         print(json.dumps(out))
     else:

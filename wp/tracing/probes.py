@@ -338,6 +338,8 @@ class FaultProbes:
         except Exception as err:
             raise TracingUnavailable("bcc could not load %s (%s): check the kernel headers "
                                      "(scripts/setup links them)" % (program_path(), err)) from err
+        self._raw_tps = list(self.bpf.raw_tracepoint_fds)
+        self._tps = list(self.bpf.tracepoint_fds)
         self._rb = ffi.new("struct wp_ringbuf *")
         check(lib.wp_ringbuf_open(self._rb, self.bpf[b"events"].map_fd, self.ringbuf_pages * mmap.PAGESIZE),
               "mapping the probes' ring buffer")
@@ -413,17 +415,32 @@ class FaultProbes:
         table.clear()
         return out
 
-    def detach(self):
+    def detach(self, uprobes=True):
         """Stops the programs, keeping the maps: what they wrote stays
         readable (read, in_flight, counters), and no fault moves from the
-        join map to the ring buffer between two reads."""
+        join map to the ring buffer between two reads. uprobes=False keeps
+        the USDT probes (only the daemon's own code fires them; with the
+        rest detached they join nothing)."""
         bpf = self.bpf
         for tp in list(bpf.raw_tracepoint_fds):
             bpf.detach_raw_tracepoint(tp)
         for tp in list(bpf.tracepoint_fds):
             bpf.detach_tracepoint(tp)
-        for ev in list(bpf.uprobe_fds):
-            bpf.detach_uprobe_event(ev)
+        if uprobes:
+            for ev in list(bpf.uprobe_fds):
+                bpf.detach_uprobe_event(ev)
+
+    def attach(self):
+        """Attaches again what detach(uprobes=False) detached: the programs
+        bcc attached at open, by its naming rule (RAW_TRACEPOINT_PROBE(x) is
+        raw_tracepoint__x, TRACEPOINT_PROBE(c, e) tracepoint__c__e)."""
+        bpf = self.bpf
+        for tp in self._raw_tps:
+            if tp not in bpf.raw_tracepoint_fds:
+                bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
+        for tp in self._tps:
+            if tp not in bpf.tracepoint_fds:
+                bpf.attach_tracepoint(tp=tp, fn_name=b"tracepoint__" + tp.replace(b":", b"__"))
 
     def close(self):
         if self._rb is not None:

@@ -9,6 +9,7 @@ Entry point for the CLI: ``main(argv)`` (argv without the program name)::
     common: --daemon-pid N (default: ask wpd), --socket PATH, --ksm, --lean,
             --syscalls, --usdt {none,callbacks,all}, --ebpf (print the BPF
             program and exit), --json (live: one JSON summary per interval)
+    SIGUSR1 pauses (the probes detached), SIGUSR2 resumes, SIGINT ends
 
 The daemon's side of each fault (read, callback, resolving ioctl, decision)
 comes from the resolve notes its fault loops write (wpd's "trace" op turns
@@ -81,6 +82,11 @@ class Tracer:
         self.defer = bool(defer and path)
         self._spool = None
         self.spooled = 0
+        self.paused = False
+        self.pauses = 0
+        self.paused_ns = 0
+        self._paused_at = 0
+        self._cut = []      # in flight at a pause, while spooling: written at stop
 
     def start(self):
         """Loads the probes and starts recording. Raises TracingUnavailable."""
@@ -153,6 +159,32 @@ class Tracer:
         c["outside_regions"] = self.dropped_by_region
         return c
 
+    def pause(self):
+        """Detaches the probes until resume(): meanwhile they cost the
+        traced system nothing (USDT probes stay: only the daemon fires them,
+        and they join nothing). Faults in flight are cut: drained now as
+        records without an end."""
+        if self.paused or self.probes.bpf is None:
+            return
+        self.probes.detach(uprobes=False)
+        self.pump(0)
+        cut = self.probes.in_flight()
+        if self._spool is not None:
+            self._cut.extend(cut)      # after the spooled records, at stop
+        else:
+            self._take(cut)
+        self.paused = True
+        self.pauses += 1
+        self._paused_at = time.monotonic_ns()
+
+    def resume(self):
+        """Attaches the probes again after pause()."""
+        if not self.paused:
+            return
+        self.probes.attach()
+        self.paused = False
+        self.paused_ns += time.monotonic_ns() - self._paused_at
+
     def stop(self):
         """Drains what is left, the faults still in flight too, writes the
         closing meta line; returns the counters (``lost`` among them)."""
@@ -169,13 +201,17 @@ class Tracer:
         self.probes.close()
         if self._spool is not None:
             self._convert_spool()
-        self._take(in_flight)
+        self._take(self._cut + in_flight)
+        self._cut = []
+        if self.paused:
+            self.paused_ns += time.monotonic_ns() - self._paused_at
         counters["outside_regions"] = self.dropped_by_region
         if self._writer:
             self.written = self._writer.count
             self._writer.close({"lost": counters["lost"], "counters": counters,
                                 "ended_ns": time.monotonic_ns(),
-                                "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3)})
+                                "duration_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
+                                "paused_s": round(self.paused_ns / 1e9, 3), "pauses": self.pauses})
             self._writer = None
         self.final_counters = counters
         return counters
@@ -220,6 +256,7 @@ def build_parser(prog="wp trace"):
                "  wp trace 1234                                  live log2 histograms, Ctrl-C to end\n"
                "  wp trace 1234 1 5                              five 1-second intervals\n"
                "  wp trace 1234 --ebpf                           print the BPF program\n"
+               "  kill -USR1 <wp trace pid> / kill -USR2 ...     pause (the probes detached) / resume\n"
                "  wp trace 1234 --daemon-pid 4321 -o f.jsonl     the uffd handler is another program\n"
                "                                                 (QEMU, CRIU lazy-pages): its read and\n"
                "                                                 ioctl seen by syscall tracepoints\n")
@@ -357,6 +394,11 @@ def main(argv=None):
         _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
     stop = threading.Event()
     old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # SIGUSR1 pauses (the probes detached: no cost to the system), SIGUSR2
+    # resumes; each is acknowledged on stderr once done (wp bench trace
+    # waits for it).
+    wanted = []
+    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in (signal.SIGUSR1, signal.SIGUSR2)]
     deadline = time.monotonic() + args.duration if args.duration else None
     what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
     if args.notes and not via_wpd:
@@ -374,6 +416,13 @@ def main(argv=None):
             if deadline and now >= deadline:
                 break
             tracer.pump(100)
+            while wanted:
+                if wanted.pop(0) == signal.SIGUSR1:
+                    tracer.pause()
+                    print("wp trace: paused (SIGUSR2 resumes)", file=sys.stderr, flush=True)
+                else:
+                    tracer.resume()
+                    print("wp trace: resumed", file=sys.stderr, flush=True)
             if not args.output and time.monotonic() >= next_print:
                 _live_print(tracer, args, format_summary, summarize)
                 intervals += 1
@@ -382,6 +431,8 @@ def main(argv=None):
                     break
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGUSR1, old_usr[0])
+        signal.signal(signal.SIGUSR2, old_usr[1])
         if tracer.spooled > 100000:
             print("wp trace: writing %d records to %s..." % (tracer.spooled, args.output), file=sys.stderr)
         counters = tracer.stop()
