@@ -33,25 +33,29 @@ def test_bench_trace_json():
     """wp bench trace: each profile's `wp trace` process saw every page
     write of its own rounds as one wp record, and none of the others' (it is
     paused, its probes detached, outside them); the default one with every
-    phase, through the notes map the bench's loop took from it; the bare one
-    none; no timing asserted."""
+    kernel phase through the notes map the bench's loop took from it, the
+    callbacks one with the callback's phase too; the bare one none; no
+    timing asserted."""
     r = subprocess.run([sys.executable, "-m", "wp.cli", "bench", "trace", "--json", "--pages", "64",
-                        "--rounds", "2", "--settle", "0",
-                        "--profile", "default", "--profile", "lean", "--profile", "bare"],
+                        "--rounds", "2", "--settle", "0"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["writer_cpu"] == out["handler_cpu"] == 0
     assert out["untraced"]["writes"] == 128
-    for name in ("default", "lean"):
+    assert list(out["profiles"]) == ["default", "callbacks", "lean", "bare"]
+    for name in ("default", "callbacks", "lean"):
         st = out["profiles"][name]
         assert st["writes"] == st["expected_records"] == 128 and st["lost"] == 0
         assert "overhead_pct_paired" in st and "goal_met" in st
-    assert out["profiles"]["default"]["wp_records"] == 128
+    phases = {name: set(out["profiles"][name]["trace_phases_us_median"]) for name in ("default", "callbacks")}
+    for name in ("default", "callbacks"):
+        assert out["profiles"][name]["wp_records"] == 128
+        assert {"to_read", "to_resolve", "wake"} <= phases[name]
+    assert "callback" not in phases["default"] and "callback" in phases["callbacks"]
     # lean has no notes: a fault its writer never slept in is not known as
     # wp (README); seen once in 20,480
     assert 124 <= out["profiles"]["lean"]["wp_records"] <= 128
-    assert {"to_read", "callback", "to_resolve", "wake"} <= set(out["profiles"]["default"]["trace_phases_us_median"])
     assert "handled" in out["profiles"]["lean"]["trace_phases_us_median"]
     # bare: the same writes under probes that return at once: no record
     bare = out["profiles"]["bare"]

@@ -442,15 +442,19 @@ def test_attach_non_root_target(wpd, target_bin, spawn, strict_userfaultfd):
 
 
 @needs_bcc
-def test_wp_trace_through_wpd(wpd, memtarget, tmp_path):
+@pytest.mark.parametrize("callbacks", [False, True])
+def test_wp_trace_through_wpd(wpd, memtarget, tmp_path, callbacks):
     """`wp trace PID -o FILE`: wpd maps the tracer's notes map (pidfd_getfd)
-    and its fault loop writes a note per fault: every phase, the Python
-    callback's included, and the decision, without daemon-side probes."""
+    and its fault loop writes a note per fault: every phase and the
+    decision, without daemon-side probes; with --callbacks the Python
+    callback's own phase too, else the daemon's turn after the read is one
+    phase (to_resolve)."""
     t = memtarget("anon", 8)
     wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
     out = tmp_path / "t.jsonl"
     proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(out),
-                                  "--duration", "60"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                                  "--duration", "60"] + (["--callbacks"] if callbacks else []),
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = proc.stderr.readline()
         assert "Tracing" in line, line + proc.stderr.read()
@@ -465,7 +469,9 @@ def test_wp_trace_through_wpd(wpd, memtarget, tmp_path):
     assert sorted(int(r["addr"], 16) & ~4095 for r in wp_recs) == [t.page(i) for i in range(8)]
     for r in wp_recs:
         assert r["decision"] == "unprotect" and r["handler"] == "python"
-        assert {"to_read", "to_callback", "callback", "to_resolve", "wake", "to_run"} <= set(r["phases"])
+        assert {"to_read", "to_resolve", "wake", "to_run"} <= set(r["phases"])
+        assert ({"to_callback", "callback"} <= set(r["phases"])) == callbacks
+        assert ("cb_enter" in r["times"]) == callbacks
         assert sum(r["phases"].values()) == r["latency_ns"]
         assert r["handler_tid"] != t.pid and r["waker_tid"] == r["handler_tid"]
     end = recs[-1]
@@ -506,7 +512,7 @@ def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "2.jsonl").read_text().splitlines()]
     wp_recs = [r for r in recs if r["kind"] == "wp"]
     assert sorted(int(r["addr"], 16) & ~4095 for r in wp_recs) == [t.page(i) for i in range(4, 8)]
-    assert all("callback" in r["phases"] for r in wp_recs)
+    assert all("to_read" in r["phases"] and r["decision"] == "unprotect" for r in wp_recs)   # noted
     assert [t.read(i)[0] for i in range(8)] == list(range(1, 9))
     assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 8
     wp(wpd, "detach", t.pid)

@@ -11,8 +11,8 @@ import csv
 import io
 import json
 import os
-import struct
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -46,9 +46,10 @@ class Target:
         return self.proc.stdout.readline().strip()
 
 
-def notes_to(tracer, session):
-    """The session's fault loops write resolve notes into tracer's map."""
-    session.set_trace(NotesMap(tracer.probes.notes_fd))
+def notes_to(tracer, session, callbacks=True):
+    """The session's fault loops write resolve notes into tracer's map (with
+    the callbacks' times: wp trace --callbacks)."""
+    session.set_trace(NotesMap(tracer.probes.notes_fd), callbacks=callbacks)
 
 
 def write_pages(p, n, value, after_each=None):
@@ -280,6 +281,31 @@ def test_lean_profile(target_bin, spawn):
     for r in wp:
         assert set(r["phases"]) <= {"to_block", "handled", "to_run"} and "handled" in r["phases"]
         assert sum(r["phases"].values()) == r["latency_ns"]
+    p.stdin.write("q\n")
+    p.stdin.flush()
+
+
+@needs_bcc
+def test_notes_without_callback_times(target_bin, spawn):
+    """wp trace's default: the notes carry the read, the ioctl and the
+    decision but not the callback's start and end (two clock reads a fault
+    in the loop): the daemon's Python turn is one phase, to_resolve, and the
+    report says how to split it."""
+    p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
+    with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True) as tr:
+        space = ProcessSpace.cooperative(pid, uffds)
+        with Session(space, TraceProtector(), regions=[(addr, addr + length)], cpu=0) as s:
+            notes_to(tr, s, callbacks=False)
+            write_pages(p, 4, 7)
+            tr.pump(100)
+    wp = [r for r in tr.records if r["kind"] == "wp"]
+    assert len(wp) == 4
+    for r in wp:
+        assert {"to_read", "to_resolve", "wake"} <= set(r["phases"])
+        assert not {"to_callback", "callback"} & set(r["phases"]) and "cb_enter" not in r["times"]
+        assert r["times"]["read"] <= r["times"]["ioctl"] and r["decision"] == "unprotect"
+        assert sum(r["phases"].values()) == r["latency_ns"]
+    assert any("--callbacks" in line for line in report.format_summary(tr.records))
     p.stdin.write("q\n")
     p.stdin.flush()
 

@@ -221,12 +221,13 @@ class Daemon:
                 from wp.notes import NotesMap
                 tracer_pid, fd = req["notes_map"]
                 notes = NotesMap.from_process(int(tracer_pid), int(fd))
-            session.set_trace(notes, bool(req.get("usdt")))
+            session.set_trace(notes, bool(req.get("usdt")), bool(req.get("callbacks")))
             if notes is not None:
-                log.info("pid %d: resolve notes on, for wp trace %s", session.pid, tracer_pid)
+                log.info("pid %d: resolve notes on%s, for wp trace %s", session.pid,
+                         " (callbacks timed)" if session.callbacks else "", tracer_pid)
             else:
                 log.info("pid %d: resolve notes off", session.pid)
-            return {"notes": notes is not None, "usdt": session.usdt}
+            return {"notes": notes is not None, "usdt": session.usdt, "callbacks": session.callbacks}
         if op == "ping":
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)

@@ -63,8 +63,8 @@ def main():
         tracer = None
         if _have_tracing():
             tracer = subprocess.Popen([wp, "--socket", sock, "trace", str(target.pid), "-o", trace_file,
-                                       "--duration", "3"])
-            print("$ wp trace %d -o %s --duration 3" % (target.pid, trace_file), flush=True)
+                                       "--duration", "3", "--callbacks"])
+            print("$ wp trace %d -o %s --duration 3 --callbacks" % (target.pid, trace_file), flush=True)
             time.sleep(1.5)   # the probes compile and attach
         target.stdin.write("\n")
         target.stdin.flush()

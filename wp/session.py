@@ -199,6 +199,7 @@ class Session:
         self.notes = None   # a wp.notes.NotesMap the loops write to (wp trace)
         self._notes_maps = []   # every one ever given: unmapped once the loops stop
         self.usdt = False   # loops fire the callback USDT probe
+        self.callbacks = False  # loops note the protector callback's start and end
 
     # -- setup -------------------------------------------------------------
 
@@ -254,17 +255,23 @@ class Session:
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
         return self
 
-    def set_trace(self, notes=None, usdt=False):
+    def set_trace(self, notes=None, usdt=False, callbacks=False):
         """Turns wp trace's view of the fault loops on or off: resolve notes
-        into notes (a wp.notes.NotesMap; None: off) and the callback USDT
-        probe. A map stays mapped until the session closes: a loop may be
-        writing a note into it right now."""
+        into notes (a wp.notes.NotesMap; None: off), with the protector
+        callback's start and end in them if callbacks, and the callback USDT
+        probe if usdt. A map stays mapped until the session closes: a loop
+        may be writing a note into it right now."""
         self.notes, self.usdt = notes, bool(usdt)
+        self.callbacks = bool(callbacks and notes is not None)
         if notes is not None and notes not in self._notes_maps:
             self._notes_maps.append(notes)
         for loop in self.loops:
-            loop.set_notes(notes)
-            loop.usdt = self.usdt
+            self._trace_loop(loop)
+
+    def _trace_loop(self, loop):
+        loop.set_notes(self.notes)
+        loop.usdt = self.usdt
+        loop.time_callbacks = self.callbacks
 
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
@@ -285,8 +292,7 @@ class Session:
         loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
                          name="wp-faults-%d" % pid)
-        loop.set_notes(self.notes)
-        loop.usdt = self.usdt
+        self._trace_loop(loop)
         self.loops.append(loop)
         if child:  # listed before it can handle the child's first fault
             self.children.append([None, loop])

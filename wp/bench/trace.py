@@ -7,11 +7,14 @@ tracing is `wp trace` (wp.tracing.trace) as a separate process, as a user
 would run it, one per profile, started once and paused (SIGUSR1: its probes
 detached) except during its own rounds (SIGUSR2), in one of the PROFILES:
 "default" (what `wp trace` does: kernel tracepoints and the fault loop's
-resolve notes; every phase), "lean" (no notes: the daemon's turn is one
-phase), "bare" (lean's probes, each program returning at once: what the
-probe firings alone cost, the floor of this probe set on the machine; no
-records), "syscalls" (the daemon seen from outside: syscall tracepoints and
-the callback USDT probe, as for a uffd handler that is not wp's).
+resolve notes; every kernel phase, the daemon's Python turn after the read
+as one), "callbacks" (`wp trace --callbacks`: the notes also time the
+protector's callback, two clock reads per fault), "lean" (no notes: the
+daemon's turn is one phase), "bare" (lean's probes, each program returning
+at once: what the probe firings alone cost, the floor of this probe set on
+the machine; no records), "syscalls" (the daemon seen from outside: syscall
+tracepoints and the callback USDT probe, as for a uffd handler that is not
+wp's).
 
 The overhead is the ratio of the medians (and of the means) of traced and
 untraced writes, and, the verdict (goal_met: <= 10% for the default), the
@@ -55,14 +58,17 @@ def _stats(lat_ns):
             "us_p99": round(s[int(len(s) * 0.99)] / 1000, 3)}
 
 
-# What each profile asks of `wp trace`, whether the fault loop fires the
-# callback USDT probe, and extra flags for the BPF program (bpf/faults.c).
+# What each profile asks of `wp trace`, of the fault loop (Session.set_trace:
+# callback times in the notes, the callback USDT probe), and extra flags for
+# the BPF program (bpf/faults.c).
 PROFILES = {
-    "default": (["--notes"], False, ""),                            # every phase
-    "lean": (["--lean"], False, ""),                                # to_block, handled, to_run
-    "bare": (["--lean"], False, "-DBARE"),                          # firings only, no records
-    "syscalls": (["--syscalls", "--usdt", "callbacks"], True, ""),  # every phase, seen from outside
+    "default": (["--notes"], {}, ""),                              # every kernel phase, one Python turn
+    "callbacks": (["--notes"], {"callbacks": True}, ""),           # ... the callback split out
+    "lean": (["--lean"], {}, ""),                                  # to_block, handled, to_run
+    "bare": (["--lean"], {}, "-DBARE"),                            # firings only, no records
+    "syscalls": (["--syscalls", "--usdt", "callbacks"], {"usdt": True}, ""),  # seen from outside
 }
+DEFAULT_PROFILES = ("default", "callbacks", "lean", "bare")
 
 
 class _TraceProcess:
@@ -120,7 +126,7 @@ class _TraceProcess:
             self.proc.wait()
 
 
-def run(pages=2048, rounds=20, where="same", handler="python", profiles=("default", "lean", "bare"),
+def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_PROFILES,
         settle=3.0, progress=None):
     """Returns the comparison as a dict (see the module docstring). Each
     round writes the pages once untraced, then once under each profile."""
@@ -158,7 +164,7 @@ def run(pages=2048, rounds=20, where="same", handler="python", profiles=("defaul
                 with s:
                     if tracer:
                         tracer.resume()
-                        s.set_trace(tracer.notes_map(), PROFILES[name][1])
+                        s.set_trace(tracer.notes_map(), **PROFILES[name][1])
                     try:
                         got = w.write()
                     finally:
@@ -215,7 +221,7 @@ def add_arguments(p):
                    help="CPUs of writer and handler (default same)")
     p.add_argument("--handler", default="python", choices=["python", "c"], help="fault handler (default python)")
     p.add_argument("--profile", action="append", choices=list(PROFILES),
-                   help="tracing profile to compare (repeatable; default: default, lean and bare)")
+                   help="tracing profile to compare (repeatable; default: %s)" % ", ".join(DEFAULT_PROFILES))
     return p
 
 
@@ -226,16 +232,18 @@ def main(args=None):
             prog="wp bench trace", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="What tracing costs a write fault: rounds of page writes, untraced and\n"
                         "traced in turn by `wp trace` processes (one per profile, started once,\n"
-                        "paused outside its rounds). Profiles: default (every phase), lean (no\n"
-                        "resolve notes), bare (the probes returning at once: the floor), syscalls\n"
-                        "(the daemon seen through syscall tracepoints).",
+                        "paused outside its rounds). Profiles: default (every kernel phase, the\n"
+                        "daemon's Python turn as one), callbacks (wp trace --callbacks: the\n"
+                        "protector's callback split out), lean (no resolve notes), bare (the probes\n"
+                        "returning at once: the floor), syscalls (the daemon seen through syscall\n"
+                        "tracepoints).",
             epilog="examples:\n"
-                   "  wp bench trace --rounds 10 --json        default, lean and bare, 10 rounds\n"
+                   "  wp bench trace --json                    default, callbacks, lean and bare\n"
                    "  wp bench trace --profile default --handler c\n"
                    "  wp bench trace --placement split         writer and handler on two CPUs\n")
         args = add_arguments(ap).parse_args(args)
     prog = None if args.json else (lambda s: print("bench trace: " + s, file=sys.stderr))
-    out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or ("default", "lean", "bare")),
+    out = run(args.pages, args.rounds, args.placement, args.handler, tuple(args.profile or DEFAULT_PROFILES),
               args.settle, prog)
     if args.json:
         print(json.dumps(out))

@@ -20,8 +20,8 @@ path, in this order, each named after where it ends:
 
     to_block     fault entry -> writer off its CPU (the kernel queues the message)
     to_read      -> the daemon's read(uffd) returned it
-    to_callback  -> the Python protector is called (cffi return, Fault built)
-    callback     -> the protector returned (Python time)
+    to_callback  -> the Python protector is called (cffi return, Fault built) *
+    callback     -> the protector returned (Python time) *
     to_resolve   -> the resolving ioctl (UFFDIO_WRITEPROTECT / WAKE / CONTINUE) entered
     wake         -> the writer was woken (inside that ioctl)
     handled      (lean: no notes: off CPU -> woken by the daemon)
@@ -35,7 +35,9 @@ that is not wp's.
 
 A point that was not seen (no callback with the C handler, no block when the
 handler was faster than the writer's schedule()) merges its phase into the
-next one. Points that were seen out of order (the daemon read the message
+next one. * The callback's start and end are noted only with ``wp trace
+--callbacks`` (two clock reads per fault in the daemon's loop, ~1% of a
+fault): by default ``to_resolve`` is the daemon's whole turn after the read. Points that were seen out of order (the daemon read the message
 before the writer got off its CPU) are clamped to the previous point, so
 phases are never negative and always add up to ``latency_ns`` exactly.
 

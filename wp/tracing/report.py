@@ -154,6 +154,10 @@ def format_summary(records, meta=None, hist=True, phase_hist=False):
         for name, st in k["phases_ns"].items():
             lines.append("  %-14s %8d %10s %10s %10s %10s" % (name, st["count"], _us(st["p50"]),
                                                               _us(st["p90"]), _us(st["p99"]), _us(st["max"])))
+        if "to_read" in k["phases_ns"] and "callback" not in k["phases_ns"] and any(
+                r.get("handler") == "python" for r in records if r.get("kind") == kind):
+            lines.append("  (to_resolve: the daemon's whole turn after the read; `wp trace --callbacks` "
+                         "splits out the protector's callback)")
     if any(not k["with_latency"] for k in s["kinds"].values()):
         lines.append("")
         lines.append("(TIMED: records with an end time. Ordinary faults that did not block and KSM "

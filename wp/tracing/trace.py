@@ -281,6 +281,10 @@ def build_parser(prog="wp trace"):
     p.add_argument("--usdt", choices=list(_probes.USDT_LEVELS), default="none",
                    help="USDT probes of the daemon to attach: none (default), callbacks, all "
                    "(each a uprobe trap, ~1 us)")
+    p.add_argument("--callbacks", action="store_true",
+                   help="wpd also notes when the protector's callback starts and ends: the "
+                   "daemon's Python turn splits into to_callback, callback and to_resolve "
+                   "(two clock reads per fault in its loop, ~1%% of a fault)")
     p.add_argument("--notes", action="store_true",
                    help="with --daemon-pid: the fault loop there is wp's and maps the notes map "
                    "itself (its pid and fd are printed at the start; benchmarks use it)")
@@ -310,9 +314,9 @@ def _wpd_target(args):
 
 def _wpd_trace(args, notes_fd, usdt):
     """Asks wpd to write the target's resolve notes into our notes map
-    (notes_fd; None: stop) and to fire the callback USDT probe or not.
-    Returns whether the notes are on."""
-    req = {"op": "trace", "pid": args.pid, "usdt": usdt,
+    (notes_fd; None: stop), with the callbacks' times if --callbacks, and
+    to fire the callback USDT probe or not. Returns whether the notes are on."""
+    req = {"op": "trace", "pid": args.pid, "usdt": usdt, "callbacks": args.callbacks,
            "notes_map": [os.getpid(), notes_fd] if notes_fd is not None else None}
     try:
         rep, = _wpd(args, req)
