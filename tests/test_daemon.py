@@ -204,6 +204,7 @@ def test_snapshot_and_track_of_a_wpd_target_name_the_fix(wpd, memtarget, tmp_pat
         r = wp(wpd, *cmd, check=False)
         assert r.returncode == 4, (cmd, r.stderr)
         assert "wp detach %d" % t.pid in r.stderr, r.stderr
+        assert "Tracking" not in r.stderr     # said only once it tracks
     assert slurp("/proc/%d/maps" % t.pid) == maps_before
     assert not (tmp_path / "core").exists()
     def faults_on_page_2():

@@ -134,7 +134,8 @@ class TrackProtector(WriteProtector):
                 "pages_written_current": current}
 
 
-def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, refresh=True):
+def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, refresh=True,
+          on_start=None):
     """Yields one record per interval (see TrackProtector.sample).
 
     Args:
@@ -144,6 +145,7 @@ def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, re
         regions: region specs (default "all").
         mode: "async" (any memory) or None (sync where the memory allows).
         refresh: protect memory the target maps later (named regions only).
+        on_start: called once the memory is protected.
     The session is closed when the generator finishes or is closed.
     """
     from wp.session import Session
@@ -151,6 +153,8 @@ def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, re
     session = Session(space, prot, regions=regions, mode=mode, follow_fork=False)
     session.start()
     try:
+        if on_start:
+            on_start()
         nxt = time.monotonic() + interval
         i = 0
         while count is None or i < count:
@@ -207,12 +211,14 @@ def main(args):
     except TargetError as err:
         print("wp track: %s" % err, file=sys.stderr)
         return 4
-    gen = track(space, args.interval, args.count, args.region,
-                mode=None if args.sync else "async", top=args.top)
-    try:
+    def started():
         if not args.json:
             print("Tracking writes of pid %d every %g s... Hit Ctrl-C to end." % (args.pid, args.interval),
-                  file=sys.stderr)
+                  file=sys.stderr, flush=True)
+
+    gen = track(space, args.interval, args.count, args.region,
+                mode=None if args.sync else "async", top=args.top, on_start=started)
+    try:
         for rec in gen:
             if args.json:
                 print(json.dumps(rec), flush=True)
