@@ -97,10 +97,12 @@ class FaultLoop:
             self._loop.note_mask = notes_map.slots - 1
             self._loop.notes = notes_map.notes
 
-    def stop(self, timeout=5.0):
+    STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
+
+    def stop(self):
         lib.wp_loop_stop(self._loop)
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join(self.STOP_TIMEOUT)
 
     @property
     def alive(self):

@@ -512,6 +512,11 @@ class Session:
                     log.debug("pid %d: %s %#x-%#x: %s", self.pid, op.__name__, r.start, r.end, err)
         for loop in self.loops:
             loop.stop()
+            if loop.alive:
+                # Its writers are awake (unprotected above); the thread ends
+                # once the protector's callback returns.
+                log.warning("pid %d: protector %s still in a callback after %g s; its fault "
+                            "loop ends when it returns", self.pid, self.protector.name, loop.STOP_TIMEOUT)
         if not any(loop.alive for loop in self.loops):
             for nm in self._notes_maps:
                 nm.close()
