@@ -515,11 +515,15 @@ def test_close_wakes_a_writer_the_protector_holds(memtarget, sessions, monkeypat
         closer.join(5)
         assert not closer.is_alive() and not prot.release.is_set()
         assert "still in a callback" in caplog.text
+        # its uffd stays open under it (no other file can take the number)
+        fd = s.loops[0].uffd.fd
+        assert os.readlink("/proc/self/fd/%d" % fd) == "anon_inode:[userfaultfd]"
     finally:
         prot.release.set()
         closer.join(10)
         for loop in s.loops:
             loop._thread.join(5)
+    assert all(loop.uffd.fd == -1 for loop in s.loops)     # closed by the loop's end
     assert t.wp_bits() == [False] * 4
     assert t.read(1) == (9, 9 * t.page_size)
     assert not any(loop.alive for loop in s.loops)

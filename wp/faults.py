@@ -79,6 +79,9 @@ class FaultLoop:
             raise MemoryError("wp_loop_new")
         self._loop.spin = 1 if spin else 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._exit_lock = threading.Lock()
+        self._exited = False
+        self._close_on_exit = False
         self._drain_buf = ffi.new("struct wp_record[]", 4096)
         self.usdt = False           # fire the callback USDT probe (wp trace --usdt)
         self.time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
@@ -107,6 +110,17 @@ class FaultLoop:
     @property
     def alive(self):
         return self._thread.is_alive()
+
+    def close_uffd(self):
+        """Closes the loop's uffd, after stop(): now, or when the thread ends
+        if a protector's callback still holds it. Closed under the thread,
+        the fd number could be taken by another file (in wpd, another
+        target's uffd) before the loop's last resolving ioctl lands on it."""
+        with self._exit_lock:
+            if self._thread.is_alive() and not self._exited:
+                self._close_on_exit = True
+                return
+        self.uffd.close()
 
     def counters(self):
         """Returns the loop's counters, read from C."""
@@ -140,6 +154,12 @@ class FaultLoop:
                 self._run_python(msgs)
         except Exception:
             log.exception("fault loop of pid %d died", self.pid)
+        finally:
+            with self._exit_lock:
+                self._exited = True
+                close = self._close_on_exit
+            if close:
+                self.uffd.close()
 
     def _run_c(self, msgs):
         loop = self._loop

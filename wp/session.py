@@ -522,11 +522,13 @@ class Session:
                 nm.close()
             self._notes_maps.clear()
         for _, loop in self.children:
-            loop.uffd.close()
+            loop.close_uffd()
         if self._scanner:
             self._scanner.join(5)
+        for loop in self.loops:
+            loop.close_uffd()
         for u in (self.sync_uffd, self.async_uffd):
-            if u:
+            if u and not any(loop.uffd is u for loop in self.loops):
                 u.close()
         if self._pagemap:
             self._pagemap.close()

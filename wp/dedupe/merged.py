@@ -101,7 +101,7 @@ class Merged:
 
     def close(self):
         self.loop.stop()
-        self.uffd.close()
+        self.loop.close_uffd()
 
     def on_minor(self, fault):
         p = fault.page
