@@ -58,6 +58,8 @@ class FaultLoop:
         pid: the target's pid, for Fault.pid.
     """
 
+    STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
+
     def __init__(self, uffd, protector, region_of, on_event, handler="python",
                  spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults"):
         if handler not in ("python", "c"):
@@ -99,8 +101,6 @@ class FaultLoop:
         else:
             self._loop.note_mask = notes_map.slots - 1
             self._loop.notes = notes_map.notes
-
-    STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
 
     def stop(self):
         lib.wp_loop_stop(self._loop)

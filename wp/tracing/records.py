@@ -35,11 +35,13 @@ that is not wp's.
 
 A point that was not seen (no callback with the C handler, no block when the
 handler was faster than the writer's schedule()) merges its phase into the
-next one. * The callback's start and end are noted only with ``wp trace
---callbacks`` (two clock reads per fault in the daemon's loop, ~1% of a
-fault): by default ``to_resolve`` is the daemon's whole turn after the read. Points that were seen out of order (the daemon read the message
+next one. Points that were seen out of order (the daemon read the message
 before the writer got off its CPU) are clamped to the previous point, so
 phases are never negative and always add up to ``latency_ns`` exactly.
+
+* The callback's start and end are noted only with ``wp trace --callbacks``
+(two clock reads per fault in the daemon's loop, ~1% of a fault): by
+default ``to_resolve`` is the daemon's whole turn after the read.
 
 Ordinary faults that did not block have no end: the kernel has no tracepoint
 at the end of a page fault and kprobes are not available here, so their
