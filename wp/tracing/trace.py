@@ -388,6 +388,12 @@ def main(argv=None):
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=regions,
                     async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, notes=args.notes,
                     syscalls=args.syscalls, keep=0 if args.output else 1000000, defer=bool(args.output))
+    # SIGUSR1 pauses (the probes detached: no cost to the system), SIGUSR2
+    # resumes; each is acknowledged on stderr once done (wp bench trace
+    # waits for it). Taken from now on: one sent during bcc's compile
+    # waits for it rather than kill the process (their default action).
+    wanted = []
+    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in (signal.SIGUSR1, signal.SIGUSR2)]
     try:
         tracer.start()
     except _probes.TracingUnavailable as err:
@@ -398,11 +404,6 @@ def main(argv=None):
         _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
     stop = threading.Event()
     old = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    # SIGUSR1 pauses (the probes detached: no cost to the system), SIGUSR2
-    # resumes; each is acknowledged on stderr once done (wp bench trace
-    # waits for it).
-    wanted = []
-    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in (signal.SIGUSR1, signal.SIGUSR2)]
     deadline = time.monotonic() + args.duration if args.duration else None
     what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
     if args.notes and not via_wpd:
