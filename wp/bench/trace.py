@@ -260,6 +260,8 @@ def main(args=None):
                 line += "  overhead %+.1f%% (paired rounds), %+.1f%% (median)  %d/%d wp records, %d lost" % (
                     st["overhead_pct_paired"], st["overhead_pct_median"], st["wp_records"],
                     st["expected_records"], st["lost"])
+                if "goal_met" in st:
+                    line += "  (goal <= 10%%: %s)" % ("met" if st["goal_met"] else "not met")
             print(line)
     return 0
 
