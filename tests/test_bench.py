@@ -26,6 +26,9 @@ def test_bench_faults_json():
         assert row["faults"] == row["pages"], row
         assert row["us_per_fault"] > 0
     assert set(out["ratios"]) == {"anon_python_over_c", "anon_c_over_async"}
+    # the machine the numbers come from
+    m = out["machine"]
+    assert m["kernel"] == os.uname().release and m["cpus"] == os.cpu_count() and m["clocksource"]
 
 
 @needs_bcc
@@ -44,6 +47,7 @@ def test_bench_trace_json():
     assert out["writer_cpu"] == out["handler_cpu"] == 0
     assert out["untraced"]["writes"] == 128
     assert list(out["profiles"]) == ["default", "callbacks", "lean", "bare"]
+    assert out["machine"]["kernel"] == os.uname().release
     for name in ("default", "callbacks", "lean"):
         st = out["profiles"][name]
         assert st["writes"] == st["expected_records"] == 128 and st["lost"] == 0

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from wp.bench import machine
 from wp.remote import SYS, RemoteProcess
 
 __all__ = ["run", "main"]
@@ -184,7 +185,7 @@ def run(quick=False, progress=None):
         progress("WP round trip, attached vs in-process")
     rt = wp_round_trip()
     return {"placements": {w: _describe(w) for w in PLACEMENTS}, "rows": rows,
-            "attach_1gib_64_threads": big, "wp_round_trip": rt}
+            "attach_1gib_64_threads": big, "wp_round_trip": rt, "machine": machine()}
 
 
 def main(argv=None):

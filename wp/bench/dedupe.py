@@ -28,6 +28,7 @@ import sys
 import time
 
 from wp import ksm
+from wp.bench import machine
 
 __all__ = ["run", "main"]
 
@@ -264,6 +265,7 @@ def run(size_mib=1024, distinct=1000, only=None):
             "cpu_le_2x": out["ratios"]["cpu_vs_ksm"] is not None and out["ratios"]["cpu_vs_ksm"] <= 2,
             "wall_le_2x": out["ratios"]["wall_vs_ksm"] is not None and out["ratios"]["wall_vs_ksm"] <= 2,
         }
+    out["machine"] = machine()
     return out
 
 

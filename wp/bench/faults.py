@@ -10,6 +10,7 @@ import os
 import statistics
 import sys
 
+from wp.bench import machine
 from wp.bench._writer import Writer
 from wp.protector import UNPROTECT, WriteProtector
 from wp.session import Session
@@ -113,6 +114,7 @@ def run(pages=2048, huge_pages=32, where="same", compare_placements=True, progre
             if progress:
                 progress("placement " + p)
             out["placements"][p] = {h: measure("anon", h, pages, p)["us_per_fault"] for h in ("c", "python")}
+    out["machine"] = machine()
     return out
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 
 from wp._native import check, ffi, lib
+from wp.bench import machine
 
 __all__ = ["run", "main", "add_parser"]
 
@@ -207,6 +208,7 @@ def run(size=1 << 30, out_dir=None, baseline_s=1.0, gcore=True, handler_cpu=None
     if result.get("gcore") and result["wp_snapshot"]["max_stall_ms"]:
         result["stall_ratio_gcore_over_wp"] = round(
             result["gcore"]["max_stall_ms"] / max(result["wp_snapshot"]["max_stall_ms"], 0.001), 1)
+    result["machine"] = machine()
     return result
 
 

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 
+from wp.bench import machine
 from wp.bench._writer import Writer
 from wp.bench.faults import placement as _placement
 from wp.notes import NotesMap
@@ -208,6 +209,7 @@ def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_
         if name != "bare":
             st["goal_met"] = st["overhead_pct_paired"] <= 10.0
         out["profiles"][name] = st
+    out["machine"] = machine()
     return out
 
 
