@@ -483,28 +483,71 @@ def test_wp_trace_through_wpd(wpd, memtarget, tmp_path, callbacks):
     assert_untouched(t)
 
 
+def _trace(wpd, t, path, *extra):
+    """A `wp trace` of memtarget t through wpd, once it is tracing."""
+    proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(path)] + list(extra),
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stderr.readline()
+    assert "Tracing" in line, line + proc.stderr.read()
+    return proc
+
+
+def _traced_by(wpd, t):
+    st = json.loads(wp(wpd, "status", "--json").stdout)
+    return next(x["traced_by"] for x in st["targets"] if x["pid"] == t.pid)
+
+
+def _eventually(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@needs_bcc
+def test_a_newer_tracer_keeps_the_notes(wpd, memtarget, tmp_path):
+    """A second `wp trace` takes the notes over; the first one ending does
+    not turn them off for it."""
+    t = memtarget("anon", 4)
+    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    first = _trace(wpd, t, tmp_path / "1.jsonl")
+    second = _trace(wpd, t, tmp_path / "2.jsonl")
+    assert _traced_by(wpd, t) == second.pid
+    first.send_signal(signal.SIGINT)
+    assert first.wait(60) == 0
+    assert _traced_by(wpd, t) == second.pid
+    for i in range(4):
+        t.write(i, i + 1)
+    second.send_signal(signal.SIGINT)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err
+    first.stderr.close()
+    recs = [json.loads(line) for line in (tmp_path / "2.jsonl").read_text().splitlines()]
+    wp_recs = [r for r in recs if r["kind"] == "wp"]
+    assert len(wp_recs) == 4 and all("to_read" in r["phases"] for r in wp_recs)   # noted
+    assert _traced_by(wpd, t) is None
+    wp(wpd, "detach", t.pid)
+
+
 @needs_bcc
 def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
-    """A `wp trace` killed with -9 never says stop: wpd goes on writing notes
-    into the dead tracer's map (still mapped), the target's writes still
-    complete with their data, and the next trace gets every phase again."""
+    """A `wp trace` killed with -9 never says stop: wpd notices it is gone
+    (its pidfd) and turns the notes off, the target's writes still complete
+    with their data, and the next trace gets every phase again."""
     t = memtarget("anon", 8)
     wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
 
-    def trace(path):
-        proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(path)],
-                                stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        line = proc.stderr.readline()
-        assert "Tracing" in line, line + proc.stderr.read()
-        return proc
-
-    first = trace(tmp_path / "1.jsonl")
+    first = _trace(wpd, t, tmp_path / "1.jsonl")
+    assert _traced_by(wpd, t) == first.pid
     t.write(0, 1)
     first.kill()
     first.communicate(timeout=30)
+    assert _eventually(lambda: _traced_by(wpd, t) is None), "wpd did not notice the tracer died"
     for i in range(1, 4):
         t.write(i, i + 1)
-    second = trace(tmp_path / "2.jsonl")
+    second = _trace(wpd, t, tmp_path / "2.jsonl")
     for i in range(4, 8):
         t.write(i, i + 1)
     second.send_signal(signal.SIGINT)

@@ -157,8 +157,9 @@ def cmd_status(args):
     if reply["targets"]:
         print("%8s %-16s %-9s %8s %12s %10s" % ("PID", "COMM", "PROTECTOR", "REGIONS", "KB", "FAULTS"))
     for t in reply["targets"]:
-        print("%8d %-16s %-9s %8d %12d %10d" % (t["pid"], t["comm"] or "?", t["protector"], t["regions"],
-                                                t["bytes"] // 1024, t["faults"]))
+        print("%8d %-16s %-9s %8d %12d %10d%s" % (
+            t["pid"], t["comm"] or "?", t["protector"], t["regions"], t["bytes"] // 1024, t["faults"],
+            "  (traced by wp trace %d)" % t["traced_by"] if t.get("traced_by") else ""))
     return EXIT_OK
 
 

@@ -45,6 +45,8 @@ class Target:
         self.argv = argv
         self.attached_at = time.time()
         self.pidfd = os.pidfd_open(pid)
+        self.tracer = None    # (pid, pidfd) of the wp trace the resolve notes go to
+        self._trace_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="wp-watch-%d" % pid, daemon=True)
 
@@ -67,10 +69,42 @@ class Target:
                             self.pid, _comm(self.pid), self.pid)
                 self.daemon.forget(self.pid, reason="exec")
                 return
+            self._check_tracer()
             try:
                 self.session.refresh()
             except Exception:
                 log.exception("pid %d: rescan failed", self.pid)
+
+    def trace(self, tracer_pid, notes, usdt=False, callbacks=False):
+        """Points the fault loops' resolve notes at wp trace tracer_pid's map
+        (notes, a wp.notes.NotesMap), or turns them off (notes None) unless
+        another wp trace took them over since. Returns whether it did."""
+        with self._trace_lock:
+            if notes is None and self.tracer and tracer_pid and tracer_pid != self.tracer[0]:
+                log.info("pid %d: resolve notes stay with wp trace %d (%d is done)", self.pid,
+                         self.tracer[0], tracer_pid)
+                return False
+            self._forget_tracer()
+            self.session.set_trace(notes, usdt, callbacks)
+            if notes is not None:
+                self.tracer = (tracer_pid, os.pidfd_open(tracer_pid))
+        return True
+
+    def _forget_tracer(self):
+        if self.tracer:
+            os.close(self.tracer[1])
+            self.tracer = None
+
+    def _check_tracer(self):
+        # A wp trace that ended without saying so (killed): its pidfd is
+        # readable. Stop the notes and the callbacks' clock reads.
+        with self._trace_lock:
+            if not self.tracer or not select.select([self.tracer[1]], [], [], 0)[0]:
+                return
+            pid = self.tracer[0]
+            self._forget_tracer()
+            self.session.set_trace(None)
+        log.info("pid %d: wp trace %d is gone; resolve notes off", self.pid, pid)
 
     def close(self):
         self._stop.set()
@@ -78,6 +112,8 @@ class Target:
             self.session.close()
         finally:
             os.close(self.pidfd)
+            with self._trace_lock:
+                self._forget_tracer()
         if threading.current_thread() is not self._watcher:
             self._watcher.join(5)
 
@@ -86,7 +122,7 @@ class Target:
         return {"pid": self.pid, "protector": s.protector.name, "handler": s.handler,
                 "regions": len(s.regions), "bytes": sum(r.length for r in s.regions),
                 "faults": s.faults(), "attached_at": self.attached_at,
-                "comm": _comm(self.pid)}
+                "comm": _comm(self.pid), "traced_by": self.tracer[0] if self.tracer else None}
 
 
 def _comm(pid):
@@ -215,17 +251,18 @@ class Daemon:
         if op == "trace":
             # wp trace: write resolve notes into its notes map (it sends its
             # pid and the map's fd: taken with pidfd_getfd) or stop.
-            session = self._target(int(req["pid"])).session
+            target = self._target(int(req["pid"]))
+            session = target.session
+            tracer_pid = int(req.get("tracer_pid") or (req.get("notes_map") or [0])[0])
             notes = None
             if req.get("notes_map"):
                 from wp.notes import NotesMap
-                tracer_pid, fd = req["notes_map"]
-                notes = NotesMap.from_process(int(tracer_pid), int(fd))
-            session.set_trace(notes, bool(req.get("usdt")), bool(req.get("callbacks")))
-            if notes is not None:
-                log.info("pid %d: resolve notes on%s, for wp trace %s", session.pid,
+                notes = NotesMap.from_process(tracer_pid, int(req["notes_map"][1]))
+            done = target.trace(tracer_pid, notes, bool(req.get("usdt")), bool(req.get("callbacks")))
+            if done and notes is not None:
+                log.info("pid %d: resolve notes on%s, for wp trace %d", session.pid,
                          " (callbacks timed)" if session.callbacks else "", tracer_pid)
-            else:
+            elif done:
                 log.info("pid %d: resolve notes off", session.pid)
             return {"notes": notes is not None, "usdt": session.usdt, "callbacks": session.callbacks}
         if op == "ping":

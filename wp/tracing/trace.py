@@ -316,7 +316,7 @@ def _wpd_trace(args, notes_fd, usdt):
     """Asks wpd to write the target's resolve notes into our notes map
     (notes_fd; None: stop), with the callbacks' times if --callbacks, and
     to fire the callback USDT probe or not. Returns whether the notes are on."""
-    req = {"op": "trace", "pid": args.pid, "usdt": usdt, "callbacks": args.callbacks,
+    req = {"op": "trace", "pid": args.pid, "tracer_pid": os.getpid(), "usdt": usdt, "callbacks": args.callbacks,
            "notes_map": [os.getpid(), notes_fd] if notes_fd is not None else None}
     try:
         rep, = _wpd(args, req)
