@@ -234,6 +234,27 @@ def test_snapshot_and_track_bad_pids(wpd, pid, message, tmp_path):
     assert r.returncode == 4 and message in r.stderr, r.stderr
 
 
+def test_main_thread_exited_is_refused(wpd, target_bin, spawn, tmp_path):
+    """A process whose main thread called pthread_exit() (a zombie leader,
+    other threads alive): attach, snapshot and track refuse it with what is
+    wrong (not "no memory left", nor a failure half way), exit 4, and its
+    threads run on."""
+    p = spawn([target_bin("rt_zombie_leader")])
+    assert p.stdout.readline().startswith("ready")
+    deadline = time.monotonic() + 5
+    while slurp("/proc/%d/stat" % p.pid).rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for cmd in (["attach", p.pid], ["snapshot", p.pid, "-o", tmp_path / "core"],
+                ["track", p.pid, "--interval", "0.2", "--count", "1"]):
+        r = wp(wpd, *cmd, check=False)
+        assert r.returncode == 4 and "main thread has exited" in r.stderr, (cmd, r.stderr)
+    assert not (tmp_path / "core").exists()
+    p.stdin.write("q\n")
+    p.stdin.flush()
+    assert p.stdout.readline().startswith("ok")
+
+
 def test_non_root_client(wpd):
     # The socket is 0600: a non-root client cannot even connect. Open it up to
     # check that wpd's own credential check (SO_PEERCRED) refuses it too.

@@ -78,7 +78,7 @@ class Refused(Exception):
         self.code = EXIT_REFUSED if self.type in _REFUSALS else EXIT_FAIL
 
 
-_REFUSALS = {"TargetError", "BadRange", "UnsupportedMemory", "ProcessLookupError", "NotRoot",
+_REFUSALS = {"TargetError", "BadRange", "UnsupportedMemory", "ProcessLookupError", "NoSuchProcess", "NotRoot",
              "PermissionError", "ValueError"}
 
 

@@ -25,6 +25,7 @@ import time
 from wp import protocol
 from wp.errors import TargetError, WPError
 from wp.protectors import load as load_protector
+from wp.remote import validate_target
 from wp.session import Session
 from wp.space import ProcessSpace
 
@@ -134,21 +135,12 @@ def _comm(pid):
 
 
 def check_target(pid):
-    """Raises TargetError/ProcessLookupError unless pid is a process wp may attach."""
+    """Raises TargetError (NoSuchProcess among them) unless pid is a process
+    wp may attach: wp.remote.validate_target's rules, in wpd's words for
+    wpd itself."""
     if pid == os.getpid():
         raise TargetError("pid %d is wpd itself: wpd cannot protect its own memory" % pid)
-    if pid == 1:
-        raise TargetError("pid 1 is init: wp refuses to stop it; attach to a service's own pid")
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        raise ProcessLookupError(3, "no such process %d (check the pid with ps)" % pid) from None
-    flags = int(fields[6])
-    if flags & 0x00200000:  # PF_KTHREAD
-        raise TargetError("pid %d is a kernel thread: it has no user memory to protect" % pid)
-    if fields[0] in ("Z", "X"):
-        raise TargetError("pid %d is a zombie: it has no memory left" % pid)
+    validate_target(pid, session=True)
 
 
 class Daemon:

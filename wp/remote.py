@@ -88,13 +88,15 @@ def _status(pid):
         return dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
 
 
-def validate_target(pid):
-    """Raises unless pid is a process we may seize.
+def validate_target(pid, session=False):
+    """Raises unless pid is a process we may seize (session: and protect
+    with a wp.session.Session).
 
     Raises:
         NoSuchProcess: no such pid.
         TargetError: pid 1, a kernel thread, a zombie, this very process,
-            or a process some debugger already traces.
+            or a process some debugger already traces; with session, also
+            a process whose main thread has exited.
     """
     if pid == os.getpid():
         raise TargetError("pid %d is this process: ptrace cannot stop its own thread group; "
@@ -108,6 +110,11 @@ def validate_target(pid):
         raise TargetError("pid %d is a kernel thread: it has no user memory to attach to" % pid)
     if fields[0] in ("Z", "X") and int(fields[17]) <= 1:   # num_threads
         raise TargetError("pid %d is a zombie: it has no memory left" % pid)
+    if fields[0] in ("Z", "X") and session:
+        # Injection works through another thread, but a session reads the
+        # memory map through /proc/PID, the leader's, which has none now.
+        raise TargetError("pid %d's main thread has exited (its other threads run on): wp reads a "
+                          "process's memory map through its main thread; not supported" % pid)
     try:
         tracer = int(_status(pid).get("TracerPid", "0"))
     except FileNotFoundError:

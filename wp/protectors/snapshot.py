@@ -719,7 +719,7 @@ def space_for(pid, uffds=None):
     if uffds:
         return ProcessSpace.cooperative(pid, uffds)
     from wp.remote import validate_target
-    validate_target(pid)
+    validate_target(pid, session=True)
     return ProcessSpace.attached(pid)
 
 
