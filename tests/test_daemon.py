@@ -14,6 +14,7 @@ import pytest
 from wp import pagemap
 
 from conftest import needs_bcc
+from fixtures_core import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WP = [sys.executable, "-m", "wp.cli"]
@@ -518,15 +519,6 @@ def _traced_by(wpd, t):
     return next(x["traced_by"] for x in st["targets"] if x["pid"] == t.pid)
 
 
-def _eventually(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 @needs_bcc
 def test_a_newer_tracer_keeps_the_notes(wpd, memtarget, tmp_path):
     """A second `wp trace` takes the notes over; the first one ending does
@@ -565,7 +557,7 @@ def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
     t.write(0, 1)
     first.kill()
     first.communicate(timeout=30)
-    assert _eventually(lambda: _traced_by(wpd, t) is None), "wpd did not notice the tracer died"
+    assert eventually(lambda: _traced_by(wpd, t), None, timeout=5) is None, "wpd did not see the tracer die"
     for i in range(1, 4):
         t.write(i, i + 1)
     second = _trace(wpd, t, tmp_path / "2.jsonl")
