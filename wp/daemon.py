@@ -85,10 +85,11 @@ class Target:
                 log.info("pid %d: resolve notes stay with wp trace %d (%d is done)", self.pid,
                          self.tracer[0], tracer_pid)
                 return False
+            pidfd = os.pidfd_open(tracer_pid) if notes is not None else None
             self._forget_tracer()
             self.session.set_trace(notes, usdt, callbacks)
-            if notes is not None:
-                self.tracer = (tracer_pid, os.pidfd_open(tracer_pid))
+            if pidfd is not None:
+                self.tracer = (tracer_pid, pidfd)
         return True
 
     def _forget_tracer(self):
