@@ -25,7 +25,7 @@ import time
 from wp import protocol
 from wp.errors import TargetError, WPError
 from wp.protectors import load as load_protector
-from wp.remote import validate_target
+from wp.remote import comm, validate_target
 from wp.session import Session
 from wp.space import ProcessSpace
 
@@ -67,7 +67,7 @@ class Target:
             if self.session.executed() and not select.select([self.pidfd], [], [], 0)[0]:
                 log.warning("pid %d executed a new program (%s): its new memory is not protected; "
                             "dropping the session (`wp attach %d` protects the new program)",
-                            self.pid, _comm(self.pid), self.pid)
+                            self.pid, comm(self.pid), self.pid)
                 self.daemon.forget(self.pid, reason="exec")
                 return
             self._check_tracer()
@@ -124,15 +124,7 @@ class Target:
         return {"pid": self.pid, "protector": s.protector.name, "handler": s.handler,
                 "regions": len(s.regions), "bytes": sum(r.length for r in s.regions),
                 "faults": s.faults(), "attached_at": self.attached_at,
-                "comm": _comm(self.pid), "traced_by": self.tracer[0] if self.tracer else None}
-
-
-def _comm(pid):
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return None
+                "comm": comm(self.pid), "traced_by": self.tracer[0] if self.tracer else None}
 
 
 def check_target(pid):
@@ -183,7 +175,7 @@ class Daemon:
         finally:
             with self.lock:
                 self._attaching.discard(pid)
-        log.info("attached pid %d (%s): %d regions, protector %s", pid, _comm(pid),
+        log.info("attached pid %d (%s): %d regions, protector %s", pid, comm(pid),
                  len(session.regions), protector)
         return target
 

@@ -82,6 +82,15 @@ def stat_fields(pid, tid=None):
         return None
 
 
+def comm(pid):
+    """The process's name (/proc/PID/comm), or None if it is gone."""
+    try:
+        with open("/proc/%d/comm" % pid) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _status(pid):
     """/proc/PID/status as a dict of strings."""
     with open("/proc/%d/status" % pid) as f:
@@ -120,13 +129,9 @@ def validate_target(pid, session=False):
     except FileNotFoundError:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     if tracer:
-        try:
-            with open("/proc/%d/comm" % tracer) as f:
-                who = f.read().strip()
-        except OSError:
-            who = "?"
         raise TargetError("pid %d is already traced by pid %d (%s: a debugger, strace, or another "
-                          "wp command at work): wait for it or detach that first" % (pid, tracer, who))
+                          "wp command at work): wait for it or detach that first"
+                          % (pid, tracer, comm(tracer) or "?"))
 
 
 def _ns_ids(pid, tid):
