@@ -521,8 +521,6 @@ class Session:
             for nm in self._notes_maps:
                 nm.close()
             self._notes_maps.clear()
-        for _, loop in self.children:
-            loop.close_uffd()
         if self._scanner:
             self._scanner.join(5)
         for loop in self.loops:
