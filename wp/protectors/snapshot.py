@@ -671,7 +671,7 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
     except BaseException:
         # Refused or failed: no half-written core left behind.
         if existed is False and os.path.exists(path):
-            os.unlink(prot.path)
+            os.unlink(path)
         raise
 
 
