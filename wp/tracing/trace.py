@@ -393,11 +393,18 @@ def main(argv=None):
     # waits for it). Taken from now on: one sent during bcc's compile
     # waits for it rather than kill the process (their default action).
     wanted = []
-    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in (signal.SIGUSR1, signal.SIGUSR2)]
+    usr = (signal.SIGUSR1, signal.SIGUSR2)
+    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in usr]
+
+    def restore_usr():
+        for sig, handler in zip(usr, old_usr):
+            signal.signal(sig, handler)
+
     try:
         tracer.start()
     except _probes.TracingUnavailable as err:
         print("wp trace: %s" % err, file=sys.stderr)
+        restore_usr()
         return 1
     asked_wpd = via_wpd and (args.notes or args.usdt != "none")
     if asked_wpd:
@@ -436,8 +443,7 @@ def main(argv=None):
                     break
     finally:
         signal.signal(signal.SIGINT, old)
-        signal.signal(signal.SIGUSR1, old_usr[0])
-        signal.signal(signal.SIGUSR2, old_usr[1])
+        restore_usr()
         if tracer.spooled > 100000:
             print("wp trace: writing %d records to %s..." % (tracer.spooled, args.output), file=sys.stderr)
         counters = tracer.stop()
