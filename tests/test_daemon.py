@@ -475,12 +475,8 @@ def test_wp_trace_through_wpd(wpd, memtarget, tmp_path, callbacks):
     t = memtarget("anon", 8)
     wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
     out = tmp_path / "t.jsonl"
-    proc = subprocess.Popen(WP + ["--socket", wpd.sock, "trace", str(t.pid), "-o", str(out),
-                                  "--duration", "60"] + (["--callbacks"] if callbacks else []),
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = _trace(wpd, t, out, "--duration", "60", *(["--callbacks"] if callbacks else []))
     try:
-        line = proc.stderr.readline()
-        assert "Tracing" in line, line + proc.stderr.read()
         for i in range(8):
             t.write(i, i + 1)
     finally:
