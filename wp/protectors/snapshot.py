@@ -48,7 +48,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -726,9 +726,9 @@ def space_for(pid, uffds=None):
 def main(args):
     """`wp snapshot`: see add_parser for args. Returns the exit code."""
     import json
+    from wp.errors import UsageError
     if args.raw and (not args.region or len(args.region) != 1):
-        print("wp snapshot: --raw needs exactly one --region START-END", file=sys.stderr)
-        return 2
+        raise UsageError("--raw needs exactly one --region START-END")
     out = args.output or ("%d.raw" % args.pid if args.raw else "core.%d" % args.pid)
 
     def progress(st):
@@ -736,16 +736,10 @@ def main(args):
             print("wp snapshot: %d/%d MiB, %d pages copied on write, target stopped %s ms"
                   % (st["copied_bytes"] >> 20, st["total_bytes"] >> 20, st["copied_on_write_pages"],
                      st["stop_ms"]), file=sys.stderr)
-    try:
-        st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
-                      freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
-                      strict=args.strict)
-    except (BadRange, UnsupportedMemory, TargetError, NotRoot) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 4
-    except (WPError, OSError) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 1
+    # Errors go up to wp.cli.run_command, the one mapping to exit codes.
+    st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
+                  freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
+                  strict=args.strict)
     for w in st["warnings"]:
         print("wp snapshot: warning: %s" % w, file=sys.stderr)
     if args.json:
