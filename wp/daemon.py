@@ -142,8 +142,8 @@ class Daemon:
     def __init__(self, socket_path=protocol.DEFAULT_SOCKET):
         self.socket_path = socket_path
         self.targets = {}
-        # The last stats of sessions that ended with their target (exit,
-        # exec): `wp stats PID` still answers once a `wp run` program is gone.
+        # The last stats of sessions whose target exited: `wp stats PID`
+        # still answers once a `wp run` program is gone.
         self.ended = collections.OrderedDict()
         self.lock = threading.Lock()
         self._attaching = set()
@@ -211,11 +211,13 @@ class Daemon:
         with self.lock:
             target = self.targets.pop(pid, None)
         if target is not None:
-            try:
-                final = target.session.stats()
-                final["ended"] = reason
-            except Exception:   # stats of a gone process: best effort
-                final = None
+            final = None
+            if reason == "exited":   # the pid names nothing else now
+                try:
+                    final = target.session.stats()
+                    final["ended"] = reason
+                except Exception:   # stats of a gone process: best effort
+                    final = None
             target.close()
             if final is not None:
                 with self.lock:
