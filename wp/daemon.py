@@ -11,6 +11,7 @@ kernel closes that copy: every range is unregistered, write protection is
 dropped and blocked writers are woken, so targets carry on with their data.
 """
 import argparse
+import collections
 import logging
 import os
 import select
@@ -181,9 +182,13 @@ def check_target(pid):
 
 
 class Daemon:
+    MAX_ENDED = 64   # ended sessions whose last stats are kept
     def __init__(self, socket_path=protocol.DEFAULT_SOCKET):
         self.socket_path = socket_path
         self.targets = {}
+        # The last stats of sessions whose target exited: `wp stats PID`
+        # still answers once a `wp run` program is gone.
+        self.ended = collections.OrderedDict()
         self.lock = threading.Lock()
         self._attaching = set()
         self._stopping = threading.Event()
@@ -213,6 +218,7 @@ class Daemon:
             if pid in self.targets or pid in self._attaching:
                 raise TargetError("pid %d is already attached: run `wp detach %d` first" % (pid, pid))
             self._attaching.add(pid)
+            self.ended.pop(pid, None)   # a new session: the old one's stats are stale
         try:
             prot = instance if instance is not None else self.make_protector(protector, options)
             space = ProcessSpace(pid, uffd_source) if uffd_source else ProcessSpace.attached(pid)
@@ -247,6 +253,11 @@ class Daemon:
         if target is None:
             raise TargetError("pid %d is not attached (see `wp status`)" % pid)
         try:
+            if not target.session.failed:   # async regions: pages written since the last scan
+                target.session.scan_written()
+        except OSError as err:
+            log.debug("pid %d: last scan: %s", pid, err)
+        try:
             stats = target.stats()
         except Exception as err:   # a protector's stats() failing must not keep it protected
             log.exception("pid %d: stats", pid)
@@ -262,7 +273,19 @@ class Daemon:
         with self.lock:
             target = self.targets.pop(pid, None)
         if target is not None:
+            final = None
+            if reason == "exited":   # the pid names nothing else now
+                try:
+                    final = dict(target.stats())
+                    final["ended"] = reason
+                except Exception:   # stats of a gone process: best effort
+                    final = None
             target.close()
+            if final is not None:
+                with self.lock:
+                    self.ended[pid] = final
+                    while len(self.ended) > self.MAX_ENDED:
+                        self.ended.popitem(last=False)
             log.info("pid %d: session closed (%s)", pid, reason)
 
     def detach_all(self):
@@ -298,7 +321,12 @@ class Daemon:
                 out["dedupe"] = daemon_stats(dedupers)
             return out
         if op == "stats":
-            return {"stats": self._target(req["pid"]).stats()}
+            pid = req["pid"]
+            with self.lock:
+                final = self.ended.get(pid) if pid not in self.targets else None
+            if final is not None:
+                return {"stats": final}
+            return {"stats": self._target(pid).stats()}
         if op == "trace":
             # wp trace: write resolve notes into its notes map (it sends its
             # pid and the map's fd: taken with pidfd_getfd) or stop.
