@@ -356,6 +356,9 @@ def test_target_exit_while_protected(wpd, memtarget):
             break
         time.sleep(0.1)
     assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+    # its last stats stay with wpd (wp stats after a `wp run` program ended)
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["ended"] == "exited" and st["faults"] >= 1
 
 
 def test_fork_child_protected(wpd, memtarget):

@@ -45,6 +45,7 @@ def _add_bench(sub):
     _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
     _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
     _add_subparser(bsub, "wp.bench.snapshot")
+    _add_subparser(bsub, "wp.bench.workloads")
     return bsub
 
 

@@ -11,6 +11,7 @@ kernel closes that copy: every range is unregistered, write protection is
 dropped and blocked writers are woken, so targets carry on with their data.
 """
 import argparse
+import collections
 import logging
 import os
 import select
@@ -137,9 +138,13 @@ def check_target(pid):
 
 
 class Daemon:
+    MAX_ENDED = 64   # ended sessions whose last stats are kept
     def __init__(self, socket_path=protocol.DEFAULT_SOCKET):
         self.socket_path = socket_path
         self.targets = {}
+        # The last stats of sessions whose target exited: `wp stats PID`
+        # still answers once a `wp run` program is gone.
+        self.ended = collections.OrderedDict()
         self.lock = threading.Lock()
         self._attaching = set()
         self._stopping = threading.Event()
@@ -154,6 +159,7 @@ class Daemon:
             if pid in self.targets or pid in self._attaching:
                 raise TargetError("pid %d is already attached: run `wp detach %d` first" % (pid, pid))
             self._attaching.add(pid)
+            self.ended.pop(pid, None)   # a new session: the old one's stats are stale
         try:
             cls = load_protector(protector)
             try:
@@ -191,6 +197,10 @@ class Daemon:
             target = self.targets.pop(pid, None)
         if target is None:
             raise TargetError("pid %d is not attached (see `wp status`)" % pid)
+        try:   # async regions: the pages written since the last periodic scan
+            target.session.scan_written()
+        except OSError as err:
+            log.debug("pid %d: last scan: %s", pid, err)
         stats = target.session.stats()
         target.close()
         log.info("detached pid %d after %d faults", pid, stats["faults"])
@@ -201,7 +211,19 @@ class Daemon:
         with self.lock:
             target = self.targets.pop(pid, None)
         if target is not None:
+            final = None
+            if reason == "exited":   # the pid names nothing else now
+                try:
+                    final = target.session.stats()
+                    final["ended"] = reason
+                except Exception:   # stats of a gone process: best effort
+                    final = None
             target.close()
+            if final is not None:
+                with self.lock:
+                    self.ended[pid] = final
+                    while len(self.ended) > self.MAX_ENDED:
+                        self.ended.popitem(last=False)
             log.info("pid %d: session closed (%s)", pid, reason)
 
     def detach_all(self):
@@ -232,7 +254,12 @@ class Daemon:
                 out["dedupe"] = daemon_stats(dedupers)
             return out
         if op == "stats":
-            return {"stats": self._target(int(req["pid"])).session.stats()}
+            pid = int(req["pid"])
+            with self.lock:
+                final = self.ended.get(pid) if pid not in self.targets else None
+            if final is not None:
+                return {"stats": final}
+            return {"stats": self._target(pid).session.stats()}
         if op == "trace":
             # wp trace: write resolve notes into its notes map (it sends its
             # pid and the map's fd: taken with pidfd_getfd) or stop.
