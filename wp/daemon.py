@@ -462,8 +462,21 @@ class Daemon:
                 finally:
                     conn.close()
                 continue
-            threading.Thread(target=self.serve_client, args=(conn,), daemon=True,
-                             name="wp-client-%d" % pid).start()
+            try:
+                threading.Thread(target=self.serve_client, args=(conn,), daemon=True,
+                                 name="wp-client-%d" % pid).start()
+            except RuntimeError as err:   # no thread to spare (pids cgroup, ulimit): say so, serve on
+                log.error("cannot serve client pid %d: %s", pid, err)
+                try:
+                    conn.sock.settimeout(1.0)
+                    conn.recv()
+                    conn.send({"ok": False, "type": "RuntimeError",
+                               "error": "wpd cannot start a thread for this request (%s): raise its "
+                                        "pids limit, then retry" % err})
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    conn.close()
 
     def shutdown(self):
         self._stopping.set()
