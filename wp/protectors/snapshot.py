@@ -652,10 +652,15 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
         BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
     """
     from wp.session import Session
+    # Written as PATH.partial and renamed once complete: a snapshot that
+    # fails or is killed (even with -9) never leaves a truncated PATH, nor
+    # replaces one that was there; killed, it leaves PATH.partial.
+    final = path
+    if path is not None:
+        path = path + ".partial"
     prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
-    existed = os.path.exists(path) if path is not None else None
     try:
         session.start()
         try:
@@ -665,12 +670,16 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
                     progress(prot.stats())
             st = prot.wait()
             st["faults"] = session.faults()
-            return st
         finally:
             session.close()
+        if final is not None:
+            os.replace(path, final)
+            if st.get("path") == path:
+                st["path"] = final
+        return st
     except BaseException:
         # Refused or failed: no half-written core left behind.
-        if existed is False and os.path.exists(path):
+        if path is not None and os.path.exists(path):
             os.unlink(path)
         raise
 
