@@ -19,7 +19,7 @@ from wp import maps as _maps
 from wp.errors import BadRange, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop
 from wp.pagemap import Pagemap
-from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
+from wp.uffd import ASYNC_FEATURES, MODE_MISSING, MODE_WP, SYNC_FEATURES, Userfaultfd
 
 __all__ = ["Session", "Region", "resolve_regions", "subtract_ranges"]
 
@@ -36,6 +36,7 @@ class Region:
     page_size: int = 4096
     faults: int = 0    # sync write faults handled
     written: int = 0   # async: pages reported written
+    missing: bool = False  # registered MODE_MISSING too (sync private anonymous)
 
     @property
     def length(self):
@@ -44,7 +45,7 @@ class Region:
     def as_dict(self):
         return {"start": "%#x" % self.start, "end": "%#x" % self.end, "kind": self.kind,
                 "mode": self.mode, "path": self.path, "pages": self.length // self.page_size,
-                "faults": self.faults, "written_pages": self.written}
+                "faults": self.faults, "written_pages": self.written, "missing": self.missing}
 
 
 NAMED_REGIONS = ("all", "anon", "shmem", "hugetlb")
@@ -165,6 +166,13 @@ class Session:
         follow_fork: protect children the target forks (True) or release them.
     """
 
+    #: Register sync private anonymous memory MODE_MISSING as well as WP, so
+    #: that a page the target drops (MADV_DONTNEED zaps the PTE and its WP
+    #: marker, see wp.uffd) still faults when it is written again. Off only
+    #: to measure what it costs (wp bench faults): writes after a drop are
+    #: then not seen.
+    anon_missing = True
+
     def __init__(self, space, protector, regions=None, mode=None, handler="python",
                  spin=False, cpu=None, scan_interval=None, follow_fork=True):
         if os.geteuid() != 0:
@@ -225,7 +233,7 @@ class Session:
             for r in self.regions:
                 u = self._uffd_for(r)
                 try:
-                    u.register(r.start, r.length, MODE_WP)
+                    u.register(r.start, r.length, self._register_mode(r))
                 except OSError as err:
                     why = err
                     if err.errno == errno.EBUSY:
@@ -272,6 +280,32 @@ class Session:
         loop.set_notes(self.notes)
         loop.usdt = self.usdt
         loop.time_callbacks = self.callbacks
+
+    def _register_mode(self, region):
+        """Returns the UFFDIO_REGISTER mode for region (and notes MISSING
+        in it): WP, plus MISSING for sync private anonymous memory."""
+        region.missing = (self.anon_missing and region.mode == "sync"
+                          and region.kind == _maps.PRIVATE_ANON)
+        return MODE_WP | MODE_MISSING if region.missing else MODE_WP
+
+    def read_present(self, addr, length):
+        """Returns (data, holes): the target's bytes at addr, read without
+        ever waiting for a fault handler, and the pages that could not be
+        read so (zeros in data). Protectors read target memory with this on
+        the fault thread (inside on_write, on_event): there a
+        process_vm_readv (Space.read) of a page that is not mapped in a
+        MISSING-registered range waits for the fault thread itself, for
+        ever. In a region with ``missing`` set, a hole is a page that is not
+        mapped: never populated, or dropped (MADV_DONTNEED); either way the
+        target reads zeros there.
+
+        From another thread Space.read is fine and orders after the fault
+        loop: a page dropped meanwhile raises a MISSING fault that the loop
+        answers with a write-protected zero page after it has handled the
+        REMOVE event (it reads messages in order), but such a read
+        populates the page with real memory.
+        """
+        return self.space.read_present(addr, length)
 
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
@@ -340,14 +374,15 @@ class Session:
                     u = self._uffd_for(w)
                     if u is None:
                         continue  # that kind of uffd was not opened at start
+                    r = Region(start, end, w.kind, w.mode, w.path, w.page_size)
                     try:
-                        u.register(start, end - start, MODE_WP)
+                        u.register(start, end - start, self._register_mode(r))
                         u.protect(start, end - start)
                     except OSError as err:
                         # The mapping changed under us (unmapped, merged): next round.
                         log.debug("pid %d: cannot add %#x-%#x: %s", self.pid, start, end, err)
                         continue
-                    added.append(Region(start, end, w.kind, w.mode, w.path, w.page_size))
+                    added.append(r)
             if added:
                 self.regions.extend(added)
                 self._index()
@@ -397,9 +432,11 @@ class Session:
                     keep.append(r)
                     continue
                 if r.start < start:
-                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults))
+                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults,
+                                       missing=r.missing))
                 if r.end > end:
-                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size))
+                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size,
+                                       missing=r.missing))
             self.regions = keep
             self._index()
 
@@ -485,6 +522,7 @@ class Session:
             "resolved": total.get("resolved", 0),
             "callback_errors": total.get("callback_errors", 0),
             "resolve_errors": total.get("resolve_errors", 0),
+            "missing_reads": total.get("missing_reads", 0),
             "written_pages": sum(r.written for r in self.regions),
             "events": dict(self.events),
             "children": self._resolve_children(),
