@@ -11,6 +11,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from wp import maps as _maps
 from wp.errors import BadRange, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop
 from wp.pagemap import Pagemap
-from wp.uffd import ASYNC_FEATURES, MODE_MISSING, MODE_WP, SYNC_FEATURES, Userfaultfd
+from wp.uffd import (ASYNC_FEATURES, ASYNC_REMOVE_FEATURES, EVENT_REMOVE, MODE_MISSING, MODE_WP,
+                     SYNC_FEATURES, Userfaultfd)
 
 __all__ = ["Session", "Region", "resolve_regions", "subtract_ranges"]
 
@@ -196,6 +198,9 @@ class Session:
         self._starts = []
         self._pagemap = None
         self._scanner = None
+        self._events_thread = None
+        self._events_stop = os.pipe()
+        self._scan_lock = threading.Lock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.started_ns = None
@@ -225,7 +230,8 @@ class Session:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
             if any(r.mode == "async" for r in self.regions):
-                self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
+                anon = any(r.mode == "async" and r.kind == _maps.PRIVATE_ANON for r in self.regions)
+                self.async_uffd = self.space.open_uffd(ASYNC_REMOVE_FEATURES if anon else ASYNC_FEATURES)
             self.protector.attach(self)
             self._attached = True
             if self.sync_uffd:
@@ -245,6 +251,10 @@ class Session:
                                             % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
                 registered.append(r)
                 u.protect(r.start, r.length)
+            if self.async_uffd and self.async_uffd.features & ASYNC_REMOVE_FEATURES == ASYNC_REMOVE_FEATURES:
+                self._events_thread = threading.Thread(target=self._async_events, name="wp-async-events",
+                                                       daemon=True)
+                self._events_thread.start()
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
                 self._scanner.start()
@@ -456,16 +466,56 @@ class Session:
         out = {}
         if not self.async_uffd:
             return out
-        t = time.monotonic_ns()
-        for r in list(self.regions):
-            if r.mode != "async":
-                continue
-            runs = self._pagemap.take_written(r.start, r.end)
-            if runs:
-                r.written += sum(e - s for s, e in runs) // r.page_size
-                out[r] = runs
-                self.protector.on_written(r, runs, t)
+        with self._scan_lock:
+            t = time.monotonic_ns()
+            for r in list(self.regions):
+                if r.mode != "async":
+                    continue
+                runs = self._pagemap.take_written(r.start, r.end)
+                if runs:
+                    r.written += sum(e - s for s, e in runs) // r.page_size
+                    out[r] = runs
+                    self.protector.on_written(r, runs, t)
         return out
+
+    # Some facts about async protection and MADV_DONTNEED. Async WP keeps a
+    # page's "written" state in its PTE (present, uffd-wp bit clear), and a
+    # zap of private anonymous memory drops PTE and marker alike (wp.uffd):
+    # a page written and then dropped before the next scan would never be
+    # reported. The REMOVE event holds the thread calling madvise before the
+    # zap until the event is read, and poll() says it is there before it is
+    # read: so this thread scans first and reads after. (A page written by
+    # another thread between that scan and the zap is still lost: a race in
+    # the target itself between a write and a drop of the same page.) The
+    # page written again after the drop is present without the bit: the
+    # next scan reports it like any other.
+
+    def _async_events(self):
+        stop_r = self._events_stop[0]
+        poller = select.poll()
+        poller.register(self.async_uffd.fd, select.POLLIN)
+        poller.register(stop_r, select.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(poller.poll())
+            if stop_r in ready or self._stop.is_set():
+                return
+            if ready.get(self.async_uffd.fd, 0) & (select.POLLERR | select.POLLHUP):
+                return
+            try:
+                self.scan_written()          # before the read lets the zap go on
+            except OSError as err:
+                log.warning("pid %d: PAGEMAP_SCAN before a REMOVE failed: %s", self.pid, err)
+            try:
+                msgs = self.async_uffd.read_events()
+            except OSError as err:
+                log.warning("pid %d: reading the async uffd: %s", self.pid, err)
+                return
+            for event, start, end, _ in msgs:
+                if event == EVENT_REMOVE:
+                    try:
+                        self._on_event({"event": "remove", "start": start, "end": end})
+                    except Exception:
+                        log.exception("pid %d: handling a remove event", self.pid)
 
     def _scan_loop(self):
         while not self._stop.wait(self.scan_interval):
@@ -561,6 +611,13 @@ class Session:
             self._notes_maps.clear()
         if self._scanner:
             self._scanner.join(5)
+        if self._events_thread:
+            os.write(self._events_stop[1], b"x")
+            self._events_thread.join(5)   # a REMOVE left unread: the close below lets it go
+            self._events_thread = None
+        for fd in self._events_stop:
+            os.close(fd)
+        self._events_stop = ()
         for loop in self.loops:
             loop.close_uffd()
         for u in (self.sync_uffd, self.async_uffd):

@@ -31,7 +31,8 @@ import os
 
 from wp._native import check, ffi, lib
 
-__all__ = ["Userfaultfd", "supported_features", "feature_names", "SYNC_FEATURES", "ASYNC_FEATURES"]
+__all__ = ["Userfaultfd", "supported_features", "feature_names", "SYNC_FEATURES", "ASYNC_FEATURES",
+           "ASYNC_REMOVE_FEATURES"]
 
 _FEATURES = {
     name[len("UFFD_FEATURE_"):].lower(): getattr(lib, name)
@@ -49,6 +50,11 @@ SYNC_FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_WP_UNPOPU
 # Async protection: the kernel resolves WP faults and only marks pages written.
 ASYNC_FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_WP_ASYNC
                   | lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+# ... and for private anonymous memory the REMOVE event: MADV_DONTNEED would
+# take a page's written state (its PTE) with it before the next scan, and
+# the event holds the target before the zap until it is read.
+ASYNC_REMOVE_FEATURES = ASYNC_FEATURES | lib.UFFD_FEATURE_EVENT_REMOVE
+EVENT_REMOVE = lib.UFFD_EVENT_REMOVE
 
 MODE_WP = lib.UFFDIO_REGISTER_MODE_WP
 MODE_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
@@ -143,6 +149,14 @@ class Userfaultfd:
 
     def __exit__(self, *exc):
         self.close()
+
+    def read_events(self, max_msgs=64):
+        """Returns the messages waiting (the uffd is non-blocking) as
+        (event, addr, arg1, arg2) tuples; [] if none. For the fault path
+        see wp.faults, which reads them in C."""
+        msgs = ffi.new("struct wp_msg[]", max_msgs)
+        n = check(lib.wp_uffd_read(self.fd, msgs, max_msgs), "read(userfaultfd)")
+        return [(msgs[i].event, msgs[i].addr, msgs[i].arg1, msgs[i].arg2) for i in range(n)]
 
     def register(self, start, length, mode=MODE_WP):
         """Registers [start, start+length); returns the ioctl mask allowed there."""
