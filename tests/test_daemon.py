@@ -624,8 +624,9 @@ def test_writes_after_dontneed_seen_through_wpd(wpd, memtarget, protector, mode)
     reads back what it wrote, then zeros after a last drop."""
     n = 2000
     t = memtarget("anon", n)
+    sync = [] if mode else ["-o", "exact=true" if protector == "trace" else "sync=true"]
     wp(wpd, "attach", t.pid, "--protector", protector, "--region",
-       "%x-%x" % (t.addr, t.addr + t.length), *mode)
+       "%x-%x" % (t.addr, t.addr + t.length), *mode, *sync)
     assert t.cmd("A 0 1")[0] == "done"
     assert t.cmd("D") == ["ok"]
     assert t.cmd("A 0 2")[0] == "done"

@@ -460,7 +460,7 @@ def test_writes_after_dontneed_are_seen_trace_sync(memtarget, sessions, handler)
     """Issue 15 item 2: 2,000 protected pages written (2,000 faults), dropped,
     written again: 4,000 faults, every one a first write the protector saw."""
     t = memtarget("anon", NPAGES)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, handler=handler)
     steps = _drop_and_rewrite(t)
     next(steps)
@@ -479,7 +479,7 @@ def test_writes_after_dontneed_are_seen_trace_sync(memtarget, sessions, handler)
 def test_writes_after_dontneed_are_seen_track_sync(memtarget, sessions):
     from wp.protectors.track import TrackProtector
     t = memtarget("anon", NPAGES)
-    prot = TrackProtector()
+    prot = TrackProtector(sync=True)
     s = sessions(t, prot)
     steps = _drop_and_rewrite(t)
     next(steps)
