@@ -23,6 +23,7 @@ examples:
   wp report faults.jsonl --plot faults.png     histograms, heat map; --format perfetto
   wp snapshot 1234 -o core.1234      a live point-in-time core that gdb opens
   wp track 1234 --interval 1 --json  pages written per interval
+  wp ksm estimate 1234 5678          what kernel KSM / wp dedupe would save; wp ksm enable 1234 --start
   wp bench faults --json             write-fault cost per memory type and handler
 """
 
@@ -333,6 +334,7 @@ def build_parser():
 
     _add_subparser(sub, "wp.protectors.snapshot")
     _add_subparser(sub, "wp.protectors.track")
+    _add_subparser(sub, "wp.ksm_cli")
     _passthrough(sub, "trace", "wp.tracing.trace", "record the fault path with bcc (wp trace PID -o FILE)")
     _passthrough(sub, "report", "wp.tracing.report", "summarize a trace: text, --plot PNG, perfetto, csv")
 
