@@ -45,6 +45,7 @@ def _add_bench(sub):
     _passthrough(bsub, "attach", "wp.bench.attach", "cost of attaching and of injected syscalls")
     _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
     _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
+    _passthrough(bsub, "ksm", "wp.bench.ksm", "wp ksm enable on a running redis vs prctl before exec; the estimate")
     _add_subparser(bsub, "wp.bench.snapshot")
     return bsub
 

@@ -384,6 +384,11 @@ def _inject(pid, ranges, on):
 KNOB_RECORD = "/run/wp/ksm-knobs.json"
 
 
+def _record_path(record=None):
+    """The record's path: record, else $WP_KSM_RECORD (tests), else KNOB_RECORD."""
+    return record or os.environ.get("WP_KSM_RECORD") or KNOB_RECORD
+
+
 class _Record:
     def __init__(self, path):
         self.path = path
@@ -413,14 +418,14 @@ class _Record:
         os.close(self.fd)
 
 
-def set_knob(name, value, by, owner="wp", record=KNOB_RECORD):
+def set_knob(name, value, by, owner="wp", record=None):
     """Writes KSM knob name and records its original value and who (by, a
     short phrase such as "wp ksm enable --start (pid 12)"; owner: who puts
     it back, "wp" for `wp ksm stop`, "wpd:PID" for that wpd's shutdown).
     Returns the previous value."""
     if name not in KNOBS:
         raise ValueError("unknown KSM knob %r (one of %s)" % (name, ", ".join(KNOBS)))
-    with _Record(record) as rec:
+    with _Record(_record_path(record)) as rec:
         old = read(name)
         if old == value or str(old) == str(value):
             return old
@@ -433,11 +438,11 @@ def set_knob(name, value, by, owner="wp", record=KNOB_RECORD):
         return old
 
 
-def changed_knobs(record=KNOB_RECORD):
+def changed_knobs(record=None):
     """Returns {knob: {"original", "value", "by", "at", "now"}} of the knobs
     wp changed and has not restored yet."""
     try:
-        with open(record) as f:
+        with open(_record_path(record)) as f:
             data = json.load(f)
     except (FileNotFoundError, ValueError):
         return {}
@@ -449,11 +454,12 @@ def changed_knobs(record=KNOB_RECORD):
     return data
 
 
-def restore_knobs(owner=None, record=KNOB_RECORD):
+def restore_knobs(owner=None, record=None):
     """Puts back the original value of every knob wp changed (only those
     whose owner is `owner` when given), run last. Returns {knob: restored
     value}."""
     done = {}
+    record = _record_path(record)
     if not os.path.exists(record):
         return done
     with _Record(record) as rec:

@@ -248,6 +248,8 @@ def main(args):
         return EXIT_REFUSED
     c = args.ksm_command
     try:
+        if c in ("enable", "disable", "start", "stop"):
+            ksm.require_root("wp ksm %s" % c)
         if c in ("enable", "disable"):
             return cmd_enable(args, c)
         if c == "start":

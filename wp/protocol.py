@@ -29,8 +29,12 @@ class Connection:
     @classmethod
     def connect(cls, path=DEFAULT_SOCKET, timeout=None):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(timeout)
-        s.connect(path)
+        try:
+            s.settimeout(timeout)
+            s.connect(path)
+        except BaseException:
+            s.close()
+            raise
         return cls(s)
 
     def send(self, obj):
