@@ -4,7 +4,7 @@ advisor's estimate against what KSM then saves. One run, three phases:
 1. reference: redis-server started by a launcher that called
    prctl(PR_SET_MEMORY_MERGE, 1) before exec (the way a process opts in
    today), loaded with KEYS values of VALUE_KIB KiB drawn from DISTINCT
-   contents; ksmd merges it; KSM's saving is read (pages_sharing +
+   contents (see _values for why each is a cache line repeated); ksmd merges it; KSM's saving is read (pages_sharing +
    ksm_zero_pages, before/after). Then that redis exits.
 2. wp: the same redis started plainly and loaded the same way, then
    `wp ksm enable PID --start` (one-shot injection); the same measure;
@@ -48,7 +48,7 @@ LAUNCHER = ("import ctypes, os, sys\n"
 PY_HOLDER = ("import os, random, sys, time\n"
              "keys, kib, distinct, seed = map(int, sys.argv[1:5])\n"
              "rnd = random.Random(seed)\n"
-             "vals = [rnd.randbytes(kib * 1024) for _ in range(distinct)]\n"
+             "vals = [rnd.randbytes(64) * (kib * 16) for _ in range(distinct)]\n"
              "held = [bytearray(vals[i % distinct]) for i in range(keys)]\n"
              "print('ready', flush=True)\n"
              "sys.stdin.readline()\n")
@@ -160,9 +160,31 @@ def _converge(pids, timeout=180):
     raise TimeoutError("KSM did not converge within %d s" % timeout)
 
 
+def _settle(floor, timeout=60):
+    """Waits (ksmd running) until the saved pages fall to floor or stop
+    falling for two full scans."""
+    t0 = time.monotonic()
+    last, scans_at = None, None
+    while time.monotonic() - t0 < timeout:
+        m = _saved()
+        if m <= floor:
+            return
+        scans = ksm.read("full_scans")
+        if m != last:
+            last, scans_at = m, scans
+        elif scans - scans_at >= 2:
+            return
+        time.sleep(0.05)
+
+
 def _values(kib, distinct, seed=16):
+    """distinct values of kib KiB: each a random 64-byte block repeated.
+    jemalloc starts a large allocation at a random cache line of its first
+    page (opt.cache_oblivious), so two copies of a random value would share
+    no page; a value made of one cache line repeated has the same pages at
+    every such offset (the python holders copy them the same way)."""
     rnd = random.Random(seed)
-    return [rnd.randbytes(kib * 1024) for _ in range(distinct)]
+    return [rnd.randbytes(64) * (kib * 16) for _ in range(distinct)]
 
 
 def _benchmark(r, keys, requests):
@@ -219,9 +241,12 @@ def run(keys=1024, value_kib=256, distinct=16, pythons=3, bench_requests=4000):
             saved_ref = _saved() - s0
             out["reference"] = {"pid": ref.pid, "saved_pages": saved_ref, "saved_mib": saved_ref * PAGE / 2**20,
                                 "converge_s": round(secs, 2), "ksm_stat": ksm.process_stat(ref.pid)}
-            ksm.write("run", run0)
             ref.stop()
             procs.remove(ref)
+            # ksmd drops a dead process's merged pages at its next pass:
+            # let it, so that the next phase starts from the same counters.
+            _settle(s0 + 16)
+            ksm.write("run", run0)
 
             # 2. The same redis started plainly, enabled from outside.
             r = Redis(workdir)
@@ -246,6 +271,12 @@ def run(keys=1024, value_kib=256, distinct=16, pythons=3, bench_requests=4000):
             dis = subprocess.run(_wp("ksm", "disable", r.pid, "--no-daemon"), capture_output=True, text=True,
                                  timeout=600)
             disable_s = time.monotonic() - t
+            # The pages are unmerged inside the injected prctl; the counter
+            # follows at ksmd's next pass over the process.
+            t = time.monotonic()
+            while ksm.process_stat(r.pid)["ksm_merging_pages"] and time.monotonic() - t < 30:
+                time.sleep(0.02)
+            zero_after_s = time.monotonic() - t
             after = ksm.process_stat(r.pid)
             digests["disabled"] = r.digest()
             stop = subprocess.run(_wp("ksm", "stop"), capture_output=True, text=True, timeout=60)
@@ -254,6 +285,7 @@ def run(keys=1024, value_kib=256, distinct=16, pythons=3, bench_requests=4000):
                          "enable_said": (en.stdout + en.stderr).strip(), "ksm_stat_merged": merging,
                          "benchmark": bench, "disable_s": round(disable_s, 3),
                          "ksm_merging_pages_after_disable": after["ksm_merging_pages"],
+                         "ksm_merging_pages_zero_after_s": round(zero_after_s, 3),
                          "digests": digests, "stop_said": (stop.stdout + stop.stderr).strip()}
             out["ratio_wp_vs_prctl_before_exec"] = round(saved_wp / saved_ref, 4) if saved_ref else None
             _check(out["ratio_wp_vs_prctl_before_exec"] is not None
