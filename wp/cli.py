@@ -462,4 +462,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy: under `python -m wp.cli` this file is also
+    # __main__, and a class raised from wp.cli (Refused, by commands that
+    # import it) would not be the one __main__'s run_command catches.
+    from wp.cli import main as _main
+    sys.exit(_main())

@@ -348,16 +348,10 @@ class Daemon:
             # wp ksm enable/disable/start/stop: the injection and the knobs,
             # done here; knobs this wpd changed go back at its shutdown.
             from wp import ksm_cli
-            action = req.get("action")
-            ranges = req.get("ranges")
-            if ranges is not None and (not isinstance(ranges, list) or not all(isinstance(r, str) for r in ranges)):
-                raise ValueError("ranges must be a list of \"START-END\" strings")
-            pid = req.get("pid")
-            if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
-                raise ValueError("pid must be an integer")
+            action, pid = req["action"], req.get("pid")
             if pid == os.getpid():
                 raise TargetError("pid %d is wpd itself: run `wp ksm %s %d --no-daemon`" % (pid, action, pid))
-            res = ksm_cli.do(action, pid, ranges, bool(req.get("start")), req.get("options") or {},
+            res = ksm_cli.do(action, pid, req.get("ranges"), bool(req.get("start")), req.get("options") or {},
                              by="wpd %d (wp ksm %s)" % (os.getpid(), action), owner=self.ksm_owner)
             res["daemon_pid"] = os.getpid()
             if res.get("started"):

@@ -17,11 +17,9 @@ import os
 import sys
 
 from wp import ksm
-from wp.errors import BadRange, NotRoot, TargetError, WPError
+from wp.errors import EXIT_OK, BadRequest, DaemonUnreachable, NotRoot, TargetError
 
-__all__ = ["add_parser", "main"]
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_REFUSED = 0, 1, 2, 3, 4
+__all__ = ["add_parser", "main", "do"]
 
 
 def add_parser(subparsers):
@@ -93,7 +91,7 @@ def _knob_options(pairs):
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in ksm.KNOBS:
-            raise ValueError("bad -o %r: use KNOB=VALUE with KNOB one of %s" % (pair, ", ".join(ksm.KNOBS)))
+            raise BadRequest("bad -o %r: use KNOB=VALUE with KNOB one of %s" % (pair, ", ".join(ksm.KNOBS)))
         out[key] = int(value) if value.lstrip("-").isdigit() else value
     return out
 
@@ -102,24 +100,18 @@ def _daemon(args):
     """A connection to wpd, or None when it is not running (or --no-daemon)."""
     if getattr(args, "no_daemon", False):
         return None
+    import socket
     from wp import protocol
     path = getattr(args, "socket", None) or protocol.DEFAULT_SOCKET
+    timeout = getattr(args, "timeout", None) or protocol.DEFAULT_TIMEOUT
     try:
-        return protocol.Connection.connect(path, timeout=700)
+        return protocol.Connection.connect(path, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
     except PermissionError:
         raise NotRoot("cannot reach %s: wpd serves root only; run wp as root" % path) from None
-
-
-class _Refused(Exception):
-    def __init__(self, reply):
-        super().__init__(reply.get("error", "failed"))
-        self.code = EXIT_REFUSED if reply.get("type") in _REFUSALS else EXIT_FAIL
-
-
-_REFUSALS = {"TargetError", "BadRange", "UnsupportedMemory", "ProcessLookupError", "NoSuchProcess", "NotRoot",
-             "PermissionError", "ValueError"}
+    except socket.timeout:
+        raise DaemonUnreachable(protocol.stuck_message(path, timeout)) from None
 
 
 def do(action, pid=None, ranges=None, start=False, options=None, by="wp ksm", owner="wp"):
@@ -128,7 +120,7 @@ def do(action, pid=None, ranges=None, start=False, options=None, by="wp ksm", ow
     options = options or {}
     if action in ("enable", "disable"):
         if pid is None:
-            raise ValueError("wp ksm %s needs a pid" % action)
+            raise BadRequest("wp ksm %s needs a pid" % action)
         res = (ksm.enable if action == "enable" else ksm.disable)(int(pid), ranges or None)
         if action == "enable" and start:
             res["started"] = {k: list(v) for k, v in ksm.start(by, owner, **options).items()}
@@ -138,21 +130,29 @@ def do(action, pid=None, ranges=None, start=False, options=None, by="wp ksm", ow
     if action == "stop":
         ksm.require_root("wp ksm stop")
         return {"restored": ksm.restore_knobs()}
-    raise ValueError("unknown ksm action %r: enable, disable, start or stop" % action)
+    raise BadRequest("unknown ksm action %r: enable, disable, start or stop" % action)
 
 
 def _act(args, action, **kw):
+    import socket
+    from wp import protocol
+    from wp.cli import Refused
     conn = _daemon(args)
     if conn is None:
         return do(action, by=_by(args), **kw), None
+    req = {"op": "ksm", "action": action}
+    req.update(kw)
     try:
-        req = {"op": "ksm", "action": action}
-        req.update(kw)
         reply = conn.request(req)
+    except socket.timeout:
+        raise DaemonUnreachable(protocol.stuck_message(getattr(args, "socket", None) or protocol.DEFAULT_SOCKET,
+                                                       getattr(args, "timeout", None) or protocol.DEFAULT_TIMEOUT))
+    except ConnectionError:
+        raise DaemonUnreachable("wpd closed the connection without an answer: it may have died (see its log)")
     finally:
         conn.close()
     if not reply.get("ok"):
-        raise _Refused(reply)
+        raise Refused(reply)
     return reply, reply.get("daemon_pid")
 
 
@@ -242,29 +242,19 @@ def cmd_estimate(args):
 
 
 def main(args):
-    """`wp ksm ...`: see add_parser. Returns the exit code."""
+    """`wp ksm ...`: see add_parser. Returns the exit code; errors are
+    raised (wp.cli.run_command maps them: wp.errors)."""
     if not ksm.available():
-        print("wp ksm: %s does not exist: this kernel has no KSM (CONFIG_KSM)" % ksm.KSM_DIR, file=sys.stderr)
-        return EXIT_REFUSED
+        raise TargetError("%s does not exist: this kernel has no KSM (CONFIG_KSM)" % ksm.KSM_DIR)
     c = args.ksm_command
-    try:
-        if c in ("enable", "disable", "start", "stop"):
-            ksm.require_root("wp ksm %s" % c)
-        if c in ("enable", "disable"):
-            return cmd_enable(args, c)
-        if c == "start":
-            return cmd_start(args)
-        if c == "stop":
-            return cmd_stop(args)
-        if c == "status":
-            return cmd_status(args)
-        return cmd_estimate(args)
-    except _Refused as err:
-        print("wp ksm %s: %s" % (c, err), file=sys.stderr)
-        return err.code
-    except (BadRange, TargetError, NotRoot, ProcessLookupError, ValueError) as err:
-        print("wp ksm %s: %s" % (c, err), file=sys.stderr)
-        return EXIT_REFUSED
-    except (WPError, OSError) as err:
-        print("wp ksm %s: %s" % (c, err), file=sys.stderr)
-        return EXIT_FAIL
+    if c in ("enable", "disable", "start", "stop"):
+        ksm.require_root("wp ksm %s" % c)
+    if c in ("enable", "disable"):
+        return cmd_enable(args, c)
+    if c == "start":
+        return cmd_start(args)
+    if c == "stop":
+        return cmd_stop(args)
+    if c == "status":
+        return cmd_status(args)
+    return cmd_estimate(args)
