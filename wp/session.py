@@ -317,7 +317,7 @@ class Session:
         when the regions were named ("all", "anon", ...). Returns the new
         Regions. Explicit START-END ranges are never extended."""
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
-        if not named:
+        if not named or not self.protector.session_refresh:
             return []
         # /proc/PID/maps is cheap next to smaps (which walks every page
         # table): read smaps only when the list of mappings changed.

@@ -104,7 +104,11 @@ def rescue(pid, fd, removed, store_inode):
     m.start()
     try:
         space = ProcessSpace(pid, None)
-        return unmerge_runs(owner, m, space, store_inode, absent_is_removed=True)
+        n, failed = unmerge_runs(owner, m, space, store_inode, absent_is_removed=True)
+        if failed:
+            raise OSError("pid %d: %d merged runs could not be unmerged: %s"
+                          % (pid, len(failed), ", ".join("%#x-%#x" % r for r in failed[:8])))
+        return n
     finally:
         m.close()
 
