@@ -530,11 +530,13 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
-        if self._attached:   # also after a start that failed half way
-            self._attached = False
-            self.protector.detach()
-        self.started_ns = None
-        self.space.close()
+        try:
+            if self._attached:   # also after a start that failed half way
+                self._attached = False
+                self.protector.detach()   # may raise (dedupe: pages left merged)
+        finally:
+            self.started_ns = None
+            self.space.close()
 
     def __enter__(self):
         return self.start()

@@ -34,12 +34,16 @@ log = logging.getLogger("wp.dedupe")
 class UnmergeError(WPError):
     """Merged pages of a process could not be made anonymous again."""
 
-    def __init__(self, pid, runs):
+    def __init__(self, pid, runs, reason=None):
         self.pid = pid
         self.runs = list(runs)
-        super().__init__("pid %d: %d pages still merged (could not unmerge %s)" % (
-            pid, sum((e - s) // 4096 for s, e in self.runs),
-            ", ".join("%#x-%#x" % r for r in self.runs[:8]) + (" ..." if len(self.runs) > 8 else "")))
+        super().__init__(
+            "pid %d: %d pages still merged at %s%s%s; the guardian keeps serving them and "
+            "unmerges them as soon as it can" % (
+                pid, sum((e - s) // 4096 for s, e in self.runs),
+                ", ".join("%#x-%#x" % r for r in self.runs[:8]),
+                " ..." if len(self.runs) > 8 else "",
+                " (%s)" % reason if reason else ""))
 
 
 def features(*names):

@@ -263,33 +263,39 @@ class DedupeProtector(WriteProtector):
 
     def detach(self):
         """Stops scanning and unmerges: every merged page becomes a private
-        anonymous page again."""
+        anonymous page again.
+
+        Raises:
+            UnmergeError: pages of the target (or of a child it forked)
+                are still merged. The guardian then serves them and keeps
+                unmerging until it succeeds (without a guardian our own
+                uffd stays open, served, until this process exits).
+        """
         self._stop.set()
         self._kick.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(30)
         self.store.forget_owner(self.pid)
-        if self.guardian is not None:
-            self.guardian.forget(self.pid)
-        try:
-            self.unmerge_all()
-        except Exception:
-            log.exception("pid %d: unmerge at detach failed", self.pid)
+        failed = []    # (Merged, UnmergeError)
+        err = self._unmerge(self.b, self.pid, self.space, self.unmerge_all)
+        if err is not None:
+            failed.append((self.b, err))
         self._resolve_children()
         for m in self.children:
-            if self.guardian is not None and m.pid:
-                self.guardian.forget(m.pid)
             # A forked child still alive maps store pages too: unmerge it,
             # or its DONTNEED semantics would go with our uffd.
             if m.pid and os.path.exists("/proc/%d" % m.pid):
-                try:
-                    unmerge_runs(self, m, space_of(m.pid), self.store.inode)
-                except Exception:
-                    log.exception("pid %d (child of %d): unmerge at detach failed", m.pid, self.pid)
-        if self._coredump_filter is not None:
+                e = self._unmerge(m, m.pid, None, None)
+                if e is not None:
+                    failed.append((m, e))
+            elif self.guardian is not None and m.pid:
+                self.guardian.forget(m.pid)
+        if not failed and self._coredump_filter is not None:
             coredump_filter(self.pid, self._coredump_filter)
+        kept = {id(m) for m, _ in failed} if self.guardian is None else set()
         for m in [self.b] + self.children:
-            m.close()
+            if id(m) not in kept:
+                m.close()
         self.loop_a.stop()
         self.uffd_a.close()
         self._pagemap.close()
@@ -298,6 +304,41 @@ class DedupeProtector(WriteProtector):
             self.store.collect()
         except OSError:
             pass
+        if failed:
+            raise failed[0][1]
+
+    def _unmerge(self, m, pid, space, unmerge):
+        """Unmerges process pid (m its Merged); on success tells the
+        guardian to forget it, on failure hands it over (the guardian
+        serves it and retries). Returns the UnmergeError or None."""
+        try:
+            if unmerge is not None:
+                unmerge()
+            else:
+                _, runs_left = unmerge_runs(self, m, space_of(pid), self.store.inode)
+                if runs_left:
+                    raise UnmergeError(pid, runs_left)
+        except UnmergeError as e:
+            err = e
+        except (OSError, TimeoutError) as e:
+            try:
+                left = light_maps(pid, self.store.inode)[2]
+            except OSError:
+                left = []
+            if not left:
+                err = None
+            else:
+                err = UnmergeError(pid, left, reason=e)
+        else:
+            err = None
+        if err is None:
+            if self.guardian is not None:
+                self.guardian.forget(pid)
+            return None
+        log.error("%s", err)
+        if self.guardian is not None:
+            self.guardian.rescue(pid)
+        return err
 
     # -- the freeze uffd ---------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""No wrong byte under churn: dd_churn rewrites, MADV_DONTNEEDs, MADV_FREEs,
+"""dedupe through wpd, the user's path. No wrong byte under churn: dd_churn rewrites, MADV_DONTNEEDs, MADV_FREEs,
 munmaps and forks while dedupe passes run through wpd (`wp attach PID
 --protector dedupe`), and checks every operation at once and the whole
 region every second (so does each forked child). Also after detach, and
@@ -9,6 +9,7 @@ the issue asks for a >= 30 s run to be shown: WP_CHURN_SECONDS=30).
 """
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -59,6 +60,14 @@ class Churn:
 def churn(target_bin, spawn):
     def start(npages=NPAGES, distinct=200, threads=2):
         return Churn(spawn([target_bin("dd_churn"), str(npages), str(distinct), str(threads)]))
+    return start
+
+
+@pytest.fixture
+def dd_target(target_bin, spawn):
+    from test_dedupe import DD
+    def start(npages=1024, distinct=16):
+        return DD(spawn([target_bin("dd_target"), str(npages), str(distinct)]), npages, distinct)
     return start
 
 
@@ -131,3 +140,39 @@ def test_no_wrong_byte_when_wpd_is_killed_midway(wpd, churn):
     t.go(1)
     no_wrong_byte(t.done())
     assert t.check() == 0
+
+
+# -- detach that does ------------------------------------------------------------
+
+
+def store_maps(pid):
+    with open("/proc/%d/maps" % pid) as f:
+        return sum("wp-dedupe-store" in line for line in f)
+
+
+def test_detach_fails_when_unmerge_fails_and_guardian_keeps_the_target(wpd, dd_target):
+    """An unmerge that cannot finish (here: the target may map no more
+    memory, RLIMIT_AS) makes `wp detach` fail, naming the pages; the
+    guardian then serves the merged pages (DONTNEED still reads zeros) and
+    unmerges them as soon as it can."""
+    t = dd_target(2048, 16)
+    wp(wpd, "attach", t.pid, "--protector", "dedupe")
+    assert eventually(lambda: store_maps(t.pid) > 0, True, timeout=10)
+    assert eventually(lambda: dedupe_stats(wpd, t.pid)["full_scans"] >= 3, True, timeout=10)
+    with open("/proc/%d/status" % t.pid) as f:
+        vm = int(next(line for line in f if line.startswith("VmSize:")).split()[1]) * 1024
+    soft_hard = resource.prlimit(t.pid, resource.RLIMIT_AS)
+    resource.prlimit(t.pid, resource.RLIMIT_AS, (vm, soft_hard[1]))
+    try:
+        r = wp(wpd, "detach", t.pid, check=False)
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert "still merged" in r.stderr and "0x" in r.stderr, r.stderr
+        assert store_maps(t.pid) > 0
+        # Still served (by the guardian): DONTNEED on a merged page reads zeros.
+        assert t.cmd("d 0 1") == ["ok"] and t.read_sum(0) == 0
+        assert t.check() == 0
+    finally:
+        resource.prlimit(t.pid, resource.RLIMIT_AS, soft_hard)
+    assert eventually(lambda: store_maps(t.pid), 0, timeout=20) == 0
+    assert t.check() == 0
+    assert t.cmd("d 4 2") == ["ok"] and t.read_sum(4) == 0 and t.check() == 0
