@@ -26,7 +26,6 @@ from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # memtarget KIND -> the kind wp.maps gives its mapping.
 MAPS_KIND = {"anon": "anon", "anon-unpop": "anon", "shared-anon": "shared-anon", "memfd": "memfd",
@@ -352,13 +351,13 @@ else:
 """
 
 
-def test_not_root(memtarget, sessions):
+def test_not_root(memtarget, sessions, readable_wp):
     t = memtarget("anon", 4)
     maps_before = t.maps_text()
-    code = NONROOT % (ROOT, t.pid, t.uffds[0], t.addr, t.addr + t.length)
+    code = NONROOT % (readable_wp.path, t.pid, t.uffds[0], t.addr, t.addr + t.length)
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
-                       timeout=60)
+                        readable_wp.python, "-c", code], capture_output=True, text=True, cwd="/",
+                       env=readable_wp.env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("NotRoot True "), (r.stdout, r.stderr)
     assert "root" in r.stdout

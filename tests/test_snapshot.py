@@ -333,8 +333,9 @@ def test_cli_entry_point(sweep, tmp_path, capsys):
     assert st["format"] == "raw" and st["copied_bytes"] == t.length and st["stop_ms"] is not None
     assert out.read_bytes() == struct.pack("<Q", 9) * (t.length // 8)
     # --raw without a single range is a usage error, before touching the target.
+    from wp.cli import run_command
     args = parser.parse_args(["snapshot", str(t.pid), "--raw", "-o", str(out)])
-    assert args.func(args) == 2
+    assert run_command(args.func, args) == 2
 
 
 @pytest.mark.skipif(not shutil.which("gcore"), reason="gdb's gcore is not installed")

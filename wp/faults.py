@@ -56,12 +56,16 @@ class FaultLoop:
         spin: busy-poll the uffd instead of sleeping.
         cpu: pin the loop thread to this CPU (None: leave as is).
         pid: the target's pid, for Fault.pid.
+        on_death: callable(loop, exception), run on the loop's thread if the
+            loop itself fails (not a protector callback: those are counted
+            and their fault resolved); the writers of this uffd are then
+            blocked until someone unprotects (wp.session.Session.fail).
     """
 
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
 
     def __init__(self, uffd, protector, region_of, on_event, handler="python",
-                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults"):
+                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
         if handler not in ("python", "c"):
             raise ValueError("handler must be 'python' or 'c', not %r" % handler)
         self.uffd = uffd
@@ -75,6 +79,8 @@ class FaultLoop:
         self.callback_errors = 0
         self.duplicates = 0
         self.last_error = None
+        self.died = None        # "Type: message" of what ended the loop, if not stop()
+        self.on_death = on_death
         self._resolved_in_batch = []
         self._loop = ffi.gc(lib.wp_loop_new(uffd.fd, page_size, 1 << 16), lib.wp_loop_free)
         if self._loop == ffi.NULL:
@@ -152,8 +158,14 @@ class FaultLoop:
                 self._run_c(msgs)
             else:
                 self._run_python(msgs)
-        except Exception:
+        except BaseException as err:   # SystemExit from a protector too
             log.exception("fault loop of pid %d died", self.pid)
+            self.died = "%s: %s" % (type(err).__name__, err)
+            if self.on_death is not None:
+                try:
+                    self.on_death(self, err)
+                except BaseException:
+                    log.exception("releasing pid %d after its fault loop died", self.pid)
         finally:
             with self._exit_lock:
                 self._exited = True

@@ -21,7 +21,7 @@ from wp.faults import FaultLoop
 from wp.pagemap import Pagemap
 from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
 
-__all__ = ["Session", "Region", "resolve_regions", "subtract_ranges"]
+__all__ = ["Session", "Region", "resolve_regions", "check_specs", "subtract_ranges"]
 
 log = logging.getLogger("wp.session")
 
@@ -61,6 +61,33 @@ def _parse_range(spec):
     except ValueError:
         raise BadRange("bad region %r: use all, anon, shmem, hugetlb, file:PATH or START-END in hex"
                        % spec) from None
+
+
+def check_specs(specs):
+    """Returns specs if each could name memory of some process: a name
+    (all, anon, shmem, hugetlb), file:PATH, or START-END in hex with END
+    above START, both 4 KiB aligned. What they cover is checked against a
+    target's maps by resolve_regions.
+
+    Raises:
+        BadRange: naming the spec and the fix.
+    """
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise BadRange("bad region %r: use all, anon, shmem, hugetlb, file:PATH or START-END in hex"
+                           % (spec,))
+        if spec in NAMED_REGIONS or (spec.startswith("file:") and len(spec) > 5):
+            continue
+        if not _looks_like_range(spec):
+            raise BadRange("unknown region %r: use all, anon, shmem, hugetlb, file:PATH or START-END"
+                           % spec)
+        start, end = _parse_range(spec)
+        if end <= start:
+            raise BadRange("empty range %s: END must be above START" % spec)
+        if start % 4096 or end % 4096:
+            raise BadRange("range %s is not aligned to 4 kB pages: round START down to %#x and END "
+                           "up to %#x" % (spec, start & ~4095, -(-end // 4096) * 4096))
+    return specs
 
 
 def _mode_for(kind, force_async, what):
@@ -200,6 +227,8 @@ class Session:
         self._notes_maps = []   # every one ever given: unmapped once the loops stop
         self.usdt = False   # loops fire the callback USDT probe
         self.callbacks = False  # loops note the protector callback's start and end
+        self.failed = None      # why the session stopped protecting (a loop died, ...); see fail()
+        self.on_failure = None  # callable(session), run once by the thread that failed
 
     # -- setup -------------------------------------------------------------
 
@@ -291,13 +320,49 @@ class Session:
     def _start_loop(self, uffd, pid, child=False):
         loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
-                         name="wp-faults-%d" % pid)
+                         name="wp-faults-%d" % pid, on_death=self._loop_died)
         self._trace_loop(loop)
         self.loops.append(loop)
         if child:  # listed before it can handle the child's first fault
             self.children.append([None, loop])
-        loop.start()
+        try:
+            loop.start()
+        except BaseException:
+            # No thread reads this uffd: the caller closes it (never started,
+            # the loop must not close it too).
+            self.loops.remove(loop)
+            self.children = [c for c in self.children if c[1] is not loop]
+            raise
         return loop
+
+    def _loop_died(self, loop, err):
+        self.fail("the fault loop of pid %d died: %s: %s" % (loop.pid or self.pid, type(err).__name__, err))
+
+    def fail(self, why):
+        """Stops protecting because wp itself failed (why: the error, shown
+        by stats() and wpd's status): unprotects and unregisters every
+        region on every uffd, which wakes every blocked writer, and calls
+        on_failure once. The uffds stay open until close(), which the owner
+        still calls (wpd does at once): closing one here could hand its fd
+        number to another file while other threads still use it."""
+        with self._lock:
+            if self.failed is not None:
+                return
+            self.failed = why
+        log.error("pid %d: %s; its memory is released (no longer protected)", self.pid, why)
+        uffds = []
+        for u in [self.sync_uffd, self.async_uffd] + [loop.uffd for loop in self.loops]:
+            if u is not None and u.fd >= 0 and not any(u is x for x in uffds):
+                uffds.append(u)
+        for u in uffds:
+            for r in list(self.regions):
+                for op in (u.unprotect, u.unregister):
+                    try:
+                        op(r.start, r.length)
+                    except OSError:
+                        pass   # not registered on this uffd (a child's), or gone
+        if self.on_failure is not None:
+            self.on_failure(self)
 
     def executed(self):
         """True once the target has executed a new program (or exited): exec
@@ -317,7 +382,7 @@ class Session:
         when the regions were named ("all", "anon", ...). Returns the new
         Regions. Explicit START-END ranges are never extended."""
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
-        if not named or not self.protector.session_refresh:
+        if not named or self.failed or not self.protector.session_refresh:
             return []
         # /proc/PID/maps is cheap next to smaps (which walks every page
         # table): read smaps only when the list of mappings changed.
@@ -378,8 +443,16 @@ class Session:
             return
         # The event comes while the kernel is still inside fork(): the child
         # is not linked to its parent yet, so its pid is found later.
-        u = Userfaultfd.adopt(fd, self.sync_uffd.features)
-        self._start_loop(u, 0, child=True)
+        try:
+            u = Userfaultfd.adopt(fd, self.sync_uffd.features)
+            self._start_loop(u, 0, child=True)
+        except BaseException as err:
+            # Nobody would read the child's uffd: its writers would wait for
+            # ever. Closing it drops the child's protection and wakes them.
+            os.close(fd)
+            self.fail("cannot protect the child pid %d forked (%s: %s): the child was released"
+                      % (self.pid, type(err).__name__, err))
+            return
         log.info("pid %d forked: protecting the child too", self.pid)
 
     def _resolve_children(self):
@@ -481,6 +554,7 @@ class Session:
             "pid": self.pid,
             "protector": self.protector.name,
             "handler": self.handler,
+            "failed": self.failed,
             "faults": total.get("faults", 0),
             "resolved": total.get("resolved", 0),
             "callback_errors": total.get("callback_errors", 0),

@@ -48,7 +48,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -652,10 +652,15 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
         BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
     """
     from wp.session import Session
+    # Written as PATH.partial and renamed once complete: a snapshot that
+    # fails or is killed (even with -9) never leaves a truncated PATH, nor
+    # replaces one that was there; killed, it leaves PATH.partial.
+    final = path
+    if path is not None:
+        path = path + ".partial"
     prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
-    existed = os.path.exists(path) if path is not None else None
     try:
         session.start()
         try:
@@ -665,12 +670,16 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
                     progress(prot.stats())
             st = prot.wait()
             st["faults"] = session.faults()
-            return st
         finally:
             session.close()
+        if final is not None:
+            os.replace(path, final)
+            if st.get("path") == path:
+                st["path"] = final
+        return st
     except BaseException:
         # Refused or failed: no half-written core left behind.
-        if existed is False and os.path.exists(path):
+        if path is not None and os.path.exists(path):
             os.unlink(path)
         raise
 
@@ -726,9 +735,9 @@ def space_for(pid, uffds=None):
 def main(args):
     """`wp snapshot`: see add_parser for args. Returns the exit code."""
     import json
+    from wp.errors import UsageError
     if args.raw and (not args.region or len(args.region) != 1):
-        print("wp snapshot: --raw needs exactly one --region START-END", file=sys.stderr)
-        return 2
+        raise UsageError("--raw needs exactly one --region START-END")
     out = args.output or ("%d.raw" % args.pid if args.raw else "core.%d" % args.pid)
 
     def progress(st):
@@ -736,16 +745,10 @@ def main(args):
             print("wp snapshot: %d/%d MiB, %d pages copied on write, target stopped %s ms"
                   % (st["copied_bytes"] >> 20, st["total_bytes"] >> 20, st["copied_on_write_pages"],
                      st["stop_ms"]), file=sys.stderr)
-    try:
-        st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
-                      freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
-                      strict=args.strict)
-    except (BadRange, UnsupportedMemory, TargetError, NotRoot) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 4
-    except (WPError, OSError) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 1
+    # Errors go up to wp.cli.run_command, the one mapping to exit codes.
+    st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
+                  freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
+                  strict=args.strict)
     for w in st["warnings"]:
         print("wp snapshot: warning: %s" % w, file=sys.stderr)
     if args.json:
