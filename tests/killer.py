@@ -1,4 +1,4 @@
-"""Kill a process with SIGKILL at an exact point: its Nth entry into a given
+"""Kill (or stop) a process with SIGKILL (or another signal) at an exact point: its Nth entry into a given
 syscall (with a condition on the arguments), from a BPF program on the
 raw_syscalls:sys_enter tracepoint (bpf_send_signal: the signal is pending
 before the syscall runs, and the process dies as the syscall returns).
@@ -18,19 +18,20 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter) {
     if (!n)
         return 0;
     if (__sync_fetch_and_add(n, 1) + 1 == NTH)
-        bpf_send_signal(9);
+        bpf_send_signal(SIG);
     return 0;
 }
 """
 
 
 class KillAt:
-    """KillAt(pid, nr, nth, cond="") arms the kill; .hits() counts the
-    matching entries so far; close() disarms. cond: C statements over
+    """KillAt(pid, nr, nth, cond="", sig=9) arms the kill; .hits() counts
+    the matching entries so far; close() disarms. cond: C statements over
     args->args[0..5] that `return 0;` for entries that do not count."""
 
-    def __init__(self, pid, nr, nth=1, cond=""):
+    def __init__(self, pid, nr, nth=1, cond="", sig=9):
         text = _PROG.replace("TGID", str(pid)).replace("NR", str(nr)).replace("NTH", str(nth))
+        text = text.replace("SIG", str(int(sig)))
         self.bpf = BPF(text=text.replace("COND", cond).encode())
 
     def hits(self):

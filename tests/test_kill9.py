@@ -3,11 +3,9 @@ a BPF program (tests/killer.py) sends SIGKILL as the process enters a
 chosen syscall. Each test checks what the target itself sees afterwards,
 and where something is lost, that it is what README.md's "Known limits"
 says."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from conftest import needs_bcc
@@ -19,9 +17,9 @@ SYS_PTRACE, SYS_KILL, SYS_PROCESS_VM_READV = 101, 62, 310
 PTRACE_CONT, PTRACE_SYSCALL = 7, 24
 
 
-def kill_at(pid, nr, nth=1, cond=""):
+def kill_at(pid, nr, nth=1, cond="", sig=signal.SIGKILL):
     from killer import KillAt
-    return KillAt(pid, nr, nth, cond)
+    return KillAt(pid, nr, nth, cond, sig)
 
 
 def test_kill9_during_attach_injection(wpd, memtarget):
@@ -51,6 +49,27 @@ def test_kill9_at_wp_run_exec_stop(wpd, tmp_path):
     assert r.returncode == 3, r.stderr
     assert "wpd went away before the command was protected" in r.stderr
     assert "killed before it could run unprotected" in r.stderr
+    assert not ran.exists()
+
+
+def test_wpd_stuck_at_wp_run_exec_stop(wpd, tmp_path):
+    """wpd stops (SIGSTOP, as a debugger or a stuck thread would) as it
+    stops wp run's command at its exec: wp run gives up after --timeout
+    (exit 3, saying how to unstick wpd), the command never runs, and SIGINT
+    is not needed to get out; wpd, continued, serves on."""
+    ran = tmp_path / "ran"
+    cond = "if (args->args[1] != %d) return 0;" % signal.SIGSTOP
+    try:
+        with kill_at(wpd.pid, SYS_KILL, 1, cond, sig=signal.SIGSTOP) as k:
+            r = subprocess.run(WP + ["--socket", wpd.sock, "--timeout", "1", "run", "--", "sh", "-c",
+                                     "echo ran > %s" % ran], capture_output=True, text=True, cwd=ROOT,
+                               timeout=60)
+            assert k.hits() == 1
+        assert r.returncode == 3 and "did not answer within 1 s" in r.stderr, r.stderr
+        assert not ran.exists()
+    finally:
+        os.kill(wpd.pid, signal.SIGCONT)
+    assert wp(wpd, "status").returncode == 0
     assert not ran.exists()
 
 

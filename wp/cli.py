@@ -12,7 +12,9 @@ import json
 import os
 import sys
 
-from wp.errors import (EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED, EXIT_USAGE,
+# The exit codes, re-exported for commands registered here (wp.errors says
+# which error gets which).
+from wp.errors import (EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED, EXIT_USAGE,  # noqa: F401
                        DaemonUnreachable, NotRoot, UsageError, WPError, exit_code,
                        exit_code_for_type)
 
@@ -230,7 +232,6 @@ def cmd_run(args):
     answering, or goes away before it says "running", CMD is killed (before
     or at its first instruction) and wp run exits with wpd's error code."""
     import signal
-    import socket
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         raise UsageError("no command given: wp run [options] -- CMD ARGS...")
@@ -258,19 +259,15 @@ def cmd_run(args):
     except BaseException:
         # Never let CMD run unprotected: kill it wherever it is (a child
         # still waiting for the pipe never runs CMD at all).
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
+        _kill_and_reap(pid)
         raise
     finally:
         conn.close()
     if not done.get("ok"):
         # Refused at the exec stop (wpd killed it before its first
-        # instruction), or CMD did not exec (it said why; exit 127).
-        if _stopped(pid):
-            os.kill(pid, signal.SIGKILL)
+        # instruction), CMD did not exec (it said why; exit 127), or it did
+        # not exec in time: whatever it is doing, it is not protected.
+        os.kill(pid, signal.SIGKILL)   # a zombie takes it harmlessly
         _, status = os.waitpid(pid, 0)
         if os.WIFEXITED(status):
             print("wp run: %s" % done.get("error"), file=sys.stderr)
@@ -290,6 +287,23 @@ def cmd_run(args):
         signal.signal(signal.SIGQUIT, old[1])
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def _kill_and_reap(pid, patience=2.0):
+    """SIGKILLs our child pid and reaps it if it can be: a child a stuck
+    wpd still traces is reported to wpd first, so after patience seconds
+    we leave the zombie to init (it is dead: SIGKILL ends a ptrace stop)."""
+    import signal
+    import time
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return
+        time.sleep(0.01)
 
 
 def _run_handshake(args, conn, req, w):
@@ -320,15 +334,6 @@ def _run_handshake(args, conn, req, w):
         raise DaemonUnreachable("wpd went away before the command was protected (see its log; start it "
                                 "again with `wpd`): the command was killed before it could run unprotected")
     return done
-
-
-def _stopped(pid):
-    """True if pid is in a stop (job control or ptrace)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except OSError:
-        return False
 
 
 def cmd_info(args):

@@ -343,7 +343,7 @@ def main(argv=None):
         parser.error("usage: wp trace PID [interval [count]] or wp trace -p PID [interval [count]]")
     if pos:
         parser.error("too many arguments: %s" % " ".join(pos))
-    from wp.errors import DaemonUnreachable, NotRoot, TargetError, WPError
+    from wp.errors import DaemonUnreachable, NotRoot, WPError
     from wp.remote import validate_pid
     regions = None
     if args.region:
