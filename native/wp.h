@@ -139,5 +139,8 @@ int64_t wp_write_pages(uint64_t addr, uint64_t npages, uint64_t page_size,
 		       uint8_t val, uint64_t *lat_ns);
 /* Fills [addr, addr+len) with val. */
 void wp_fill(uint64_t addr, uint64_t len, uint8_t val);
+/* Reads one byte of each of npages pages, timing each read into lat_ns
+ * (may be NULL). Returns the sum of the bytes read. */
+int64_t wp_read_pages(uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t *lat_ns);
 
 #endif

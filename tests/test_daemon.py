@@ -592,3 +592,31 @@ def test_wp_trace_bad_targets(wpd, memtarget, tmp_path):
     assert "is not attached to wpd (`wp attach %d` first)" % t.pid in r.stderr
     assert out.read_text().splitlines()[-1].startswith('{"kind":"meta"')
     assert_untouched(t)
+
+
+@pytest.mark.parametrize("protector,mode", [("trace", []), ("track", []), ("trace", ["--async"]),
+                                            ("track", ["--async"])])
+def test_writes_after_dontneed_seen_through_wpd(wpd, memtarget, protector, mode):
+    """Issue 15 item 2, as a user sees it: 2,000 protected anonymous pages
+    written, dropped (MADV_DONTNEED), written again: `wp stats` counts both
+    rounds (sync: 4,000 faults; async: 4,000 pages written), and the target
+    reads back what it wrote, then zeros after a last drop."""
+    n = 2000
+    t = memtarget("anon", n)
+    wp(wpd, "attach", t.pid, "--protector", protector, "--region",
+       "%x-%x" % (t.addr, t.addr + t.length), *mode)
+    assert t.cmd("A 0 1")[0] == "done"
+    assert t.cmd("D") == ["ok"]
+    assert t.cmd("A 0 2")[0] == "done"
+    key = "written_pages" if mode else "faults"
+
+    def seen():
+        return json.loads(wp(wpd, "stats", t.pid, "--json").stdout)[key]
+    deadline = time.monotonic() + 5
+    while seen() < 2 * n and time.monotonic() < deadline:
+        time.sleep(0.1)     # async: wpd's scanner reports per interval
+    assert seen() == 2 * n
+    assert t.cmd("S 0 2") == ["same", str(n)]
+    assert t.cmd("D") == ["ok"] and t.cmd("S 0 0") == ["same", str(n)]
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
