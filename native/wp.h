@@ -105,6 +105,8 @@ struct wp_loop {
 	uint64_t dropped;    /* records overwritten before they were drained */
 	struct wp_note *notes;   /* NULL, or the notes map: write one per resolve */
 	uint32_t note_mask;      /* slots - 1 */
+	uint64_t spin_after_ns;  /* after a batch of faults, read without sleeping this long */
+	int burst;               /* the last batch held a page fault */
 };
 
 struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size);
@@ -139,5 +141,8 @@ int64_t wp_write_pages(uint64_t addr, uint64_t npages, uint64_t page_size,
 		       uint8_t val, uint64_t *lat_ns);
 /* Fills [addr, addr+len) with val. */
 void wp_fill(uint64_t addr, uint64_t len, uint8_t val);
+/* Reads one byte of each of npages pages, timing each read into lat_ns
+ * (may be NULL). Returns the sum of the bytes read. */
+int64_t wp_read_pages(uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t *lat_ns);
 
 #endif

@@ -20,7 +20,7 @@ import threading
 import time
 
 from wp._native import ffi, lib
-from wp.protector import UNPROTECT, WAKE, Fault, Unprotect
+from wp.protector import DEFER, UNPROTECT, WAKE, Fault, Unprotect
 
 __all__ = ["FaultLoop", "EVENT_NAMES"]
 
@@ -35,6 +35,7 @@ EVENT_NAMES = {
 }
 _FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
 _FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
+_FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
 _HOW_CONTINUE = lib.WP_HOW_CONTINUE
@@ -63,6 +64,7 @@ class FaultLoop:
     """
 
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
+    SPIN_AFTER_US = 50   # us the loop reads on without sleeping after a fault
 
     def __init__(self, uffd, protector, region_of, on_event, handler="python",
                  spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
@@ -78,6 +80,8 @@ class FaultLoop:
         self.page_size = page_size
         self.callback_errors = 0
         self.duplicates = 0
+        self.missing_reads = 0     # MISSING faults of reads (not writes: the protector is not asked)
+        self.missing_writes = 0    # MISSING faults of writes (each also a write fault)
         self.last_error = None
         self.died = None        # "Type: message" of what ended the loop, if not stop()
         self.on_death = on_death
@@ -129,11 +133,16 @@ class FaultLoop:
         self.uffd.close()
 
     def counters(self):
-        """Returns the loop's counters, read from C."""
+        """Returns the loop's counters, mostly read from C. faults: write
+        faults (WP, MINOR, and MISSING faults of writes)."""
         lp = self._loop
-        return {"faults": lp.faults, "events": lp.events, "resolved": lp.resolved,
+        # C counts every fault message; a MISSING fault of a read is not a
+        # write, and is counted on its own.
+        reads = self.missing_reads
+        return {"faults": lp.faults - reads, "events": lp.events, "resolved": lp.resolved - reads,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
-                "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates}
+                "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates,
+                "missing_reads": self.missing_reads, "missing_writes": self.missing_writes}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -152,6 +161,11 @@ class FaultLoop:
     def _run(self):
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
+        elif len(os.sched_getaffinity(0)) > 1:
+            # Unpinned with another CPU to run on: stay awake a moment after
+            # each batch of faults (faultloop.c, spin_read). Pinned, the
+            # writer may need this very CPU: sleep at once.
+            self._loop.spin_after_ns = int(self.SPIN_AFTER_US * 1000)
         msgs = ffi.new("struct wp_msg[]", _BATCH)
         try:
             if self.handler == "c":
@@ -222,6 +236,8 @@ class FaultLoop:
             kind = "minor"
         else:
             kind = "missing"
+            if not self._fill_missing(m, page, psize):
+                return   # a read: resolved, no write to tell the protector of
         if not self.pid:  # a forked child's loop learns its pid from a fault
             self.pid = _tgid(m.tid)
         fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
@@ -259,6 +275,9 @@ class FaultLoop:
             self._resolved_in_batch.append((page, page + psize))
         elif decision == WAKE:
             resolve(self._loop, m, page, psize, _HOW_WAKE, t_enter, t_exit)
+        elif decision == DEFER:
+            pass   # the protector wakes the writer itself
+
         elif isinstance(decision, Unprotect):
             resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((decision.start, decision.start + decision.length))
@@ -267,6 +286,47 @@ class FaultLoop:
             self.last_error = "on_write returned %r" % (decision,)
             resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((page, page + psize))
+
+    # -- MISSING faults (sync private anonymous memory, wp.session) ----------
+    #
+    # A page that is not mapped (never populated, or dropped by the target
+    # with MADV_DONTNEED, which takes its WP marker with it: wp.uffd) raises
+    # a MISSING fault on any access. The page reads as zeros either way, so
+    # the fault is answered with a fresh zero page, write-protected
+    # (UFFDIO_COPY_MODE_WP, atomic: no other thread's write can land on it
+    # unseen) and not woken yet. A read is then resolved (woken: a later
+    # write faults like any other). A write is then a write fault of a
+    # protected zero page: given to the protector and resolved as one.
+    # Nothing reads the target's memory here: a read of a missing page
+    # from this thread would wait for this thread.
+
+    def _fill_missing(self, m, page, psize):
+        """Maps a protected zero page at a MISSING fault; returns True for a
+        write (to be handled as a write fault, writer not woken yet), False
+        for a read (resolved)."""
+        write = bool(m.flags & _FLAG_WRITE)
+        try:
+            self.uffd.fill_zero(page, psize, wp=True, dontwake=True)
+        except FileExistsError:
+            pass    # mapped meanwhile (a second message for the page)
+        except OSError as err:
+            # EAGAIN: an event (REMOVE, fork, remap) is pending: the kernel
+            # refuses to map until it is read. Wake the thread: it retries
+            # and faults again, after the event.
+            if err.errno != errno.EAGAIN:
+                self.last_error = "UFFDIO_COPY at %#x: %s" % (page, err)
+            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE, 0, 0)
+            return False
+        if write:
+            self.missing_writes += 1
+            if self.handler != "c":
+                return True
+            # The C fast path's contract: no protector, the page unprotected.
+            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT | lib.WP_HOW_C, 0, 0)
+            return False
+        self.missing_reads += 1
+        lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE, 0, 0)
+        return False
 
     def _dispatch_other(self, m):
         event = {"event": EVENT_NAMES.get(m.event, str(m.event))}

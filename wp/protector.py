@@ -15,6 +15,11 @@ What ``on_write`` returns says how the fault is resolved:
 - ``WAKE``: wake the writer and keep the protection; it retries the write and
   faults again unless the protector changed the page meanwhile (e.g. it
   unprotected it itself, or replaced the mapping).
+- ``DEFER``: leave the writer blocked; the protector resolves the fault (and
+  wakes the writer) later from another thread. For an ioctl that said
+  EAGAIN: the kernel reports pending faults before pending events, so
+  waking a writer that refaults at once can keep the event that clears
+  EAGAIN from ever being read.
 
 Work that must happen before the write lands (copying the old contents, as
 a snapshot does) happens inside ``on_write``: the writer is blocked until it
@@ -23,10 +28,14 @@ and the error is counted and logged: no writer is left blocked.
 """
 from dataclasses import dataclass
 
-__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE"]
+__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "DEFER", "NEEDS_DECISION",
+           "NEEDS_NOTICE"]
 
 UNPROTECT = "unprotect"
 WAKE = "wake"
+DEFER = "defer"
+NEEDS_DECISION = "decision"
+NEEDS_NOTICE = "notice"
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,20 @@ class WriteProtector:
     name = "base"
     #: regions to protect when the user names none: "all" writable memory.
     default_regions = ("all",)
+    #: What the protector must learn of a write; the session protects no
+    #: more than that when the user asks for no mode:
+    #:
+    #: - NEEDS_DECISION: before the write lands. Sync WP where the memory
+    #:   allows it: the writer waits for ``on_write`` (a round trip to the
+    #:   handler: 5-60 us on this VM, depending on where it runs). Snapshot's
+    #:   copy, dedupe's freeze, trace's exact mode.
+    #: - NEEDS_NOTICE: only after. Async WP everywhere: the kernel resolves
+    #:   the fault itself (~1 us) and marks the page written; ``on_written``
+    #:   hears of it at the next PAGEMAP_SCAN. track, trace's default.
+    needs = "decision"
+    #: False: the protector takes in memory that appears later itself
+    #: (Session.refresh leaves it alone).
+    session_refresh = True
 
     def attach(self, session):
         self.session = session

@@ -11,6 +11,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from wp import maps as _maps
 from wp.errors import BadRange, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop
 from wp.pagemap import Pagemap
-from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
+from wp.uffd import (ASYNC_FEATURES, ASYNC_REMOVE_FEATURES, EVENT_REMOVE, MODE_MISSING, MODE_WP,
+                     SYNC_FEATURES, Userfaultfd)
 
 __all__ = ["Session", "Region", "resolve_regions", "check_specs", "subtract_ranges"]
 
@@ -36,6 +38,7 @@ class Region:
     page_size: int = 4096
     faults: int = 0    # sync write faults handled
     written: int = 0   # async: pages reported written
+    missing: bool = False  # registered MODE_MISSING too (sync private anonymous)
 
     @property
     def length(self):
@@ -44,7 +47,7 @@ class Region:
     def as_dict(self):
         return {"start": "%#x" % self.start, "end": "%#x" % self.end, "kind": self.kind,
                 "mode": self.mode, "path": self.path, "pages": self.length // self.page_size,
-                "faults": self.faults, "written_pages": self.written}
+                "faults": self.faults, "written_pages": self.written, "missing": self.missing}
 
 
 NAMED_REGIONS = ("all", "anon", "shmem", "hugetlb")
@@ -122,7 +125,8 @@ def resolve_regions(mappings, specs, pid, mode=None):
             elif spec == "anon":
                 chosen = [m for m in writable if m.kind == _maps.PRIVATE_ANON]
             elif spec == "shmem":
-                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM)]
+                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM,
+                                                            _maps.SYSV_SHM)]
             elif spec == "hugetlb":
                 chosen = [m for m in writable if m.kind == _maps.HUGETLB]
             elif spec.startswith("file:"):
@@ -183,7 +187,9 @@ class Session:
         space: a wp.space.Space (the target's memory and its uffds).
         protector: a WriteProtector instance.
         regions: region specs (see resolve_regions); default the protector's.
-        mode: None, "sync" or "async" (see resolve_regions).
+        mode: None (what the protector needs: async everywhere for a
+            protector that needs only a notice of writes, else sync where
+            the memory allows it), "sync" or "async" (see resolve_regions).
         handler: "python" (protector.on_write) or "c" (C fast path, trace-less).
         spin: busy-poll in the fault loop.
         cpu: pin the fault loop thread to this CPU.
@@ -191,6 +197,13 @@ class Session:
             scans only when scan_written() is called.
         follow_fork: protect children the target forks (True) or release them.
     """
+
+    #: Register sync private anonymous memory MODE_MISSING as well as WP, so
+    #: that a page the target drops (MADV_DONTNEED zaps the PTE and its WP
+    #: marker, see wp.uffd) still faults when it is written again. Off only
+    #: to measure what it costs (wp bench faults): writes after a drop are
+    #: then not seen.
+    anon_missing = True
 
     def __init__(self, space, protector, regions=None, mode=None, handler="python",
                  spin=False, cpu=None, scan_interval=None, follow_fork=True):
@@ -200,6 +213,10 @@ class Session:
         self.pid = space.pid
         self.protector = protector
         self.specs = list(regions or protector.default_regions)
+        # A protector that only needs to hear of writes afterwards gets
+        # async WP: no round trip to this process on any write.
+        if mode is None and getattr(protector, "needs", "decision") == "notice":
+            mode = "async"
         self.mode = mode
         self.handler = handler
         self.spin = spin
@@ -215,6 +232,9 @@ class Session:
         self._starts = []
         self._pagemap = None
         self._scanner = None
+        self._events_thread = None
+        self._events_stop = os.pipe()
+        self._scan_lock = threading.Lock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.started_ns = None
@@ -246,7 +266,8 @@ class Session:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
             if any(r.mode == "async" for r in self.regions):
-                self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
+                anon = any(r.mode == "async" and r.kind == _maps.PRIVATE_ANON for r in self.regions)
+                self.async_uffd = self.space.open_uffd(ASYNC_REMOVE_FEATURES if anon else ASYNC_FEATURES)
             self.protector.attach(self)
             self._attached = True
             if self.sync_uffd:
@@ -254,7 +275,7 @@ class Session:
             for r in self.regions:
                 u = self._uffd_for(r)
                 try:
-                    u.register(r.start, r.length, MODE_WP)
+                    u.register(r.start, r.length, self._register_mode(r))
                 except OSError as err:
                     why = err
                     if err.errno == errno.EBUSY:
@@ -266,6 +287,10 @@ class Session:
                                             % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
                 registered.append(r)
                 u.protect(r.start, r.length)
+            if self.async_uffd and self.async_uffd.features & ASYNC_REMOVE_FEATURES == ASYNC_REMOVE_FEATURES:
+                self._events_thread = threading.Thread(target=self._async_events, name="wp-async-events",
+                                                       daemon=True)
+                self._events_thread.start()
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
                 self._scanner.start()
@@ -301,6 +326,32 @@ class Session:
         loop.set_notes(self.notes)
         loop.usdt = self.usdt
         loop.time_callbacks = self.callbacks
+
+    def _register_mode(self, region):
+        """Returns the UFFDIO_REGISTER mode for region (and notes MISSING
+        in it): WP, plus MISSING for sync private anonymous memory."""
+        region.missing = (self.anon_missing and region.mode == "sync"
+                          and region.kind == _maps.PRIVATE_ANON)
+        return MODE_WP | MODE_MISSING if region.missing else MODE_WP
+
+    def read_present(self, addr, length):
+        """Returns (data, holes): the target's bytes at addr, read without
+        ever waiting for a fault handler, and the pages that could not be
+        read so (zeros in data). Protectors read target memory with this on
+        the fault thread (inside on_write, on_event): there a
+        process_vm_readv (Space.read) of a page that is not mapped in a
+        MISSING-registered range waits for the fault thread itself, for
+        ever. In a region with ``missing`` set, a hole is a page that is not
+        mapped: never populated, or dropped (MADV_DONTNEED); either way the
+        target reads zeros there.
+
+        From another thread Space.read is fine and orders after the fault
+        loop: a page dropped meanwhile raises a MISSING fault that the loop
+        answers with a write-protected zero page after it has handled the
+        REMOVE event (it reads messages in order), but such a read
+        populates the page with real memory.
+        """
+        return self.space.read_present(addr, length)
 
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
@@ -382,7 +433,7 @@ class Session:
         when the regions were named ("all", "anon", ...). Returns the new
         Regions. Explicit START-END ranges are never extended."""
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
-        if not named or self.failed:
+        if not named or self.failed or not self.protector.session_refresh:
             return []
         # /proc/PID/maps is cheap next to smaps (which walks every page
         # table): read smaps only when the list of mappings changed.
@@ -405,14 +456,15 @@ class Session:
                     u = self._uffd_for(w)
                     if u is None:
                         continue  # that kind of uffd was not opened at start
+                    r = Region(start, end, w.kind, w.mode, w.path, w.page_size)
                     try:
-                        u.register(start, end - start, MODE_WP)
+                        u.register(start, end - start, self._register_mode(r))
                         u.protect(start, end - start)
                     except OSError as err:
                         # The mapping changed under us (unmapped, merged): next round.
                         log.debug("pid %d: cannot add %#x-%#x: %s", self.pid, start, end, err)
                         continue
-                    added.append(Region(start, end, w.kind, w.mode, w.path, w.page_size))
+                    added.append(r)
             if added:
                 self.regions.extend(added)
                 self._index()
@@ -470,9 +522,11 @@ class Session:
                     keep.append(r)
                     continue
                 if r.start < start:
-                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults))
+                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults,
+                                       missing=r.missing))
                 if r.end > end:
-                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size))
+                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size,
+                                       missing=r.missing))
             self.regions = keep
             self._index()
 
@@ -492,16 +546,56 @@ class Session:
         out = {}
         if not self.async_uffd:
             return out
-        t = time.monotonic_ns()
-        for r in list(self.regions):
-            if r.mode != "async":
-                continue
-            runs = self._pagemap.take_written(r.start, r.end)
-            if runs:
-                r.written += sum(e - s for s, e in runs) // r.page_size
-                out[r] = runs
-                self.protector.on_written(r, runs, t)
+        with self._scan_lock:
+            t = time.monotonic_ns()
+            for r in list(self.regions):
+                if r.mode != "async":
+                    continue
+                runs = self._pagemap.take_written(r.start, r.end)
+                if runs:
+                    r.written += sum(e - s for s, e in runs) // r.page_size
+                    out[r] = runs
+                    self.protector.on_written(r, runs, t)
         return out
+
+    # Some facts about async protection and MADV_DONTNEED. Async WP keeps a
+    # page's "written" state in its PTE (present, uffd-wp bit clear), and a
+    # zap of private anonymous memory drops PTE and marker alike (wp.uffd):
+    # a page written and then dropped before the next scan would never be
+    # reported. The REMOVE event holds the thread calling madvise before the
+    # zap until the event is read, and poll() says it is there before it is
+    # read: so this thread scans first and reads after. (A page written by
+    # another thread between that scan and the zap is still lost: a race in
+    # the target itself between a write and a drop of the same page.) The
+    # page written again after the drop is present without the bit: the
+    # next scan reports it like any other.
+
+    def _async_events(self):
+        stop_r = self._events_stop[0]
+        poller = select.poll()
+        poller.register(self.async_uffd.fd, select.POLLIN)
+        poller.register(stop_r, select.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(poller.poll())
+            if stop_r in ready or self._stop.is_set():
+                return
+            if ready.get(self.async_uffd.fd, 0) & (select.POLLERR | select.POLLHUP):
+                return
+            try:
+                self.scan_written()          # before the read lets the zap go on
+            except OSError as err:
+                log.warning("pid %d: PAGEMAP_SCAN before a REMOVE failed: %s", self.pid, err)
+            try:
+                msgs = self.async_uffd.read_events()
+            except OSError as err:
+                log.warning("pid %d: reading the async uffd: %s", self.pid, err)
+                return
+            for event, start, end, _ in msgs:
+                if event == EVENT_REMOVE:
+                    try:
+                        self._on_event({"event": "remove", "start": start, "end": end})
+                    except Exception:
+                        log.exception("pid %d: handling a remove event", self.pid)
 
     def _scan_loop(self):
         while not self._stop.wait(self.scan_interval):
@@ -559,6 +653,7 @@ class Session:
             "resolved": total.get("resolved", 0),
             "callback_errors": total.get("callback_errors", 0),
             "resolve_errors": total.get("resolve_errors", 0),
+            "missing_reads": total.get("missing_reads", 0),
             "written_pages": sum(r.written for r in self.regions),
             "events": dict(self.events),
             "children": self._resolve_children(),
@@ -597,6 +692,13 @@ class Session:
             self._notes_maps.clear()
         if self._scanner:
             self._scanner.join(5)
+        if self._events_thread:
+            os.write(self._events_stop[1], b"x")
+            self._events_thread.join(5)   # a REMOVE left unread: the close below lets it go
+            self._events_thread = None
+        for fd in self._events_stop:
+            os.close(fd)
+        self._events_stop = ()
         for loop in self.loops:
             loop.close_uffd()
         for u in (self.sync_uffd, self.async_uffd):
@@ -604,11 +706,13 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
-        if self._attached:   # also after a start that failed half way
-            self._attached = False
-            self.protector.detach()
-        self.started_ns = None
-        self.space.close()
+        try:
+            if self._attached:   # also after a start that failed half way
+                self._attached = False
+                self.protector.detach()   # may raise (dedupe: pages left merged)
+        finally:
+            self.started_ns = None
+            self.space.close()
 
     def __enter__(self):
         return self.start()
