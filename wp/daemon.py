@@ -24,6 +24,7 @@ import time
 
 from wp import protocol
 from wp.errors import TargetError, WPError
+from wp.protector import check_handler
 from wp.protectors import load as load_protector
 from wp.remote import comm, validate_target
 from wp.session import Session
@@ -156,6 +157,7 @@ class Daemon:
             self._attaching.add(pid)
         try:
             cls = load_protector(protector)
+            check_handler(cls, handler)   # before the target is touched
             try:
                 prot = cls(**(options or {}))
             except TypeError as err:
@@ -260,6 +262,8 @@ class Daemon:
         from wp import launch
         pid = int(req["pid"])
         check_target(pid)
+        # Refused before the child is seized: it then exits without running CMD.
+        check_handler(load_protector(req.get("protector") or "trace"), req.get("handler") or "python")
         launch.seize_for_exec(pid)
         conn.send({"ok": True, "phase": "armed"})
         launch.stop_at_exec(pid)

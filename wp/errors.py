@@ -1,7 +1,7 @@
 """wp's exceptions. Kernel errors stay OSError (PermissionError,
 ProcessLookupError, ...); these sit above them and say what the user can do."""
 
-__all__ = ["WPError", "UnsupportedMemory", "BadRange", "TargetError", "NotRoot", "NoSuchProcess"]
+__all__ = ["WPError", "UnsupportedMemory", "BadRange", "TargetError", "NotRoot", "NoSuchProcess", "Refused"]
 
 
 class WPError(Exception):
@@ -26,3 +26,7 @@ class NotRoot(WPError, PermissionError):
 
 class NoSuchProcess(TargetError, ProcessLookupError):
     """The target pid does not exist (or exited while wp worked on it)."""
+
+
+class Refused(WPError):
+    """A request wp will not carry out as asked (exit 4); nothing changed."""

@@ -14,15 +14,17 @@ entering Python at all and only returns for the other events.
   that caused them until the message is read, so the loop must keep reading.
 """
 import errno
+import itertools
 import logging
 import os
+import struct
 import threading
 import time
 
-from wp._native import ffi, lib
+from wp._native import check, ffi, lib
 from wp.protector import UNPROTECT, WAKE, Fault, Unprotect
 
-__all__ = ["FaultLoop", "EVENT_NAMES"]
+__all__ = ["FaultLoop", "RegionTable", "EVENT_NAMES"]
 
 log = logging.getLogger("wp.faults")
 
@@ -33,14 +35,75 @@ EVENT_NAMES = {
     lib.UFFD_EVENT_REMOVE: "remove",
     lib.UFFD_EVENT_UNMAP: "unmap",
 }
-_FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
-_FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
+_KINDS = {lib.WP_KIND_WP: "wp", lib.WP_KIND_MINOR: "minor", lib.WP_KIND_MISSING: "missing"}
+_KIND_NAMES = tuple(_KINDS[i] for i in range(len(_KINDS)))
+_KIND_MINOR = lib.WP_KIND_MINOR
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
-_HOW_CONTINUE = lib.WP_HOW_CONTINUE
-_BATCH = 64
+# struct wp_fault's first seven fields: addr, page, flags, t_read_ns, region,
+# tid, kind (native/wp.h), read in one call.
+_FAULT_HEAD = struct.Struct("=QQQQQII")
+assert _FAULT_HEAD.size == ffi.offsetof("struct wp_fault", "page_size")
 # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns: callback times for wp trace.
 _now_ns = time.monotonic_ns
+_region_ids = itertools.count(1)
+
+
+def new_region_id():
+    """Returns a fresh id for a Region: what the C region table calls it."""
+    return next(_region_ids)
+
+
+class RegionTable:
+    """A session's regions as the fault loops' C code sees them: sorted
+    (start, end, page size, id) entries in which a loop finds each fault's
+    region and counts the fault, for the C fast path as much as for Python.
+
+    ``publish(regions)`` replaces the table whenever the session's regions
+    change; ``take_faults()`` adds the faults counted since to each
+    Region's ``faults``. ``by_id`` maps ids to Regions for the loops.
+    """
+
+    def __init__(self):
+        self._rs = ffi.gc(lib.wp_regions_new(), lib.wp_regions_free)
+        if self._rs == ffi.NULL:
+            raise MemoryError("wp_regions_new")
+        self._lock = threading.Lock()
+        self._ids = []          # the ids of the table's entries, in its order
+        self.by_id = {}
+
+    @property
+    def native(self):
+        return self._rs
+
+    def publish(self, regions):
+        """Makes regions (objects with start, end, page_size, id, faults)
+        the table, after taking the faults counted in the old one."""
+        regions = sorted(regions, key=lambda r: r.start)
+        ents = ffi.new("struct wp_region_ent[]", max(1, len(regions)))
+        for e, r in zip(ents, regions):
+            e.start, e.end, e.page_size, e.id = r.start, r.end, r.page_size, r.id
+        with self._lock:
+            self._take(ents, len(regions))
+            self._ids = [r.id for r in regions]
+            # Updated in place: a loop may be reading it right now.
+            by_id = {r.id: r for r in regions}
+            for gone in set(self.by_id) - set(by_id):
+                del self.by_id[gone]
+            self.by_id.update(by_id)
+
+    def take_faults(self):
+        """Adds the faults counted since the last call to their Regions."""
+        with self._lock:
+            self._take(ffi.NULL, 0)
+
+    def _take(self, ents, n):
+        counts = ffi.new("uint64_t[]", max(1, len(self._ids)))
+        got = check(lib.wp_regions_set(self._rs, ents, n, counts, len(self._ids)), "wp_regions_set")
+        for rid, c in zip(self._ids[:got], counts):
+            r = self.by_id.get(rid)
+            if c and r is not None:
+                r.faults += c
 
 
 class FaultLoop:
@@ -49,10 +112,13 @@ class FaultLoop:
     Args:
         uffd: a sync :class:`wp.uffd.Userfaultfd`.
         protector: the :class:`wp.protector.WriteProtector` that decides.
-        region_of: callable addr -> Region or None.
+        regions: a :class:`RegionTable` (faults are counted per region and
+            see their Region), or None (every fault in ``page_size`` pages,
+            ``Fault.region`` None).
         on_event: callable(dict) for non-pagefault messages (on this thread).
         handler: "python" (call protector.on_write) or "c" (the C fast path:
-            unprotect each faulting page; the protector is not called).
+            unprotect each faulting page; the protector is not called for
+            write faults; see wp.protector.WriteProtector.c_handler_ok).
         spin: busy-poll the uffd instead of sleeping.
         cpu: pin the loop thread to this CPU (None: leave as is).
         pid: the target's pid, for Fault.pid.
@@ -60,35 +126,55 @@ class FaultLoop:
 
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
 
-    def __init__(self, uffd, protector, region_of, on_event, handler="python",
+    def __init__(self, uffd, protector, regions, on_event, handler="python",
                  spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults"):
         if handler not in ("python", "c"):
             raise ValueError("handler must be 'python' or 'c', not %r" % handler)
         self.uffd = uffd
         self.protector = protector
-        self.region_of = region_of
+        self.regions = regions
         self.on_event = on_event
         self.handler = handler
         self.cpu = cpu
         self.pid = pid
         self.page_size = page_size
         self.callback_errors = 0
-        self.duplicates = 0
         self.last_error = None
-        self._resolved_in_batch = []
         self._loop = ffi.gc(lib.wp_loop_new(uffd.fd, page_size, 1 << 16), lib.wp_loop_free)
         if self._loop == ffi.NULL:
             raise MemoryError("wp_loop_new")
         self._loop.spin = 1 if spin else 0
+        self._loop.c_path = 1 if handler == "c" else 0
+        if regions is not None:
+            self._loop.regions = regions.native
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._exit_lock = threading.Lock()
         self._exited = False
         self._close_on_exit = False
         self._drain_buf = ffi.new("struct wp_record[]", 4096)
-        self.usdt = False           # fire the callback USDT probe (wp trace --usdt)
-        self.time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
+        self._usdt = False          # fire the callback USDT probe (wp trace --usdt)
+        self._time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
+        self._timed = False         # either: read the clock around each callback
 
     # -- control -----------------------------------------------------------
+
+    @property
+    def usdt(self):
+        return self._usdt
+
+    @usdt.setter
+    def usdt(self, on):
+        self._usdt = bool(on)
+        self._timed = self._usdt or self._time_callbacks
+
+    @property
+    def time_callbacks(self):
+        return self._time_callbacks
+
+    @time_callbacks.setter
+    def time_callbacks(self, on):
+        self._time_callbacks = bool(on)
+        self._timed = self._usdt or self._time_callbacks
 
     def start(self):
         self._thread.start()
@@ -127,7 +213,7 @@ class FaultLoop:
         lp = self._loop
         return {"faults": lp.faults, "events": lp.events, "resolved": lp.resolved,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
-                "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates}
+                "callback_errors": self.callback_errors, "duplicate_messages": lp.duplicates}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -146,115 +232,106 @@ class FaultLoop:
     def _run(self):
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
-        msgs = ffi.new("struct wp_msg[]", _BATCH)
         try:
-            if self.handler == "c":
-                self._run_c(msgs)
-            else:
-                self._run_python(msgs)
+            self._steps()
         except Exception:
             log.exception("fault loop of pid %d died", self.pid)
         finally:
+            # A fault handed out and not yet resolved: resolve it (unprotect).
+            lib.wp_loop_finish(self._loop)
             with self._exit_lock:
                 self._exited = True
                 close = self._close_on_exit
             if close:
                 self.uffd.close()
 
-    def _run_c(self, msgs):
-        loop = self._loop
-        while True:
-            n = lib.wp_loop_run_c(loop, msgs, _BATCH)
-            if n == -errno.ECANCELED or n == -errno.EPIPE:
-                return
-            if n < 0:
-                raise OSError(-n, "wp_loop_run_c: " + os.strerror(-n))
-            for i in range(n):
-                self._dispatch_other(msgs + i)
+    def _steps(self):
+        """Hands each fault to the protector; returns once stopped.
 
-    def _run_python(self, msgs):
+        The fast path of a fault in Python, written for speed (wp bench
+        faults): one C call (it resolves the previous fault as f says and
+        returns the next one: a message read, decoded, its region found and
+        counted, duplicates woken), one unpack of f, the Fault, the callback.
+        f's decision is preset to the default (unprotect the page; map it,
+        for a minor fault) and written only when the callback chose another.
+        """
         loop = self._loop
-        nxt = lib.wp_loop_next
-        fault_event = lib.UFFD_EVENT_PAGEFAULT
-        handle = self._handle_fault
+        step = lib.wp_loop_step
+        f = ffi.addressof(loop, "fault")
+        other = ffi.addressof(loop, "other")
+        unpack = _FAULT_HEAD.unpack_from
+        head = ffi.buffer(f, _FAULT_HEAD.size)
+        by_id = self.regions.by_id if self.regions is not None else {}
+        region_of = by_id.get
+        kinds = _KIND_NAMES
+        minor = _KIND_MINOR
+        prot = self.protector
+        on_write, on_minor = prot.on_write, prot.on_minor
+        pid = self.pid
         while True:
-            n = nxt(loop, msgs, _BATCH, -1)
-            if n < 0:
+            n = step(loop)
+            if n != 1:
+                if n == 2:
+                    self._dispatch_other(other)
+                    continue
                 if n in (-errno.ECANCELED, -errno.EPIPE):
                     return
-                raise OSError(-n, "wp_loop_next: " + os.strerror(-n))
-            # The kernel queues one message per blocked writer. Those still
-            # queued when a page is resolved vanish (the wake-up dequeues
-            # them), but a batch may hold several for one page: after the
-            # first unprotected it, the others only need their writer woken.
-            done = self._resolved_in_batch
-            done.clear()
-            for i in range(n):
-                m = msgs + i
-                if m.event != fault_event:
-                    self._dispatch_other(m)
-                elif done and _covered(done, m.addr):
-                    self.duplicates += 1
-                    lib.wp_uffd_wake(self.uffd.fd, m.addr & ~(self.page_size - 1), self.page_size)
-                else:
-                    handle(m)
+                raise OSError(-n, "wp_loop_step: " + os.strerror(-n))
+            addr, page, flags, t_read, rid, tid, kind = unpack(head)
+            if not pid:  # a forked child's loop learns its pid from a fault
+                pid = self.pid = _tgid(tid)
+            fault = Fault(addr, page, tid, flags, kinds[kind], t_read, region_of(rid), pid)
+            if self._timed:
+                self._timed_callback(f, fault)
+                continue
+            try:
+                decision = on_write(fault) if kind != minor else on_minor(fault)
+            except Exception as err:  # the writer must not stay blocked
+                self._callback_raised(fault, err)
+                continue
+            if decision is not None and decision is not UNPROTECT:
+                self._decide(f, decision)
 
-    def _handle_fault(self, m):
-        flags = m.flags
-        region = self.region_of(m.addr)
-        psize = region.page_size if region is not None else self.page_size
-        page = m.addr & ~(psize - 1)
-        if flags & _FLAG_WP:
-            kind = "wp"
-        elif flags & _FLAG_MINOR:
-            kind = "minor"
-        else:
-            kind = "missing"
-        if not self.pid:  # a forked child's loop learns its pid from a fault
-            self.pid = _tgid(m.tid)
-        fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
-        # Timed for wp trace (--callbacks: the resolve note; --usdt: the
-        # callback's probe). Two clock reads, ~1% of a fault: only on demand.
-        timed = self.time_callbacks or self.usdt
-        t_enter = _now_ns() if timed else 0
+    def _timed_callback(self, f, fault):
+        """The callback timed for wp trace (--callbacks: the resolve note;
+        --usdt: the callback's probe). Two clock reads, ~1% of a fault:
+        only on demand."""
+        t_enter = _now_ns()
         try:
-            if kind == "minor":
+            if fault.kind == "minor":
                 decision = self.protector.on_minor(fault)
             else:
                 decision = self.protector.on_write(fault)
-        except Exception as err:  # the writer must not stay blocked
-            decision = UNPROTECT
-            self.callback_errors += 1
-            if self.last_error is None:
-                log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
-            self.last_error = "%s: %s" % (type(err).__name__, err)
-        t_exit = 0
-        if timed:
-            t_exit = _now_ns()
-            if self.usdt:
-                lib.wp_usdt_callback(m.addr, m.tid, t_enter)
-        if region is not None:
-            region.faults += 1
-        resolve = lib.wp_loop_resolve
-        if kind == "minor" and (decision is None or decision == UNPROTECT):
-            # The page is in the page cache but not mapped here: map it
-            # (UFFDIO_CONTINUE wakes the writer; EEXIST: mapped meanwhile).
-            n = resolve(self._loop, m, page, psize, _HOW_CONTINUE, t_enter, t_exit)
-            if n < 0:
-                self.last_error = "UFFDIO_CONTINUE at %#x: %s" % (page, os.strerror(-n))
-        elif decision is None or decision == UNPROTECT:
-            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((page, page + psize))
-        elif decision == WAKE:
-            resolve(self._loop, m, page, psize, _HOW_WAKE, t_enter, t_exit)
+        except Exception as err:
+            self._callback_raised(fault, err)
+            decision = None
+        f.t_cb_exit_ns = _now_ns()
+        f.t_cb_enter_ns = t_enter
+        if self._usdt:
+            lib.wp_usdt_callback(fault.addr, fault.tid, t_enter)
+        if decision is not None and decision is not UNPROTECT:
+            self._decide(f, decision)
+
+    def _callback_raised(self, fault, err):
+        # The fault keeps its default decision: unprotected (mapped, minor).
+        self.callback_errors += 1
+        if self.last_error is None:
+            log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
+        self.last_error = "%s: %s" % (type(err).__name__, err)
+
+    def _decide(self, f, decision):
+        """Writes a decision other than the default into f."""
+        if decision == UNPROTECT:
+            return
+        if decision == WAKE:
+            f.how = _HOW_WAKE
         elif isinstance(decision, Unprotect):
-            resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((decision.start, decision.start + decision.length))
+            f.how = _HOW_UNPROTECT
+            f.start = decision.start
+            f.len = decision.length
         else:
             self.callback_errors += 1
             self.last_error = "on_write returned %r" % (decision,)
-            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((page, page + psize))
 
     def _dispatch_other(self, m):
         event = {"event": EVENT_NAMES.get(m.event, str(m.event))}
@@ -264,20 +341,10 @@ class FaultLoop:
             event.update(start=m.addr, to=m.arg1, length=m.arg2)
         elif m.event in (lib.UFFD_EVENT_REMOVE, lib.UFFD_EVENT_UNMAP):
             event.update(start=m.addr, end=m.arg1)
-        elif m.event == lib.UFFD_EVENT_PAGEFAULT:
-            # The C path hands back faults it does not resolve (minor, missing).
-            return self._handle_fault(m)
         try:
             self.on_event(event)
         except Exception:
             log.exception("handling %s event of pid %d", event["event"], self.pid)
-
-
-def _covered(ranges, addr):
-    for start, end in ranges:
-        if start <= addr < end:
-            return True
-    return False
 
 
 def _tgid(tid):

@@ -23,7 +23,7 @@ and the error is counted and logged: no writer is left blocked.
 """
 from dataclasses import dataclass
 
-__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE"]
+__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "check_handler"]
 
 UNPROTECT = "unprotect"
 WAKE = "wake"
@@ -68,6 +68,12 @@ class WriteProtector:
     name = "base"
     #: regions to protect when the user names none: "all" writable memory.
     default_regions = ("all",)
+    #: True declares that ``on_write`` resolves every write by unprotecting
+    #: its page (returns UNPROTECT) and needs nothing else done before the
+    #: writer goes on: then ``--handler c`` may resolve its write faults in
+    #: C without calling it (they still count, per region and in the loop's
+    #: records). Any other protector is refused the C handler.
+    unprotects_every_write = False
 
     def attach(self, session):
         self.session = session
@@ -95,3 +101,18 @@ class WriteProtector:
 
     def detach(self):
         pass
+
+
+def check_handler(protector, handler):
+    """Raises wp.errors.Refused unless protector (a WriteProtector class or
+    instance) may run with handler ("python" or "c"). Called before anything
+    changes in the target: the C handler would silently skip on_write."""
+    from wp.errors import Refused
+    if handler not in ("python", "c"):
+        raise Refused("unknown handler %r: use python or c" % (handler,))
+    if handler == "c" and not getattr(protector, "unprotects_every_write", False):
+        raise Refused("protector %s cannot run with --handler c: the C handler unprotects every "
+                      "written page without calling on_write, and %s does not declare that this is "
+                      "all it needs (only protectors with unprotects_every_write = True may, such as "
+                      "trace and track): use --handler python"
+                      % (getattr(protector, "name", "?"), getattr(protector, "name", "?")))

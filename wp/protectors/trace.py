@@ -11,6 +11,7 @@ class TraceProtector(WriteProtector):
     ``keep`` of them in memory and counts all of them."""
 
     name = "trace"
+    unprotects_every_write = True   # --handler c may stand in for on_write
 
     def __init__(self, keep=100000):
         self.keep = keep

@@ -51,6 +51,7 @@ class TrackProtector(WriteProtector):
     """
 
     name = "track"
+    unprotects_every_write = True   # --handler c may stand in for on_write
 
     def __init__(self, top=5):
         self.top = top
