@@ -360,7 +360,7 @@ int wp_loop_step(struct wp_loop *loop)
 			struct wp_msg *m = &loop->batch[loop->pos++];
 			if (m->event != UFFD_EVENT_PAGEFAULT) {
 				loop->other = *m;
-				return 2;
+				return WP_STEP_EVENT;
 			}
 			if (covered(loop, m->addr)) {
 				loop->duplicates++;
@@ -386,6 +386,7 @@ int wp_loop_step(struct wp_loop *loop)
 			f->region = id;
 			f->tid = m->tid;
 			f->kind = kind;
+			f->pid = loop->pid;
 			f->page_size = psize;
 			f->how = kind == WP_KIND_MINOR ? WP_HOW_CONTINUE : WP_HOW_UNPROTECT;
 			f->start = f->page;
@@ -393,7 +394,9 @@ int wp_loop_step(struct wp_loop *loop)
 			f->t_cb_enter_ns = f->t_cb_exit_ns = 0;
 			loop->cur = *m;
 			loop->pending = 1;
-			return 1;
+			if (loop->slow || !loop->pid)
+				return WP_STEP_SLOW;
+			return kind == WP_KIND_MINOR ? WP_STEP_MINOR : WP_STEP_WRITE;
 		}
 		int n = wp_loop_next(loop, loop->batch, WP_BATCH, loop->timeout_ms);
 		if (n <= 0)

@@ -120,9 +120,10 @@ int64_t wp_regions_set(struct wp_regions *rs, const struct wp_region_ent *ents, 
 #define WP_KIND_MISSING 2    /* a MISSING-registered page not populated */
 
 /* One fault handed to a Python handler by wp_loop_step, and what to do
- * with it. Python reads the first seven fields in one struct.unpack; the
- * decision is preset to the default (unprotect [page, page + page_size),
- * or map it for a minor fault) and written only to change it. */
+ * with it. Python makes its wp.protector.Fault of the first eight fields in
+ * one struct.unpack (the order of Fault's fields); the decision is preset
+ * to the default (unprotect [page, page + page_size), or map it for a
+ * minor fault) and written only to change it. */
 struct wp_fault {
 	uint64_t addr;
 	uint64_t page;           /* the faulting page, in its region's page size */
@@ -131,14 +132,23 @@ struct wp_fault {
 	uint64_t region;         /* the region's id; 0: in none of the table */
 	uint32_t tid;
 	uint32_t kind;           /* WP_KIND_* */
+	uint32_t pid;            /* loop->pid */
+	uint32_t pad;
 	uint64_t page_size;
 	uint32_t how;            /* the decision: WP_HOW_UNPROTECT, _WAKE or _CONTINUE */
-	uint32_t pad;
+	uint32_t pad2;
 	uint64_t start;          /* ... for [start, start + len) */
 	uint64_t len;
 	uint64_t t_cb_enter_ns;  /* the callback's start and end, for the note (0: untimed) */
 	uint64_t t_cb_exit_ns;
 };
+
+/* What wp_loop_step handed out. */
+#define WP_STEP_WRITE 1      /* a write (or missing) fault: on_write */
+#define WP_STEP_EVENT 2      /* another event, in loop->other */
+#define WP_STEP_MINOR 3      /* a minor fault: on_minor */
+#define WP_STEP_SLOW  4      /* a fault for the careful path: loop->slow set
+			      * (callbacks timed) or loop->pid still 0 */
 
 struct wp_loop {
 	int uffd;
@@ -147,6 +157,8 @@ struct wp_loop {
 	int stop;
 	int c_path;          /* wp_loop_step resolves write faults itself */
 	int pending;         /* a fault handed to Python awaits its decision */
+	int slow;            /* hand every fault out as WP_STEP_SLOW */
+	uint32_t pid;        /* the target (0: a forked child not known yet) */
 	uint64_t page_size;  /* for faults outside the region table */
 	uint64_t faults;     /* page faults read */
 	uint64_t events;     /* other messages read */
@@ -189,8 +201,8 @@ int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
 		    uint64_t t_cb_enter_ns, uint64_t t_cb_exit_ns);
 /* The fault loop's one call per fault: resolves the fault it handed out
  * last (as loop->fault now decides), then hands out the next message: a
- * fault in loop->fault (returns 1) or another event in loop->other
- * (returns 2). Waits up to loop->timeout_ms for one (0 on timeout);
+ * fault in loop->fault or another event in loop->other (returns a
+ * WP_STEP_*). Waits up to loop->timeout_ms for one (0 on timeout);
  * -ECANCELED once stopped, -EPIPE when the uffd is gone. With loop->c_path
  * it resolves write faults itself (unprotecting the page) and hands out
  * only the rest. Python's per-fault work is thus one call with one

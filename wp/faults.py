@@ -22,7 +22,7 @@ import threading
 import time
 
 from wp._native import check, ffi, lib
-from wp.protector import UNPROTECT, WAKE, Fault, Unprotect
+from wp.protector import KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
 
 __all__ = ["FaultLoop", "RegionTable", "EVENT_NAMES"]
 
@@ -35,15 +35,14 @@ EVENT_NAMES = {
     lib.UFFD_EVENT_REMOVE: "remove",
     lib.UFFD_EVENT_UNMAP: "unmap",
 }
-_KINDS = {lib.WP_KIND_WP: "wp", lib.WP_KIND_MINOR: "minor", lib.WP_KIND_MISSING: "missing"}
-_KIND_NAMES = tuple(_KINDS[i] for i in range(len(_KINDS)))
-_KIND_MINOR = lib.WP_KIND_MINOR
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
-# struct wp_fault's first seven fields: addr, page, flags, t_read_ns, region,
-# tid, kind (native/wp.h), read in one call.
-_FAULT_HEAD = struct.Struct("=QQQQQII")
-assert _FAULT_HEAD.size == ffi.offsetof("struct wp_fault", "page_size")
+_STEP_WRITE, _STEP_EVENT, _STEP_MINOR, _STEP_SLOW = (
+    lib.WP_STEP_WRITE, lib.WP_STEP_EVENT, lib.WP_STEP_MINOR, lib.WP_STEP_SLOW)
+assert [KINDS[k] for k in (lib.WP_KIND_WP, lib.WP_KIND_MINOR, lib.WP_KIND_MISSING)] == ["wp", "minor", "missing"]
+# struct wp_fault's first eight fields (native/wp.h), in Fault's order.
+_FAULT = struct.Struct("=QQQQQIII")
+assert _FAULT.size == ffi.offsetof("struct wp_fault", "pad") and len(Fault._fields) == 8
 # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns: callback times for wp trace.
 _now_ns = time.monotonic_ns
 _region_ids = itertools.count(1)
@@ -60,8 +59,9 @@ class RegionTable:
     region and counts the fault, for the C fast path as much as for Python.
 
     ``publish(regions)`` replaces the table whenever the session's regions
-    change; ``take_faults()`` adds the faults counted since to each
-    Region's ``faults``. ``by_id`` maps ids to Regions for the loops.
+    change (and lists them in wp.protector.regions_by_id, where
+    Fault.region finds them); ``take_faults()`` adds the faults counted
+    since to each Region's ``faults``; ``close()`` forgets them.
     """
 
     def __init__(self):
@@ -69,8 +69,7 @@ class RegionTable:
         if self._rs == ffi.NULL:
             raise MemoryError("wp_regions_new")
         self._lock = threading.Lock()
-        self._ids = []          # the ids of the table's entries, in its order
-        self.by_id = {}
+        self._regions = []      # the table's Regions, in its order
 
     @property
     def native(self):
@@ -84,26 +83,31 @@ class RegionTable:
         for e, r in zip(ents, regions):
             e.start, e.end, e.page_size, e.id = r.start, r.end, r.page_size, r.id
         with self._lock:
+            # Listed before the table names them: a loop may hand out a
+            # fault in one of them as soon as it is set.
+            regions_by_id.update((r.id, r) for r in regions)
             self._take(ents, len(regions))
-            self._ids = [r.id for r in regions]
-            # Updated in place: a loop may be reading it right now.
-            by_id = {r.id: r for r in regions}
-            for gone in set(self.by_id) - set(by_id):
-                del self.by_id[gone]
-            self.by_id.update(by_id)
+            old, self._regions = self._regions, regions
+            for r in set(old) - set(regions):
+                regions_by_id.pop(r.id, None)
 
     def take_faults(self):
         """Adds the faults counted since the last call to their Regions."""
         with self._lock:
             self._take(ffi.NULL, 0)
 
+    def close(self):
+        """Forgets the regions (the loops no longer run)."""
+        with self._lock:
+            self._take(ffi.NULL, 0)
+            for r in self._regions:
+                regions_by_id.pop(r.id, None)
+
     def _take(self, ents, n):
-        counts = ffi.new("uint64_t[]", max(1, len(self._ids)))
-        got = check(lib.wp_regions_set(self._rs, ents, n, counts, len(self._ids)), "wp_regions_set")
-        for rid, c in zip(self._ids[:got], counts):
-            r = self.by_id.get(rid)
-            if c and r is not None:
-                r.faults += c
+        counts = ffi.new("uint64_t[]", max(1, len(self._regions)))
+        got = check(lib.wp_regions_set(self._rs, ents, n, counts, len(self._regions)), "wp_regions_set")
+        for r, c in zip(self._regions[:got], counts):
+            r.faults += c
 
 
 class FaultLoop:
@@ -136,7 +140,6 @@ class FaultLoop:
         self.on_event = on_event
         self.handler = handler
         self.cpu = cpu
-        self.pid = pid
         self.page_size = page_size
         self.callback_errors = 0
         self.last_error = None
@@ -144,6 +147,7 @@ class FaultLoop:
         if self._loop == ffi.NULL:
             raise MemoryError("wp_loop_new")
         self._loop.spin = 1 if spin else 0
+        self._loop.pid = pid
         self._loop.c_path = 1 if handler == "c" else 0
         if regions is not None:
             self._loop.regions = regions.native
@@ -154,9 +158,17 @@ class FaultLoop:
         self._drain_buf = ffi.new("struct wp_record[]", 4096)
         self._usdt = False          # fire the callback USDT probe (wp trace --usdt)
         self._time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
-        self._timed = False         # either: read the clock around each callback
 
     # -- control -----------------------------------------------------------
+
+    @property
+    def pid(self):
+        """The target's pid (0: a forked child's, until its first fault)."""
+        return self._loop.pid
+
+    @pid.setter
+    def pid(self, pid):
+        self._loop.pid = pid
 
     @property
     def usdt(self):
@@ -165,7 +177,7 @@ class FaultLoop:
     @usdt.setter
     def usdt(self, on):
         self._usdt = bool(on)
-        self._timed = self._usdt or self._time_callbacks
+        self._loop.slow = self._usdt or self._time_callbacks   # the timed path
 
     @property
     def time_callbacks(self):
@@ -174,7 +186,7 @@ class FaultLoop:
     @time_callbacks.setter
     def time_callbacks(self, on):
         self._time_callbacks = bool(on)
-        self._timed = self._usdt or self._time_callbacks
+        self._loop.slow = self._usdt or self._time_callbacks
 
     def start(self):
         self._thread.start()
@@ -248,67 +260,67 @@ class FaultLoop:
     def _steps(self):
         """Hands each fault to the protector; returns once stopped.
 
-        The fast path of a fault in Python, written for speed (wp bench
-        faults): one C call (it resolves the previous fault as f says and
-        returns the next one: a message read, decoded, its region found and
-        counted, duplicates woken), one unpack of f, the Fault, the callback.
-        f's decision is preset to the default (unprotect the page; map it,
-        for a minor fault) and written only when the callback chose another.
+        A fault's way through Python, written for speed (wp bench faults:
+        on a machine whose fault round trip takes 3 us, each bytecode
+        counts): one C call (it resolves the previous fault as loop->fault
+        says and hands out the next: a message read and decoded, its region
+        found and counted, duplicates woken), the Fault made from it in one
+        unpack, the callback. The decision in loop->fault is preset to the
+        default (unprotect the page; map it, for a minor fault) and written
+        only when the callback chose another. Timed callbacks (wp trace)
+        and a forked child's first fault take the careful path
+        (WP_STEP_SLOW).
         """
         loop = self._loop
         step = lib.wp_loop_step
         f = ffi.addressof(loop, "fault")
-        other = ffi.addressof(loop, "other")
-        unpack = _FAULT_HEAD.unpack_from
-        head = ffi.buffer(f, _FAULT_HEAD.size)
-        by_id = self.regions.by_id if self.regions is not None else {}
-        region_of = by_id.get
-        kinds = _KIND_NAMES
-        minor = _KIND_MINOR
-        prot = self.protector
-        on_write, on_minor = prot.on_write, prot.on_minor
-        pid = self.pid
+        head = ffi.buffer(f, _FAULT.size)
+        unpack = _FAULT.unpack_from
+        make, fault_type, unprotect = tuple.__new__, Fault, UNPROTECT
+        on_write = self.protector.on_write
+        write, minor, slow = _STEP_WRITE, _STEP_MINOR, _STEP_SLOW
         while True:
             n = step(loop)
-            if n != 1:
-                if n == 2:
-                    self._dispatch_other(other)
+            if n == write:
+                fault = make(fault_type, unpack(head))
+                try:
+                    decision = on_write(fault)
+                except Exception as err:  # the writer must not stay blocked
+                    self._callback_raised(fault, err)
                     continue
-                if n in (-errno.ECANCELED, -errno.EPIPE):
-                    return
+                if decision is not None and decision is not unprotect:
+                    self._decide(f, decision)
+            elif n == minor or n == slow:
+                self._careful(f, make(fault_type, unpack(head)))
+            elif n == _STEP_EVENT:
+                self._dispatch_other(ffi.addressof(loop, "other"))
+            elif n in (-errno.ECANCELED, -errno.EPIPE):
+                return
+            elif n < 0:
                 raise OSError(-n, "wp_loop_step: " + os.strerror(-n))
-            addr, page, flags, t_read, rid, tid, kind = unpack(head)
-            if not pid:  # a forked child's loop learns its pid from a fault
-                pid = self.pid = _tgid(tid)
-            fault = Fault(addr, page, tid, flags, kinds[kind], t_read, region_of(rid), pid)
-            if self._timed:
-                self._timed_callback(f, fault)
-                continue
-            try:
-                decision = on_write(fault) if kind != minor else on_minor(fault)
-            except Exception as err:  # the writer must not stay blocked
-                self._callback_raised(fault, err)
-                continue
-            if decision is not None and decision is not UNPROTECT:
-                self._decide(f, decision)
 
-    def _timed_callback(self, f, fault):
-        """The callback timed for wp trace (--callbacks: the resolve note;
-        --usdt: the callback's probe). Two clock reads, ~1% of a fault:
-        only on demand."""
-        t_enter = _now_ns()
+    def _careful(self, f, fault):
+        """A fault off the fast path: minor, the first of a forked child
+        (the loop learns its pid), or timed for wp trace (--callbacks: the
+        resolve note; --usdt: the callback's probe; two clock reads)."""
+        if not fault.pid:
+            self.pid = _tgid(fault.tid)
+            fault = fault._replace(pid=self.pid)
+        timed = self._usdt or self._time_callbacks
+        t_enter = _now_ns() if timed else 0
         try:
-            if fault.kind == "minor":
+            if fault.kind_code == lib.WP_KIND_MINOR:
                 decision = self.protector.on_minor(fault)
             else:
                 decision = self.protector.on_write(fault)
         except Exception as err:
             self._callback_raised(fault, err)
             decision = None
-        f.t_cb_exit_ns = _now_ns()
-        f.t_cb_enter_ns = t_enter
-        if self._usdt:
-            lib.wp_usdt_callback(fault.addr, fault.tid, t_enter)
+        if timed:
+            f.t_cb_exit_ns = _now_ns()
+            f.t_cb_enter_ns = t_enter
+            if self._usdt:
+                lib.wp_usdt_callback(fault.addr, fault.tid, t_enter)
         if decision is not None and decision is not UNPROTECT:
             self._decide(f, decision)
 

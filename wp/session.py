@@ -525,6 +525,7 @@ class Session:
                 # once the protector's callback returns.
                 log.warning("pid %d: protector %s still in a callback after %g s; its fault "
                             "loop ends when it returns", self.pid, self.protector.name, loop.STOP_TIMEOUT)
+        self._table.close()   # counts taken: stats() after close still has them
         if not any(loop.alive for loop in self.loops):
             for nm in self._notes_maps:
                 nm.close()
