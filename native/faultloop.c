@@ -251,9 +251,9 @@ int64_t wp_regions_set(struct wp_regions *rs, const struct wp_region_ent *ents, 
 	return taken;
 }
 
-/* Finds addr's region, counts the fault in it and returns its page size
- * and id (0 and 0 when it is in none). */
-static uint64_t region_of(struct wp_regions *rs, uint64_t addr, uint64_t *id)
+/* Finds addr's region, counts the fault in it if count and returns its
+ * page size and id (0 and 0 when it is in none). */
+static uint64_t region_of(struct wp_regions *rs, uint64_t addr, uint64_t *id, int count)
 {
 	uint64_t psize = 0;
 	*id = 0;
@@ -270,7 +270,7 @@ static uint64_t region_of(struct wp_regions *rs, uint64_t addr, uint64_t *id)
 	}
 	if (lo < rs->n && rs->ents[lo].start <= addr) {
 		struct wp_region_ent *e = &rs->ents[lo];
-		e->faults++;
+		e->faults += count;
 		psize = e->page_size;
 		*id = e->id;
 	}
@@ -334,6 +334,51 @@ static void resolve_c(struct wp_loop *loop, const struct wp_msg *m, uint64_t psi
 	unprotected(loop, page, loop->page_size);
 }
 
+/* Some facts about MISSING faults (sync private anonymous memory, which
+ * wp.session registers MISSING as well as WP): a page that is not mapped
+ * (never populated, or dropped by the target with MADV_DONTNEED, which
+ * takes its WP marker with it: wp/uffd.py) raises a MISSING fault on any
+ * access. It reads as zeros either way, so the fault is answered with a
+ * fresh zero page, write-protected (UFFDIO_COPY_MODE_WP, atomic: no other
+ * thread's write lands on it unseen) and not woken yet. A read is then
+ * resolved (woken: a later write faults like any other); a write is a
+ * write fault of a protected zero page, handed to the protector and
+ * resolved as one. Nothing reads the target's memory here: a read of a
+ * missing page from this thread would wait for this thread. */
+static const char zeros[1 << 16] __attribute__((aligned(4096)));
+
+/* Maps a protected zero page at a MISSING fault. Returns 1 for a write
+ * (handle it as a write fault, its writer not woken yet), 0 for a read or
+ * a failure (resolved: the writer woken). */
+static int fill_missing(struct wp_loop *loop, const struct wp_msg *m, uint64_t page, uint64_t psize)
+{
+	uint64_t done = 0;
+	while (done < psize) {
+		uint64_t n = psize - done < sizeof(zeros) ? psize - done : sizeof(zeros);
+		int64_t r = wp_uffd_copy(loop->uffd, page + done, (uint64_t)(uintptr_t)zeros, n,
+					 UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE);
+		if (r == -EEXIST)   /* mapped meanwhile (a second message for it) */
+			break;
+		if (r <= 0) {
+			/* EAGAIN: an event (REMOVE, fork, remap) is pending and
+			 * the kernel maps nothing until it is read. Wake the
+			 * thread: it faults again after the event. */
+			if (r != -EAGAIN)
+				loop->errors++;
+			wp_loop_resolve(loop, m, page, psize, WP_HOW_WAKE, 0, 0);
+			return 0;
+		}
+		done += r;
+	}
+	if (m->flags & UFFD_PAGEFAULT_FLAG_WRITE) {
+		loop->missing_writes++;
+		return 1;
+	}
+	loop->missing_reads++;
+	wp_loop_resolve(loop, m, page, psize, WP_HOW_WAKE, 0, 0);
+	return 0;
+}
+
 static void settle(struct wp_loop *loop)
 {
 	struct wp_fault *f = &loop->fault;
@@ -368,17 +413,29 @@ int wp_loop_step(struct wp_loop *loop)
 				wp_uffd_wake(loop->uffd, m->addr & ~(ps - 1), ps);
 				continue;
 			}
-			uint64_t id;
-			uint64_t psize = region_of(loop->regions, m->addr, &id);
 			uint32_t kind = m->flags & UFFD_PAGEFAULT_FLAG_WP ? WP_KIND_WP
 				      : m->flags & UFFD_PAGEFAULT_FLAG_MINOR ? WP_KIND_MINOR
 				      : WP_KIND_MISSING;
+			/* Counted in its region unless it is a read. */
+			int write = kind != WP_KIND_MISSING || (m->flags & UFFD_PAGEFAULT_FLAG_WRITE);
+			uint64_t id;
+			uint64_t psize = region_of(loop->regions, m->addr, &id, write);
 			if (loop->c_path && kind == WP_KIND_WP) {
 				resolve_c(loop, m, psize);
 				continue;
 			}
 			if (!psize)
 				psize = loop->page_size;
+			if (kind == WP_KIND_MISSING) {
+				uint64_t page = m->addr & ~(psize - 1);
+				if (!fill_missing(loop, m, page, psize))
+					continue;
+				if (loop->c_path) {   /* no protector: unprotect it */
+					wp_loop_resolve(loop, m, page, psize, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
+					unprotected(loop, page, psize);
+					continue;
+				}
+			}
 			f->addr = m->addr;
 			f->page = m->addr & ~(psize - 1);
 			f->flags = m->flags;

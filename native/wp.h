@@ -117,7 +117,8 @@ int64_t wp_regions_set(struct wp_regions *rs, const struct wp_region_ent *ents, 
 
 #define WP_KIND_WP      0    /* a write to a write-protected page */
 #define WP_KIND_MINOR   1    /* a MINOR-registered page not mapped here */
-#define WP_KIND_MISSING 2    /* a MISSING-registered page not populated */
+#define WP_KIND_MISSING 2    /* a MISSING-registered page not mapped: a
+			      * write (a read never reaches Python) */
 
 /* One fault handed to a Python handler by wp_loop_step, and what to do
  * with it. Python makes its wp.protector.Fault of the first eight fields in
@@ -165,6 +166,8 @@ struct wp_loop {
 	uint64_t resolved;
 	uint64_t errors;     /* resolve ioctls that failed */
 	uint64_t duplicates; /* messages for a page already unprotected in their batch */
+	uint64_t missing_reads;   /* MISSING faults of reads: a protected zero page mapped */
+	uint64_t missing_writes;  /* MISSING faults of writes (each also a write fault) */
 	struct wp_record *ring;
 	uint64_t ring_size;  /* power of two */
 	uint64_t head;       /* written by the loop thread */
@@ -225,5 +228,8 @@ int64_t wp_write_pages(uint64_t addr, uint64_t npages, uint64_t page_size,
 		       uint8_t val, uint64_t *lat_ns);
 /* Fills [addr, addr+len) with val. */
 void wp_fill(uint64_t addr, uint64_t len, uint8_t val);
+/* Reads one byte of each of npages pages, timing each read into lat_ns
+ * (may be NULL). Returns the sum of the bytes read. */
+int64_t wp_read_pages(uint64_t addr, uint64_t npages, uint64_t page_size, uint64_t *lat_ns);
 
 #endif

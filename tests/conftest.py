@@ -1,8 +1,12 @@
 """Shared fixtures: C targets built on demand, processes reaped at teardown."""
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
+import types
 
 import pytest
 
@@ -111,3 +115,37 @@ class Sweep:
         from wp import pagemap
         with pagemap.Pagemap(self.pid) as pm:
             return sum(bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096))
+
+
+@pytest.fixture(scope="session")
+def readable_wp():
+    """What a non-root process needs of this checkout, copied where it can
+    read it: the checkout may sit in a directory only root may enter (/root,
+    or a `mktemp -d`), and a process that dropped root can then neither
+    import wp from it nor run its venv's interpreter or a target binary.
+
+    Yields a namespace: ``python`` (the interpreter behind the venv's, in
+    /usr), ``env`` (os.environ with PYTHONPATH at a readable copy of the wp
+    package, its compiled module included), ``binary(name)`` (a readable
+    copy of tests/targets/bin/NAME)."""
+    import wp
+    d = tempfile.mkdtemp(prefix="wp-readable-")
+    try:
+        shutil.copytree(os.path.dirname(wp.__file__), os.path.join(d, "wp"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        os.mkdir(os.path.join(d, "bin"))
+
+        def binary(name):
+            out = os.path.join(d, "bin", name)
+            if not os.path.exists(out):
+                shutil.copy2(build_target(name), out)
+                os.chmod(out, 0o755)
+            return out
+        for dirpath, dirnames, filenames in os.walk(d):
+            os.chmod(dirpath, 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+        yield types.SimpleNamespace(python=os.path.realpath(sys.executable), path=d, binary=binary,
+                                    env=dict(os.environ, PYTHONPATH=d))
+    finally:
+        shutil.rmtree(d)

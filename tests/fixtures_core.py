@@ -155,7 +155,7 @@ class MemTarget:
 
     def assert_alive(self):
         assert self.proc.poll() is None
-        assert self.read(0)[0] >= 0
+        self.read(0)    # it answers a command: alive, and its main loop not blocked
 
 
 def eventually(get, want, timeout=2.0):

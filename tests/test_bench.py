@@ -28,11 +28,18 @@ def test_bench_faults_json():
         # sync rows: the faults their one region counted (the C path's too)
         assert row["faults"] == row["pages"], row
         assert row["us_per_fault"] > 0
-    assert set(out["ratios"]) == {"anon_python_over_c", "anon_c_over_async"}
+    assert set(out["ratios"]) == {"anon_python_over_c", "anon_c_over_async",
+                                  "fresh_write_missing_over_wp_only", "fresh_read_missing_over_wp_only"}
     for memory in ("anon", "shmem", "hugetlb"):
         p = out["python_path"][memory]
         assert p["trace_over_c"] == round(p["trace_us"] / p["c_us"], 3)
         assert set(p["goal_met"]) == set(p["must_met"]) == {"trace", "first-writer", "python_own_us"}
+    # First touches of fresh anonymous memory: with MISSING registered a
+    # read is a round trip too; without it only the write (WP_UNPOPULATED).
+    fresh = out["fresh_anon"]
+    assert (fresh["wp_missing"]["faults_write"], fresh["wp_missing"]["faults_read"]) == (64, 64)
+    assert (fresh["wp_only"]["faults_write"], fresh["wp_only"]["faults_read"]) == (64, 0)
+    assert (fresh["none"]["faults_write"], fresh["none"]["faults_read"]) == (0, 0)
     # the machine the numbers come from
     m = out["machine"]
     assert m["kernel"] == os.uname().release and m["cpus"] == os.cpu_count() and m["clocksource"]
@@ -72,3 +79,37 @@ def test_bench_trace_json():
     bare = out["profiles"]["bare"]
     assert bare["writes"] == 128 and bare["wp_records"] == bare["expected_records"] == 0
     assert "goal_met" not in bare
+
+
+def test_bench_workloads_json():
+    """wp bench workloads --quick: real programs, unattached and under
+    protectors through a wpd of its own; every ratio is to the unattached
+    run; trace (attached to redis-server, detached after the load) handled
+    the writes of the memory redis filled; the snapshot was taken and its
+    core removed; no timing asserted."""
+    r = subprocess.run([sys.executable, "-m", "wp.cli", "bench", "workloads", "--quick", "--json",
+                        "--workload", "redis-d1024", "--workload", "pagefault-t1",
+                        "--protector", "trace", "--protector", "snapshot"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["machine"]["kernel"] == os.uname().release and out["machine"]["cpu_model"]
+    assert out["protectors"] == ["none", "trace", "snapshot"]
+    assert "reaim" in out and out["rounds"] == 1
+    wl = {w["workload"]: w for w in out["workloads"]}
+    assert set(wl) == {"redis-d1024", "pagefault-t1"}
+    for name, recs in out["raw"].items():
+        assert [r["protector"] for r in recs] == ["none", "trace", "snapshot"], recs
+        assert not [r for r in recs if "error" in r], recs
+    redis = wl["redis-d1024"]["protectors"]
+    for m in ("SET", "GET", "LPUSH"):
+        assert redis["none"][m] > 0 and redis["none"]["ratio_" + m] == 1.0
+        assert redis["trace"]["ratio_" + m] > 0
+    assert redis["trace"]["faults"] > 0
+    assert redis["trace"]["wp_cpu_per_s"] > 0 and redis["none"]["target_cpu_per_s"] > 0
+    pf = wl["pagefault-t1"]["protectors"]
+    assert pf["none"]["throughput"] > 0 and pf["none"]["ratio"] == 1.0
+    for name in wl:
+        snap = wl[name]["protectors"]["snapshot"]
+        assert snap["snapshot_errors"] == [] and snap["snapshot_stop_ms_max"] is not None
+    assert not [f for f in os.listdir("/var/tmp") if f.startswith("wp-bench-wl.")]

@@ -256,31 +256,31 @@ def test_main_thread_exited_is_refused(wpd, target_bin, spawn, tmp_path):
     assert p.stdout.readline().startswith("ok")
 
 
-def test_non_root_client(wpd):
+def test_non_root_client(wpd, readable_wp):
     # The socket is 0600: a non-root client cannot even connect. Open it up to
     # check that wpd's own credential check (SO_PEERCRED) refuses it too.
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    r = subprocess.run(base + WP + ["--socket", wpd.sock, "status"], capture_output=True, text=True, env=env)
-    assert r.returncode == 3 and "root" in r.stderr
+    base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", readable_wp.python, "-m", "wp.cli"]
+    r = subprocess.run(base + ["--socket", wpd.sock, "status"], capture_output=True, text=True,
+                       env=readable_wp.env, cwd="/")
+    assert r.returncode == 3 and "root" in r.stderr, r.stderr
     os.chmod(os.path.dirname(wpd.sock), 0o755)
     os.chmod(wpd.sock, 0o666)
-    r = subprocess.run(base + WP + ["--socket", wpd.sock, "status"], capture_output=True, text=True, env=env)
-    assert r.returncode == 4 and "serves root only" in r.stderr
+    r = subprocess.run(base + ["--socket", wpd.sock, "status"], capture_output=True, text=True,
+                       env=readable_wp.env, cwd="/")
+    assert r.returncode == 4 and "serves root only" in r.stderr, r.stderr
 
 
-def test_non_root_snapshot_track_trace(tmp_path):
+def test_non_root_snapshot_track_trace(tmp_path, readable_wp):
     """The commands that act without wpd refuse a non-root user (exit 4,
     naming root) even on the user's own process, and leave it as it was."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
     base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = subprocess.Popen(base + ["sleep", "60"])
     try:
         for args in (["snapshot", target.pid, "-o", tmp_path / "core"],
                      ["track", target.pid, "--count", "1"],
                      ["trace", target.pid, "--duration", "1"]):
-            r = subprocess.run(base + WP + [str(a) for a in args], capture_output=True, text=True,
-                               env=env, cwd="/", timeout=60)
+            r = subprocess.run(base + [readable_wp.python, "-m", "wp.cli"] + [str(a) for a in args],
+                               capture_output=True, text=True, env=readable_wp.env, cwd="/", timeout=60)
             assert r.returncode == 4 and "needs root" in r.stderr, (args, r.stderr)
         assert not (tmp_path / "core").exists()
         assert proc_status(target.pid)["TracerPid"].strip() == "0"
@@ -356,6 +356,9 @@ def test_target_exit_while_protected(wpd, memtarget):
             break
         time.sleep(0.1)
     assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+    # its last stats stay with wpd (wp stats after a `wp run` program ended)
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["ended"] == "exited" and st["faults"] >= 1
 
 
 def test_fork_child_protected(wpd, memtarget):
@@ -457,7 +460,7 @@ def test_c_handler_refused_unless_declared(wpd, memtarget, tmp_path, protector, 
         reply = conn.request({"op": "attach", "pid": t.pid, "protector": protector, "handler": "c"})
     finally:
         conn.close()
-    assert not reply["ok"] and reply["type"] == "Refused" and reason in reply["error"]
+    assert not reply["ok"] and reply["type"] == "BadRequest" and reason in reply["error"]
     assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
     assert slurp("/proc/%d/maps" % t.pid) == maps_before
     assert_untouched(t)
@@ -494,11 +497,11 @@ def strict_userfaultfd():
         f.write(old)
 
 
-def test_attach_non_root_target(wpd, target_bin, spawn, strict_userfaultfd):
+def test_attach_non_root_target(wpd, readable_wp, spawn, strict_userfaultfd):
     # The kernel checks the creating (target's) credentials: wp allows
     # unprivileged userfaultfd for the one injected call and puts it back.
-    p = spawn(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-               target_bin("memtarget"), "anon", "4"], cwd="/")
+    p = spawn([readable_wp.binary("memtarget"), "anon", "4"], cwd="/", user=65534, group=65534,
+              extra_groups=[])
     t = Target(p)
     from wp.remote import SYS, RemoteProcess
     with RemoteProcess(t.pid) as rp:   # what the kernel says without wp's help
@@ -622,17 +625,46 @@ def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
 
 @needs_bcc
 def test_wp_trace_bad_targets(wpd, memtarget, tmp_path):
-    """No such process: exit 1, nothing traced. A process wpd has not
-    attached: said so, and only its ordinary faults are traced."""
+    """No such process, a kernel thread: refused (exit 4, as attach does),
+    nothing traced. A process wpd has not attached: said so, and only its
+    ordinary faults are traced."""
     r = wp(wpd, "trace", 999999, "-o", tmp_path / "none.jsonl", "--duration", "1", check=False)
-    assert r.returncode == 1 and "no process 999999" in r.stderr
+    assert r.returncode == 4 and "no such process 999999" in r.stderr, r.stderr
     assert not (tmp_path / "none.jsonl").exists()
     r = wp(wpd, "trace", 2, "-o", tmp_path / "none.jsonl", "--duration", "1", check=False)
-    assert r.returncode == 1 and "pid 2 is a kernel thread" in r.stderr
+    assert r.returncode == 4 and "pid 2 is a kernel thread" in r.stderr
     assert not (tmp_path / "none.jsonl").exists()
     t = memtarget("anon", 4)
     out = tmp_path / "t.jsonl"
     r = wp(wpd, "trace", t.pid, "-o", out, "--duration", "1")
     assert "is not attached to wpd (`wp attach %d` first)" % t.pid in r.stderr
     assert out.read_text().splitlines()[-1].startswith('{"kind":"meta"')
+    assert_untouched(t)
+
+
+@pytest.mark.parametrize("protector,mode", [("trace", []), ("track", []), ("trace", ["--async"]),
+                                            ("track", ["--async"])])
+def test_writes_after_dontneed_seen_through_wpd(wpd, memtarget, protector, mode):
+    """Issue 15 item 2, as a user sees it: 2,000 protected anonymous pages
+    written, dropped (MADV_DONTNEED), written again: `wp stats` counts both
+    rounds (sync: 4,000 faults; async: 4,000 pages written), and the target
+    reads back what it wrote, then zeros after a last drop."""
+    n = 2000
+    t = memtarget("anon", n)
+    wp(wpd, "attach", t.pid, "--protector", protector, "--region",
+       "%x-%x" % (t.addr, t.addr + t.length), *mode)
+    assert t.cmd("A 0 1")[0] == "done"
+    assert t.cmd("D") == ["ok"]
+    assert t.cmd("A 0 2")[0] == "done"
+    key = "written_pages" if mode else "faults"
+
+    def seen():
+        return json.loads(wp(wpd, "stats", t.pid, "--json").stdout)[key]
+    deadline = time.monotonic() + 5
+    while seen() < 2 * n and time.monotonic() < deadline:
+        time.sleep(0.1)     # async: wpd's scanner reports per interval
+    assert seen() == 2 * n
+    assert t.cmd("S 0 2") == ["same", str(n)]
+    assert t.cmd("D") == ["ok"] and t.cmd("S 0 0") == ["same", str(n)]
+    wp(wpd, "detach", t.pid)
     assert_untouched(t)

@@ -580,10 +580,10 @@ def test_detach_unmerges_a_forked_child(dd, dedupe):
     assert t.check() == 0
 
 
-def test_non_root_target_gets_the_store_over_a_socket(target_bin, spawn, dedupe):
+def test_non_root_target_gets_the_store_over_a_socket(readable_wp, spawn, dedupe):
     """A target that may not open /proc/<wpd>/fd/N receives the store fd
     over a unix socket (SCM_RIGHTS) instead."""
-    binary = target_bin("dd_target")
+    binary = readable_wp.binary("dd_target")
     p = spawn([binary, "1024", "16"], user=65534, group=65534)
     t = DD(p, 1024, 16)
     # The uffds are created in the target: without root that takes

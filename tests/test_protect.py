@@ -18,7 +18,7 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.errors import BadRange, Refused, UnsupportedMemory
+from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
@@ -29,7 +29,6 @@ from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # memtarget KIND -> the kind wp.maps gives its mapping.
 MAPS_KIND = {"anon": "anon", "anon-unpop": "anon", "shared-anon": "shared-anon", "memfd": "memfd",
@@ -358,13 +357,13 @@ else:
 """
 
 
-def test_not_root(memtarget, sessions):
+def test_not_root(memtarget, sessions, readable_wp):
     t = memtarget("anon", 4)
     maps_before = t.maps_text()
-    code = NONROOT % (ROOT, t.pid, t.uffds[0], t.addr, t.addr + t.length)
+    code = NONROOT % (readable_wp.path, t.pid, t.uffds[0], t.addr, t.addr + t.length)
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
-                       timeout=60)
+                        readable_wp.python, "-c", code], capture_output=True, text=True, cwd="/",
+                       env=readable_wp.env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("NotRoot True "), (r.stdout, r.stderr)
     assert "root" in r.stdout
@@ -380,31 +379,168 @@ def test_not_root(memtarget, sessions):
 
 # The kernel keeps a uffd-wp marker where it zaps a protected shmem or file
 # page, but "zap on anonymous always means dropping everything"
-# (zap_install_uffd_wp_if_needed, mm/memory.c): after MADV_DONTNEED a private
-# anonymous page is no longer protected, and the session, which gets the
-# REMOVE event, does not protect it again. Its next write is never seen.
-ANON_DONTNEED = pytest.mark.xfail(strict=True, reason="core gap: private anon page loses WP on "
-                                  "MADV_DONTNEED; the session does not re-protect after REMOVE")
+# (zap_install_uffd_wp_if_needed, mm/memory.c), WP_UNPOPULATED or not: after
+# MADV_DONTNEED a private anonymous page has neither PTE nor marker. The
+# session registers such memory MISSING as well, so the next access to the
+# dropped page still reaches the fault loop.
 
 
-@pytest.mark.parametrize("kind", [pytest.param("anon", marks=ANON_DONTNEED),
-                                  "shared-anon", "memfd", "memfd-private"])
+def vm_flags(pid, addr):
+    """The VmFlags of the mapping holding addr (smaps): "uw" is a
+    WP-registered userfaultfd range, "um" a MISSING-registered one."""
+    start = None
+    with open("/proc/%d/smaps" % pid) as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not line.startswith("VmFlags"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                start = lo <= addr < hi
+            elif line.startswith("VmFlags:") and start:
+                return set(line.split()[1:])
+    raise AssertionError("%#x not mapped in %d" % (addr, pid))
+
+
+@pytest.mark.parametrize("kind", ["anon", "shared-anon", "memfd", "memfd-private"])
 def test_dontneed_keeps_protection(memtarget, sessions, kind):
     """MADV_DONTNEED on a protected page: the target is not left blocked by
-    the REMOVE event, the page stays protected, and the next write to the
-    page still faults (once)."""
+    the REMOVE event, the page still reads zeros (or the file's bytes), and
+    its next write, with or without a read before it, still faults (once)."""
     t = memtarget(kind, 4)
     prot = TraceProtector()
     s = sessions(t, prot)
+    anon = kind == "anon"
+    assert ("um" in vm_flags(t.pid, t.addr)) == anon and "uw" in vm_flags(t.pid, t.addr)
+    assert [r.missing for r in s.regions] == [anon]
     assert t.cmd("d 1") == ["ok"]
     assert eventually(lambda: s.events.get("remove"), 1) == 1
     assert t.present_bits() == [True, False, True, True]
-    assert t.wp_bits() == [True] * 4          # a marker where the page was
-    assert t.read(1) == (0, 0)
-    tid = t.write(1, 5)
+    # shmem and files keep a marker where the page was; anon has none left.
+    assert t.wp_bits() == [True, not anon, True, True]
+    tid = t.write(1, 5)                        # no read first: a MISSING write fault
     t.write(1, 6)
     assert first_writes(prot) == [(t.page(1), tid, t.pid)]
     assert t.read(1) == (6, 6 * t.page_size)
+
+    st = settled(s, faults=1, resolved=1)
+    assert (st["faults"], st["resolved"], st["callback_errors"], st["resolve_errors"]) == (1, 1, 0, 0)
+    if anon:
+        # The first write unprotected the page. Dropped again, it is a new
+        # page of zeros (nothing of it is left): read first, it reads zeros
+        # and is protected again (a protected zero page is mapped for the
+        # read); its next write is a first write again.
+        assert t.cmd("d 1") == ["ok"]
+        assert t.read(1) == (0, 0)
+        assert t.wp_bits()[1] and t.present_bits()[1]
+        tid2 = t.write(1, 7)
+        assert first_writes(prot) == [(t.page(1), tid, t.pid), (t.page(1), tid2, t.pid)]
+        assert t.read(1) == (7, 7 * t.page_size)
+        st = settled(s, faults=2, resolved=2)
+        assert (st["faults"], st["resolved"], st["missing_reads"], st["resolve_errors"]) == (2, 2, 1, 0)
+    # A child forked now writes its own copy (private) or the shared page.
+    assert t.cmd("F 1 9")[2] == "0"
+    last = 7 if anon else 6
+    assert t.read(1) == ((9, 9 * t.page_size) if kind in SHARED_KINDS else (last, last * t.page_size))
+
+
+NPAGES = 2000
+
+
+def _drop_and_rewrite(t):
+    """The target writes every page, drops them all (MADV_DONTNEED), writes
+    them again; returns what it reads back (pages of 2s) and after a last
+    drop (pages of zeros)."""
+    assert t.cmd("A 0 1")[0] == "done"
+    yield "written"
+    assert t.cmd("D") == ["ok"]
+    assert t.cmd("A 0 2")[0] == "done"
+    yield "rewritten"
+    assert t.cmd("S 0 2") == ["same", str(NPAGES)]
+    assert t.cmd("D") == ["ok"]
+    assert t.cmd("S 0 0") == ["same", str(NPAGES)]
+
+
+@pytest.mark.parametrize("handler", ["python", "c"])
+def test_writes_after_dontneed_are_seen_trace_sync(memtarget, sessions, handler):
+    """Issue 15 item 2: 2,000 protected pages written (2,000 faults), dropped,
+    written again: 4,000 faults, every one a first write the protector saw."""
+    t = memtarget("anon", NPAGES)
+    prot = TraceProtector()
+    s = sessions(t, prot, handler=handler)
+    steps = _drop_and_rewrite(t)
+    next(steps)
+    assert settled(s, faults=NPAGES)["faults"] == NPAGES
+    next(steps)
+    st = settled(s, faults=2 * NPAGES, resolved=2 * NPAGES)
+    assert (st["faults"], st["resolved"], st["resolve_errors"], st["missing_reads"]) == (2 * NPAGES,) * 2 + (0, 0)
+    if handler == "python":
+        assert st["regions"][0]["faults"] == 2 * NPAGES
+        assert prot.count == 2 * NPAGES
+        assert sorted(p for p, _tid, _pid in first_writes(prot)) == sorted(
+            [t.page(i) for i in range(NPAGES)] * 2)
+    list(steps)
+
+
+def test_writes_after_dontneed_are_seen_track_sync(memtarget, sessions):
+    from wp.protectors.track import TrackProtector
+    t = memtarget("anon", NPAGES)
+    prot = TrackProtector()
+    s = sessions(t, prot)
+    steps = _drop_and_rewrite(t)
+    next(steps)
+    assert prot.sample()["pages_written"] == NPAGES    # re-protects them
+    next(steps)
+    assert prot.sample()["pages_written"] == NPAGES
+    assert settled(s, faults=2 * NPAGES)["faults"] == 2 * NPAGES
+    list(steps)
+
+
+@pytest.mark.parametrize("protector", ["trace", "track"])
+def test_writes_after_dontneed_are_seen_async(memtarget, sessions, protector):
+    """Async WP (the kernel resolves the faults): a dropped page loses its
+    marker and its written state (the PTE) too. The session scans when the
+    REMOVE event arrives, before it reads it (the target waits in madvise,
+    before the zap), so the first round is reported although no scan ran
+    between the write and the drop; the page written again is present
+    without the uffd-wp bit, which the next scan reports as written."""
+    from wp.protectors.track import TrackProtector
+    t = memtarget("anon", NPAGES)
+    prot = TraceProtector() if protector == "trace" else TrackProtector()
+    s = sessions(t, prot, mode="async")
+    assert [(r.mode, r.missing) for r in s.regions] == [("async", False)]
+    steps = _drop_and_rewrite(t)
+    next(steps)
+    next(steps)                                     # written, dropped, written again
+    assert eventually(lambda: s.events.get("remove"), 1) == 1
+    assert s.stats()["written_pages"] == NPAGES     # the scan before the REMOVE
+    assert sum(e - s0 for s0, e in only_runs(s.scan_written())) == NPAGES * t.page_size
+    assert s.stats()["written_pages"] == 2 * NPAGES
+    if protector == "track":
+        assert prot.sample()["pages_written"] == 2 * NPAGES
+    else:
+        assert prot.async_pages == 2 * NPAGES
+    list(steps)
+    # The last drop scanned nothing new; reads of the dropped pages map the
+    # zero page, which is not a write.
+    assert s.scan_written() == {} and s.stats()["written_pages"] == 2 * NPAGES
+
+
+def test_missing_read_from_another_thread_of_ours(memtarget, sessions):
+    """A read of a dropped page by wp itself from a thread other than the
+    fault loop's (process_vm_readv) waits for the loop, which maps a
+    protected zero page; read_present, safe on the fault thread, reads it as
+    a hole without waiting and maps nothing."""
+    t = memtarget("anon", 4)
+    s = sessions(t)
+    assert t.cmd("d 2") == ["ok"]
+    ps = t.page_size
+    data, holes = s.read_present(t.addr, 4 * ps)
+    assert holes == [t.page(2)] and data == bytes(4 * ps)
+    assert t.present_bits() == [True, True, False, True]
+    assert s.space.read(t.page(2), ps) == bytes(ps)
+    assert t.present_bits() == [True] * 4 and t.wp_bits() == [True] * 4
+    assert s.stats()["missing_reads"] == 1
+    tid = t.write(2, 3)
+    assert first_writes(s.protector) == [(t.page(2), tid, t.pid)]
 
 
 def test_local_space_writer_in_c(sessions):
@@ -494,7 +630,7 @@ def test_c_handler_refused_unless_declared(memtarget, cls):
     a protector that does not declare that this is all it needs is refused
     before the target is touched (its uffd not even taken)."""
     t = memtarget("anon", 4)
-    with pytest.raises(Refused, match="protector %s cannot run with --handler c" % cls.name):
+    with pytest.raises(BadRequest, match="protector %s cannot run with --handler c" % cls.name):
         Session(ProcessSpace.cooperative(t.pid, t.uffds[:1]), cls.__new__(cls), handler="c")
     assert t.wp_bits() == [False] * 4
     t.write(1, 5)     # not protected: does not block

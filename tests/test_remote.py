@@ -41,13 +41,47 @@ def assert_released(pid, stopped=False):
         assert state in ("S", "R", "D"), st["State"]
 
 
-def wait_state(pid, want, timeout=5.0):
+def wait_until(cond, what, timeout=5.0):
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc_status(pid)["State"].split()[0] == want:
-            return
-        time.sleep(0.01)
-    raise AssertionError("pid %d never reached state %s" % (pid, want))
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("never: " + what)
+        time.sleep(0.002)
+
+
+def wait_state(pid, want, timeout=5.0):
+    wait_until(lambda: proc_status(pid)["State"].split()[0] == want,
+               "pid %d in state %s" % (pid, want), timeout)
+
+
+def syscall_of(pid, tid=None):
+    """The syscall number a thread is blocked in (/proc/PID/syscall), or None
+    while it runs or blocks outside a syscall."""
+    with open("/proc/%d/task/%d/syscall" % (pid, tid or pid)) as f:
+        first = f.read().split()[0]
+    return None if first in ("running", "-1") else int(first)
+
+
+def wait_syscall(pid, nrs, tid=None):
+    """Waits until the thread is blocked in one of the syscalls nrs (the
+    state an injection must get right: stopped inside a restartable call)."""
+    wait_until(lambda: syscall_of(pid, tid) in nrs,
+               "pid %d blocked in syscall %s" % (pid, nrs))
+
+
+def signals_pending(pid):
+    st = proc_status(pid)
+    return int(st["SigPnd"], 16) | int(st["ShdPnd"], 16)
+
+
+def wait_handled(pid):
+    """Waits until no signal is pending and the target is back in read()."""
+    wait_until(lambda: signals_pending(pid) == 0 and syscall_of(pid) == SYS["read"],
+               "pid %d handled its signals and reads again" % pid)
+
+
+NANOSLEEP = (230, 219)      # clock_nanosleep, or restart_syscall after a stop
+PPOLL = 271
 
 
 def exercise(rp, pid, rounds=40):
@@ -93,14 +127,14 @@ def test_sleeper(target_bin, spawn):
     p = spawn([target_bin("sleeper")])
     wait_ready(p)
     for _ in range(3):
-        time.sleep(0.05)
+        wait_syscall(p.pid, NANOSLEEP)
         with RemoteProcess(p.pid) as rp:
             exercise(rp, p.pid)
             regs = rp.saved_registers()
             assert rp.stops >= 400
         assert_released(p.pid)
     # It was stopped inside clock_nanosleep (230), which the kernel restarts.
-    assert regs["orig_rax"] in (230, 219)   # clock_nanosleep or restart_syscall
+    assert regs["orig_rax"] in NANOSLEEP
     assert target_uffds(p.pid) == 0
     out = quit_target(p)
     assert out.startswith("ok"), out
@@ -129,7 +163,7 @@ def test_pipereader_loses_nothing(target_bin, spawn):
     finally:
         th.join()
     # And once more, blocked in read on an idle pipe.
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     with RemoteProcess(p.pid) as rp:
         exercise(rp, p.pid)
         assert rp.saved_registers()["orig_rax"] == SYS["read"]
@@ -145,7 +179,7 @@ def test_signal_during_injection_is_delivered(target_bin, spawn):
     target's handler after detach; read() restarts (SA_RESTART), no EINTR."""
     p = spawn([target_bin("pipereader")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     with RemoteProcess(p.pid) as rp:
         rp.syscall(SYS["getpid"])
         os.kill(p.pid, signal.SIGUSR1)
@@ -164,7 +198,7 @@ def test_unblockable_signal_during_injection_is_resent(target_bin, spawn):
     back and sent again after detach, so the target's handler runs once."""
     p = spawn([target_bin("pipereader")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     with RemoteProcess(p.pid) as rp:
         rp.syscall(SYS["getpid"])
         os.kill(p.pid, signal.SIGTRAP)
@@ -172,15 +206,14 @@ def test_unblockable_signal_during_injection_is_resent(target_bin, spawn):
         os.kill(p.pid, signal.SIGTRAP)   # held once per signal number
         assert rp.syscalls([(SYS["getpid"], ())] * 100) == [p.pid] * 100
     assert_released(p.pid)
-    time.sleep(0.05)
+    wait_until(lambda: signals_pending(p.pid) == 0, "the held SIGTRAP delivered")
     out = quit_target(p, "")
     assert out == "total 0 sum 0 wsum 0 eintr 0 usr1 0 trap 1", out
 
 
 def test_threads(target_bin, spawn):
     p = spawn([target_bin("threads")])
-    wait_ready(p)
-    time.sleep(0.1)
+    wait_ready(p)   # printed after its 8 writer threads were created
     tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % p.pid))
     assert len(tids) == 9
     for tid in (p.pid, tids[1], tids[-1], p.pid):
@@ -201,7 +234,7 @@ def test_busy_loop_registers(target_bin, spawn):
     wait_ready(p)
     in_user = 0
     for _ in range(3):
-        time.sleep(0.05)
+        time.sleep(0.05)    # let it run its loop between attaches (no state to wait for)
         with RemoteProcess(p.pid) as rp:
             exercise(rp, p.pid)
             # Stopped in user mode, or (rarely) in its poll of stdin.
@@ -225,7 +258,7 @@ def test_job_control_stopped_target_stays_stopped(target_bin, spawn):
         assert rp.was_group_stopped
         exercise(rp, p.pid, rounds=10)
     assert_released(p.pid, stopped=True)
-    time.sleep(0.2)
+    time.sleep(0.2)     # and it stays stopped: nothing we left behind wakes it
     assert_released(p.pid, stopped=True)
     os.kill(p.pid, signal.SIGCONT)
     wait_state(p.pid, "S")
@@ -236,7 +269,7 @@ def test_job_control_stopped_target_stays_stopped(target_bin, spawn):
 def test_sigstop_during_injection_is_not_lost(target_bin, spawn):
     p = spawn([target_bin("sleeper")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, NANOSLEEP)
     with RemoteProcess(p.pid) as rp:
         os.kill(p.pid, signal.SIGSTOP)
         exercise(rp, p.pid, rounds=10)
@@ -344,14 +377,19 @@ def test_injected_error_names_the_syscall(target_bin, spawn):
 
 
 def test_target_exits_during_injection(target_bin, spawn):
-    p = spawn([target_bin("threads")])
-    wait_ready(p)
+    """The target runs the injected exit_group(7) and is gone. It runs under
+    sh, which reports its status: were it our child, the tracer's own
+    waitpid would reap it and take the status with it."""
+    sh = spawn(["sh", "-c", '"$0"; echo "status $?"', target_bin("threads")])
+    wait_ready(sh)
+    with open("/proc/%d/task/%d/children" % (sh.pid, sh.pid)) as f:
+        pid = int(f.read().split()[0])
     t0 = time.monotonic()
     with pytest.raises(NoSuchProcess, match="exit_group"):
-        with RemoteProcess(p.pid) as rp:
+        with RemoteProcess(pid) as rp:
             rp.syscall(SYS["exit_group"], 7)
     assert time.monotonic() - t0 < 5
-    assert p.wait(timeout=5) is not None
+    assert sh.stdout.readline().strip() == "status 7"
 
 
 def test_target_killed_during_blocking_injection(target_bin, spawn):
@@ -365,7 +403,8 @@ def test_target_killed_during_blocking_injection(target_bin, spawn):
             rp.syscall(SYS["pause"])   # returns only for a signal
     killer.join()
     assert time.monotonic() - t0 < 5
-    p.wait(timeout=5)
+    p.wait(timeout=5)   # reaped already by the tracer's waitpid (it is our child)
+    assert not os.path.exists("/proc/%d" % p.pid)
 
 
 def test_blocking_injection_times_out(target_bin, spawn):
@@ -386,8 +425,7 @@ def test_zombie_leader_uses_another_thread(target_bin, spawn):
     its maps, memory and file table are used."""
     p = spawn([target_bin("rt_zombie_leader")])
     wait_ready(p)
-    time.sleep(0.1)
-    assert proc_status(p.pid)["State"].startswith("Z")
+    wait_state(p.pid, "Z")
     with RemoteProcess(p.pid) as rp:
         assert rp.tid != p.pid
         exercise(rp, p.pid, rounds=10)
@@ -417,7 +455,7 @@ def test_signal_during_batch_is_delivered(target_bin, spawn):
     and the target's handler runs once after detach."""
     p = spawn([target_bin("pipereader")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     with RemoteProcess(p.pid) as rp:
         rp.syscalls([(SYS["getppid"], ())])
         t = threading.Timer(0.02, os.kill, (p.pid, signal.SIGUSR1))
@@ -436,21 +474,22 @@ def test_ppoll_temporary_mask_survives(target_bin, spawn):
     SIGUSR1 still interrupts it (EINTR, handler) — once per signal."""
     p = spawn([target_bin("rt_ppoll")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (PPOLL,))
     with RemoteProcess(p.pid) as rp:
-        assert rp.saved_registers()["orig_rax"] == 271   # ppoll
+        assert rp.saved_registers()["orig_rax"] == PPOLL
         exercise(rp, p.pid, rounds=5)
     assert_released(p.pid)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (PPOLL,))
     # Back in the restarted ppoll, its temporary (empty) mask in force; the
     # target checks its real one each time ppoll returns.
     assert int(proc_status(p.pid)["SigBlk"], 16) == 0
     os.kill(p.pid, signal.SIGUSR1)
-    time.sleep(0.1)
+    handled_and_back_in_ppoll = lambda: signals_pending(p.pid) == 0 and syscall_of(p.pid) == PPOLL  # noqa: E731
+    wait_until(handled_and_back_in_ppoll, "SIGUSR1 handled, ppoll entered again")
     with RemoteProcess(p.pid) as rp:
         os.kill(p.pid, signal.SIGUSR1)   # held while we hold the thread
         exercise(rp, p.pid, rounds=2)
-    time.sleep(0.1)
+    wait_until(handled_and_back_in_ppoll, "the held SIGUSR1 handled, ppoll entered again")
     out = quit_target(p)
     assert out == "ok 2 2", out
 
@@ -535,7 +574,7 @@ def test_signals_during_injection_keep_their_siginfo(target_bin, spawn):
     each time and in order, and the read they interrupted restarts."""
     p = spawn([target_bin("rt_siginfo")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     rtmin = signal.SIGRTMIN
     with RemoteProcess(p.pid) as rp:
         rp.syscall(SYS["getpid"])
@@ -548,7 +587,7 @@ def test_signals_during_injection_keep_their_siginfo(target_bin, spawn):
         rp.syscall(SYS["getpid"])
     assert_released(p.pid)
     assert int(proc_status(p.pid)["SigBlk"], 16) == 0
-    time.sleep(0.1)
+    wait_handled(p.pid)
     out = quit_target(p, "").splitlines()
     me = os.getpid()
     want = ["sig %d code -1 pid %d value %d" % (s, me, v)
@@ -580,14 +619,15 @@ def test_tracer_killed_while_holding(target_bin, spawn, last):
     import sys
     p = spawn([target_bin("sleeper")])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, NANOSLEEP)
     holder = spawn([sys.executable, "-c", HOLDER, str(p.pid), last])
     assert holder.stdout.readline().strip() == "held"
     st = proc_status(p.pid)
     assert st["TracerPid"] == str(holder.pid) and st["State"].startswith("t")
     holder.kill()
     holder.wait(timeout=10)
-    time.sleep(0.3)
+    wait_until(lambda: proc_status(p.pid)["TracerPid"] == "0", "the kernel detached pid %d" % p.pid)
+    wait_syscall(p.pid, NANOSLEEP)   # running its own sleeps again
     assert_released(p.pid)
     assert int(proc_status(p.pid)["SigBlk"], 16) == 0
     out = quit_target(p)
@@ -600,12 +640,12 @@ def test_signal_during_injection_without_sa_restart_gives_eintr(target_bin, spaw
     came while we held the thread."""
     p = spawn([target_bin("rt_siginfo"), "norestart"])
     wait_ready(p)
-    time.sleep(0.05)
+    wait_syscall(p.pid, (SYS["read"],))
     with RemoteProcess(p.pid) as rp:
         rp.syscall(SYS["getpid"])
         _sigqueue(p.pid, signal.SIGUSR2, 7)
         exercise(rp, p.pid, rounds=2)
     assert_released(p.pid)
-    time.sleep(0.1)
+    wait_handled(p.pid)
     out = quit_target(p, "").splitlines()
     assert out == ["sig %d code -1 pid %d value 7" % (signal.SIGUSR2, os.getpid()), "eintr 1"]

@@ -19,3 +19,25 @@ class EveryOther(WriteProtector):
 
     def stats(self):
         return {"pages": len(self.seen), "attempts": sum(self.seen.values())}
+
+
+class ExitOnWrite(WriteProtector):
+    """Raises SystemExit from on_write: a BaseException, which the fault
+    loop does not take as a callback's error but as its own end. The loop
+    dies; the session must release the memory and say it failed."""
+
+    name = "exit-on-write"
+
+    def on_write(self, fault):
+        raise SystemExit("exit-on-write ends the fault loop")
+
+
+class FailingDetach(WriteProtector):
+    """Its detach() fails with an OSError, after the memory was released
+    (as a protector whose store vanished would)."""
+
+    name = "failing-detach"
+
+    def detach(self):
+        import errno
+        raise OSError(errno.EIO, "failing-detach: its store is gone")

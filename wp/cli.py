@@ -3,14 +3,22 @@
 Commands that talk to the daemon (attach, run, detach, status, stats) send
 JSON lines over wpd's Unix socket; bench, trace and report run here.
 Exit codes: 0 success, 1 the operation failed, 2 bad usage, 3 wpd not
-reachable, 4 the target or range was refused.
+reachable, 4 the target or range was refused; every command gets them from
+one place, :func:`run_command` (wp.errors.exit_code).
 """
 import argparse
 import importlib
 import json
+import os
 import sys
 
-__all__ = ["main"]
+# The exit codes, re-exported for commands registered here (wp.errors says
+# which error gets which).
+from wp.errors import (EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_REFUSED, EXIT_USAGE,  # noqa: F401
+                       DaemonUnreachable, NotRoot, UsageError, WPError, exit_code,
+                       exit_code_for_type)
+
+__all__ = ["main", "run_command", "need_root"]
 
 EXAMPLES = """\
 examples:
@@ -25,8 +33,6 @@ examples:
   wp track 1234 --interval 1 --json  pages written per interval
   wp bench faults --json             write-fault cost per memory type and handler
 """
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
 def _add_bench(sub):
@@ -47,6 +53,7 @@ def _add_bench(sub):
     _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
     _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
     _add_subparser(bsub, "wp.bench.snapshot")
+    _add_subparser(bsub, "wp.bench.workloads")
     return bsub
 
 
@@ -71,42 +78,80 @@ def _add_subparser(sub, module):
         print("wp: %s unavailable: %s" % (module, err), file=sys.stderr)
 
 
-class Refused(Exception):
-    """wpd said no; carries its message and the exit code."""
+class Refused(WPError):
+    """wpd said no: its message, and the exit code of the error it named."""
 
     def __init__(self, reply):
         super().__init__(reply.get("error", "failed"))
         self.type = reply.get("type", "")
-        self.code = EXIT_REFUSED if self.type in _REFUSALS else EXIT_FAIL
+        self.code = exit_code_for_type(self.type)
 
 
-_REFUSALS = {"TargetError", "BadRange", "UnsupportedMemory", "ProcessLookupError", "NoSuchProcess", "NotRoot",
-             "PermissionError", "ValueError", "Refused"}
+def run_command(func, *args, prog="wp"):
+    """Runs func(*args), a command's body, and returns its exit code: what
+    it returned (None: 0), or the code of what it raised (wp.errors), the
+    error printed as "PROG: message". Every wp command goes through here."""
+    try:
+        return func(*args) or EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK  # our stdout was closed (e.g. | head)
+    except Refused as err:
+        print("%s: %s" % (prog, err), file=sys.stderr)
+        return err.code
+    except (WPError, OSError) as err:
+        print("%s: %s" % (prog, _message(err)), file=sys.stderr)
+        return exit_code(err)
+
+
+def _message(err):
+    """An error's words without Python's "[Errno N]" prefix."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (": %s" % err.filename if err.filename else "")
+    return str(err)
+
+
+def need_root(why):
+    """Raises NotRoot unless this process is root; why: what it does that
+    needs root."""
+    if os.geteuid() != 0:
+        raise NotRoot("needs root (%s): run it as root" % why)
+
+
+def _timeout(args):
+    return getattr(args, "timeout", None) or None
 
 
 def _connect(args):
     from wp import protocol
-    path = args.socket or protocol.DEFAULT_SOCKET
-    try:
-        return protocol.Connection.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print("wp: wpd is not running at %s: start it with `wpd` (or `systemctl start wpd`)" % path,
-              file=sys.stderr)
-        raise SystemExit(EXIT_NO_DAEMON)
-    except PermissionError:
-        print("wp: cannot reach %s: wpd serves root only; run wp as root" % path, file=sys.stderr)
-        raise SystemExit(EXIT_NO_DAEMON)
+    return protocol.connect(args.socket, _timeout(args) or protocol.DEFAULT_TIMEOUT)
+
+
+def _stuck(args):
+    from wp import protocol
+    return DaemonUnreachable(protocol.stuck_message(args.socket or protocol.DEFAULT_SOCKET,
+                                                    _timeout(args) or protocol.DEFAULT_TIMEOUT))
 
 
 def _request(args, req):
+    import socket
     conn = _connect(args)
     try:
-        reply = conn.request(req)
-    except BrokenPipeError:
-        # wpd may have answered and closed before reading us: read its reply.
-        reply = conn.recv() or {"ok": False, "error": "wpd closed the connection", "type": "ConnectionError"}
+        try:
+            reply = conn.request(req)
+        except BrokenPipeError:
+            # wpd may have answered and closed before reading us: read its reply.
+            reply = conn.recv()
+    except socket.timeout:
+        raise _stuck(args) from None
+    except ConnectionError:
+        reply = None
     finally:
         conn.close()
+    if reply is None:
+        raise DaemonUnreachable("wpd closed the connection without an answer: it may have died "
+                                "(see its log; start it again with `wpd`)")
     if not reply.get("ok"):
         raise Refused(reply)
     return reply
@@ -159,9 +204,10 @@ def cmd_status(args):
     if reply["targets"]:
         print("%8s %-16s %-9s %8s %12s %10s" % ("PID", "COMM", "PROTECTOR", "REGIONS", "KB", "FAULTS"))
     for t in reply["targets"]:
-        print("%8d %-16s %-9s %8d %12d %10d%s" % (
+        print("%8d %-16s %-9s %8d %12d %10d%s%s" % (
             t["pid"], t["comm"] or "?", t["protector"], t["regions"], t["bytes"] // 1024, t["faults"],
-            "  (traced by wp trace %d)" % t["traced_by"] if t.get("traced_by") else ""))
+            "  (traced by wp trace %d)" % t["traced_by"] if t.get("traced_by") else "",
+            "  FAILED, not protected: %s" % t["failed"] if t.get("failed") else ""))
     return EXIT_OK
 
 
@@ -171,21 +217,30 @@ def cmd_stats(args):
         _print_json(st)
         return EXIT_OK
     print("pid %d: protector %s, %d faults, %d async pages written, %d callback errors"
-          % (st["pid"], st["protector"], st["faults"], st["written_pages"], st["callback_errors"]))
-    for k, v in sorted(st["protector_stats"].items()):
+          % (st["pid"], st["protector"], st["faults"], st.get("written_pages", 0), st.get("callback_errors", 0)))
+    if st.get("failed"):
+        print("FAILED, no longer protected: %s (`wp detach %d`, then attach again)" % (st["failed"], st["pid"]))
+    for k, v in sorted(st.get("protector_stats", {}).items()):
         print("  %s: %s" % (k, v))
-    _regions_table(st["regions"])
+    _regions_table(st.get("regions", []))
     return EXIT_OK
 
 
 def cmd_run(args):
-    """Forks CMD, has wpd seize it before exec, lets it exec, and waits."""
-    import os
+    """Forks CMD, has wpd seize it before exec, lets it exec, and waits.
+
+    CMD runs only protected: if wpd refuses (before exec: the child exits
+    without running it; at the exec stop: wpd kills it there), stops
+    answering, or goes away before it says "running", CMD is killed (before
+    or at its first instruction) and wp run exits with wpd's error code."""
     import signal
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        print("wp run: no command given: wp run [options] -- CMD ARGS...", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("no command given: wp run [options] -- CMD ARGS...")
+    req = {"op": "run", "argv": cmd, "protector": args.protector,
+           "regions": args.region or None, "mode": "async" if args.async_ else None,
+           "handler": args.handler, "follow_fork": not args.no_follow_fork,
+           "options": _options(args.option)}
     conn = _connect(args)
     r, w = os.pipe()
     pid = os.fork()
@@ -202,27 +257,29 @@ def cmd_run(args):
         os._exit(127)
     os.close(r)
     try:
-        conn.send({"op": "run", "pid": pid, "argv": cmd, "protector": args.protector,
-                   "regions": args.region or None, "mode": "async" if args.async_ else None,
-                   "handler": args.handler, "follow_fork": not args.no_follow_fork,
-                   "options": _options(args.option)})
-        armed = conn.recv()
-        if not armed or not armed.get("ok"):
-            os.close(w)
-            os.waitpid(pid, 0)
-            raise Refused(armed or {"error": "wpd closed the connection"})
-        os.write(w, b"x")
-        os.close(w)
-        done = conn.recv()
-        if done is not None and not done.get("ok"):
-            print("wp run: %s" % done.get("error"), file=sys.stderr)
-        elif done is not None and not args.json:
-            print("wp run: pid %d protected from exec: %d regions, protector %s"
-                  % (pid, len(done["regions"]), args.protector), file=sys.stderr)
-        elif done is not None:
-            print(json.dumps(done), file=sys.stderr)
+        done = _run_handshake(args, conn, dict(req, pid=pid), w)
+    except BaseException:
+        # Never let CMD run unprotected: kill it wherever it is (a child
+        # still waiting for the pipe never runs CMD at all).
+        _kill_and_reap(pid)
+        raise
     finally:
         conn.close()
+    if not done.get("ok"):
+        # Refused at the exec stop (wpd killed it before its first
+        # instruction), CMD did not exec (it said why; exit 127), or it did
+        # not exec in time: whatever it is doing, it is not protected.
+        os.kill(pid, signal.SIGKILL)   # a zombie takes it harmlessly
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            print("wp run: %s" % done.get("error"), file=sys.stderr)
+            return os.waitstatus_to_exitcode(status)
+        raise Refused(done)
+    if not args.json:
+        print("wp run: pid %d protected from exec: %d regions, protector %s"
+              % (pid, len(done["regions"]), args.protector), file=sys.stderr)
+    else:
+        print(json.dumps(done), file=sys.stderr)
     # Like a shell: the terminal's signals are for CMD, not for us.
     old = [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)]
     try:
@@ -234,9 +291,56 @@ def cmd_run(args):
     return code if code >= 0 else 128 - code
 
 
+def _kill_and_reap(pid, patience=2.0):
+    """SIGKILLs our child pid and reaps it if it can be: a child a stuck
+    wpd still traces is reported to wpd first, so after patience seconds
+    we leave the zombie to init (it is dead: SIGKILL ends a ptrace stop)."""
+    import signal
+    import time
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return
+        time.sleep(0.01)
+
+
+def _run_handshake(args, conn, req, w):
+    """Sends wp run's request, lets the child exec once wpd seized it (a
+    byte on pipe w, which this closes), and returns wpd's second reply.
+
+    Raises:
+        Refused: wpd refused before the exec.
+        DaemonUnreachable: wpd did not answer in time, or went away.
+    """
+    import socket
+    try:
+        try:
+            conn.send(req)
+            armed = conn.recv()
+            if armed is not None and not armed.get("ok"):
+                raise Refused(armed)
+            if armed is not None:
+                os.write(w, b"x")
+        finally:
+            os.close(w)
+        done = conn.recv() if armed is not None else None
+    except socket.timeout:
+        raise _stuck(args) from None
+    except ConnectionError:
+        done = None
+    if done is None:
+        raise DaemonUnreachable("wpd went away before the command was protected (see its log; start it "
+                                "again with `wpd`): the command was killed before it could run unprotected")
+    return done
+
+
 def cmd_info(args):
     """What this kernel offers wp: uffd features, PAGEMAP_SCAN, tracing."""
-    import os
+    need_root("it creates a userfaultfd to ask the kernel what it offers")
     from wp import uffd
     feats = uffd.supported_features()
     info = {
@@ -278,7 +382,7 @@ def _options(pairs):
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit("wp: bad --option %r: use KEY=VALUE" % pair)
+            raise UsageError("bad --option %r: use KEY=VALUE, e.g. -o pages_to_scan=4000" % pair)
         try:
             out[key] = json.loads(value)
         except ValueError:
@@ -299,6 +403,8 @@ def build_parser():
         prog="wp", description="Generic page write protection for running processes.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--socket", default=None, help="wpd's socket (default /run/wp/wpd.sock)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="how long to wait for wpd to answer (default 60 s)")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version="wp " + _version())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -346,18 +452,12 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except Refused as err:
-        print("wp: %s" % err, file=sys.stderr)
-        return err.code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0  # our stdout was closed (e.g. | head)
-    except ConnectionError as err:
-        print("wp: lost the connection to wpd: %s (see its log)" % err, file=sys.stderr)
-        return EXIT_NO_DAEMON
+    func = args.func
+    if args.command == "bench":
+        def func(a):
+            need_root("it protects, attaches to and traces processes")
+            return args.func(a)
+    return run_command(func, args, prog="wp %s" % args.command)
 
 
 if __name__ == "__main__":

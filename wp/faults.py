@@ -126,12 +126,16 @@ class FaultLoop:
         spin: busy-poll the uffd instead of sleeping.
         cpu: pin the loop thread to this CPU (None: leave as is).
         pid: the target's pid, for Fault.pid.
+        on_death: callable(loop, exception), run on the loop's thread if the
+            loop itself fails (not a protector callback: those are counted
+            and their fault resolved); the writers of this uffd are then
+            blocked until someone unprotects (wp.session.Session.fail).
     """
 
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
 
     def __init__(self, uffd, protector, regions, on_event, handler="python",
-                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults"):
+                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
         if handler not in ("python", "c"):
             raise ValueError("handler must be 'python' or 'c', not %r" % handler)
         self.uffd = uffd
@@ -143,6 +147,8 @@ class FaultLoop:
         self.page_size = page_size
         self.callback_errors = 0
         self.last_error = None
+        self.died = None        # "Type: message" of what ended the loop, if not stop()
+        self.on_death = on_death
         self._loop = ffi.gc(lib.wp_loop_new(uffd.fd, page_size, 1 << 16), lib.wp_loop_free)
         if self._loop == ffi.NULL:
             raise MemoryError("wp_loop_new")
@@ -221,11 +227,16 @@ class FaultLoop:
         self.uffd.close()
 
     def counters(self):
-        """Returns the loop's counters, read from C."""
+        """Returns the loop's counters, mostly read from C. faults: write
+        faults (WP, MINOR, and MISSING faults of writes)."""
         lp = self._loop
-        return {"faults": lp.faults, "events": lp.events, "resolved": lp.resolved,
+        # C counts every fault message; a MISSING fault of a read is not a
+        # write, and is counted on its own.
+        reads = lp.missing_reads
+        return {"faults": lp.faults - reads, "events": lp.events, "resolved": lp.resolved - reads,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
-                "callback_errors": self.callback_errors, "duplicate_messages": lp.duplicates}
+                "callback_errors": self.callback_errors, "duplicate_messages": lp.duplicates,
+                "missing_reads": reads, "missing_writes": lp.missing_writes}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -246,10 +257,17 @@ class FaultLoop:
             os.sched_setaffinity(0, {self.cpu})
         try:
             self._steps()
-        except Exception:
-            log.exception("fault loop of pid %d died", self.pid)
-        finally:
+        except BaseException as err:   # SystemExit from a protector too
             # A fault handed out and not yet resolved: resolve it (unprotect).
+            lib.wp_loop_finish(self._loop)
+            log.exception("fault loop of pid %d died", self.pid)
+            self.died = "%s: %s" % (type(err).__name__, err)
+            if self.on_death is not None:
+                try:
+                    self.on_death(self, err)
+                except BaseException:
+                    log.exception("releasing pid %d after its fault loop died", self.pid)
+        finally:
             lib.wp_loop_finish(self._loop)
             with self._exit_lock:
                 self._exited = True

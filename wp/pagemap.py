@@ -80,7 +80,15 @@ class Pagemap:
 
     def take_written(self, start, end):
         """Returns the runs of pages written since the last call (a WP_ASYNC
-        uffd must protect [start, end)) and write-protects them again."""
+        uffd must protect [start, end)) and write-protects them again.
+
+        "Written" is a present PTE without the uffd-wp bit. A read of a
+        private anonymous page the target dropped (MADV_DONTNEED takes the
+        marker with the PTE) maps the shared zero page without that bit: it
+        was not written (a write replaces the zero page), so zero-page PTEs
+        are left out, and left unprotected: a write to one maps a new page,
+        without the bit, which the next scan reports."""
         return [(s, e) for s, e, _ in self.scan(
-            start, end, category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN,
+            start, end, category_mask=PAGE_IS_WRITTEN | PAGE_IS_PFNZERO,
+            category_inverted=PAGE_IS_PFNZERO, return_mask=PAGE_IS_WRITTEN,
             flags=lib.PM_SCAN_WP_MATCHING | lib.PM_SCAN_CHECK_WPASYNC)]

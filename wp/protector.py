@@ -126,14 +126,14 @@ class WriteProtector:
 
 
 def check_handler(protector, handler):
-    """Raises wp.errors.Refused unless protector (a WriteProtector class or
+    """Raises wp.errors.BadRequest (exit 4) unless protector (a WriteProtector class or
     instance) may run with handler ("python" or "c"). Called before anything
     changes in the target: the C handler would silently skip on_write."""
-    from wp.errors import Refused
+    from wp.errors import BadRequest
     if handler not in ("python", "c"):
-        raise Refused("unknown handler %r: use python or c" % (handler,))
+        raise BadRequest("unknown handler %r: use python or c" % (handler,))
     if handler == "c" and not getattr(protector, "unprotects_every_write", False):
-        raise Refused("protector %s cannot run with --handler c: the C handler unprotects every "
+        raise BadRequest("protector %s cannot run with --handler c: the C handler unprotects every "
                       "written page without calling on_write, and %s does not declare that this is "
                       "all it needs (only protectors with unprotects_every_write = True may, such as "
                       "trace and track): use --handler python"

@@ -48,7 +48,7 @@ import threading
 from wp._native import check, ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
-__all__ = ["RemoteProcess", "SYS", "choose_thread"]
+__all__ = ["RemoteProcess", "SYS", "choose_thread", "validate_pid", "validate_target"]
 
 # x86_64 syscall numbers used here and by callers.
 SYS = {
@@ -97,6 +97,30 @@ def _status(pid):
         return dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
 
 
+def validate_pid(pid):
+    """Raises unless pid is a live user process (its process id, not the id
+    of one of its threads).
+
+    Raises:
+        NoSuchProcess: no such pid.
+        TargetError: a kernel thread, or the id of a thread that is not its
+            process's main thread (/proc answers for those too, and the
+            kernel's pidfd_open refuses them with a bare EINVAL).
+    """
+    fields = stat_fields(pid)
+    if fields is None:
+        raise NoSuchProcess(errno.ESRCH, "no such process %d (check the pid with ps)" % pid)
+    if int(fields[6]) & PF_KTHREAD:
+        raise TargetError("pid %d is a kernel thread: it has no user memory to attach to" % pid)
+    try:
+        tgid = int(_status(pid).get("Tgid", pid))
+    except (FileNotFoundError, ValueError):
+        raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
+    if tgid != pid:
+        raise TargetError("%d is a thread of process %d, not a process: give the process id (%d)"
+                          % (pid, tgid, tgid))
+
+
 def validate_target(pid, session=False):
     """Raises unless pid is a process we may seize (session: and protect
     with a wp.session.Session).
@@ -112,11 +136,10 @@ def validate_target(pid, session=False):
                           "run wp from another process" % pid)
     if pid == 1:
         raise TargetError("pid 1 is init: wp refuses to stop it; attach to a service's own pid")
+    validate_pid(pid)
     fields = stat_fields(pid)
     if fields is None:
-        raise NoSuchProcess(errno.ESRCH, "no such process %d (check the pid with ps)" % pid)
-    if int(fields[6]) & PF_KTHREAD:
-        raise TargetError("pid %d is a kernel thread: it has no user memory to attach to" % pid)
+        raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid)
     if fields[0] in ("Z", "X") and int(fields[17]) <= 1:   # num_threads
         raise TargetError("pid %d is a zombie: it has no memory left" % pid)
     if fields[0] in ("Z", "X") and session:

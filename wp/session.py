@@ -11,6 +11,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from wp.errors import BadRange, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop, RegionTable, new_region_id
 from wp.pagemap import Pagemap
 from wp.protector import check_handler
-from wp.uffd import ASYNC_FEATURES, MODE_WP, SYNC_FEATURES, Userfaultfd
+from wp.uffd import (ASYNC_FEATURES, ASYNC_REMOVE_FEATURES, EVENT_REMOVE, MODE_MISSING, MODE_WP,
+                     SYNC_FEATURES, Userfaultfd)
 
-__all__ = ["Session", "Region", "resolve_regions", "subtract_ranges"]
+__all__ = ["Session", "Region", "resolve_regions", "check_specs", "subtract_ranges"]
 
 log = logging.getLogger("wp.session")
 
@@ -37,6 +39,7 @@ class Region:
     page_size: int = 4096
     faults: int = 0    # sync write faults handled (counted in C: Session.stats adds them up)
     written: int = 0   # async: pages reported written
+    missing: bool = False  # registered MODE_MISSING too (sync private anonymous)
     id: int = field(default_factory=new_region_id)   # its name in the fault loops' table
 
     @property
@@ -46,7 +49,7 @@ class Region:
     def as_dict(self):
         return {"start": "%#x" % self.start, "end": "%#x" % self.end, "kind": self.kind,
                 "mode": self.mode, "path": self.path, "pages": self.length // self.page_size,
-                "faults": self.faults, "written_pages": self.written}
+                "faults": self.faults, "written_pages": self.written, "missing": self.missing}
 
 
 NAMED_REGIONS = ("all", "anon", "shmem", "hugetlb")
@@ -63,6 +66,33 @@ def _parse_range(spec):
     except ValueError:
         raise BadRange("bad region %r: use all, anon, shmem, hugetlb, file:PATH or START-END in hex"
                        % spec) from None
+
+
+def check_specs(specs):
+    """Returns specs if each could name memory of some process: a name
+    (all, anon, shmem, hugetlb), file:PATH, or START-END in hex with END
+    above START, both 4 KiB aligned. What they cover is checked against a
+    target's maps by resolve_regions.
+
+    Raises:
+        BadRange: naming the spec and the fix.
+    """
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise BadRange("bad region %r: use all, anon, shmem, hugetlb, file:PATH or START-END in hex"
+                           % (spec,))
+        if spec in NAMED_REGIONS or (spec.startswith("file:") and len(spec) > 5):
+            continue
+        if not _looks_like_range(spec):
+            raise BadRange("unknown region %r: use all, anon, shmem, hugetlb, file:PATH or START-END"
+                           % spec)
+        start, end = _parse_range(spec)
+        if end <= start:
+            raise BadRange("empty range %s: END must be above START" % spec)
+        if start % 4096 or end % 4096:
+            raise BadRange("range %s is not aligned to 4 kB pages: round START down to %#x and END "
+                           "up to %#x" % (spec, start & ~4095, -(-end // 4096) * 4096))
+    return specs
 
 
 def _mode_for(kind, force_async, what):
@@ -168,6 +198,13 @@ class Session:
         follow_fork: protect children the target forks (True) or release them.
     """
 
+    #: Register sync private anonymous memory MODE_MISSING as well as WP, so
+    #: that a page the target drops (MADV_DONTNEED zaps the PTE and its WP
+    #: marker, see wp.uffd) still faults when it is written again. Off only
+    #: to measure what it costs (wp bench faults): writes after a drop are
+    #: then not seen.
+    anon_missing = True
+
     def __init__(self, space, protector, regions=None, mode=None, handler="python",
                  spin=False, cpu=None, scan_interval=None, follow_fork=True):
         if os.geteuid() != 0:
@@ -193,6 +230,9 @@ class Session:
         self._table = RegionTable()   # the regions as the fault loops find them
         self._pagemap = None
         self._scanner = None
+        self._events_thread = None
+        self._events_stop = os.pipe()
+        self._scan_lock = threading.Lock()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.started_ns = None
@@ -205,6 +245,8 @@ class Session:
         self._notes_maps = []   # every one ever given: unmapped once the loops stop
         self.usdt = False   # loops fire the callback USDT probe
         self.callbacks = False  # loops note the protector callback's start and end
+        self.failed = None      # why the session stopped protecting (a loop died, ...); see fail()
+        self.on_failure = None  # callable(session), run once by the thread that failed
 
     # -- setup -------------------------------------------------------------
 
@@ -222,7 +264,8 @@ class Session:
             if any(r.mode == "sync" for r in self.regions):
                 self.sync_uffd = self.space.open_uffd(SYNC_FEATURES)
             if any(r.mode == "async" for r in self.regions):
-                self.async_uffd = self.space.open_uffd(ASYNC_FEATURES)
+                anon = any(r.mode == "async" and r.kind == _maps.PRIVATE_ANON for r in self.regions)
+                self.async_uffd = self.space.open_uffd(ASYNC_REMOVE_FEATURES if anon else ASYNC_FEATURES)
             self.protector.attach(self)
             self._attached = True
             if self.sync_uffd:
@@ -230,7 +273,7 @@ class Session:
             for r in self.regions:
                 u = self._uffd_for(r)
                 try:
-                    u.register(r.start, r.length, MODE_WP)
+                    u.register(r.start, r.length, self._register_mode(r))
                 except OSError as err:
                     why = err
                     if err.errno == errno.EBUSY:
@@ -242,6 +285,10 @@ class Session:
                                             % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
                 registered.append(r)
                 u.protect(r.start, r.length)
+            if self.async_uffd and self.async_uffd.features & ASYNC_REMOVE_FEATURES == ASYNC_REMOVE_FEATURES:
+                self._events_thread = threading.Thread(target=self._async_events, name="wp-async-events",
+                                                       daemon=True)
+                self._events_thread.start()
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
                 self._scanner.start()
@@ -278,6 +325,32 @@ class Session:
         loop.usdt = self.usdt
         loop.time_callbacks = self.callbacks
 
+    def _register_mode(self, region):
+        """Returns the UFFDIO_REGISTER mode for region (and notes MISSING
+        in it): WP, plus MISSING for sync private anonymous memory."""
+        region.missing = (self.anon_missing and region.mode == "sync"
+                          and region.kind == _maps.PRIVATE_ANON)
+        return MODE_WP | MODE_MISSING if region.missing else MODE_WP
+
+    def read_present(self, addr, length):
+        """Returns (data, holes): the target's bytes at addr, read without
+        ever waiting for a fault handler, and the pages that could not be
+        read so (zeros in data). Protectors read target memory with this on
+        the fault thread (inside on_write, on_event): there a
+        process_vm_readv (Space.read) of a page that is not mapped in a
+        MISSING-registered range waits for the fault thread itself, for
+        ever. In a region with ``missing`` set, a hole is a page that is not
+        mapped: never populated, or dropped (MADV_DONTNEED); either way the
+        target reads zeros there.
+
+        From another thread Space.read is fine and orders after the fault
+        loop: a page dropped meanwhile raises a MISSING fault that the loop
+        answers with a write-protected zero page after it has handled the
+        REMOVE event (it reads messages in order), but such a read
+        populates the page with real memory.
+        """
+        return self.space.read_present(addr, length)
+
     def _uffd_for(self, region):
         return self.sync_uffd if region.mode == "sync" else self.async_uffd
 
@@ -297,13 +370,49 @@ class Session:
     def _start_loop(self, uffd, pid, child=False):
         loop = FaultLoop(uffd, self.protector, self._table, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
-                         name="wp-faults-%d" % pid)
+                         name="wp-faults-%d" % pid, on_death=self._loop_died)
         self._trace_loop(loop)
         self.loops.append(loop)
         if child:  # listed before it can handle the child's first fault
             self.children.append([None, loop])
-        loop.start()
+        try:
+            loop.start()
+        except BaseException:
+            # No thread reads this uffd: the caller closes it (never started,
+            # the loop must not close it too).
+            self.loops.remove(loop)
+            self.children = [c for c in self.children if c[1] is not loop]
+            raise
         return loop
+
+    def _loop_died(self, loop, err):
+        self.fail("the fault loop of pid %d died: %s: %s" % (loop.pid or self.pid, type(err).__name__, err))
+
+    def fail(self, why):
+        """Stops protecting because wp itself failed (why: the error, shown
+        by stats() and wpd's status): unprotects and unregisters every
+        region on every uffd, which wakes every blocked writer, and calls
+        on_failure once. The uffds stay open until close(), which the owner
+        still calls (wpd does at once): closing one here could hand its fd
+        number to another file while other threads still use it."""
+        with self._lock:
+            if self.failed is not None:
+                return
+            self.failed = why
+        log.error("pid %d: %s; its memory is released (no longer protected)", self.pid, why)
+        uffds = []
+        for u in [self.sync_uffd, self.async_uffd] + [loop.uffd for loop in self.loops]:
+            if u is not None and u.fd >= 0 and not any(u is x for x in uffds):
+                uffds.append(u)
+        for u in uffds:
+            for r in list(self.regions):
+                for op in (u.unprotect, u.unregister):
+                    try:
+                        op(r.start, r.length)
+                    except OSError:
+                        pass   # not registered on this uffd (a child's), or gone
+        if self.on_failure is not None:
+            self.on_failure(self)
 
     def executed(self):
         """True once the target has executed a new program (or exited): exec
@@ -323,7 +432,7 @@ class Session:
         when the regions were named ("all", "anon", ...). Returns the new
         Regions. Explicit START-END ranges are never extended."""
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
-        if not named:
+        if not named or self.failed:
             return []
         # /proc/PID/maps is cheap next to smaps (which walks every page
         # table): read smaps only when the list of mappings changed.
@@ -346,14 +455,15 @@ class Session:
                     u = self._uffd_for(w)
                     if u is None:
                         continue  # that kind of uffd was not opened at start
+                    r = Region(start, end, w.kind, w.mode, w.path, w.page_size)
                     try:
-                        u.register(start, end - start, MODE_WP)
+                        u.register(start, end - start, self._register_mode(r))
                         u.protect(start, end - start)
                     except OSError as err:
                         # The mapping changed under us (unmapped, merged): next round.
                         log.debug("pid %d: cannot add %#x-%#x: %s", self.pid, start, end, err)
                         continue
-                    added.append(Region(start, end, w.kind, w.mode, w.path, w.page_size))
+                    added.append(r)
             if added:
                 self.regions.extend(added)
                 self._index()
@@ -384,8 +494,16 @@ class Session:
             return
         # The event comes while the kernel is still inside fork(): the child
         # is not linked to its parent yet, so its pid is found later.
-        u = Userfaultfd.adopt(fd, self.sync_uffd.features)
-        self._start_loop(u, 0, child=True)
+        try:
+            u = Userfaultfd.adopt(fd, self.sync_uffd.features)
+            self._start_loop(u, 0, child=True)
+        except BaseException as err:
+            # Nobody would read the child's uffd: its writers would wait for
+            # ever. Closing it drops the child's protection and wakes them.
+            os.close(fd)
+            self.fail("cannot protect the child pid %d forked (%s: %s): the child was released"
+                      % (self.pid, type(err).__name__, err))
+            return
         log.info("pid %d forked: protecting the child too", self.pid)
 
     def _resolve_children(self):
@@ -404,9 +522,11 @@ class Session:
                     keep.append(r)
                     continue
                 if r.start < start:
-                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults))
+                    keep.append(Region(r.start, start, r.kind, r.mode, r.path, r.page_size, r.faults,
+                                       missing=r.missing))
                 if r.end > end:
-                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size))
+                    keep.append(Region(end, r.end, r.kind, r.mode, r.path, r.page_size,
+                                       missing=r.missing))
             self.regions = keep
             self._index()
 
@@ -426,16 +546,56 @@ class Session:
         out = {}
         if not self.async_uffd:
             return out
-        t = time.monotonic_ns()
-        for r in list(self.regions):
-            if r.mode != "async":
-                continue
-            runs = self._pagemap.take_written(r.start, r.end)
-            if runs:
-                r.written += sum(e - s for s, e in runs) // r.page_size
-                out[r] = runs
-                self.protector.on_written(r, runs, t)
+        with self._scan_lock:
+            t = time.monotonic_ns()
+            for r in list(self.regions):
+                if r.mode != "async":
+                    continue
+                runs = self._pagemap.take_written(r.start, r.end)
+                if runs:
+                    r.written += sum(e - s for s, e in runs) // r.page_size
+                    out[r] = runs
+                    self.protector.on_written(r, runs, t)
         return out
+
+    # Some facts about async protection and MADV_DONTNEED. Async WP keeps a
+    # page's "written" state in its PTE (present, uffd-wp bit clear), and a
+    # zap of private anonymous memory drops PTE and marker alike (wp.uffd):
+    # a page written and then dropped before the next scan would never be
+    # reported. The REMOVE event holds the thread calling madvise before the
+    # zap until the event is read, and poll() says it is there before it is
+    # read: so this thread scans first and reads after. (A page written by
+    # another thread between that scan and the zap is still lost: a race in
+    # the target itself between a write and a drop of the same page.) The
+    # page written again after the drop is present without the bit: the
+    # next scan reports it like any other.
+
+    def _async_events(self):
+        stop_r = self._events_stop[0]
+        poller = select.poll()
+        poller.register(self.async_uffd.fd, select.POLLIN)
+        poller.register(stop_r, select.POLLIN)
+        while not self._stop.is_set():
+            ready = dict(poller.poll())
+            if stop_r in ready or self._stop.is_set():
+                return
+            if ready.get(self.async_uffd.fd, 0) & (select.POLLERR | select.POLLHUP):
+                return
+            try:
+                self.scan_written()          # before the read lets the zap go on
+            except OSError as err:
+                log.warning("pid %d: PAGEMAP_SCAN before a REMOVE failed: %s", self.pid, err)
+            try:
+                msgs = self.async_uffd.read_events()
+            except OSError as err:
+                log.warning("pid %d: reading the async uffd: %s", self.pid, err)
+                return
+            for event, start, end, _ in msgs:
+                if event == EVENT_REMOVE:
+                    try:
+                        self._on_event({"event": "remove", "start": start, "end": end})
+                    except Exception:
+                        log.exception("pid %d: handling a remove event", self.pid)
 
     def _scan_loop(self):
         while not self._stop.wait(self.scan_interval):
@@ -489,10 +649,12 @@ class Session:
             "pid": self.pid,
             "protector": self.protector.name,
             "handler": self.handler,
+            "failed": self.failed,
             "faults": total.get("faults", 0),
             "resolved": total.get("resolved", 0),
             "callback_errors": total.get("callback_errors", 0),
             "resolve_errors": total.get("resolve_errors", 0),
+            "missing_reads": total.get("missing_reads", 0),
             "written_pages": sum(r.written for r in self.regions),
             "events": dict(self.events),
             "children": self._resolve_children(),
@@ -532,6 +694,13 @@ class Session:
             self._notes_maps.clear()
         if self._scanner:
             self._scanner.join(5)
+        if self._events_thread:
+            os.write(self._events_stop[1], b"x")
+            self._events_thread.join(5)   # a REMOVE left unread: the close below lets it go
+            self._events_thread = None
+        for fd in self._events_stop:
+            os.close(fd)
+        self._events_stop = ()
         for loop in self.loops:
             loop.close_uffd()
         for u in (self.sync_uffd, self.async_uffd):

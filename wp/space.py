@@ -3,7 +3,18 @@
 Protectors read and write target memory through a Space and never learn
 whether it is the daemon's own process or another one. Memory access uses
 process_vm_readv/writev, which works on both (and on a process's own pid).
+
+# Some facts about reading memory that a userfaultfd handles
+- process_vm_readv pins the pages with a GUP that may drop the mmap lock and
+  retry (FAULT_FLAG_ALLOW_RETRY): on a page whose read raises a userfault (a
+  MISSING-registered page that is not mapped) it waits, like the target
+  would, for the fault handler to resolve it. On the handler's own thread
+  that is a deadlock.
+- A read of /proc/PID/mem goes through access_remote_vm, whose GUP has no
+  retry: handle_userfault answers SIGBUS at once and the read stops short
+  there (EIO for its first page). It never waits for the handler.
 """
+import errno
 import os
 
 from wp import maps as _maps
@@ -19,6 +30,7 @@ class Space:
     def __init__(self, pid):
         self.pid = pid
         self.page_size = os.sysconf("SC_PAGESIZE")
+        self._mem = None    # /proc/PID/mem, opened by read_present
 
     def maps(self):
         return _maps.read_maps(self.pid)
@@ -30,6 +42,40 @@ class Space:
         n = check(lib.wp_vm_read(self.pid, buf, addrs, 1, length),
                   "process_vm_readv(%d, %#x+%#x)" % (self.pid, addr, length))
         return ffi.buffer(buf, n)[:]
+
+    def read_present(self, addr, length):
+        """Returns (data, holes): length bytes at addr read without ever
+        waiting for a userfaultfd handler, and the addresses of the pages it
+        could not read that way (not mapped in a MISSING-registered range,
+        or not mapped at all), zeros in data. Safe on a fault thread.
+
+        Raises:
+            ProcessLookupError: the process is gone.
+        """
+        ps = self.page_size
+        if self._mem is None:
+            self._mem = os.open("/proc/%d/mem" % self.pid, os.O_RDONLY | os.O_CLOEXEC)
+        parts, holes = [], []
+        pos, end = addr, addr + length
+        while pos < end:
+            try:
+                d = os.pread(self._mem, end - pos, pos)
+                if not d:   # 0, not EIO: the mm this fd was opened on is gone
+                    raise ProcessLookupError(errno.ESRCH, "pid %d exited (reading /proc/%d/mem)"
+                                             % (self.pid, self.pid))
+            except OSError as err:
+                if err.errno not in (errno.EIO, errno.EFAULT):
+                    raise
+                d = b""
+            parts.append(d)
+            pos += len(d)
+            if pos < end:
+                # A short read stops at a page it cannot read: a hole.
+                nxt = min(end, pos - pos % ps + ps)
+                holes.append(pos - pos % ps)
+                parts.append(bytes(nxt - pos))
+                pos = nxt
+        return b"".join(parts), holes
 
     def write(self, addr, data):
         """Writes data at addr. Note: a write-protected page faults like any
@@ -43,7 +89,9 @@ class Space:
         raise NotImplementedError
 
     def close(self):
-        pass
+        if self._mem is not None:
+            os.close(self._mem)
+            self._mem = None
 
 
 class LocalSpace(Space):

@@ -11,12 +11,28 @@
   write to a never-touched page faults too.
 - Closing the last reference to a uffd unregisters every range, drops write
   protection and wakes every blocked writer.
+- MADV_DONTNEED (and any other zap) of private anonymous memory drops the
+  PTE *and* its uffd-wp bit or marker, with or without WP_UNPOPULATED ("Zap
+  on anonymous always means dropping everything",
+  zap_install_uffd_wp_if_needed in mm/memory.c); shmem, hugetlbfs and file
+  mappings get a marker instead. The REMOVE event comes before the zap and
+  lets the target go as soon as it is read, so the loss cannot be undone
+  from the event. What does see the next access is MODE_MISSING: a pte
+  that is none (or a marker) in a MISSING-registered anonymous range raises
+  a MISSING fault on read and on write (do_anonymous_page), before any page
+  is there, so the session registers private anonymous memory WP|MISSING.
+- A MISSING fault is resolved by mapping a page: UFFDIO_COPY installs a
+  fresh page atomically, write-protected with UFFDIO_COPY_MODE_WP;
+  UFFDIO_ZEROPAGE has no WP mode (a zero page and a WRITEPROTECT after it
+  leave a window in which another thread's write lands unseen).
 """
+import mmap
 import os
 
 from wp._native import check, ffi, lib
 
-__all__ = ["Userfaultfd", "supported_features", "feature_names", "SYNC_FEATURES", "ASYNC_FEATURES"]
+__all__ = ["Userfaultfd", "supported_features", "feature_names", "SYNC_FEATURES", "ASYNC_FEATURES",
+           "ASYNC_REMOVE_FEATURES"]
 
 _FEATURES = {
     name[len("UFFD_FEATURE_"):].lower(): getattr(lib, name)
@@ -34,12 +50,30 @@ SYNC_FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_WP_UNPOPU
 # Async protection: the kernel resolves WP faults and only marks pages written.
 ASYNC_FEATURES = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP | lib.UFFD_FEATURE_WP_ASYNC
                   | lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+# ... and for private anonymous memory the REMOVE event: MADV_DONTNEED would
+# take a page's written state (its PTE) with it before the next scan, and
+# the event holds the target before the zap until it is read.
+ASYNC_REMOVE_FEATURES = ASYNC_FEATURES | lib.UFFD_FEATURE_EVENT_REMOVE
+EVENT_REMOVE = lib.UFFD_EVENT_REMOVE
 
 MODE_WP = lib.UFFDIO_REGISTER_MODE_WP
 MODE_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
 MODE_MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
 
 _supported = None
+
+# The source of fill_zero: never written, so every page of it reads the
+# kernel's zero page (no memory).
+_ZEROS = mmap.mmap(-1, 16 * mmap.PAGESIZE, prot=mmap.PROT_READ,
+                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+_ZEROS_ADDR = None
+
+
+def _zeros_addr():
+    global _ZEROS_ADDR
+    if _ZEROS_ADDR is None:
+        _ZEROS_ADDR = int(ffi.cast("uint64_t", ffi.from_buffer(_ZEROS)))
+    return _ZEROS_ADDR
 
 
 def feature_names(mask):
@@ -116,6 +150,14 @@ class Userfaultfd:
     def __exit__(self, *exc):
         self.close()
 
+    def read_events(self, max_msgs=64):
+        """Returns the messages waiting (the uffd is non-blocking) as
+        (event, addr, arg1, arg2) tuples; [] if none. For the fault path
+        see wp.faults, which reads them in C."""
+        msgs = ffi.new("struct wp_msg[]", max_msgs)
+        n = check(lib.wp_uffd_read(self.fd, msgs, max_msgs), "read(userfaultfd)")
+        return [(msgs[i].event, msgs[i].addr, msgs[i].arg1, msgs[i].arg2) for i in range(n)]
+
     def register(self, start, length, mode=MODE_WP):
         """Registers [start, start+length); returns the ioctl mask allowed there."""
         out = ffi.new("uint64_t *")
@@ -154,6 +196,19 @@ class Userfaultfd:
         mode = (lib.UFFDIO_COPY_MODE_WP if wp else 0) | (lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0)
         return check(lib.wp_uffd_copy(self.fd, dst, src, length, mode),
                      "ioctl(UFFDIO_COPY, %#x<-%#x+%#x)", dst, src, length)
+
+    def fill_zero(self, start, length, wp=False, dontwake=False):
+        """Maps fresh zero-filled pages on a missing range (UFFDIO_COPY from
+        zeros), write-protected if wp; returns the bytes mapped.
+
+        Raises:
+            FileExistsError: a page there is mapped already (EEXIST).
+        """
+        done = 0
+        while done < length:
+            n = min(length - done, len(_ZEROS))
+            done += self.copy(start + done, _zeros_addr(), n, wp=wp, dontwake=dontwake)
+        return done
 
     def continue_(self, start, length, wp=False, dontwake=False):
         """Maps the page cache pages already there (minor faults)."""

@@ -21,6 +21,9 @@
  *   F IDX VAL     like f, and the child checks what it wrote: exit status 0
  *                 if it reads VAL throughout the page -> "done PID STATUS"
  *                 (STATUS: the raw wait status)
+ *   A 0 VAL       a new thread fills every page with VAL -> "done TID"
+ *   D             madvise(MADV_DONTNEED) the whole mapping -> "ok"
+ *   S 0 VAL       counts the pages that read VAL throughout -> "same N"
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -44,6 +47,17 @@ static void *writer(void *arg)
 	struct job *j = arg;
 	j->tid = gettid();
 	memset(base + j->idx * psize, j->val, psize);
+	return NULL;
+}
+
+static size_t npages_all;
+
+static void *all_writer(void *arg)
+{
+	struct job *j = arg;
+	j->tid = gettid();
+	for (size_t i = 0; i < npages_all; i++)
+		memset(base + i * psize, j->val, psize);
 	return NULL;
 }
 
@@ -111,6 +125,7 @@ int main(int argc, char **argv)
 		perror("mmap");
 		return 1;
 	}
+	npages_all = npages;
 	if (populate)
 		for (size_t i = 0; i < npages; i++)
 			base[i * psize] = 0;
@@ -200,6 +215,23 @@ int main(int argc, char **argv)
 			int st = -1;
 			waitpid(child, &st, 0);
 			printf("done %d %d\n", child, st);
+		} else if (cmd == 'A') {
+			pthread_t t;
+			struct job j = { 0, val, 0 };
+			pthread_create(&t, NULL, all_writer, &j);
+			pthread_join(t, NULL);
+			printf("done %d\n", j.tid);
+		} else if (cmd == 'D') {
+			printf(madvise(base, npages * psize, MADV_DONTNEED) ? "error %m\n" : "ok\n");
+		} else if (cmd == 'S') {
+			size_t same = 0;
+			for (size_t i = 0; i < npages; i++) {
+				size_t k = 0;
+				while (k < psize && base[i * psize + k] == (uint8_t)val)
+					k++;
+				same += k == psize;
+			}
+			printf("same %zu\n", same);
 		} else if (cmd == 'j') {
 			if (!bg_running) {
 				printf("error idle\n");

@@ -33,9 +33,10 @@ class Writer:
     """A forked child with npages of memory; .write() makes it write each
     page once and returns its per-write latencies in ns."""
 
-    def __init__(self, memory, npages, cpu=None, path="/var/tmp/wp-bench-file"):
+    def __init__(self, memory, npages, cpu=None, path="/var/tmp/wp-bench-file", populate=True):
         self.memory = memory
         self.npages = npages
+        self.populate = populate
         self._path = path
         r1, w1 = os.pipe()
         r2, w2 = os.pipe()
@@ -71,7 +72,8 @@ class Writer:
         mem, psize = _map(self.memory, self.npages, self._path)
         addr = ffi.cast("uint64_t", ffi.from_buffer(mem))
         addr = int(addr)
-        lib.wp_write_pages(addr, self.npages, psize, 1, ffi.NULL)  # populate
+        if self.populate:
+            lib.wp_write_pages(addr, self.npages, psize, 1, ffi.NULL)
         os.write(wfd, struct.pack("QQQ", addr, self.npages * psize, psize))
         lat = ffi.new("uint64_t[]", self.npages)
         uffd = -1
@@ -80,6 +82,12 @@ class Writer:
             if cmd == b"w":
                 lib.wp_write_pages(addr, self.npages, psize, 2, lat)
                 os.write(wfd, bytes(ffi.buffer(lat)))
+            elif cmd == b"r":
+                lib.wp_read_pages(addr, self.npages, psize, lat)
+                os.write(wfd, bytes(ffi.buffer(lat)))
+            elif cmd == b"d":   # drop every page: fresh memory again
+                mem.madvise(mmap.MADV_DONTNEED)
+                os.write(wfd, b"d")
             elif cmd == b"u":   # a fresh uffd for the next session
                 if uffd >= 0:
                     os.close(uffd)
@@ -103,6 +111,17 @@ class Writer:
         os.write(self._to, b"w")
         raw = self._recv(8 * self.npages)
         return list(struct.unpack("%dQ" % self.npages, raw))
+
+    def read(self):
+        """Has the writer read each page once; returns the latencies in ns."""
+        os.write(self._to, b"r")
+        raw = self._recv(8 * self.npages)
+        return list(struct.unpack("%dQ" % self.npages, raw))
+
+    def drop(self):
+        """Has the writer MADV_DONTNEED all its memory (fresh again)."""
+        os.write(self._to, b"d")
+        self._recv(1)
 
     def close(self):
         os.close(self._to)

@@ -133,6 +133,40 @@ def measure_sync(memory, npages, where="same", rounds=5, rows=SYNC_ROWS):
             for i, (name, _h, cls) in enumerate(rows)]
 
 
+def measure_fresh(npages, where="same", rounds=3, handler="python"):
+    """The first touch of fresh (never populated) private anonymous memory
+    under sync protection, with MISSING registered as the session does
+    (sees writes after MADV_DONTNEED) and without it (WP and WP_UNPOPULATED
+    markers only: the state before). Rounds interleave the two. Returns
+    {variant: {"write": us, "read": us}} (medians, per first touch) and the
+    faults each took."""
+    wcpu, hcpu, spin = placement(where)
+    w = Writer("anon", npages, cpu=wcpu, populate=False)
+    lat = {(v, op): [] for v in ("wp_missing", "wp_only", "none") for op in ("write", "read")}
+    faults = {k: 0 for k in lat}
+    try:
+        for _ in range(rounds):
+            for variant in ("wp_missing", "wp_only", "none"):
+                for op in ("write", "read"):
+                    w.drop()
+                    if variant == "none":
+                        lat[variant, op].extend(w.write() if op == "write" else w.read())
+                        continue
+                    space = ProcessSpace(w.pid, w.take_uffd)
+                    s = Session(space, Unprotect(), regions=[(w.addr, w.addr + w.length)],
+                                handler=handler, spin=spin, cpu=hcpu)
+                    s.anon_missing = variant == "wp_missing"
+                    with s:
+                        lat[variant, op].extend(w.write() if op == "write" else w.read())
+                        st = s.stats()
+                        faults[variant, op] += st["faults"] + st["missing_reads"]
+    finally:
+        w.close()
+    return {v: {op: round(statistics.median(lat[v, op]) / 1000, 3) for op in ("write", "read")}
+            | {"faults_" + op: faults[v, op] // rounds for op in ("write", "read")}
+            for v in ("wp_missing", "wp_only", "none")}
+
+
 class _Hugepages:
     """Reserves n 2 MiB pages for the run and restores the setting."""
 
@@ -209,6 +243,14 @@ def run(pages=2048, huge_pages=32, where="same", compare_placements=True, progre
     }
     out["python_path"] = python_path(rows)
     out["goals"] = GOALS
+    if progress:
+        progress("fresh anon: first touch, with and without MISSING")
+    fresh = measure_fresh(pages, where)
+    out["fresh_anon"] = fresh
+    out["ratios"]["fresh_write_missing_over_wp_only"] = round(
+        fresh["wp_missing"]["write"] / fresh["wp_only"]["write"], 2)
+    out["ratios"]["fresh_read_missing_over_wp_only"] = round(
+        fresh["wp_missing"]["read"] / fresh["wp_only"]["read"], 2)
     if compare_placements:
         out["placements"] = {}
         for p in ("split", "split-spin", "same", "unpinned"):
@@ -244,6 +286,7 @@ def main(args):
         print("%-8s %-6s %-7s %-12s %6d %7d %10.2f" % (r["memory"], r["mode"], r["handler"],
                                                        r["protector"] or "-", r["pages"], r["faults"],
                                                        r["us_per_fault"]))
+    print("fresh anon, us per first touch: " + json.dumps(out["fresh_anon"]))
     print("ratios: " + json.dumps(out["ratios"]))
     print("python / c (goal / must: trace %.2f / %.2f, first-writer %.2f / %.2f; Python's own us %.1f / %.1f):"
           % (GOALS["trace"]["goal"], GOALS["trace"]["must"], GOALS["first-writer"]["goal"],

@@ -5,6 +5,7 @@ imports a user's (wpd runs it as root, so only root clients may name one).
 """
 import importlib
 
+from wp.errors import BadRequest
 from wp.protector import WriteProtector
 
 __all__ = ["load", "BUILTIN"]
@@ -21,17 +22,17 @@ def load(name):
     """Returns the WriteProtector subclass that name denotes.
 
     Raises:
-        ValueError: unknown name, or not a WriteProtector.
+        BadRequest (a ValueError): unknown name, or not a WriteProtector.
     """
     spec = BUILTIN.get(name, name)
     if ":" not in spec:
-        raise ValueError("unknown protector %r: use one of %s or module:Class"
+        raise BadRequest("unknown protector %r: use one of %s or module:Class"
                          % (name, ", ".join(sorted(BUILTIN))))
     module, _, attr = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError("cannot load protector %r: %s" % (name, err)) from err
+    except Exception as err:   # ImportError, AttributeError, or the module's own
+        raise BadRequest("cannot load protector %r: %s" % (name, err)) from err
     if not (isinstance(cls, type) and issubclass(cls, WriteProtector)):
-        raise ValueError("%s is not a wp.protector.WriteProtector subclass" % spec)
+        raise BadRequest("%s is not a wp.protector.WriteProtector subclass" % spec)
     return cls

@@ -28,11 +28,18 @@ PAGEMAP_SCAN, an upper bound) with a warning, or refused with ``strict``.
 A MAP_SHARED file is only ever consistent for this process: other processes
 and write() can change it at any time.
 
-Other limits: pages the target discards (MADV_DONTNEED) or unmaps before they
-are copied read as zeros (the kernel's REMOVE/UNMAP events let the target go
-as soon as they are read: counted as ``discarded_pages``); mappings created
-after the instant are not in the image; children forked during the snapshot
-are released.
+Pages the target drops (MADV_DONTNEED) or unmaps before they are copied: the
+kernel's REMOVE event comes before the zap, but lets the target go as soon
+as it is read, so the pages' bytes are copied from the event (on the fault
+thread, with Session.read_present, which never waits) only where the copy
+wins the race with the zap. A page that lost it holds zeros in the image and
+is named in ``discarded`` (runs of addresses) and in a warning; never the
+bytes the target put there later (a write after the drop is a MISSING fault,
+which the fault loop only takes after the REMOVE event has claimed the page).
+Unmapped pages (UNMAP comes after the unmap) are always discarded so.
+
+Other limits: mappings created after the instant are not in the image;
+children forked during the snapshot are released.
 
 Output: an ELF core that ``gdb PROGRAM FILE`` opens (wp.elfcore), or with
 ``raw`` exactly the bytes of the single region.
@@ -48,7 +55,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -67,15 +74,16 @@ class _Piece:
     unprotected), "async" (copied while the threads are stopped, or late),
     "plain" (read-only memory: copied any time), "none" (not dumped).
     """
-    __slots__ = ("start", "end", "how", "page_size", "claimed", "seg", "anon")
+    __slots__ = ("start", "end", "how", "page_size", "claimed", "seg", "anon", "shared")
 
-    def __init__(self, start, end, how, page_size, seg, anon=False):
+    def __init__(self, start, end, how, page_size, seg, anon=False, shared=False):
         self.start = start
         self.end = end
         self.how = how
         self.page_size = page_size
         self.seg = seg
         self.anon = anon     # private anonymous: a page never populated reads as zeros
+        self.shared = shared  # MAP_SHARED: MADV_DONTNEED leaves its bytes as they are
         self.claimed = bytearray((end - start) // page_size) if how == "sync" else None
 
     @property
@@ -113,7 +121,18 @@ def _never_populated(entry):
         return False
     if not entry & pagemap.SWAPPED:
         return True
-    return (entry & pagemap.PFN_MASK) & 0x1F == _SWP_PTE_MARKER
+    return _is_marker(entry)
+
+
+def _is_marker(entry):
+    return (not entry & pagemap.PRESENT and entry & pagemap.SWAPPED
+            and (entry & pagemap.PFN_MASK) & 0x1F == _SWP_PTE_MARKER)
+
+# In a region the session registered MISSING (private anonymous, with
+# WP_UNPOPULATED), protection put a marker on every page that was not
+# populated at the instant; a zap (MADV_DONTNEED) takes page and marker
+# away. So a page not yet copied that is none (neither present nor a
+# marker) was dropped since the instant: its bytes are lost, not zeros.
 
 
 def _smaps_anonymous(pid):
@@ -187,9 +206,11 @@ class SnapshotProtector(WriteProtector):
         self.cow_pages = 0
         self.unreadable_pages = 0
         self.discarded_pages = 0
+        self.discarded = []         # [start, end] runs of pages lost before their copy
         self.inconsistent_pages = 0
         self.zero_pages = 0
         self._pagemap = None
+        self._fault_pagemap = None   # the fault thread's (on_write, on_event)
         self.stop_ns = None
         self.unprotect_calls = 0
         self.t_attach = self.t_protected = self.t_done = None
@@ -266,7 +287,8 @@ class SnapshotProtector(WriteProtector):
             how = "sync" if r.mode == "sync" else "async"
             seg = elfcore.Segment(r.start, r.end, flags, True)
             pieces.append(_Piece(r.start, r.end, how, r.page_size, seg,
-                                 anon=r.kind == "anon" and r.page_size == self.page_size))
+                                 anon=r.kind == "anon" and r.page_size == self.page_size,
+                                 shared=bool(m and m.shared)))
             covered.append((r.start, r.end))
         if not self.raw:
             anon = _smaps_anonymous(self.pid)
@@ -406,6 +428,35 @@ class SnapshotProtector(WriteProtector):
             data = b"".join(parts)
         return data
 
+    def _read_here(self, p, addr, length):
+        """Returns the instant's bytes of not-yet-copied pages [addr,
+        addr+length) of sync piece p, read on the fault thread (never
+        waiting on it: Session.read_present). A page it cannot read is
+        zeros: never populated (a marker), or dropped since the instant,
+        which is noted in discarded."""
+        try:
+            data, holes = self.session.read_present(addr, length)
+        except ProcessLookupError as err:
+            raise ProcessLookupError(err.errno, "pid %d exited during the snapshot" % self.pid) from err
+        if holes:
+            lost = [h for h in holes if not self._hole_was_empty(p, h)]
+            if lost:
+                self._discard([(h, h + p.page_size) for h in lost], "dropped")
+        return data
+
+    def _hole_was_empty(self, p, page):
+        """True if a page read_present could not read was not populated at
+        the instant (zeros are its bytes), False if it was dropped since."""
+        if not p.anon:
+            return False
+        try:
+            if self._fault_pagemap is None:     # the copier has its own
+                self._fault_pagemap = pagemap.Pagemap(self.pid)
+            entries = self._fault_pagemap.entries(page, 1)
+        except OSError:
+            return False
+        return bool(entries) and _is_marker(entries[0])
+
     def on_write(self, fault):
         """Copies the not-yet-copied pages of the chunk around the faulting
         page, then unprotects the chunk. The writer is blocked meanwhile."""
@@ -430,7 +481,7 @@ class SnapshotProtector(WriteProtector):
             try:
                 for a, b in runs:
                     addr = p.start + a * ps
-                    self.out.write(addr, self._read(addr, (b - a) * ps))
+                    self.out.write(addr, self._read_here(p, addr, (b - a) * ps))
                     n += b - a
             finally:
                 with self._lock:
@@ -561,23 +612,75 @@ class SnapshotProtector(WriteProtector):
             return None
         if len(entries) < w1 - w0:
             return None
-        return bytearray(1 if _never_populated(e) else 0 for e in entries)
+        empty = _is_marker if self._missing(p) else _never_populated
+        return bytearray(1 if empty(e) else 0 for e in entries)
+
+    def _missing(self, p):
+        r = self.session.region_of(p.start)
+        return r is not None and r.missing
 
     # -- events and results ------------------------------------------------
 
     def on_event(self, event):
-        if event["event"] in ("remove", "unmap") and not self.done.is_set():
-            lost = 0
+        """REMOVE (before the zap, the target already let go) and UNMAP
+        (after it): the pages not yet copied in the range are claimed here.
+        For REMOVE their bytes are copied now where the zap has not taken
+        them yet (a page not copied is still protected: nothing else can
+        have changed it); the others are discarded, and named."""
+        name = event["event"]
+        if name not in ("remove", "unmap") or self.done.is_set():
+            return
+        for p in self._sync:
+            s, e = max(p.start, event["start"]), min(p.end, event["end"])
+            if s >= e:
+                continue
+            ps = p.page_size
+            i0, i1 = (s - p.start) // ps, -(-(e - p.start) // ps)
             with self._lock:
-                for p in self._sync:
-                    s, e = max(p.start, event["start"]), min(p.end, event["end"])
-                    if s < e:
-                        i0, i1 = (s - p.start) // p.page_size, -(-(e - p.start) // p.page_size)
-                        lost += sum(b - a for a, b in _runs(p.claimed, i0, i1))
-            if lost:
-                self.discarded_pages += lost
-                self._warn("the target discarded %d pages (%s) before they were copied: they "
-                           "read as zeros in the snapshot" % (lost, event["event"]))
+                runs = _runs(p.claimed, i0, i1)
+                for a, b in runs:
+                    p.claimed[a:b] = _CLAIMED * (b - a)
+                if runs:
+                    self._inflight += 1
+            if not runs:
+                continue
+            try:
+                for a, b in runs:
+                    addr, length = p.start + a * ps, (b - a) * ps
+                    if name == "unmap":
+                        self._discard([(addr, addr + length)], "unmapped")
+                        continue
+                    if not (p.anon or p.shared):
+                        # A private page of a file or hugetlbfs: once zapped
+                        # it reads the file's bytes (or a new zero page),
+                        # which nothing here tells from the instant's.
+                        self._discard([(addr, addr + length)], "dropped")
+                        continue
+                    data = self._read_here(p, addr, length)
+                    self.out.write(addr, data)
+                    with self._lock:
+                        self.copied_bytes += length
+            finally:
+                with self._lock:
+                    self._inflight -= 1
+                    self._idle.notify_all()
+
+    def _discard(self, runs, how):
+        """Notes pages [(start, end)] lost before they were copied: zeros in
+        the image, named in stats()["discarded"] and a warning."""
+        n = sum(e - s for s, e in runs) // self.page_size
+        with self._lock:
+            self.discarded_pages += n
+            for s, e in runs:
+                if self.discarded and self.discarded[-1][1] == s:
+                    self.discarded[-1][1] = e
+                else:
+                    self.discarded.append([s, e])
+        if len(self.warnings) >= 20:
+            return      # every page is in discarded
+        self._warn("the target %s %d pages (%s) before they were copied: zeros in the snapshot"
+                   % (how, n, ", ".join("%#x-%#x" % (s, e) for s, e in runs[:4])
+                      + (" ..." if len(runs) > 4 else "")))
 
     def _warn(self, msg):
         self.warnings.append(msg)
@@ -610,6 +713,7 @@ class SnapshotProtector(WriteProtector):
             "copy_s": (round((t_end - self.t_protected) / 1e9, 3) if self.t_protected else None),
             "unreadable_pages": self.unreadable_pages,
             "discarded_pages": self.discarded_pages,
+            "discarded": ["%#x-%#x" % (s, e) for s, e in self.discarded],
             "inconsistent_pages": self.inconsistent_pages,
             "warnings": list(self.warnings),
             "error": str(self.error) if self.error else None,
@@ -623,6 +727,8 @@ class SnapshotProtector(WriteProtector):
                 t.join(10)
         if self.out:
             self.out.close()
+        if self._fault_pagemap is not None:
+            self._fault_pagemap.close()
 
 
 def _tids(pid):
@@ -652,10 +758,15 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
         BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
     """
     from wp.session import Session
+    # Written as PATH.partial and renamed once complete: a snapshot that
+    # fails or is killed (even with -9) never leaves a truncated PATH, nor
+    # replaces one that was there; killed, it leaves PATH.partial.
+    final = path
+    if path is not None:
+        path = path + ".partial"
     prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
     session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
                       handler=handler)
-    existed = os.path.exists(path) if path is not None else None
     try:
         session.start()
         try:
@@ -665,12 +776,16 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
                     progress(prot.stats())
             st = prot.wait()
             st["faults"] = session.faults()
-            return st
         finally:
             session.close()
+        if final is not None:
+            os.replace(path, final)
+            if st.get("path") == path:
+                st["path"] = final
+        return st
     except BaseException:
         # Refused or failed: no half-written core left behind.
-        if existed is False and os.path.exists(path):
+        if path is not None and os.path.exists(path):
             os.unlink(path)
         raise
 
@@ -726,9 +841,9 @@ def space_for(pid, uffds=None):
 def main(args):
     """`wp snapshot`: see add_parser for args. Returns the exit code."""
     import json
+    from wp.errors import UsageError
     if args.raw and (not args.region or len(args.region) != 1):
-        print("wp snapshot: --raw needs exactly one --region START-END", file=sys.stderr)
-        return 2
+        raise UsageError("--raw needs exactly one --region START-END")
     out = args.output or ("%d.raw" % args.pid if args.raw else "core.%d" % args.pid)
 
     def progress(st):
@@ -736,16 +851,10 @@ def main(args):
             print("wp snapshot: %d/%d MiB, %d pages copied on write, target stopped %s ms"
                   % (st["copied_bytes"] >> 20, st["total_bytes"] >> 20, st["copied_on_write_pages"],
                      st["stop_ms"]), file=sys.stderr)
-    try:
-        st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
-                      freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
-                      strict=args.strict)
-    except (BadRange, UnsupportedMemory, TargetError, NotRoot) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 4
-    except (WPError, OSError) as err:
-        print("wp snapshot: %s" % err, file=sys.stderr)
-        return 1
+    # Errors go up to wp.cli.run_command, the one mapping to exit codes.
+    st = snapshot(space_for(args.pid, args.uffd), out, regions=args.region, raw=args.raw,
+                  freeze=not args.no_freeze, progress=progress, cpu=args.cpu,
+                  strict=args.strict)
     for w in st["warnings"]:
         print("wp snapshot: warning: %s" % w, file=sys.stderr)
     if args.json:

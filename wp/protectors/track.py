@@ -202,16 +202,13 @@ def add_parser(subparsers):
 
 def main(args):
     """`wp track`: see add_parser for args. Returns the exit code."""
-    from wp.errors import BadRange, NotRoot, TargetError, UnsupportedMemory, WPError
+    from wp.errors import UsageError
     from wp.protectors.snapshot import space_for
     if args.interval <= 0:
-        print("wp track: --interval must be positive", file=sys.stderr)
-        return 2
-    try:
-        space = space_for(args.pid, args.uffd)
-    except TargetError as err:
-        print("wp track: %s" % err, file=sys.stderr)
-        return 4
+        raise UsageError("--interval must be positive")
+    # Errors go up to wp.cli.run_command, the one mapping to exit codes.
+    space = space_for(args.pid, args.uffd)
+
     def started():
         if not args.json:
             print("Tracking writes of pid %d every %g s... Hit Ctrl-C to end." % (args.pid, args.interval),
@@ -230,12 +227,6 @@ def main(args):
                                                          rec["bytes"] // 1024, busy), flush=True)
     except KeyboardInterrupt:
         pass
-    except (BadRange, UnsupportedMemory, NotRoot) as err:
-        print("wp track: %s" % err, file=sys.stderr)
-        return 4
-    except (WPError, OSError) as err:
-        print("wp track: %s" % err, file=sys.stderr)
-        return 1
     finally:
         gen.close()
     return 0

@@ -23,8 +23,10 @@ In-process use (tests, benchmarks: the session runs in this process)::
         ...                 # faults happen; tr.pump() drains the ring buffer
     tr.records              # the records (also written to path)
 
-Returns exit codes like the rest of wp: 0, 1 (tracing failed, no such
-process, a kernel thread), 2 (usage), 3 (no wpd to ask), 4 (not root).
+Errors are raised (wp.errors) and mapped to exit codes in one place,
+wp.cli.run_command, like every wp command's: 1 tracing failed, 2 usage,
+3 no wpd to ask, 4 refused (no such process, a kernel thread, a bad
+region, not root).
 """
 import argparse
 import json
@@ -341,40 +343,30 @@ def main(argv=None):
         parser.error("usage: wp trace PID [interval [count]] or wp trace -p PID [interval [count]]")
     if pos:
         parser.error("too many arguments: %s" % " ".join(pos))
+    from wp.errors import DaemonUnreachable, NotRoot, WPError
+    from wp.remote import validate_pid
     regions = None
     if args.region:
-        try:
-            regions = _regions(args.pid, args.region)
-        except (ValueError, OSError) as err:
-            print("wp trace: %s" % err, file=sys.stderr)
-            return 2
+        from wp.session import check_specs
+        check_specs(args.region)
     if args.ebpf:
         print(_probes.FaultProbes(args.pid, args.daemon_pid or 0, notes=not args.lean,
                                   syscalls=args.syscalls, ksm=args.ksm, usdt=args.usdt).text())
         return 0
     if os.geteuid() != 0:
-        print("wp trace: tracing the fault path needs root (bcc loads BPF programs): run it as root",
-              file=sys.stderr)
-        return 4
-    from wp.remote import PF_KTHREAD, stat_fields
-    fields = stat_fields(args.pid)
-    if fields is None:
-        print("wp trace: no process %d (`wp status` lists the attached ones)" % args.pid, file=sys.stderr)
-        return 1
-    if int(fields[6]) & PF_KTHREAD:
-        print("wp trace: pid %d is a kernel thread: it takes no page faults in user memory" % args.pid,
-              file=sys.stderr)
-        return 1
+        raise NotRoot("tracing the fault path needs root (bcc loads BPF programs): run it as root")
+    validate_pid(args.pid)
+    if args.region:
+        regions = _regions(args.pid, args.region)
     async_regions = []
     daemon_pid = args.daemon_pid
     via_wpd = daemon_pid is None
     if via_wpd:
         try:
             daemon_pid, async_regions, attached = _wpd_target(args)
-        except OSError as err:
-            print("wp trace: cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid" % err,
-                  file=sys.stderr)
-            return 3
+        except (OSError, WPError) as err:
+            raise DaemonUnreachable("cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid"
+                                    % err) from None
         if not attached:
             print("wp trace: pid %d is not attached to wpd (`wp attach %d` first): only its ordinary "
                   "page faults%s are traced" % (args.pid, args.pid, " and KSM events" if args.ksm else ""),
@@ -402,10 +394,9 @@ def main(argv=None):
 
     try:
         tracer.start()
-    except _probes.TracingUnavailable as err:
-        print("wp trace: %s" % err, file=sys.stderr)
+    except BaseException:
         restore_usr()
-        return 1
+        raise
     asked_wpd = via_wpd and (args.notes or args.usdt != "none")
     if asked_wpd:
         _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
@@ -476,4 +467,5 @@ def _live_print(tracer, args, format_summary, summarize):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from wp.cli import run_command
+    sys.exit(run_command(main, prog="wp trace"))
