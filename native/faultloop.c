@@ -386,6 +386,8 @@ static void settle(struct wp_loop *loop)
 		return;
 	loop->pending = 0;
 	uint32_t how = f->how;
+	if (!how)    /* DEFER: the protector resolves it itself, later */
+		return;
 	wp_loop_resolve(loop, &loop->cur, f->start, f->len, how, f->t_cb_enter_ns, f->t_cb_exit_ns);
 	if (how & WP_HOW_UNPROTECT)
 		unprotected(loop, f->start, f->len);

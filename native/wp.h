@@ -136,7 +136,7 @@ struct wp_fault {
 	uint32_t pid;            /* loop->pid */
 	uint32_t pad;
 	uint64_t page_size;
-	uint32_t how;            /* the decision: WP_HOW_UNPROTECT, _WAKE or _CONTINUE */
+	uint32_t how;            /* the decision: WP_HOW_UNPROTECT, _WAKE, _CONTINUE; 0: none (DEFER) */
 	uint32_t pad2;
 	uint64_t start;          /* ... for [start, start + len) */
 	uint64_t len;

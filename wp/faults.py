@@ -22,7 +22,7 @@ import threading
 import time
 
 from wp._native import check, ffi, lib
-from wp.protector import KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
+from wp.protector import DEFER, KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
 
 __all__ = ["FaultLoop", "RegionTable", "EVENT_NAMES"]
 
@@ -355,6 +355,8 @@ class FaultLoop:
             return
         if decision == WAKE:
             f.how = _HOW_WAKE
+        elif decision == DEFER:
+            f.how = 0     # nothing: the protector wakes the writer itself
         elif isinstance(decision, Unprotect):
             f.how = _HOW_UNPROTECT
             f.start = decision.start
