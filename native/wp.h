@@ -175,6 +175,8 @@ struct wp_loop {
 	uint64_t dropped;    /* records overwritten before they were drained */
 	struct wp_note *notes;   /* NULL, or the notes map: write one per resolve */
 	uint32_t note_mask;      /* slots - 1 */
+	uint64_t spin_after_ns;  /* after a batch of faults, read without sleeping this long */
+	int burst;               /* the last batch held a page fault */
 	struct wp_regions *regions;  /* NULL, or the session's table */
 	int timeout_ms;      /* how long wp_loop_step waits (-1: until stopped) */
 	struct wp_fault fault;   /* wp_loop_step's fault out, and its decision in */

@@ -5,7 +5,8 @@ to one CPU; the handler is this process. Handlers: none (no protection),
 async (kernel-resolved WP, pages read back with PAGEMAP_SCAN), c (the C fast
 path resolves each fault), python (a Python handler; its protector named in
 the row: ``unprotect``, which only returns UNPROTECT, prices the loop
-itself; ``trace`` the shipped one; ``first-writer`` the README's example).
+itself; ``trace`` the shipped one in its exact mode, a record per first
+write; ``first-writer`` the README's example).
 
 The sync rows of one memory type share one writer and are measured round by
 round in turn (c, python, trace, first-writer, c, ...), so that their ratios
@@ -55,9 +56,15 @@ class FirstWriter(WriteProtector):
         return {"by_thread": self.by_thread}
 
 
+class ExactTrace(TraceProtector):
+    """trace's exact mode (wp attach -o exact=true): a sync fault per first
+    write, recorded (its default counts with async WP: no fault waits)."""
+    exact = True
+
+
 # Sync rows: (handler as the row names it, Session's handler, protector).
 SYNC_ROWS = (("c", "c", Unprotect), ("python", "python", Unprotect),
-             ("python", "python", TraceProtector), ("python", "python", FirstWriter))
+             ("python", "python", ExactTrace), ("python", "python", FirstWriter))
 
 
 def placement(placement_name):
