@@ -61,6 +61,8 @@ from wp import pagemap as _pagemap
 from wp.dedupe import _native
 from wp.dedupe.merged import (FREEZE_FEATURES, MERGED_FEATURES, MERGED_MODE, Handler, Merged, Orphan,
                               UnmergeError, retry, runs, unmerge_runs)
+from wp.dedupe.mapcount import MapCount, parse_policy
+from wp.dedupe.mapcount import current as mapcount_now
 from wp.dedupe.store import Store
 from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
                               NR_MADVISE, NR_MMAP, NR_MUNMAP, PROT_EXEC, PROT_READ, PROT_WRITE,
@@ -133,8 +135,8 @@ class DedupeProtector(WriteProtector):
 
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
-                 map_count_reserve=1024, measure_files=True, interval=0.2, max_interval=5.0, auto=True,
-                 guardian=True, pipeline=False, windowed=True, window=8192):
+                 map_count_reserve=1024, measure_files=True, interval=0.2, max_interval=30.0, auto=True,
+                 guardian=True, pipeline=False, windowed=True, window=8192, max_map_count="auto"):
         if share not in ("all", "process", "zero"):
             raise ValueError("share must be 'all', 'process' or 'zero', not %r" % (share,))
         self.pages_to_scan = int(pages_to_scan)
@@ -145,6 +147,9 @@ class DedupeProtector(WriteProtector):
         self.share = share
         self.merge_batch = int(merge_batch)
         self.map_count_reserve = int(map_count_reserve)
+        self.max_map_count = parse_policy(max_map_count)
+        self.merge_stopped = None   # why the last pass merged nothing more (stats)
+        self._limited = False       # this pass hit vm.max_map_count
         self.measure_files = bool(measure_files)
         self.interval = float(interval)
         self.max_interval = max(float(max_interval), self.interval)
@@ -195,6 +200,7 @@ class DedupeProtector(WriteProtector):
         self.pid = session.pid
         self.store = Store.shared()
         self.store.owners.add(session.pid)
+        MapCount.attach(self.pid)
         self.scope = None if self.share == "all" else self.pid
         self.vmas_at_attach = self._count_vmas()
         self.uffd_a = self.space.open_uffd(FREEZE_FEATURES)
@@ -248,7 +254,18 @@ class DedupeProtector(WriteProtector):
                         return
                     continue
                 self._ready.set()
-                quiet = (merged == 0 and self.counters["pages_volatile"] == 0
+                if merged:
+                    self.merge_stopped = None
+                elif self._limited:
+                    self.merge_stopped = (
+                        "vm.max_map_count: %d VMAs of %d (each scattered merged page is a VMA; "
+                        "max_map_count=%s)" % (self._vmas, mapcount_now(), self.max_map_count))
+                elif self.counters["full_scans"] > 1 and self.counters["pages_volatile"] == 0:
+                    self.merge_stopped = "converged"
+                # A pass that merged nothing backs off (the interval doubles
+                # up to max_interval) when nothing changed, or when the VMA
+                # limit stopped it: passes could only repeat the same work.
+                quiet = (merged == 0 and (self.counters["pages_volatile"] == 0 or self._limited)
                          and self.counters["full_scans"] > 1)   # the first pass only hashes
                 self.wait_s = min(2 * self.wait_s, self.max_interval) if quiet else self.interval
                 self._kick.wait(self.wait_s)
@@ -304,6 +321,7 @@ class DedupeProtector(WriteProtector):
             self.store.collect()
         except OSError:
             pass
+        MapCount.detach(self.pid)
         if failed:
             raise failed[0][1]
 
@@ -443,6 +461,7 @@ class DedupeProtector(WriteProtector):
         t_wall = time.monotonic()
         nvmas, anon, store_vmas = light_maps(self.pid, self.store.inode)
         self._vmas = nvmas
+        self._limited = False
         self._adopt(anon)
         new = [(s, e) for s, e in anon if (s, e) not in self._skipped
                and (self._region(s) is None or e > self._region(s).end)]
@@ -677,7 +696,12 @@ class DedupeProtector(WriteProtector):
         idx_of = dict(to_store)
         store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
         left = self._map_count_left()
+        if 2 * len(store_runs) > left and self.max_map_count != "off":
+            MapCount.raise_for(self.pid, self._vmas + 2 * len(store_runs) + self.map_count_reserve,
+                               self.max_map_count)
+            left = self._map_count_left()
         if 2 * len(store_runs) > left:
+            self._limited = True
             keep = max(0, left // 2)
             self.counters["map_count_limited"] += len(store_runs) - keep
             store_runs = store_runs[:keep]
@@ -766,9 +790,7 @@ class DedupeProtector(WriteProtector):
     # -- merging -----------------------------------------------------------
 
     def _map_count_left(self):
-        with open("/proc/sys/vm/max_map_count") as f:
-            limit = int(f.read())
-        return limit - self._vmas - self.map_count_reserve
+        return mapcount_now() - self._vmas - self.map_count_reserve
 
     def _freeze(self, addrs):
         """Write-protects the pages at addrs (sorted) on A: one ioctl per
@@ -1298,8 +1320,10 @@ class DedupeProtector(WriteProtector):
                       "use_zero_pages": int(self.use_zero_pages),
                       "max_page_sharing": self.max_page_sharing, "cpu_budget": self.cpu_budget,
                       "share": self.share, "interval": self.interval,
+                      "max_map_count": self.max_map_count,
                       "max_interval": self.max_interval},
             "pass_interval_s": self.wait_s,
+            "merge_stopped": self.merge_stopped,
             "minor_faults": self.b.minor_faults if self.session else 0,
             "zero_fills": self.b.zero_fills if self.session else 0,
             "missing_faults": self.b.missing_faults if self.session else 0,
