@@ -7,9 +7,14 @@ entering Python at all and only returns for the other events.
 
 # Some facts about the fault path on this VM (DESIGN.md)
 - A writer blocked on a sync WP fault waits for the handler to be scheduled.
-  Measured here (wp bench faults): writer and handler on the same CPU ~9 us
-  a round trip (Python), a handler sleeping on the other CPU 45-62 us (a
-  cross-vCPU wakeup), one spinning on the other CPU (``spin``) 5 us (C).
+  Measured here (wp bench faults): writer and handler on the same CPU
+  3-8 us a round trip depending on the machine, a handler sleeping on the
+  other CPU 45-62 us (a cross-vCPU wakeup), one spinning on the other CPU
+  (``spin``) 5 us (C).
+- On the same CPU everything the handler does is on the writer's clock:
+  the Python turn of a fault (the GIL taken and given back, the Fault, the
+  callback) adds to each write what the C handler does not pay, which is
+  why a fault crosses from C to Python once and as a plain unpack.
 - Non-cooperative events (fork, remap, remove, unmap) block the target thread
   that caused them until the message is read, so the loop must keep reading.
 """
