@@ -193,6 +193,37 @@ static void resolved_c(struct wp_loop *loop, const struct wp_msg *m)
 	record(loop, m, WP_HOW_UNPROTECT | WP_HOW_C);
 }
 
+/* MISSING faults (sync private anonymous memory: wp.session, wp.faults): a
+ * page that is not mapped (never populated, or dropped with MADV_DONTNEED),
+ * read or written. The fast path answers with a zero page, UFFDIO_COPY from
+ * zeros (which wakes the thread): unprotected for a write (this path
+ * unprotects every written page), write-protected for a read, so that a
+ * later write still faults. EEXIST: mapped meanwhile; EAGAIN: an event is
+ * pending; either way the thread is woken and retries. */
+static const uint8_t wp_zero_page[4096] __attribute__((aligned(4096)));
+
+static void missing_c(struct wp_loop *loop, const struct wp_msg *m)
+{
+	uint64_t page = m->addr & ~(loop->page_size - 1);
+	int write = !!(m->flags & UFFD_PAGEFAULT_FLAG_WRITE);
+	uint32_t how = (write ? WP_HOW_UNPROTECT : WP_HOW_WAKE) | WP_HOW_C;
+	note(loop, m, how, 0, 0);
+	int64_t r = wp_uffd_copy(loop->uffd, page, (uint64_t)(uintptr_t)wp_zero_page,
+				 loop->page_size, write ? 0 : UFFDIO_COPY_MODE_WP);
+	if (r < 0) {
+		if (r != -EEXIST && r != -EAGAIN) {
+			loop->errors++;
+			how |= WP_HOW_ERROR;
+		}
+		wp_uffd_wake(loop->uffd, page, loop->page_size);
+	}
+	if (!write)
+		loop->missing_reads++;
+	loop->resolved++;
+	DTRACE_PROBE3(wp, fault_resolved, m->addr, m->tid, how);
+	record(loop, m, how);
+}
+
 int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 {
 	struct wp_msg batch[64];
@@ -216,6 +247,9 @@ int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
 					wp_loop_resolve(loop, m, page, 2ull << 20, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
 				else
 					resolved_c(loop, m);
+			} else if (m->event == UFFD_EVENT_PAGEFAULT && loop->page_size == 4096
+				   && !(m->flags & UFFD_PAGEFAULT_FLAG_MINOR)) {
+				missing_c(loop, m);
 			} else if (other < max) {
 				out[other++] = *m;
 			}

@@ -105,6 +105,7 @@ struct wp_loop {
 	uint64_t dropped;    /* records overwritten before they were drained */
 	struct wp_note *notes;   /* NULL, or the notes map: write one per resolve */
 	uint32_t note_mask;      /* slots - 1 */
+	uint64_t missing_reads;  /* MISSING faults of reads the C path resolved (in faults too) */
 };
 
 struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size);

@@ -81,6 +81,7 @@ class FaultLoop:
         self.duplicates = 0
         self.missing_reads = 0     # MISSING faults of reads (not writes: the protector is not asked)
         self.missing_writes = 0    # MISSING faults of writes (each also a write fault)
+        # (handler "c": the C path resolves MISSING faults itself, counting reads in C)
         self.last_error = None
         self.died = None        # "Type: message" of what ended the loop, if not stop()
         self.on_death = on_death
@@ -137,11 +138,11 @@ class FaultLoop:
         lp = self._loop
         # C counts every fault message; a MISSING fault of a read is not a
         # write, and is counted on its own.
-        reads = self.missing_reads
+        reads = self.missing_reads + lp.missing_reads
         return {"faults": lp.faults - reads, "events": lp.events, "resolved": lp.resolved - reads,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
                 "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates,
-                "missing_reads": self.missing_reads, "missing_writes": self.missing_writes}
+                "missing_reads": reads, "missing_writes": self.missing_writes}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -310,11 +311,7 @@ class FaultLoop:
             return False
         if write:
             self.missing_writes += 1
-            if self.handler != "c":
-                return True
-            # The C fast path's contract: no protector, the page unprotected.
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT | lib.WP_HOW_C, 0, 0)
-            return False
+            return True
         self.missing_reads += 1
         lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE, 0, 0)
         return False
