@@ -146,6 +146,7 @@ def run(pages=2048, huge_pages=32, where="same", compare_placements=True, progre
         progress("fresh anon: first touch, with and without MISSING")
     fresh = measure_fresh(pages, where)
     out["fresh_anon"] = fresh
+    out["fresh_anon_c"] = measure_fresh(pages, where, handler="c")
     out["ratios"]["fresh_write_missing_over_wp_only"] = round(
         fresh["wp_missing"]["write"] / fresh["wp_only"]["write"], 2)
     out["ratios"]["fresh_read_missing_over_wp_only"] = round(
@@ -180,6 +181,7 @@ def main(args):
             print("%-8s %-6s %-7s %6d %7d %10.2f" % (r["memory"], r["mode"], r["handler"], r["pages"],
                                                     r["faults"], r["us_per_fault"]))
         print("fresh anon, us per first touch: " + json.dumps(out["fresh_anon"]))
+        print("fresh anon, handler c: " + json.dumps(out["fresh_anon_c"]))
         print("ratios: " + json.dumps(out["ratios"]))
         if "placements" in out:
             print("anon us/fault by placement: " + json.dumps(out["placements"]))
