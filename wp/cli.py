@@ -31,6 +31,7 @@ examples:
   wp report faults.jsonl --plot faults.png     histograms, heat map; --format perfetto
   wp snapshot 1234 -o core.1234      a live point-in-time core that gdb opens
   wp track 1234 --interval 1 --json  pages written per interval
+  wp ksm estimate 1234 5678          what kernel KSM / wp dedupe would save; wp ksm enable 1234 --start
   wp bench faults --json             write-fault cost per memory type and handler
 """
 
@@ -50,6 +51,7 @@ def _add_bench(sub):
     _passthrough(bsub, "attach", "wp.bench.attach", "cost of attaching and of injected syscalls")
     _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
     _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
+    _passthrough(bsub, "ksm", "wp.bench.ksm", "wp ksm enable on a running redis vs prctl before exec; the estimate")
     _add_subparser(bsub, "wp.bench.snapshot")
     _add_subparser(bsub, "wp.bench.workloads")
     return bsub
@@ -439,6 +441,7 @@ def build_parser():
 
     _add_subparser(sub, "wp.protectors.snapshot")
     _add_subparser(sub, "wp.protectors.track")
+    _add_subparser(sub, "wp.ksm_cli")
     _passthrough(sub, "trace", "wp.tracing.trace", "record the fault path with bcc (wp trace PID -o FILE)")
     _passthrough(sub, "report", "wp.tracing.report", "summarize a trace: text, --plot PNG, perfetto, csv")
 
@@ -459,4 +462,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy: under `python -m wp.cli` this file is also
+    # __main__, and a class raised from wp.cli (Refused, by commands that
+    # import it) would not be the one __main__'s run_command catches.
+    from wp.cli import main as _main
+    sys.exit(_main())

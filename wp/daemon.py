@@ -344,6 +344,19 @@ class Daemon:
             elif done:
                 log.info("pid %d: resolve notes off", session.pid)
             return {"notes": notes is not None, "usdt": session.usdt, "callbacks": session.callbacks}
+        if op == "ksm":
+            # wp ksm enable/disable/start/stop: the injection and the knobs,
+            # done here; knobs this wpd changed go back at its shutdown.
+            from wp import ksm_cli
+            action, pid = req["action"], req.get("pid")
+            if pid == os.getpid():
+                raise TargetError("pid %d is wpd itself: run `wp ksm %s %d --no-daemon`" % (pid, action, pid))
+            res = ksm_cli.do(action, pid, req.get("ranges"), bool(req.get("start")), req.get("options") or {},
+                             by="wpd %d (wp ksm %s)" % (os.getpid(), action), owner=self.ksm_owner)
+            res["daemon_pid"] = os.getpid()
+            if res.get("started"):
+                log.info("ksm: started %s (put back at shutdown)", res["started"])
+            return res
         if op == "ping":
             return {"daemon_pid": os.getpid()}
         raise ValueError("unknown op %r" % op)
@@ -481,8 +494,19 @@ class Daemon:
     def shutdown(self):
         self._stopping.set()
 
+    @property
+    def ksm_owner(self):
+        return "wpd:%d" % os.getpid()
+
     def close(self):
         self.detach_all()
+        try:
+            from wp import ksm
+            restored = ksm.restore_knobs(owner=self.ksm_owner)
+            if restored:
+                log.info("ksm: put back %s", restored)
+        except OSError as err:
+            log.warning("ksm: could not put back the knobs wpd changed: %s", err)
         if self._sock:
             self._sock.close()
             try:

@@ -20,7 +20,7 @@ import threading
 import time
 
 from wp._native import ffi, lib
-from wp.protector import UNPROTECT, WAKE, Fault, Unprotect
+from wp.protector import DEFER, UNPROTECT, WAKE, Fault, Unprotect
 
 __all__ = ["FaultLoop", "EVENT_NAMES"]
 
@@ -270,6 +270,9 @@ class FaultLoop:
             self._resolved_in_batch.append((page, page + psize))
         elif decision == WAKE:
             resolve(self._loop, m, page, psize, _HOW_WAKE, t_enter, t_exit)
+        elif decision == DEFER:
+            pass   # the protector wakes the writer itself
+
         elif isinstance(decision, Unprotect):
             resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT, t_enter, t_exit)
             self._resolved_in_batch.append((decision.start, decision.start + decision.length))

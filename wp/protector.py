@@ -15,6 +15,11 @@ What ``on_write`` returns says how the fault is resolved:
 - ``WAKE``: wake the writer and keep the protection; it retries the write and
   faults again unless the protector changed the page meanwhile (e.g. it
   unprotected it itself, or replaced the mapping).
+- ``DEFER``: leave the writer blocked; the protector resolves the fault (and
+  wakes the writer) later from another thread. For an ioctl that said
+  EAGAIN: the kernel reports pending faults before pending events, so
+  waking a writer that refaults at once can keep the event that clears
+  EAGAIN from ever being read.
 
 Work that must happen before the write lands (copying the old contents, as
 a snapshot does) happens inside ``on_write``: the writer is blocked until it
@@ -23,10 +28,11 @@ and the error is counted and logged: no writer is left blocked.
 """
 from dataclasses import dataclass
 
-__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE"]
+__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "DEFER"]
 
 UNPROTECT = "unprotect"
 WAKE = "wake"
+DEFER = "defer"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class WriteProtector:
     name = "base"
     #: regions to protect when the user names none: "all" writable memory.
     default_regions = ("all",)
+    #: False: the protector takes in memory that appears later itself
+    #: (Session.refresh leaves it alone).
+    session_refresh = True
 
     def attach(self, session):
         self.session = session

@@ -163,6 +163,15 @@ OPS = {
     "stats": {"pid": _TARGET_FIELDS["pid"]},
     "status": {},
     "ping": {},
+    "ksm": {
+        "action": (_one_of("enable", "disable", "start", "stop"), True, '"enable", "disable", "start" or "stop"'),
+        "pid": (lambda v: v is None or _pid(v), False, "the pid to enable or disable"),
+        "ranges": (_regions, False, 'null or a list of "START-END" strings (hex)'),
+        "start": (_bool, False, "true or false"),
+        "options": (lambda v: _options(v) and all(isinstance(x, (int, str)) and not isinstance(x, bool)
+                                                  for x in v.values()),
+                    False, "an object of KSM knobs and values, e.g. {\"pages_to_scan\": 1000}"),
+    },
     "trace": {
         "pid": _TARGET_FIELDS["pid"],
         "tracer_pid": (lambda v: v is None or _pid(v), False, "the wp trace's pid"),

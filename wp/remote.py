@@ -48,7 +48,7 @@ import threading
 from wp._native import check, ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
-__all__ = ["RemoteProcess", "SYS", "choose_thread", "validate_pid", "validate_target"]
+__all__ = ["RemoteProcess", "SYS", "ThreadStop", "choose_thread", "validate_pid", "validate_target"]
 
 # x86_64 syscall numbers used here and by callers.
 SYS = {
@@ -486,3 +486,145 @@ class RemoteProcess:
         except OSError:
             self.syscall_raw(SYS["close"], remote)
             raise
+
+
+# -- holding every thread ---------------------------------------------------------
+
+# Some facts about stopping every thread of a target (kernel 6.x):
+# - PTRACE_SEIZE + PTRACE_INTERRUPT stops a thread at its next return
+#   towards user mode (a trap in get_signal()); PTRACE_DETACH from that trap
+#   lets it go on untouched: registers are not changed, an interrupted
+#   syscall restarts as after a job-control stop, and signals that came
+#   meanwhile stay pending and are delivered afterwards.
+# - A thread inside a syscall that does not sleep interruptibly (madvise,
+#   mmap) stops only when that syscall has returned: once every thread is
+#   stopped, no madvise(MADV_DONTNEED) of the target is half done.
+# - A thread blocked on a userfaultfd fault taken in *user* mode wakes on the
+#   interrupt, returns to user mode and stops (it refaults afterwards); one
+#   blocked on a fault taken in *kernel* mode (a read() into a
+#   write-protected buffer) retries the fault until it is resolved and
+#   cannot stop before: the caller must resolve it (unfreeze) and then
+#   release, which waits for such stragglers.
+# - Only the tracing thread may wait for and detach its tracees.
+
+_libc = None
+
+
+def _ptrace(req, tid, addr=0, data=0):
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        _libc.ptrace.restype = ctypes.c_long
+    import ctypes
+    if _libc.ptrace(req, tid, addr, data) < 0:
+        return -ctypes.get_errno()
+    return 0
+
+
+_PTRACE_CONT, _PTRACE_DETACH, _PTRACE_EVENT_STOP = 7, 17, 128
+_WALL = 0x40000000
+
+
+class ThreadStop:
+    """Every thread of a target but `skip` held in a ptrace stop.
+
+    :meth:`stop` returns True once all are stopped, False if some did not
+    stop within timeout (blocked on a fault the caller holds: resolve it,
+    then :meth:`release`). :meth:`release` waits for those, then detaches
+    every thread. Use from one thread only (ptrace's rule).
+    """
+
+    def __init__(self, pid, skip=(), timeout=0.5):
+        self.pid = pid
+        self.skip = set(skip)
+        self.timeout = timeout
+        self.stopped = set()    # tids in a ptrace stop
+        self.pending = set()    # seized and interrupted, no stop seen yet
+        self.elapsed = 0.0      # seconds from stop() to release()
+        self._t0 = None
+
+    def _tids(self):
+        try:
+            return {int(t) for t in os.listdir("/proc/%d/task" % self.pid)}
+        except FileNotFoundError:
+            raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % self.pid) from None
+
+    def _seize(self, tid):
+        ret = lib.wp_remote_seize(tid, 0)
+        if ret == -errno.ESRCH:
+            return          # exited meanwhile
+        check(ret, "ptrace(PTRACE_SEIZE, %d)" % tid)
+        self.pending.add(tid)
+        ret = lib.wp_remote_interrupt(tid)
+        if ret < 0 and ret != -errno.ESRCH:
+            check(ret, "ptrace(PTRACE_INTERRUPT, %d)" % tid)
+
+    def _poll(self, tid):
+        """Takes tid's next stop if there is one: True when it is stopped
+        (or gone) for good."""
+        try:
+            got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+        except ChildProcessError:
+            self.pending.discard(tid)
+            return True
+        if got != tid:
+            return False
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self.pending.discard(tid)
+            return True
+        if (status >> 16) == _PTRACE_EVENT_STOP:
+            self.pending.discard(tid)
+            self.stopped.add(tid)
+            return True
+        # A signal-delivery-stop before our trap: let the signal through
+        # (as if we were not there) and ask again.
+        _ptrace(_PTRACE_CONT, tid, 0, os.WSTOPSIG(status))
+        lib.wp_remote_interrupt(tid)
+        return False
+
+    def _wait(self, deadline):
+        import time
+        while self.pending:
+            for tid in list(self.pending):
+                self._poll(tid)
+            if not self.pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.0002)
+        return not self.pending
+
+    def stop(self):
+        import time
+        self._t0 = time.monotonic()
+        deadline = self._t0 + self.timeout
+        while True:
+            new = self._tids() - self.skip - self.stopped - self.pending
+            if not new:
+                # Threads created by one not stopped yet show up later.
+                if not self.pending or not self._wait(deadline):
+                    return not self.pending
+                continue
+            for tid in sorted(new):
+                self._seize(tid)
+            if not self._wait(deadline):
+                return False
+
+    def release(self, timeout=30.0):
+        """Waits for the threads that have not stopped yet, then lets every
+        thread go. Returns the tids it could not release (stuck)."""
+        import time
+        self._wait(time.monotonic() + timeout)
+        for tid in self.stopped:
+            _ptrace(_PTRACE_DETACH, tid)
+        stuck = set(self.pending)
+        self.stopped.clear()
+        if self._t0 is not None:
+            self.elapsed = time.monotonic() - self._t0
+        return stuck
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()

@@ -426,7 +426,7 @@ class Session:
         when the regions were named ("all", "anon", ...). Returns the new
         Regions. Explicit START-END ranges are never extended."""
         named = [s for s in self.specs if isinstance(s, str) and not _looks_like_range(s)]
-        if not named or self.failed:
+        if not named or self.failed or not self.protector.session_refresh:
             return []
         # /proc/PID/maps is cheap next to smaps (which walks every page
         # table): read smaps only when the list of mappings changed.
@@ -699,11 +699,13 @@ class Session:
                 u.close()
         if self._pagemap:
             self._pagemap.close()
-        if self._attached:   # also after a start that failed half way
-            self._attached = False
-            self.protector.detach()
-        self.started_ns = None
-        self.space.close()
+        try:
+            if self._attached:   # also after a start that failed half way
+                self._attached = False
+                self.protector.detach()   # may raise (dedupe: pages left merged)
+        finally:
+            self.started_ns = None
+            self.space.close()
 
     def __enter__(self):
         return self.start()

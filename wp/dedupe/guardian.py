@@ -7,8 +7,10 @@ anonymous semantics (MADV_DONTNEED makes a page read zeros) rest on a uffd
 zero memory. If wpd dies with SIGKILL the kernel closes its copy of B; with
 no other copy the registration would go and a DONTNEED'd merged page would
 read the store's bytes again. So wpd gives a copy of each target's B to the
-guardian (SCM_RIGHTS), with a journal of the pages DONTNEED'd and not
-faulted back yet. While wpd lives the guardian only holds them.
+guardian (SCM_RIGHTS). While wpd lives the guardian only holds them. No
+journal of DONTNEED'd pages is needed: a merged page with no PTE is one the
+target dropped (merged pages are populated when merged and the store is not
+swapped), so the guardian gives every such page zeros before unmerging.
 
 # What it does when wpd goes
 The socket to wpd reads EOF (wpd exited or was killed; it never says
@@ -20,8 +22,10 @@ syscall injection (wp.remote), like wpd's own detach. Then it closes B and
 exits. A target that exited meanwhile is skipped.
 
 Holding B costs nothing while wpd lives: nobody else reads it, and wpd
-sends "forget" at a normal detach, before it unmerges, so the guardian
-drops its copy.
+sends "forget" once it has unmerged a target at detach, so the guardian
+drops its copy. If wpd's unmerge fails, it sends "rescue" instead (and `wp
+detach` fails naming the pages): the guardian then serves that B and
+retries the unmerge until it succeeds or the target exits.
 
     python -m wp.dedupe.guardian FD     (started by wpd, FD its socket end)
 """
@@ -82,38 +86,73 @@ class GuardianClient:
         to put back after unmerging)."""
         self._send({"op": "target", "pid": pid, "coredump_filter": coredump_filter}, [uffd_fd])
 
-    def removed(self, pid, pages):
-        """Replaces the journal of pid's removed (read-zero) pages."""
-        self._send({"op": "removed", "pid": pid, "pages": sorted(pages)})
-
     def forget(self, pid):
-        """pid is being unmerged by wpd itself: drop its B copy."""
+        """pid was unmerged by wpd itself: drop its B copy."""
         self._send({"op": "forget", "pid": pid})
 
+    def rescue(self, pid):
+        """wpd could not unmerge pid at detach: serve its B and unmerge it
+        now, retrying until it succeeds or pid exits."""
+        self._send({"op": "rescue", "pid": pid})
 
-def rescue(pid, fd, removed, store_inode):
-    """Serves pid's B uffd and unmerges every merged run of pid. Returns
-    the pages unmerged."""
+
+def rescue(pid, fd, store_inode, stop=None):
+    """Serves pid's B uffd and unmerges every merged run of pid, retrying
+    (1 s, growing to 10 s) until that succeeds or pid exits. Returns the
+    pages unmerged."""
+    import time
+
     from wp.dedupe.merged import MERGED_FEATURES, Merged, Orphan, unmerge_runs
     from wp.space import ProcessSpace
     from wp.uffd import Userfaultfd
 
     u = Userfaultfd.adopt(fd, MERGED_FEATURES)
     owner = Orphan(pid)
-    m = Merged(owner, pid, u, removed)
+    m = Merged(owner, pid, u)
     m.start()
+    wait = 1.0
+    total = 0
     try:
-        space = ProcessSpace(pid, None)
-        return unmerge_runs(owner, m, space, store_inode, absent_is_removed=True)
+        while os.path.exists("/proc/%d" % pid):
+            try:
+                space = ProcessSpace(pid, None)
+                # Pages with no PTE read zeros: wpd may have read their
+                # REMOVE event (which let the target go on) and died.
+                n, left = unmerge_runs(owner, m, space, store_inode, absent_is_removed=True)
+                total += n
+                if not left:
+                    return total
+                log.warning("pid %d: %d runs still merged; retrying in %g s", pid, len(left), wait)
+            except Exception as err:
+                log.warning("pid %d: unmerge failed (%s); retrying in %g s", pid, err, wait)
+            time.sleep(wait)
+            wait = min(10.0, wait * 2)
+        return total
     finally:
         m.close()
+
+
+def _rescue_thread(pid, t, store_inode):
+    def run():
+        try:
+            n = rescue(pid, t["fd"], store_inode)
+            log.info("pid %d: %d pages unmerged", pid, n)
+            if t["coredump_filter"] is not None and os.path.exists("/proc/%d" % pid):
+                with open("/proc/%d/coredump_filter" % pid, "w") as f:
+                    f.write("%#x" % t["coredump_filter"])
+        except Exception:
+            log.exception("pid %d: unmerge failed", pid)
+    th = threading.Thread(target=run, name="rescue-%d" % pid)
+    th.start()
+    return th
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="wp-guardian[%(process)d] %(message)s")
     sock = socket.socket(fileno=int(argv[0]))
-    targets = {}    # pid -> {"fd": fd, "removed": set}
+    targets = {}    # pid -> {"fd": fd, "coredump_filter": value}
+    rescuing = []   # threads unmerging targets wpd handed over
     store_inode = None
     wpd = None
     while True:
@@ -131,32 +170,28 @@ def main(argv=None):
             old = targets.pop(msg["pid"], None)
             if old:
                 os.close(old["fd"])
-            targets[msg["pid"]] = {"fd": fds[0], "removed": set(),
-                                   "coredump_filter": msg.get("coredump_filter")}
+            targets[msg["pid"]] = {"fd": fds[0], "coredump_filter": msg.get("coredump_filter")}
             fds = fds[1:]
-        elif op == "removed" and msg["pid"] in targets:
-            targets[msg["pid"]]["removed"] = set(msg["pages"])
         elif op == "forget":
             t = targets.pop(msg["pid"], None)
             if t:
                 os.close(t["fd"])
+        elif op == "rescue":
+            t = targets.pop(msg["pid"], None)
+            if t:
+                log.info("wpd %s could not unmerge pid %d: taking it over", wpd, msg["pid"])
+                rescuing.append(_rescue_thread(msg["pid"], t, store_inode))
         for fd in fds:
             os.close(fd)
-    if not targets:
-        return 0
-    log.info("wpd %s is gone: unmerging %d targets", wpd, len(targets))
+    if targets:
+        log.info("wpd %s is gone: unmerging %d targets", wpd, len(targets))
     for pid, t in targets.items():
         if not os.path.exists("/proc/%d" % pid):
             os.close(t["fd"])
             continue
-        try:
-            n = rescue(pid, t["fd"], t["removed"], store_inode)
-            log.info("pid %d: %d pages unmerged", pid, n)
-            if t["coredump_filter"] is not None:
-                with open("/proc/%d/coredump_filter" % pid, "w") as f:
-                    f.write("%#x" % t["coredump_filter"])
-        except Exception:
-            log.exception("pid %d: unmerge failed", pid)
+        rescuing.append(_rescue_thread(pid, t, store_inode))
+    for th in rescuing:
+        th.join()
     return 0
 
 

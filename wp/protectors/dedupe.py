@@ -59,8 +59,8 @@ import time
 from wp import maps as _maps
 from wp import pagemap as _pagemap
 from wp.dedupe import _native
-from wp.dedupe.merged import (FREEZE_FEATURES, MERGED_FEATURES, Handler, Merged, Orphan,
-                              retry, runs, unmerge_runs)
+from wp.dedupe.merged import (FREEZE_FEATURES, MERGED_FEATURES, MERGED_MODE, Handler, Merged, Orphan,
+                              UnmergeError, retry, runs, unmerge_runs)
 from wp.dedupe.store import Store
 from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
                               NR_MADVISE, NR_MMAP, NR_MUNMAP, PROT_EXEC, PROT_READ, PROT_WRITE,
@@ -68,6 +68,7 @@ from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_
                               zero_pfn)
 from wp.faults import FaultLoop
 from wp.protector import UNPROTECT, WAKE, WriteProtector
+from wp.remote import ThreadStop
 from wp.uffd import MODE_MINOR, MODE_WP, Userfaultfd
 
 __all__ = ["DedupeProtector", "daemon_stats", "Orphan", "unmerge_runs", "MERGED_FEATURES"]
@@ -84,6 +85,8 @@ PAGE_META = 24
 # MADV_DONTFORK/WIPEONFORK (a new mapping would lose them), hugetlb, I/O.
 # (uffd flags "uw"/"um" are the session's: the protector takes those over.)
 _SKIP_FLAGS = {"lo", "dc", "wf", "ht", "io", "pf"}
+# A page still as the freeze left it: present, write-protected.
+_FROZEN = _pagemap.PRESENT | _pagemap.UFFD_WP
 
 
 class DedupeProtector(WriteProtector):
@@ -123,6 +126,10 @@ class DedupeProtector(WriteProtector):
 
     name = "dedupe"
     default_regions = ("anon",)
+    # New anonymous memory is registered on A by the scanner (_adopt), not
+    # on the session's uffd: a page WP'd there would be unprotected by the
+    # session's loop on the first write, whatever a freeze wanted.
+    session_refresh = False
 
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
@@ -147,6 +154,7 @@ class DedupeProtector(WriteProtector):
         self.pipeline = bool(pipeline)
         self.windowed = bool(windowed)
         self.window = int(window)
+        self.stop_timeout = 0.5   # seconds for every thread to stop for a batch
         self.guardian = None
         self.page_size = os.sysconf("SC_PAGESIZE")
         self.lock = threading.RLock()
@@ -155,6 +163,7 @@ class DedupeProtector(WriteProtector):
         self._starts = []
         self.n_merged = 0       # pages of this target mapping the store
         self._skipped = set()   # anonymous VMAs we looked at and left alone
+        self._anon_seen = set() # anonymous VMAs of the last pass
         self._no_merge = set()  # pages never frozen: the seized thread's rseq area
         self._rseq_known = False
         self._vmas = 0
@@ -165,7 +174,8 @@ class DedupeProtector(WriteProtector):
                              merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
                              zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
                              map_count_limited=0, taken_over=0, remote_ms=0.0, unmapped=0,
-                             moved_out=0, pass_errors=0,
+                             moved_out=0, pass_errors=0, dropped_meanwhile=0,
+                             batches_aborted=0, stopped_ms=0.0,
                              scan_cpu_s=0.0, target_sys_s=0.0)
         self.file_report = {}
         self.store = None
@@ -253,33 +263,39 @@ class DedupeProtector(WriteProtector):
 
     def detach(self):
         """Stops scanning and unmerges: every merged page becomes a private
-        anonymous page again."""
+        anonymous page again.
+
+        Raises:
+            UnmergeError: pages of the target (or of a child it forked)
+                are still merged. The guardian then serves them and keeps
+                unmerging until it succeeds (without a guardian our own
+                uffd stays open, served, until this process exits).
+        """
         self._stop.set()
         self._kick.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(30)
         self.store.forget_owner(self.pid)
-        if self.guardian is not None:
-            self.guardian.forget(self.pid)
-        try:
-            self.unmerge_all()
-        except Exception:
-            log.exception("pid %d: unmerge at detach failed", self.pid)
+        failed = []    # (Merged, UnmergeError)
+        err = self._unmerge(self.b, self.pid, self.space, self.unmerge_all)
+        if err is not None:
+            failed.append((self.b, err))
         self._resolve_children()
         for m in self.children:
-            if self.guardian is not None and m.pid:
-                self.guardian.forget(m.pid)
             # A forked child still alive maps store pages too: unmerge it,
             # or its DONTNEED semantics would go with our uffd.
             if m.pid and os.path.exists("/proc/%d" % m.pid):
-                try:
-                    unmerge_runs(self, m, space_of(m.pid), self.store.inode)
-                except Exception:
-                    log.exception("pid %d (child of %d): unmerge at detach failed", m.pid, self.pid)
-        if self._coredump_filter is not None:
+                e = self._unmerge(m, m.pid, None, None)
+                if e is not None:
+                    failed.append((m, e))
+            elif self.guardian is not None and m.pid:
+                self.guardian.forget(m.pid)
+        if not failed and self._coredump_filter is not None:
             coredump_filter(self.pid, self._coredump_filter)
+        kept = {id(m) for m, _ in failed} if self.guardian is None else set()
         for m in [self.b] + self.children:
-            m.close()
+            if id(m) not in kept:
+                m.close()
         self.loop_a.stop()
         self.uffd_a.close()
         self._pagemap.close()
@@ -288,6 +304,41 @@ class DedupeProtector(WriteProtector):
             self.store.collect()
         except OSError:
             pass
+        if failed:
+            raise failed[0][1]
+
+    def _unmerge(self, m, pid, space, unmerge):
+        """Unmerges process pid (m its Merged); on success tells the
+        guardian to forget it, on failure hands it over (the guardian
+        serves it and retries). Returns the UnmergeError or None."""
+        try:
+            if unmerge is not None:
+                unmerge()
+            else:
+                _, runs_left = unmerge_runs(self, m, space_of(pid), self.store.inode)
+                if runs_left:
+                    raise UnmergeError(pid, runs_left)
+        except UnmergeError as e:
+            err = e
+        except (OSError, TimeoutError) as e:
+            try:
+                left = light_maps(pid, self.store.inode)[2]
+            except OSError:
+                left = []
+            if not left:
+                err = None
+            else:
+                err = UnmergeError(pid, left, reason=e)
+        else:
+            err = None
+        if err is None:
+            if self.guardian is not None:
+                self.guardian.forget(pid)
+            return None
+        log.error("%s", err)
+        if self.guardian is not None:
+            self.guardian.rescue(pid)
+        return err
 
     # -- the freeze uffd ---------------------------------------------------
 
@@ -335,6 +386,24 @@ class DedupeProtector(WriteProtector):
         out.sort()
         return out
 
+    def _adopt(self, anon):
+        """Registers on A the anonymous VMAs inside our regions that are new
+        since the last pass (the target unmapped and mapped memory again: a
+        new VMA carries no registration). Registering a range already ours
+        again is a no-op for the kernel."""
+        seen = self._anon_seen
+        cur = set(anon)
+        for s, e in cur - seen:
+            r = self._region(s)
+            if r is None or e > r.end:
+                continue
+            try:
+                self.uffd_a.register(s, e - s, MODE_WP)
+            except OSError as err:
+                log.debug("pid %d: cannot register %#x-%#x for freezing: %s", self.pid, s, e, err)
+                cur.discard((s, e))   # try again next pass
+        self._anon_seen = cur
+
     def _take_over(self, ranges):
         """Moves the registration of new ranges from the session's uffd to
         A (see the module docstring: the session's uffd sends events) and
@@ -374,6 +443,7 @@ class DedupeProtector(WriteProtector):
         t_wall = time.monotonic()
         nvmas, anon, store_vmas = light_maps(self.pid, self.store.inode)
         self._vmas = nvmas
+        self._adopt(anon)
         new = [(s, e) for s, e in anon if (s, e) not in self._skipped
                and (self._region(s) is None or e > self._region(s).end)]
         if new:
@@ -737,6 +807,7 @@ class DedupeProtector(WriteProtector):
         return spans, partial
 
     def _unfreeze(self, spans):
+        """Unprotects spans (a list, emptied) and wakes their writers."""
         ps = self.page_size
         for s, e in spans:
             try:
@@ -752,8 +823,15 @@ class DedupeProtector(WriteProtector):
                 self.uffd_a.wake(s, e - s)
         with self.cond:
             for sp in spans:
-                self.frozen.remove(sp)
+                if sp in self.frozen:
+                    self.frozen.remove(sp)
             self.cond.notify_all()
+        for s, e in spans:   # writers B left waiting (Merged.on_write)
+            try:
+                self.b.uffd.wake(s, e - s)
+            except OSError:
+                pass
+        spans[:] = []   # unfrozen: a second call does nothing
 
     def _merge(self, plan):
         """Freezes, compares and merges one batch. Returns pages merged."""
@@ -837,8 +915,8 @@ class DedupeProtector(WriteProtector):
 
     def _execute(self, prepared):
         """The second half of a batch: the syscalls in the target, our
-        bookkeeping, B registration, and the writers let go. Returns pages
-        merged."""
+        bookkeeping and B registration (every thread of the target stopped
+        meanwhile), and the writers let go. Returns pages merged."""
         spans, store_runs, zero_runs = prepared
         ps = self.page_size
         store = self.store
@@ -846,34 +924,9 @@ class DedupeProtector(WriteProtector):
         try:
             ok_store, ok_zero = [], []
             if store_runs or zero_runs:
-                ok_store, ok_zero = self._remote_merge(store_runs, zero_runs)
-            # Bookkeeping, then register the merged runs on B.
-            refs = self.idx_refs
-            removed = self.b.removed
-            with self.lock:
-                for s, n, idx in ok_store:
-                    r = self._region(s)
-                    base = r.index(s)
-                    r.merged[base:base + n] = range(idx + 1, idx + n + 1)
-                    for x in range(idx, idx + n):
-                        refs[x] = refs.get(x, 0) + 1
-                    if removed:
-                        removed.difference_update(range(s, s + n * ps, ps))
-                        self.journal_removed(self.b)
-                    done += n
-                store.ref_runs(ok_store)
-            register = self.b.uffd.register
-            mode = MODE_MINOR | MODE_WP
-            for s, n, idx in ok_store:
-                try:
-                    register(s, n * ps, mode)
-                except OSError:
-                    try:
-                        retry(register, s, n * ps, mode)
-                    except OSError as err:
-                        log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
-                                    self.pid, s, n, err)
+                ok_store, ok_zero = self._remote_merge(store_runs, zero_runs, spans)
             nz = sum(n for _, n, _ in ok_zero)
+            done = sum(n for _, n, _ in ok_store)
             self.n_merged += done
             self.counters["merges"] += done
             self.counters["zero_pages"] += nz
@@ -884,70 +937,168 @@ class DedupeProtector(WriteProtector):
             self._unfreeze(spans)
         return done + nz
 
-    def _remote_merge(self, store_runs, zero_runs):
-        """Runs the merge batch in the target. Returns the runs that merged."""
+    # Some facts about replacing a page under a running target:
+    # - The freeze (sync WP on A) stops writes, not MADV_DONTNEED: the
+    #   target may drop a frozen page after we read it, read zeros, write it
+    #   again (the fresh PTE carries no WP bit: anonymous zap drops the WP
+    #   marker), and our mmap would then put the old bytes back.
+    # - A merged run registered on B only after the target runs again could
+    #   be dropped meanwhile with no REMOVE event: the next read would map
+    #   the store page, not zeros.
+    # So a batch stops every thread of the target (ThreadStop), then keeps
+    # only pages pagemap still shows present *and* write-protected (nothing
+    # dropped or replaced them since the freeze), runs the syscalls, registers
+    # the merged runs on B, and only then lets the threads go.
+
+    def _still_frozen(self, runs_, key=True):
+        """The parts of runs_ [(start, n, idx)] whose pages are present and
+        write-protected now (pagemap); idx moves with a split when key."""
+        ps = self.page_size
+        out = []
+        i = 0
+        while i < len(runs_):
+            j = i + 1   # a cluster of nearby runs: one pagemap read
+            while j < len(runs_) and runs_[j][0] - runs_[j - 1][0] < 256 * ps:
+                j += 1
+            lo = runs_[i][0]
+            hi = runs_[j - 1][0] + runs_[j - 1][1] * ps
+            ents = self._pagemap.entries(lo, (hi - lo) // ps)
+            for s, n, x in runs_[i:j]:
+                k0 = (s - lo) // ps
+                first = None
+                for k in range(n + 1):
+                    good = k < n and k0 + k < len(ents) and ents[k0 + k] & _FROZEN == _FROZEN
+                    if good and first is None:
+                        first = k
+                    elif not good and first is not None:
+                        out.append((s + first * ps, k - first, x + first if key else x))
+                        first = None
+                dropped = n - sum(r[1] for r in out if s <= r[0] < s + n * ps)
+                self.counters["dropped_meanwhile"] += dropped
+            i = j
+        return out
+
+    def _remote_merge(self, store_runs, zero_runs, spans):
+        """Runs the merge batch in the target, every thread of it stopped,
+        and registers the merged runs on B. Returns the runs that merged."""
         ps = self.page_size
         t0 = time.monotonic()
         sys0 = sys_time(self.pid)
         ok_store, ok_zero = [], []
         with remote(self.pid) as rp:
-            rseq = rp.rseq_page()
-            if rseq is not None and rseq not in self._no_merge:
-                self._no_merge.add(rseq)
-                with self.lock:
-                    frozen = any(fs <= rseq < fe for fs, fe in self.frozen)
-                if frozen:   # let the kernel write it; do not merge it now
-                    retry(self.uffd_a.unprotect, rseq, ps)
-                    store_runs = [r for r in store_runs if not r[0] <= rseq < r[0] + r[1] * ps]
-                    zero_runs = [r for r in zero_runs if not r[0] <= rseq < r[0] + r[1] * ps]
-            tfd = None
-            scratch = None
-            if store_runs:
-                scratch = rp.mmap_scratch()
-                tfd = store_fd_in(rp, scratch, self.store.fd)
-            calls = []
-            region = None
-            for s, n, idx in store_runs:
-                if region is None or not region.start <= s < region.end:
-                    region = self._region(s)
-                prot = region.prot
-                calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
-                                        self.store.offset(idx))))
-            for s, n, _ in zero_runs:
-                calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
-            # Map the store pages in now, so that a first read costs no MINOR
-            # fault once B registers them: one madvise over the whole batch
-            # when it is dense (it also maps the zero page where zero pages
-            # went, which is what a read there would do), else one per run.
-            if store_runs:
-                lo = store_runs[0][0]
-                hi = store_runs[-1][0] + store_runs[-1][1] * ps
-                if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
-                        and self._region(lo) is self._region(hi - ps):
-                    calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
-                else:
-                    calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
-                                 for s, n, _ in store_runs)
-            if tfd is not None:
-                calls.append((NR_CLOSE, (tfd,)))
-            if scratch is not None:
-                calls.append((NR_MUNMAP, (scratch, ps)))
-            res = rp.syscalls(calls)
-            for k, run in enumerate(store_runs):
-                if res[k] == run[0]:
-                    ok_store.append(run)
-                else:
-                    self.counters["merge_errors"] += 1
-                    log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[k])
-            base = len(store_runs)
-            for k, run in enumerate(zero_runs):
-                if res[base + k] == 0:
-                    ok_zero.append(run)
-                else:
-                    self.counters["merge_errors"] += 1
+            hold = ThreadStop(self.pid, skip={rp.tid}, timeout=self.stop_timeout)
+            try:
+                if not hold.stop():
+                    # A thread blocked on the freeze in kernel mode cannot
+                    # stop: give up this batch (a later pass retries it).
+                    self.counters["batches_aborted"] += 1
+                    self._unfreeze(spans)
+                    return [], []
+                ok_store, ok_zero = self._merge_stopped(rp, store_runs, zero_runs, spans)
+            finally:
+                stuck = hold.release()
+                self.counters["stopped_ms"] += hold.elapsed * 1000
+                if stuck:
+                    log.error("pid %d: threads %s never stopped; they stay traced", self.pid,
+                              sorted(stuck))
         self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
         self.counters["target_sys_s"] += sys_time(self.pid) - sys0
         return ok_store, ok_zero
+
+    def _merge_stopped(self, rp, store_runs, zero_runs, spans):
+        ps = self.page_size
+        ok_store, ok_zero = [], []
+        rseq = rp.rseq_page()
+        if rseq is not None and rseq not in self._no_merge:
+            self._no_merge.add(rseq)
+            with self.lock:
+                frozen = any(fs <= rseq < fe for fs, fe in self.frozen)
+            if frozen:   # let the kernel write it; do not merge it now
+                retry(self.uffd_a.unprotect, rseq, ps)
+        if self._no_merge:
+            def keep(r):
+                return not any(r[0] <= a < r[0] + r[1] * ps for a in self._no_merge)
+            store_runs = [r for r in store_runs if keep(r)]
+            zero_runs = [r for r in zero_runs if keep(r)]
+        store_runs = self._still_frozen(store_runs)
+        zero_runs = self._still_frozen(zero_runs, key=False)
+        if not store_runs and not zero_runs:
+            return ok_store, ok_zero
+        tfd = None
+        scratch = None
+        if store_runs:
+            scratch = rp.mmap_scratch()
+            tfd = store_fd_in(rp, scratch, self.store.fd)
+        calls = []
+        region = None
+        for s, n, idx in store_runs:
+            if region is None or not region.start <= s < region.end:
+                region = self._region(s)
+            prot = region.prot
+            calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
+                                    self.store.offset(idx))))
+        for s, n, _ in zero_runs:
+            calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+        # Map the store pages in now, so that a first read costs no MINOR
+        # fault once B registers them: one madvise over the whole batch
+        # when it is dense (it also maps the zero page where zero pages
+        # went, which is what a read there would do), else one per run.
+        if store_runs:
+            lo = store_runs[0][0]
+            hi = store_runs[-1][0] + store_runs[-1][1] * ps
+            if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
+                    and self._region(lo) is self._region(hi - ps):
+                calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
+            else:
+                calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
+                             for s, n, _ in store_runs)
+        if tfd is not None:
+            calls.append((NR_CLOSE, (tfd,)))
+        if scratch is not None:
+            calls.append((NR_MUNMAP, (scratch, ps)))
+        res = rp.syscalls(calls)
+        for k, run in enumerate(store_runs):
+            if res[k] == run[0]:
+                ok_store.append(run)
+            else:
+                self.counters["merge_errors"] += 1
+                log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[k])
+        base = len(store_runs)
+        for k, run in enumerate(zero_runs):
+            if res[base + k] == 0:
+                ok_zero.append(run)
+            else:
+                self.counters["merge_errors"] += 1
+        self._record_merged(ok_store)
+        return ok_store, ok_zero
+
+    def _record_merged(self, ok_store):
+        """Bookkeeping for runs just mapped from the store, and their
+        registration on B (before the target's threads run again)."""
+        ps = self.page_size
+        refs = self.idx_refs
+        removed = self.b.removed
+        with self.lock:
+            for s, n, idx in ok_store:
+                r = self._region(s)
+                base = r.index(s)
+                r.merged[base:base + n] = range(idx + 1, idx + n + 1)
+                for x in range(idx, idx + n):
+                    refs[x] = refs.get(x, 0) + 1
+                if removed:
+                    removed.difference_update(range(s, s + n * ps, ps))
+            self.store.ref_runs(ok_store)
+        register = self.b.uffd.register
+        mode = MERGED_MODE
+        for s, n, idx in ok_store:
+            try:
+                register(s, n * ps, mode)
+            except OSError:
+                try:
+                    retry(register, s, n * ps, mode)
+                except OSError as err:
+                    log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
+                                self.pid, s, n, err)
 
     # -- keeping track -----------------------------------------------------
 
@@ -1033,7 +1184,6 @@ class DedupeProtector(WriteProtector):
                 # If wpd dies, the guardian unmerges the child too (it
                 # inherited the coredump_filter wp set in its parent).
                 self.guardian.add(pid, m.uffd.fd, self._coredump_filter)
-                self.journal_removed(m)
 
     def forked(self, parent, fd):
         """A merged range was inherited by a forked child: serve its MINOR
@@ -1057,7 +1207,9 @@ class DedupeProtector(WriteProtector):
     def unmerge_all(self):
         """Makes every merged page of the target private anonymous memory
         again (contents kept, writers blocked meanwhile). Returns pages."""
-        n = unmerge_runs(self, self.b, self.space, self.store.inode)
+        n, failed = unmerge_runs(self, self.b, self.space, self.store.inode)
+        if failed:
+            raise UnmergeError(self.pid, failed)
         with self.lock:
             for r in self.rstate:
                 for i in range(r.n):
@@ -1065,14 +1217,6 @@ class DedupeProtector(WriteProtector):
                         self._drop(r, i)
             self.counters["unmerged"] += n
         return n
-
-    def journal_removed(self, m):
-        """m's removed pages changed: tell the guardian (the target's own,
-        or a forked child's whose pid is known)."""
-        if self.guardian is not None and (m is self.b or m.pid):
-            with self.lock:
-                pages = list(m.removed)
-            self.guardian.removed(self.pid if m is self.b else m.pid, pages)
 
     # -- file-backed memory: measured only -----------------------------------
 
@@ -1158,6 +1302,7 @@ class DedupeProtector(WriteProtector):
             "pass_interval_s": self.wait_s,
             "minor_faults": self.b.minor_faults if self.session else 0,
             "zero_fills": self.b.zero_fills if self.session else 0,
+            "missing_faults": self.b.missing_faults if self.session else 0,
             "remove_events": self.b.removes if self.session else 0,
             "children": [c.pid for c in self.children],
             "file_backed": self.file_report,
