@@ -105,6 +105,8 @@ struct wp_loop {
 	uint64_t dropped;    /* records overwritten before they were drained */
 	struct wp_note *notes;   /* NULL, or the notes map: write one per resolve */
 	uint32_t note_mask;      /* slots - 1 */
+	uint64_t spin_after_ns;  /* after a batch of faults, read without sleeping this long */
+	int burst;               /* the last batch held a page fault */
 	uint64_t missing_reads;  /* MISSING faults of reads the C path resolved (in faults too) */
 };
 

@@ -64,6 +64,7 @@ class FaultLoop:
     """
 
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
+    SPIN_AFTER_US = 50   # us the loop reads on without sleeping after a fault
 
     def __init__(self, uffd, protector, region_of, on_event, handler="python",
                  spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
@@ -161,6 +162,11 @@ class FaultLoop:
     def _run(self):
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
+        elif len(os.sched_getaffinity(0)) > 1:
+            # Unpinned with another CPU to run on: stay awake a moment after
+            # each batch of faults (faultloop.c, spin_read). Pinned, the
+            # writer may need this very CPU: sleep at once.
+            self._loop.spin_after_ns = int(self.SPIN_AFTER_US * 1000)
         msgs = ffi.new("struct wp_msg[]", _BATCH)
         try:
             if self.handler == "c":

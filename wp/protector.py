@@ -28,11 +28,14 @@ and the error is counted and logged: no writer is left blocked.
 """
 from dataclasses import dataclass
 
-__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "DEFER"]
+__all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "DEFER", "NEEDS_DECISION",
+           "NEEDS_NOTICE"]
 
 UNPROTECT = "unprotect"
 WAKE = "wake"
 DEFER = "defer"
+NEEDS_DECISION = "decision"
+NEEDS_NOTICE = "notice"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,17 @@ class WriteProtector:
     name = "base"
     #: regions to protect when the user names none: "all" writable memory.
     default_regions = ("all",)
+    #: What the protector must learn of a write; the session protects no
+    #: more than that when the user asks for no mode:
+    #:
+    #: - NEEDS_DECISION: before the write lands. Sync WP where the memory
+    #:   allows it: the writer waits for ``on_write`` (a round trip to the
+    #:   handler: 5-60 us on this VM, depending on where it runs). Snapshot's
+    #:   copy, dedupe's freeze, trace's exact mode.
+    #: - NEEDS_NOTICE: only after. Async WP everywhere: the kernel resolves
+    #:   the fault itself (~1 us) and marks the page written; ``on_written``
+    #:   hears of it at the next PAGEMAP_SCAN. track, trace's default.
+    needs = "decision"
     #: False: the protector takes in memory that appears later itself
     #: (Session.refresh leaves it alone).
     session_refresh = True

@@ -125,7 +125,8 @@ def resolve_regions(mappings, specs, pid, mode=None):
             elif spec == "anon":
                 chosen = [m for m in writable if m.kind == _maps.PRIVATE_ANON]
             elif spec == "shmem":
-                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM)]
+                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM,
+                                                            _maps.SYSV_SHM)]
             elif spec == "hugetlb":
                 chosen = [m for m in writable if m.kind == _maps.HUGETLB]
             elif spec.startswith("file:"):
@@ -186,7 +187,9 @@ class Session:
         space: a wp.space.Space (the target's memory and its uffds).
         protector: a WriteProtector instance.
         regions: region specs (see resolve_regions); default the protector's.
-        mode: None, "sync" or "async" (see resolve_regions).
+        mode: None (what the protector needs: async everywhere for a
+            protector that needs only a notice of writes, else sync where
+            the memory allows it), "sync" or "async" (see resolve_regions).
         handler: "python" (protector.on_write) or "c" (C fast path, trace-less).
         spin: busy-poll in the fault loop.
         cpu: pin the fault loop thread to this CPU.
@@ -210,6 +213,10 @@ class Session:
         self.pid = space.pid
         self.protector = protector
         self.specs = list(regions or protector.default_regions)
+        # A protector that only needs to hear of writes afterwards gets
+        # async WP: no round trip to this process on any write.
+        if mode is None and getattr(protector, "needs", "decision") == "notice":
+            mode = "async"
         self.mode = mode
         self.handler = handler
         self.spin = spin
