@@ -314,11 +314,14 @@ class Daemon:
             with self.lock:
                 targets = list(self.targets.values())
             out = {"daemon_pid": os.getpid(), "targets": [t.status() for t in targets]}
-            dedupers = [t.session.protector for t in targets
-                        if t.session.protector.name == "dedupe" and not t.session.failed]
-            if dedupers:   # KSM's counters for the daemon as a whole
-                from wp.protectors.dedupe import daemon_stats
-                out["dedupe"] = daemon_stats(dedupers)
+            by_class = {}   # e.g. dedupe: KSM's counters for the daemon as a whole
+            for t in targets:
+                if not t.session.failed:
+                    by_class.setdefault(type(t.session.protector), []).append(t.session.protector)
+            for cls, prots in by_class.items():
+                agg = cls.daemon_stats(prots)
+                if agg is not None:
+                    out[cls.name] = agg
             return out
         if op == "stats":
             pid = req["pid"]

@@ -116,5 +116,11 @@ class WriteProtector:
     def stats(self):
         return {}
 
+    @classmethod
+    def daemon_stats(cls, protectors):
+        """Counters for the daemon as a whole over its protectors of this
+        class (wp status shows them under the protector's name), or None."""
+        return None
+
     def detach(self):
         pass
