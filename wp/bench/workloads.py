@@ -99,8 +99,10 @@ def _kv(text):
 
 def _pagefault_binary():
     """Builds wp/bench/pagefault.c once into /var/tmp; returns its path."""
+    import hashlib
     src = os.path.join(_HERE, "pagefault.c")
-    out = "/var/tmp/wp-bench-pagefault-%d" % int(os.stat(src).st_mtime)
+    with open(src, "rb") as f:
+        out = "/var/tmp/wp-bench-pagefault-" + hashlib.sha1(f.read()).hexdigest()[:12]
     if not os.path.exists(out):
         tmp = out + ".%d" % os.getpid()
         subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", tmp, src], check=True)
