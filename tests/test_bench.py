@@ -16,17 +16,24 @@ def test_bench_faults_json():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["cpu_placement"].startswith("same:")
-    rows = {(row["memory"], row["handler"]): row for row in out["rows"]}
+    rows = {(row["memory"], row["handler"], row["protector"]): row for row in out["rows"]}
+    assert len(rows) == len(out["rows"])
     for memory in ("anon", "shmem", "hugetlb"):
-        for handler in ("none", "c", "python"):
-            assert (memory, handler) in rows
-    assert ("file", "async") in rows and rows[("file", "async")]["mode"] == "async"
+        assert (memory, "none", None) in rows and (memory, "c", "unprotect") in rows
+        for protector in ("unprotect", "trace", "first-writer"):
+            assert len(rows[(memory, "python", protector)]["us_rounds"]) == 5
+    assert ("file", "async", None) in rows and rows[("file", "async", None)]["mode"] == "async"
     for row in out["rows"]:
-        assert set(row) >= {"memory", "mode", "handler", "pages", "faults", "us_per_fault"}
+        assert set(row) >= {"memory", "mode", "handler", "protector", "pages", "faults", "us_per_fault"}
+        # sync rows: the faults their one region counted (the C path's too)
         assert row["faults"] == row["pages"], row
         assert row["us_per_fault"] > 0
     assert set(out["ratios"]) == {"anon_python_over_c", "anon_c_over_async",
                                   "fresh_write_missing_over_wp_only", "fresh_read_missing_over_wp_only"}
+    for memory in ("anon", "shmem", "hugetlb"):
+        p = out["python_path"][memory]
+        assert p["trace_over_c"] == round(p["trace_us"] / p["c_us"], 3)
+        assert set(p["goal_met"]) == set(p["must_met"]) == {"trace", "first-writer", "python_own_us"}
     # First touches of fresh anonymous memory: with MISSING registered a
     # read is a round trip too; without it only the write (WP_UNPOPULATED).
     fresh = out["fresh_anon"]

@@ -18,10 +18,13 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory
+from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -341,6 +344,9 @@ import sys
 sys.path.insert(0, %r)
 from wp.maps import read_maps
 from wp.errors import NotRoot
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -580,10 +586,12 @@ def test_local_space_writer_in_c(sessions):
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_c_handler(memtarget, sessions, kind):
     """handler="c": faults resolved in C without calling the protector; the
-    records still name each page and writer."""
+    records still name each page and writer, and each region counts its
+    own faults."""
     t = memtarget(kind, 4)
     prot = TraceProtector(exact=True)
-    s = sessions(t, prot, handler="c")
+    mid = t.page(2)
+    s = sessions(t, prot, handler="c", regions=[(t.addr, mid), (mid, t.addr + t.length)])
     tid0 = t.write(0, 1)
     tid2 = t.write(2, 2)
     t.write(2, 3)
@@ -596,6 +604,7 @@ def test_c_handler(memtarget, sessions, kind):
         recs += s.records()
     st = s.stats()
     assert (st["faults"], st["resolved"], st["resolve_errors"]) == (2, 2, 0)
+    assert [r["faults"] for r in st["regions"]] == [1, 1]
     assert [(page_of(a, t.page_size), tid) for a, tid, *_ in recs] == [(t.page(0), tid0), (t.page(2), tid2)]
     assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT and not how & lib.WP_HOW_ERROR
                for *_, how in recs)
@@ -605,6 +614,37 @@ def test_c_handler(memtarget, sessions, kind):
 
 def page_of(addr, psize):
     return addr & ~(psize - 1)
+
+
+class Undeclared(WriteProtector):
+    """A user's protector that only unprotects but does not say so."""
+    name = "undeclared"
+
+
+class Declared(Undeclared):
+    name = "declared"
+    unprotects_every_write = True
+
+
+@pytest.mark.parametrize("cls", [SnapshotProtector, DedupeProtector, Undeclared])
+def test_c_handler_refused_unless_declared(memtarget, cls):
+    """The C handler would unprotect every write without calling on_write:
+    a protector that does not declare that this is all it needs is refused
+    before the target is touched (its uffd not even taken)."""
+    t = memtarget("anon", 4)
+    with pytest.raises(BadRequest, match="protector %s cannot run with --handler c" % cls.name):
+        Session(ProcessSpace.cooperative(t.pid, t.uffds[:1]), cls.__new__(cls), handler="c")
+    assert t.wp_bits() == [False] * 4
+    t.write(1, 5)     # not protected: does not block
+    assert t.read(1) == (5, 5 * t.page_size)
+
+
+def test_c_handler_for_a_declared_user_protector(memtarget, sessions):
+    t = memtarget("anon", 4)
+    s = sessions(t, Declared(), handler="c")
+    t.write(3, 1)
+    assert settled(s, resolved=1)["regions"][0]["faults"] == 1
+    assert t.wp_bits() == [True, True, True, False]
 
 
 def test_spin_pinned_loop(memtarget, sessions):
