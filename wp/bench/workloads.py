@@ -665,9 +665,10 @@ def run(names=None, protectors=PROTECTORS, rounds=3, seconds=4.0, cpus=None, sna
     old_aff = os.sched_getaffinity(0)
     if cpus == 1:
         os.sched_setaffinity(0, {0})    # inherited by wpd, the programs, wp snapshot
-    workdir = tempfile.mkdtemp(prefix="wp-bench-wl.")
-    dirs = {"ext4": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/var/tmp"),
-            "tmpfs": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/dev/shm")}
+    prefix = "wp-bench-wl.%d." % os.getpid()
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    dirs = {"ext4": tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"),
+            "tmpfs": tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")}
     wpd = None
     results, raw = [], {}
     try:
