@@ -37,10 +37,10 @@ def test_bench_faults_json():
         assert set(p["goal_met"]) == set(p["must_met"]) == {"trace", "first-writer", "python_own_us"}
     # First touches of fresh anonymous memory: with MISSING registered a
     # read is a round trip too; without it only the write (WP_UNPOPULATED).
-    fresh = out["fresh_anon"]
-    assert (fresh["wp_missing"]["faults_write"], fresh["wp_missing"]["faults_read"]) == (64, 64)
-    assert (fresh["wp_only"]["faults_write"], fresh["wp_only"]["faults_read"]) == (64, 0)
-    assert (fresh["none"]["faults_write"], fresh["none"]["faults_read"]) == (0, 0)
+    for fresh in (out["fresh_anon"], out["fresh_anon_c"]):
+        assert (fresh["wp_missing"]["faults_write"], fresh["wp_missing"]["faults_read"]) == (64, 64)
+        assert (fresh["wp_only"]["faults_write"], fresh["wp_only"]["faults_read"]) == (64, 0)
+        assert (fresh["none"]["faults_write"], fresh["none"]["faults_read"]) == (0, 0)
     # the machine the numbers come from
     m = out["machine"]
     assert m["kernel"] == os.uname().release and m["cpus"] == os.cpu_count() and m["clocksource"]

@@ -526,6 +526,28 @@ def test_writes_after_dontneed_are_seen_async(memtarget, sessions, protector):
     assert s.scan_written() == {} and s.stats()["written_pages"] == 2 * NPAGES
 
 
+def test_c_handler_missing_faults(memtarget, sessions):
+    """handler="c": a read of a dropped page maps a protected zero page, a
+    write one that it then unprotects, without the protector; both are
+    recorded, only the write counts as a fault."""
+    t = memtarget("anon", 4)
+    s = sessions(t, handler="c")
+    assert t.cmd("d 1") == ["ok"] and t.cmd("d 2") == ["ok"]
+    assert t.read(1) == (0, 0)
+    assert t.wp_bits()[1:3] == [True, False] and t.present_bits()[1:3] == [True, False]
+    tid2 = t.write(2, 4)                       # MISSING write: unprotected at once
+    tid1 = t.write(1, 3)                       # WP fault of the zero page the read mapped
+    assert (t.read(1), t.read(2)) == ((3, 3 * t.page_size), (4, 4 * t.page_size))
+    assert t.wp_bits() == [True, False, False, True]
+    st = settled(s, faults=2, resolved=2)
+    assert (st["faults"], st["resolved"], st["missing_reads"], st["resolve_errors"]) == (2, 2, 1, 0)
+    recs = [(page_of(a, t.page_size), tid, how) for a, tid, _r, _s, how in s.records()]
+    assert [(p, tid) for p, tid, _ in recs][1:] == [(t.page(2), tid2), (t.page(1), tid1)]
+    assert not any(how & lib.WP_HOW_ERROR for *_, how in recs)
+    assert recs[0][2] & lib.WP_HOW_WAKE                      # the read: woken, kept protected
+    assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT for *_, how in recs[1:])
+
+
 def test_missing_read_from_another_thread_of_ours(memtarget, sessions):
     """A read of a dropped page by wp itself from a thread other than the
     fault loop's (process_vm_readv) waits for the loop, which maps a

@@ -254,6 +254,7 @@ def run(pages=2048, huge_pages=32, where="same", compare_placements=True, progre
         progress("fresh anon: first touch, with and without MISSING")
     fresh = measure_fresh(pages, where)
     out["fresh_anon"] = fresh
+    out["fresh_anon_c"] = measure_fresh(pages, where, handler="c")
     out["ratios"]["fresh_write_missing_over_wp_only"] = round(
         fresh["wp_missing"]["write"] / fresh["wp_only"]["write"], 2)
     out["ratios"]["fresh_read_missing_over_wp_only"] = round(
@@ -294,6 +295,7 @@ def main(args):
                                                        r["protector"] or "-", r["pages"], r["faults"],
                                                        r["us_per_fault"]))
     print("fresh anon, us per first touch: " + json.dumps(out["fresh_anon"]))
+    print("fresh anon, handler c: " + json.dumps(out["fresh_anon_c"]))
     print("ratios: " + json.dumps(out["ratios"]))
     print("python / c (goal / must: trace %.2f / %.2f, first-writer %.2f / %.2f; Python's own us %.1f / %.1f):"
           % (GOALS["trace"]["goal"], GOALS["trace"]["must"], GOALS["first-writer"]["goal"],
