@@ -919,3 +919,41 @@ def test_sysv_shm_takes_async_protection():
         p.stdin.close()
         p.wait(10)
         p.stdout.close()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["sync", "async"])
+def test_attach_while_the_layout_changes(target_bin, spawn, exact):
+    """A thread of the target maps, writes and unmaps memory all the time,
+    as allocators do, so the maps the session read are stale by the time it
+    registers them. Every attach still succeeds (what went away before the
+    instant is not protected; what is there is), and the target goes on."""
+    p = spawn([target_bin("mapper")])
+    assert p.stdout.readline().strip() == "ready"
+    p.stdin.write("c\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"
+    for _ in range(10):
+        with Session(ProcessSpace.attached(p.pid), TraceProtector(exact=exact), regions=["anon"]) as s:
+            assert s.regions
+            heap = [r for r in s.regions if r.kind == "anon"]
+            assert heap
+        assert p.poll() is None
+    p.stdin.write("m 4\n")
+    p.stdin.flush()
+    assert p.stdout.readline().split()[0] == "addr"
+
+
+def test_snapshot_while_the_layout_changes(target_bin, spawn, tmp_path):
+    """wp snapshot of a target whose allocator maps and unmaps all the
+    time: the threads are stopped before the image is laid out, so every
+    snapshot succeeds and holds the target's mappings of that instant."""
+    from wp.protectors.snapshot import snapshot
+    p = spawn([target_bin("mapper")])
+    assert p.stdout.readline().strip() == "ready"
+    p.stdin.write("c\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"
+    for i in range(5):
+        st = snapshot(ProcessSpace.attached(p.pid), path=str(tmp_path / "core"), regions=["anon"])
+        assert st["copied_bytes"] > 0 and os.path.getsize(tmp_path / "core") > st["copied_bytes"], st
+        assert p.poll() is None

@@ -61,6 +61,12 @@ class DaemonUnreachable(WPError, ConnectionError):
     """wpd is not running, does not answer in time, or went away (exit 3)."""
 
 
+class LayoutChanged(WPError):
+    """The target mapped or unmapped memory while a session was being set
+    up for a protector that planned on the regions it was given; nothing
+    was left changed, and trying again usually works (exit 1)."""
+
+
 # Most specific first: NotRoot is a PermissionError, BadRange a ValueError.
 _CODES = (
     (UsageError, EXIT_USAGE),

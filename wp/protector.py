@@ -119,6 +119,11 @@ class WriteProtector:
     #: False: the protector takes in memory that appears later itself
     #: (Session.refresh leaves it alone).
     session_refresh = True
+    #: True: ``attach`` plans on ``session.regions`` (a snapshot lays out its
+    #: image). If the target's layout changes before the regions are
+    #: protected, Session.start then raises LayoutChanged instead of reading
+    #: the maps again and protecting what is there now.
+    fixed_regions = False
 
     def attach(self, session):
         self.session = session

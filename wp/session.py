@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from wp import maps as _maps
-from wp.errors import BadRange, UnsupportedMemory, NotRoot
+from wp.errors import BadRange, LayoutChanged, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop, RegionTable, new_region_id
 from wp.pagemap import Pagemap
 from wp.protector import check_handler
@@ -277,21 +277,7 @@ class Session:
             self._attached = True
             if self.sync_uffd:
                 self._start_loop(self.sync_uffd, self.pid)
-            for r in self.regions:
-                u = self._uffd_for(r)
-                try:
-                    u.register(r.start, r.length, self._register_mode(r))
-                except OSError as err:
-                    why = err
-                    if err.errno == errno.EBUSY:
-                        # A VMA takes one userfaultfd at a time.
-                        why = ("another userfaultfd has it registered already (wpd, another wp "
-                               "snapshot or track, or the program's own): if wpd is attached to pid "
-                               "%d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
-                    raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
-                                            % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
-                registered.append(r)
-                u.protect(r.start, r.length)
+            self._register_all(registered)
             if self.async_uffd and self.async_uffd.features & ASYNC_REMOVE_FEATURES == ASYNC_REMOVE_FEATURES:
                 self._events_thread = threading.Thread(target=self._async_events, name="wp-async-events",
                                                        daemon=True)
@@ -313,6 +299,93 @@ class Session:
                  self.pid, len(self.regions), sum(r.mode == "sync" for r in self.regions),
                  sum(r.mode == "async" for r in self.regions), self.protector.name)
         return self
+
+    #: How many times start() reads the target's maps again when they
+    #: changed under it before it gives up.
+    LAYOUT_RETRIES = 3
+
+    def _register_all(self, registered):
+        """Registers and protects self.regions, appending each to registered.
+
+        The target runs while the session starts, and its allocators map and
+        unmap memory all the time: the maps read a moment ago may be stale,
+        and UFFDIO_REGISTER then fails with EINVAL (a hole, or another kind
+        of VMA, in the range) or WRITEPROTECT with ENOENT. Then the maps are
+        read again and what is mapped now is protected, a few times over;
+        what went away before it was protected was never part of the target's
+        protected memory. EBUSY (another uffd has the range) is final.
+        """
+        pending = self.regions
+        for attempt in range(self.LAYOUT_RETRIES + 1):
+            changed = []
+            last = attempt == self.LAYOUT_RETRIES or self.protector.fixed_regions
+            for r in pending:
+                u = self._uffd_for(r)
+                if u is None:
+                    continue    # new since the first read, of a mode no uffd was opened for
+                try:
+                    u.register(r.start, r.length, self._register_mode(r))
+                except OSError as err:
+                    if err.errno == errno.EINVAL and self.protector.fixed_regions and self._moved(r):
+                        raise LayoutChanged(
+                            "pid %d mapped or unmapped memory at %#x-%#x while wp was protecting it: "
+                            "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
+                    if err.errno == errno.EINVAL and not last:
+                        changed.append(r)
+                        continue
+                    why = err
+                    if err.errno == errno.EBUSY:
+                        # A VMA takes one userfaultfd at a time.
+                        why = ("another userfaultfd has it registered already (wpd, another wp "
+                               "snapshot or track, or the program's own): if wpd is attached to pid "
+                               "%d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
+                    raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
+                                            % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
+                try:
+                    u.protect(r.start, r.length)
+                except OSError as err:
+                    if err.errno != errno.ENOENT or last:
+                        registered.append(r)   # close() unregisters it
+                        if err.errno == errno.ENOENT and self.protector.fixed_regions:
+                            raise LayoutChanged(
+                                "pid %d unmapped memory at %#x-%#x while wp was protecting it: "
+                                "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
+                        raise
+                    try:
+                        u.unregister(r.start, r.length)
+                    except OSError:
+                        pass    # unmapped: its registration went with it
+                    changed.append(r)
+                    continue
+                registered.append(r)
+            if not changed:
+                break
+            log.debug("pid %d: %d regions changed while being protected: reading maps again",
+                      self.pid, len(changed))
+            taken = [(r.start, r.end) for r in registered]
+            pending = [Region(a, b, w.kind, w.mode, w.path, w.page_size)
+                       for w in resolve_regions(self.space.maps(), self.specs, self.pid, self.mode)
+                       for a, b in subtract_ranges((w.start, w.end), taken)]
+        self.regions = list(registered)
+        self.regions.sort(key=lambda r: r.start)
+        self._index()
+
+    def reresolve(self):
+        """Reads the target's maps again and resolves the regions anew, for
+        a protector whose attach stopped the target's threads (its layout no
+        longer changes) before it plans on session.regions."""
+        self.regions = resolve_regions(self.space.maps(), self.specs, self.pid, self.mode)
+        self._index()
+
+    def _moved(self, region):
+        """True if region is no longer mapped as it was read: not exactly
+        covered by writable mappings of its kind."""
+        try:
+            now = resolve_regions(self.space.maps(), ["%x-%x" % (region.start, region.end)], self.pid,
+                                  region.mode)
+        except (BadRange, UnsupportedMemory):
+            return True
+        return [(r.start, r.end, r.kind) for r in now] != [(region.start, region.end, region.kind)]
 
     def set_trace(self, notes=None, usdt=False, callbacks=False):
         """Turns wp trace's view of the fault loops on or off: resolve notes

@@ -4,12 +4,38 @@
  *   s ADDR NPAGES   sum of the first byte of each page       -> "sum S"
  *   u ADDR NPAGES   munmap                                    -> "ok"
  *   r ADDR NPAGES NEWNPAGES  mremap (MAYMOVE)                 -> "addr NEW"
+ *   c               a thread maps, writes and unmaps memory for ever, as
+ *                   allocators do: the layout changes while wp reads it -> "ok"
  *   q               exit */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/mman.h>
+
+/* Mappings of 1..8 pages with a guard page between them (no merging with
+ * neighbours), written and unmapped again, round after round. */
+static void *churn(void *arg)
+{
+	(void)arg;
+	for (unsigned long round = 0;; round++) {
+		char *p[8];
+		for (int i = 0; i < 8; i++) {
+			size_t n = 1 + (round + i) % 8;
+			p[i] = mmap(NULL, (n + 1) * 4096, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (p[i] == MAP_FAILED)
+				abort();
+			mprotect(p[i] + n * 4096, 4096, PROT_NONE);
+			for (size_t j = 0; j < n; j++)
+				p[i][j * 4096] = (char)round;
+		}
+		for (int i = 0; i < 8; i++)
+			munmap(p[i], (1 + (round + i) % 8 + 1) * 4096);
+	}
+	return NULL;
+}
 
 int main(void)
 {
@@ -38,6 +64,10 @@ int main(void)
 		} else if (c == 'r') {
 			void *p = mremap((void *)a, n * 4096, v * 4096, MREMAP_MAYMOVE);
 			printf("addr %lx\n", (unsigned long)p);
+		} else if (c == 'c') {
+			pthread_t t;
+			pthread_create(&t, NULL, churn, NULL);
+			printf("ok\n");
 		} else if (c == 'q') {
 			return 0;
 		}

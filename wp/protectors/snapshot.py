@@ -55,7 +55,7 @@ import time
 
 from wp import elfcore, pagemap
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory, WPError
+from wp.errors import BadRange, LayoutChanged, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -171,6 +171,7 @@ class SnapshotProtector(WriteProtector):
     """
 
     name = "snapshot"
+    fixed_regions = True    # attach lays out the image from session.regions
 
     def __init__(self, path=None, raw=False, freeze=True, regs=None, chunk=1 << 20,
                  batch=4 << 20, freeze_copy_limit=64 << 20, strict=False, copier_cpu=None):
@@ -244,6 +245,16 @@ class SnapshotProtector(WriteProtector):
             self._frozen.wait()
             if self.error:
                 raise self.error
+            # The maps were read before the threads stopped, and an allocator
+            # may have mapped or unmapped memory since: read them again, now
+            # that the layout holds still, and plan on what is there.
+            try:
+                session.reresolve()
+                maps = self.space.maps()
+                self._plan(session.regions, maps)
+            except BaseException:
+                self._stopping.set()    # the freezer lets the threads go
+                raise
         else:
             self.threads = [elfcore.Thread(t) for t in _tids(self.pid)]
         try:
@@ -792,11 +803,19 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
     final = path
     if path is not None:
         path = path + ".partial"
-    prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
-    session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
-                      handler=handler)
     try:
-        session.start()
+        for attempt in range(3):
+            prot = SnapshotProtector(path, raw=raw, freeze=freeze, regs=regs, **options)
+            session = Session(space, prot, regions=regions, follow_fork=False, cpu=cpu, spin=spin,
+                              handler=handler)
+            try:
+                session.start()
+                break
+            except LayoutChanged:
+                # Its allocator mapped or unmapped memory between the read
+                # of its maps and their protection: start over.
+                if attempt == 2:
+                    raise
         try:
             prot.protected()
             while not prot.done.wait(0.5):
