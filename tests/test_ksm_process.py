@@ -317,7 +317,7 @@ def test_estimate_matches_what_ksm_saves(ksm_state, dd, capsys):
 
 @pytest.mark.parametrize("cmd", ["enable", "disable", "estimate", "status"])
 def test_kernel_thread_refused(capsys, cmd):
-    code, out, err = wp(capsys, "ksm", cmd, 2)
+    code, out, err = wp(capsys, "ksm", cmd, 2, *(["--no-daemon"] if cmd in ("enable", "disable") else []))
     assert code == 4 and "kernel thread" in err
 
 
@@ -329,7 +329,7 @@ def test_init_refused(capsys, cmd):
 
 def test_missing_pid_refused(capsys):
     for cmd in ("enable", "estimate", "status"):
-        code, out, err = wp(capsys, "ksm", cmd, 4 << 20)
+        code, out, err = wp(capsys, "ksm", cmd, 4 << 20, *(["--no-daemon"] if cmd == "enable" else []))
         assert code == 4 and "no such process" in err, (cmd, err)
 
 
