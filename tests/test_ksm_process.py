@@ -333,10 +333,11 @@ def test_missing_pid_refused(capsys):
         assert code == 4 and "no such process" in err, (cmd, err)
 
 
-def test_traced_process_refused(dd, capsys):
+@pytest.mark.parametrize("cmd", ["enable", "disable"])
+def test_traced_process_refused(dd, capsys, cmd):
     t = dd(npages=64)
     with RemoteProcess(t.pid):
-        code, out, err = wp(capsys, "ksm", "enable", t.pid, "--no-daemon")
+        code, out, err = wp(capsys, "ksm", cmd, t.pid, "--no-daemon")
         assert code == 4 and "already traced by pid %d" % os.getpid() in err
     assert not ksm.process_stat(t.pid)["ksm_mergeable"]
     t.check()
