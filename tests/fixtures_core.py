@@ -239,7 +239,7 @@ def sessions(spawn, memtarget, layout):
     def open_session(target, protector=None, regions=None, nuffds=1, **kw):
         if regions is None:
             regions = [(target.addr, target.addr + target.length)]
-        s = Session(target.space(nuffds), protector or TraceProtector(), regions=regions, **kw)
+        s = Session(target.space(nuffds), protector or TraceProtector(exact=True), regions=regions, **kw)
         opened.append(s)
         return s.start()
 

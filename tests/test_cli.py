@@ -60,7 +60,7 @@ def test_protocol_checks_each_field(wpd, memtarget):
     assert replies[-1]["ok"] and replies[-1]["targets"] == []
     assert_untouched(t)
     assert wpd.poll() is None
-    wp(wpd, "attach", pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    wp(wpd, "attach", pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
     t.write(1, 4)
     assert json.loads(wp(wpd, "stats", pid, "--json").stdout)["faults"] == 1
     wp(wpd, "detach", pid)

@@ -115,7 +115,7 @@ def assert_untouched(t):
 
 def test_attach_trace_detach(wpd, memtarget):
     t = memtarget("anon", 16)
-    r = wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length), "--json")
+    r = wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length), "--json")
     reply = json.loads(r.stdout)
     assert [(int(x["start"], 16), int(x["end"], 16)) for x in reply["regions"]] == [(t.addr, t.addr + t.length)]
     assert all(t.wp_bits()), "every page of the range is write-protected"
@@ -137,9 +137,30 @@ def test_attach_trace_detach(wpd, memtarget):
     assert t.proc.wait(5) == 0
 
 
+def test_default_attach_counts_writes_without_a_round_trip(wpd, memtarget):
+    """The default `wp attach` (trace, counts mode) needs only a notice of
+    writes: async WP everywhere, so no write waits for wpd (no sync fault);
+    the pages written are counted by PAGEMAP_SCAN, at the latest at detach,
+    and re-armed; `-o exact=true` gives a sync fault per first write."""
+    t = memtarget("memfd", 16)
+    reply = json.loads(wp(wpd, "attach", t.pid, "--json").stdout)
+    assert {r["mode"] for r in reply["regions"]} == {"async"}
+    assert all(t.wp_bits()), "every page of the memfd is write-protected (async)"
+    for i in range(6):
+        t.write(i, i + 1)
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    assert st["faults"] == 0 and st["protector_stats"]["mode"] == "counts"
+    final = json.loads(wp(wpd, "detach", t.pid, "--json").stdout)["stats"]
+    memfd = [r for r in final["regions"] if r["kind"] == "memfd"]
+    assert sum(r["written_pages"] for r in memfd) == 6, "the last scan at detach saw all six"
+    assert final["protector_stats"]["async_pages_written"] >= 6
+    assert_untouched(t)
+    assert [t.read(i)[0] for i in range(6)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_attach_all_regions_and_status(wpd, memtarget):
     t = memtarget("memfd", 8)
-    wp(wpd, "attach", t.pid)
+    wp(wpd, "attach", t.pid, "-o", "exact=true")
     status = json.loads(wp(wpd, "status", "--json").stdout)
     [entry] = status["targets"]
     assert entry["pid"] == t.pid and entry["comm"] == "memtarget"
@@ -183,7 +204,7 @@ def test_refuse_self_second_attach_and_bad_ranges(wpd, memtarget):
         assert msg in r.stderr
     assert slurp("/proc/%d/maps" % t.pid) == maps_before
     assert_untouched(t)
-    wp(wpd, "attach", t.pid, "--region", "anon")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "anon")
     r = wp(wpd, "attach", t.pid, check=False)
     assert r.returncode == 4 and "already attached" in r.stderr
     t.write(1, 3)
@@ -198,7 +219,7 @@ def test_snapshot_and_track_of_a_wpd_target_name_the_fix(wpd, memtarget, tmp_pat
     a process wpd protects are refused (exit 4) with the fix named (wp
     detach), and change nothing: wpd still sees the next write."""
     t = memtarget("anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "anon")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "anon")
     maps_before = slurp("/proc/%d/maps" % t.pid)
     for cmd in (["snapshot", t.pid, "-o", tmp_path / "core"],
                 ["track", t.pid, "--interval", "0.2", "--count", "1"]):
@@ -300,7 +321,7 @@ def test_exec_drops_the_session(wpd, tmp_path):
                          text=True)
     try:
         assert p.stdout.readline() == "ready\n"
-        wp(wpd, "attach", p.pid, "--region", "anon")
+        wp(wpd, "attach", p.pid, "-o", "exact=true", "--region", "anon")
         p.stdin.write("go\n")
         p.stdin.flush()
         deadline = time.monotonic() + 10
@@ -320,7 +341,7 @@ def test_exec_drops_the_session(wpd, tmp_path):
 
 def test_kill9_daemon_leaves_target_running(wpd, memtarget):
     t = memtarget("anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "anon")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "anon")
     for i in range(4):
         t.write(i, 9)
     assert any(t.wp_bits())
@@ -335,7 +356,7 @@ def test_kill9_daemon_leaves_target_running(wpd, memtarget):
 
 def test_sigterm_detaches(wpd, memtarget):
     t = memtarget("shared-anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "shmem")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "shmem")
     t.write(0, 5)
     wpd.send_signal(signal.SIGTERM)
     assert wpd.wait(20) == 0
@@ -347,7 +368,7 @@ def test_sigterm_detaches(wpd, memtarget):
 
 def test_target_exit_while_protected(wpd, memtarget):
     t = memtarget("anon", 4)
-    wp(wpd, "attach", t.pid, "--region", "anon")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "anon")
     t.write(0, 1)
     t.cmd("q")
     assert t.proc.wait(5) == 0
@@ -363,7 +384,7 @@ def test_target_exit_while_protected(wpd, memtarget):
 
 def test_fork_child_protected(wpd, memtarget):
     t = memtarget("shared-anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "shmem")
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "shmem")
     child = int(t.cmd("f 2 33")[1])
     st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
     assert st["events"].get("fork") == 1
@@ -378,7 +399,7 @@ def test_run_passes_exit_status(wpd, target_bin):
     r = wp(wpd, "run", "--region", "anon", "--", "sh", "-c", "exit 7", check=False)
     assert r.returncode == 7, r.stderr
     assert "protected from exec" in r.stderr
-    r = wp(wpd, "run", "--", sys.executable, "-c",
+    r = wp(wpd, "run", "-o", "exact=true", "--", sys.executable, "-c",
            "b = bytearray(8 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint(sum(b))")
     assert r.stdout.strip() == str(2048)
     r = wp(wpd, "run", "--", "/nonexistent/cmd", check=False)
@@ -388,7 +409,7 @@ def test_run_passes_exit_status(wpd, target_bin):
 def test_many_targets_at_once(wpd, memtarget):
     targets = [memtarget(kind, 8) for kind in ("anon", "memfd", "shared-anon")]
     for t in targets:
-        wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+        wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
     for n, t in enumerate(targets):
         for i in range(n + 2):
             t.write(i, 40 + n)
@@ -405,7 +426,7 @@ def test_many_targets_at_once(wpd, memtarget):
 def test_run_protects_from_the_first_instruction(wpd):
     # The program writes its stack and data from its first instructions on;
     # wpd must have seen those writes before it had time to map anything.
-    r = subprocess.Popen(WP + ["--socket", wpd.sock, "run", "--json", "--", "sh", "-c", "sleep 1; exit 3"],
+    r = subprocess.Popen(WP + ["--socket", wpd.sock, "run", "-o", "exact=true", "--json", "--", "sh", "-c", "sleep 1; exit 3"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     reply = json.loads(r.stderr.readline())
     pid = reply["pid"]
@@ -437,6 +458,55 @@ def test_user_protector(wpd, memtarget):
     assert_untouched(t)
 
 
+@pytest.mark.parametrize("protector, name", [("snapshot", "snapshot"), ("dedupe", "dedupe"),
+                                             ("user_protector:EveryOther", "every-other")])
+def test_c_handler_refused_unless_declared(wpd, memtarget, tmp_path, protector, name):
+    """--handler c unprotects every write without calling the protector:
+    refused (exit 4, the reason and the fix named) for any protector that
+    does not declare that this is all it needs, through wp attach, wp run
+    and the protocol, before anything changes in the target."""
+    from wp import protocol
+    t = memtarget("anon", 4)
+    maps_before = slurp("/proc/%d/maps" % t.pid)
+    reason = "protector %s cannot run with --handler c" % name
+    r = wp(wpd, "attach", t.pid, "--handler", "c", "--protector", protector, check=False)
+    assert r.returncode == 4, r.stderr
+    assert reason in r.stderr and "use --handler python" in r.stderr
+    marker = tmp_path / "ran"
+    r = wp(wpd, "run", "--handler", "c", "--protector", protector, "--", "touch", marker, check=False)
+    assert r.returncode == 4 and reason in r.stderr, r.stderr
+    assert not marker.exists(), "the command ran"
+    conn = protocol.Connection.connect(wpd.sock)
+    try:
+        reply = conn.request({"op": "attach", "pid": t.pid, "protector": protector, "handler": "c"})
+    finally:
+        conn.close()
+    assert not reply["ok"] and reply["type"] == "BadRequest" and reason in reply["error"]
+    assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+    assert slurp("/proc/%d/maps" % t.pid) == maps_before
+    assert_untouched(t)
+    t.write(1, 4)
+    assert t.read(1) == (4, 4 * 4096)
+
+
+@pytest.mark.parametrize("protector, sync", [("trace", "exact=true"), ("track", "sync=true")])
+def test_c_handler_for_declared_protectors(wpd, memtarget, protector, sync):
+    """trace and track declare that unprotecting is all they need: the C
+    handler takes their (sync) write faults and still counts them per
+    region."""
+    t = memtarget("memfd", 8)
+    wp(wpd, "attach", t.pid, "--handler", "c", "--protector", protector, "-o", sync)
+    for i in range(5):
+        t.write(i, 3)
+    # Counted when the message is read, before the writer is woken.
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    memfd = [r for r in st["regions"] if r["kind"] == "memfd"]
+    assert st["handler"] == "c" and sum(r["faults"] for r in memfd) == 5
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+    assert [t.read(i)[0] for i in range(5)] == [3] * 5
+
+
 @pytest.fixture
 def strict_userfaultfd():
     """vm.unprivileged_userfaultfd = 0 (the default), restored at teardown."""
@@ -458,7 +528,7 @@ def test_attach_non_root_target(wpd, readable_wp, spawn, strict_userfaultfd):
     from wp.remote import SYS, RemoteProcess
     with RemoteProcess(t.pid) as rp:   # what the kernel says without wp's help
         assert rp.syscall_raw(SYS["userfaultfd"], os.O_CLOEXEC) == -errno.EPERM
-    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
     assert slurp(strict_userfaultfd).strip() == "0"
     t.write(1, 5)
     assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 1
@@ -476,7 +546,7 @@ def test_wp_trace_through_wpd(wpd, memtarget, tmp_path, callbacks):
     callback's own phase too, else the daemon's turn after the read is one
     phase (to_resolve)."""
     t = memtarget("anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
     out = tmp_path / "t.jsonl"
     proc = _trace(wpd, t, out, "--duration", "60", *(["--callbacks"] if callbacks else []))
     try:
@@ -523,7 +593,7 @@ def test_a_newer_tracer_keeps_the_notes(wpd, memtarget, tmp_path):
     """A second `wp trace` takes the notes over; the first one ending does
     not turn them off for it."""
     t = memtarget("anon", 4)
-    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
     first = _trace(wpd, t, tmp_path / "1.jsonl")
     second = _trace(wpd, t, tmp_path / "2.jsonl")
     assert _traced_by(wpd, t) == second.pid
@@ -549,7 +619,7 @@ def test_tracer_killed_leaves_target_and_wpd_working(wpd, memtarget, tmp_path):
     (its pidfd) and turns the notes off, the target's writes still complete
     with their data, and the next trace gets every phase again."""
     t = memtarget("anon", 8)
-    wp(wpd, "attach", t.pid, "--region", "%x-%x" % (t.addr, t.addr + t.length))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "%x-%x" % (t.addr, t.addr + t.length))
 
     first = _trace(wpd, t, tmp_path / "1.jsonl")
     assert _traced_by(wpd, t) == first.pid
@@ -603,8 +673,9 @@ def test_writes_after_dontneed_seen_through_wpd(wpd, memtarget, protector, mode)
     reads back what it wrote, then zeros after a last drop."""
     n = 2000
     t = memtarget("anon", n)
+    sync = [] if mode else ["-o", "exact=true" if protector == "trace" else "sync=true"]
     wp(wpd, "attach", t.pid, "--protector", protector, "--region",
-       "%x-%x" % (t.addr, t.addr + t.length), *mode)
+       "%x-%x" % (t.addr, t.addr + t.length), *mode, *sync)
     assert t.cmd("A 0 1")[0] == "done"
     assert t.cmd("D") == ["ok"]
     assert t.cmd("A 0 2")[0] == "done"

@@ -285,11 +285,35 @@ def test_map_count_reserve_limits_vmas(dd, dedupe):
     with open("/proc/sys/vm/max_map_count") as f:
         limit = int(f.read())
     reserve = limit - t.vmas() - 40
-    _, prot = dedupe(t, map_count_reserve=reserve)
+    _, prot = dedupe(t, map_count_reserve=reserve, max_map_count="off")
     st = prot.stats()
     assert st["map_count_limited"] > 0
     assert t.vmas() <= limit - reserve + 2
     assert t.check() == 0
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert int(f.read()) == limit
+
+
+def test_max_map_count_auto_raises_and_restores(dd, dedupe):
+    """max_map_count=auto (the default): when merging needs more VMAs than
+    vm.max_map_count allows, wp raises it, and restores it when the last
+    dedupe target detaches."""
+    t = dd(2048, 512)
+    with open("/proc/sys/vm/max_map_count") as f:
+        limit = int(f.read())
+    reserve = limit - t.vmas() - 40   # as if the target were at the limit
+    s, prot = dedupe(t, map_count_reserve=reserve)
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            raised = int(f.read())
+        st = prot.stats()
+        assert raised > limit and st["map_count_limited"] == 0, (raised, st)
+        assert t.vmas() > limit - reserve + 2
+        assert t.check() == 0
+    finally:
+        s.close()
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert int(f.read()) == limit
 
 
 # -- across processes and side-channel modes -------------------------------------

@@ -40,7 +40,7 @@ def test_fault_loop_death_releases_the_target(wpd, memtarget):
     dying = memtarget("anon", 8)
     other = memtarget("anon", 8)
     wp(wpd, "attach", dying.pid, "--protector", "user_protector:ExitOnWrite", "--region", rng(dying))
-    wp(wpd, "attach", other.pid, "--region", rng(other))
+    wp(wpd, "attach", other.pid, "-o", "exact=true", "--region", rng(other))
     assert all(dying.wp_bits())
     assert cmd(dying, "w 3 7")[0] == "done"
     assert dying.read(3) == (7, 7 * 4096)
@@ -103,7 +103,7 @@ def test_fork_wpd_cannot_follow_releases_the_child(wpd, memtarget, pids_limit):
     the child's writes go through, and marks the target failed; no writer
     anywhere is left blocked; wpd serves again once it has threads."""
     t = memtarget("anon", 8)
-    wp(wpd, "attach", t.pid, "--region", rng(t))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", rng(t))
     t.write(1, 5)
     # wpd's threads now: main, the target's watcher and fault loop (client
     # threads of the wp commands above end with their connections).
@@ -120,7 +120,7 @@ def test_fork_wpd_cannot_follow_releases_the_child(wpd, memtarget, pids_limit):
     wp(wpd, "detach", t.pid)
     assert_untouched(t)
     # wpd attaches again as before.
-    wp(wpd, "attach", t.pid, "--region", rng(t))
+    wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", rng(t))
     t.write(4, 1)
     assert json.loads(wp(wpd, "stats", t.pid, "--json").stdout)["faults"] == 1
     wp(wpd, "detach", t.pid)
@@ -133,7 +133,7 @@ def test_sigterm_detaches_every_target_past_a_failing_one(wpd, memtarget):
     bad = memtarget("anon", 4)
     good = memtarget("shared-anon", 4)
     wp(wpd, "attach", bad.pid, "--protector", "user_protector:FailingDetach", "--region", rng(bad))
-    wp(wpd, "attach", good.pid, "--region", rng(good))
+    wp(wpd, "attach", good.pid, "-o", "exact=true", "--region", rng(good))
     bad.write(0, 1)
     good.write(0, 2)
     wpd.send_signal(signal.SIGTERM)

@@ -343,15 +343,14 @@ def test_traced_process_refused(dd, capsys, cmd):
     t.check()
 
 
-def test_non_root_refused():
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def test_non_root_refused(readable_wp):
     base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     target = subprocess.Popen(base + ["sleep", "60"])
     try:
         for args in (["enable", target.pid, "--no-daemon"], ["disable", target.pid, "--no-daemon"],
                      ["estimate", target.pid], ["start", "--no-daemon"], ["stop"]):
-            r = subprocess.run(base + WP + ["ksm"] + [str(a) for a in args], capture_output=True, text=True,
-                               env=env, cwd="/", timeout=60)
+            r = subprocess.run(base + [readable_wp.python, "-m", "wp.cli", "ksm"] + [str(a) for a in args],
+                               capture_output=True, text=True, env=readable_wp.env, cwd="/", timeout=60)
             assert r.returncode == 4 and "needs root" in r.stderr, (args, r.stderr)
         assert ksm.process_stat(target.pid)["ksm_mergeable"] is False
     finally:

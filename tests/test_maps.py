@@ -88,7 +88,7 @@ def test_no_such_process():
 
 
 @pytest.mark.parametrize("path,inode,dev,flags,kind", [
-    ("/SYSV00000000 (deleted)", 5, (0, 1), set(), maps.SHARED_ANON),
+    ("/SYSV00000000 (deleted)", 5, (0, 1), set(), maps.SYSV_SHM),
     ("/memfd:x (deleted)", 5, (0, 1), set(), maps.MEMFD),
     ("/memfd:x (deleted)", 5, (0, 99), {"ht"}, maps.HUGETLB),
     ("/anon_hugepage (deleted)", 5, (0, 99), set(), maps.HUGETLB),

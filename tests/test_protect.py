@@ -18,10 +18,13 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory
+from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -34,7 +37,7 @@ MAPS_KIND = {"anon": "anon", "anon-unpop": "anon", "shared-anon": "shared-anon",
 
 def first_writes(prot):
     """(page, tid, pid) of each first write the trace protector saw."""
-    return [(page, tid, pid) for page, tid, _t, pid in prot.writes]
+    return [(page, tid, pid) for page, tid, _t, pid, _mode in prot.writes]
 
 
 def settled(session, **want):
@@ -65,7 +68,7 @@ def wp_threads():
 def test_sync_first_write_faults_once(memtarget, sessions, kind):
     t = memtarget(kind, 4)
     ps = t.page_size
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot)
     assert [(r.kind, r.mode, r.page_size) for r in s.regions] == [(MAPS_KIND[kind], "sync", ps)]
 
@@ -103,7 +106,7 @@ def test_sync_first_write_faults_once(memtarget, sessions, kind):
     assert t.read(0) == (0x50, 0x50 * ps)
 
     # Protect again (the target's second uffd): first writes fault again.
-    prot2 = TraceProtector()
+    prot2 = TraceProtector(exact=True)
     s2 = sessions(t, prot2)
     assert t.wp_bits() == [True] * 4
     tid = t.write(1, 0x61)
@@ -125,7 +128,7 @@ def only_runs(out):
 def test_async_scan_reports_pages_written_since_last_scan(memtarget, sessions, kind, mode):
     t = memtarget(kind, 8)
     ps = t.page_size
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, mode=mode)
     assert [(r.kind, r.mode) for r in s.regions] == [(MAPS_KIND[kind], "async")]
     assert t.wp_bits() == [True] * 8
@@ -160,7 +163,7 @@ def test_async_scan_reports_pages_written_since_last_scan(memtarget, sessions, k
     s.close()
     assert t.wp_bits() == [False] * 8
 
-    s2 = sessions(t, TraceProtector(), mode=mode)
+    s2 = sessions(t, TraceProtector(exact=True), mode=mode)
     assert t.wp_bits() == [True] * 8
     assert s2.scan_written() == {}
     t.write(3, 9)
@@ -176,7 +179,7 @@ def test_follow_fork_child_write_faults_with_child_pid(memtarget, sessions, kind
     # 3 pages: a private hugetlb child needs a free huge page for its copy.
     t = memtarget(kind, 3)
     ps = t.page_size
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, follow_fork=True)
 
     c1 = t.fork_write(2, 0x22)
@@ -205,7 +208,7 @@ def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
     # 3 pages: a private hugetlb child needs a free huge page for its copy.
     t = memtarget(kind, 3)
     ps = t.page_size
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, follow_fork=False)
 
     t.fork_write(2, 0x22)
@@ -226,6 +229,7 @@ def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
 
 
 class Boom(TraceProtector):
+    exact = True
     name = "boom"
 
     def on_write(self, fault):
@@ -234,6 +238,7 @@ class Boom(TraceProtector):
 
 
 class Nonsense(TraceProtector):
+    exact = True
     name = "nonsense"
 
     def on_write(self, fault):
@@ -268,7 +273,7 @@ def assert_rejected(t, regions, error, mode=None, match=None):
     was; the uffd it offered stays unused (a later session can take it)."""
     maps_before = t.maps_text()
     threads_before = wp_threads()
-    s = Session(ProcessSpace.cooperative(t.pid, list(t.uffds)), TraceProtector(), regions=regions,
+    s = Session(ProcessSpace.cooperative(t.pid, list(t.uffds)), TraceProtector(exact=True), regions=regions,
                 mode=mode)
     with pytest.raises(error, match=match):
         s.start()
@@ -285,7 +290,7 @@ def test_unaligned_or_empty_range(memtarget, sessions, case):
     rng = {"start+1": (a + 1, b), "end-100": (a, b - 100), "empty": (b, a)}[case]
     assert_rejected(t, [rng], BadRange, match="aligned" if case != "empty" else "empty")
     # Nothing was used up: a good session on the same uffd works.
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     sessions(t, prot)
     tid = t.write(0, 1)
     assert first_writes(prot) == [(t.page(0), tid, t.pid)]
@@ -317,7 +322,7 @@ def test_range_spanning_two_kinds(layout, sessions):
     ps = t.page_size
     assert_rejected(t, [(t.addr, t.addr + t.length)], BadRange, match="anon and memfd")
     assert_rejected(t, [(t.addr + 3 * ps, t.addr + 5 * ps)], BadRange, match="anon and memfd")
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, regions=[(t.addr, t.addr + 4 * ps), (t.addr + 4 * ps, t.addr + 8 * ps)])
     assert [(r.kind, r.mode) for r in s.regions] == [("anon", "sync"), ("memfd", "sync")]
     assert t.wp_bits() == [True] * 8
@@ -339,11 +344,14 @@ import sys
 sys.path.insert(0, %r)
 from wp.maps import read_maps
 from wp.errors import NotRoot
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
 try:
-    Session(ProcessSpace.cooperative(%d, [%d]), TraceProtector(), regions=[(%d, %d)]).start()
+    Session(ProcessSpace.cooperative(%d, [%d]), TraceProtector(exact=True), regions=[(%d, %d)]).start()
 except NotRoot as err:
     print("NotRoot", isinstance(err, PermissionError), err)
 else:
@@ -400,7 +408,7 @@ def test_dontneed_keeps_protection(memtarget, sessions, kind):
     the REMOVE event, the page still reads zeros (or the file's bytes), and
     its next write, with or without a read before it, still faults (once)."""
     t = memtarget(kind, 4)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot)
     anon = kind == "anon"
     assert ("um" in vm_flags(t.pid, t.addr)) == anon and "uw" in vm_flags(t.pid, t.addr)
@@ -458,7 +466,7 @@ def test_writes_after_dontneed_are_seen_trace_sync(memtarget, sessions, handler)
     """Issue 15 item 2: 2,000 protected pages written (2,000 faults), dropped,
     written again: 4,000 faults, every one a first write the protector saw."""
     t = memtarget("anon", NPAGES)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, handler=handler)
     steps = _drop_and_rewrite(t)
     next(steps)
@@ -477,7 +485,7 @@ def test_writes_after_dontneed_are_seen_trace_sync(memtarget, sessions, handler)
 def test_writes_after_dontneed_are_seen_track_sync(memtarget, sessions):
     from wp.protectors.track import TrackProtector
     t = memtarget("anon", NPAGES)
-    prot = TrackProtector()
+    prot = TrackProtector(sync=True)
     s = sessions(t, prot)
     steps = _drop_and_rewrite(t)
     next(steps)
@@ -518,6 +526,28 @@ def test_writes_after_dontneed_are_seen_async(memtarget, sessions, protector):
     assert s.scan_written() == {} and s.stats()["written_pages"] == 2 * NPAGES
 
 
+def test_c_handler_missing_faults(memtarget, sessions):
+    """handler="c": a read of a dropped page maps a protected zero page, a
+    write one that it then unprotects, without the protector; both are
+    recorded, only the write counts as a fault."""
+    t = memtarget("anon", 4)
+    s = sessions(t, handler="c")
+    assert t.cmd("d 1") == ["ok"] and t.cmd("d 2") == ["ok"]
+    assert t.read(1) == (0, 0)
+    assert t.wp_bits()[1:3] == [True, False] and t.present_bits()[1:3] == [True, False]
+    tid2 = t.write(2, 4)                       # MISSING write: unprotected at once
+    tid1 = t.write(1, 3)                       # WP fault of the zero page the read mapped
+    assert (t.read(1), t.read(2)) == ((3, 3 * t.page_size), (4, 4 * t.page_size))
+    assert t.wp_bits() == [True, False, False, True]
+    st = settled(s, faults=2, resolved=2)
+    assert (st["faults"], st["resolved"], st["missing_reads"], st["resolve_errors"]) == (2, 2, 1, 0)
+    recs = [(page_of(a, t.page_size), tid, how) for a, tid, _r, _s, how in s.records()]
+    assert [(p, tid) for p, tid, _ in recs][1:] == [(t.page(2), tid2), (t.page(1), tid1)]
+    assert not any(how & lib.WP_HOW_ERROR for *_, how in recs)
+    assert recs[0][2] & lib.WP_HOW_WAKE                      # the read: woken, kept protected
+    assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT for *_, how in recs[1:])
+
+
 def test_missing_read_from_another_thread_of_ours(memtarget, sessions):
     """A read of a dropped page by wp itself from a thread other than the
     fault loop's (process_vm_readv) waits for the loop, which maps a
@@ -546,7 +576,7 @@ def test_local_space_writer_in_c(sessions):
     addr = ctypes.addressof(c)
     del c
     m[:] = bytes(4 * ps)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = Session(LocalSpace(), prot, regions=[(addr, addr + 4 * ps)])
     try:
         s.start()
@@ -578,10 +608,12 @@ def test_local_space_writer_in_c(sessions):
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_c_handler(memtarget, sessions, kind):
     """handler="c": faults resolved in C without calling the protector; the
-    records still name each page and writer."""
+    records still name each page and writer, and each region counts its
+    own faults."""
     t = memtarget(kind, 4)
-    prot = TraceProtector()
-    s = sessions(t, prot, handler="c")
+    prot = TraceProtector(exact=True)
+    mid = t.page(2)
+    s = sessions(t, prot, handler="c", regions=[(t.addr, mid), (mid, t.addr + t.length)])
     tid0 = t.write(0, 1)
     tid2 = t.write(2, 2)
     t.write(2, 3)
@@ -594,6 +626,7 @@ def test_c_handler(memtarget, sessions, kind):
         recs += s.records()
     st = s.stats()
     assert (st["faults"], st["resolved"], st["resolve_errors"]) == (2, 2, 0)
+    assert [r["faults"] for r in st["regions"]] == [1, 1]
     assert [(page_of(a, t.page_size), tid) for a, tid, *_ in recs] == [(t.page(0), tid0), (t.page(2), tid2)]
     assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT and not how & lib.WP_HOW_ERROR
                for *_, how in recs)
@@ -605,9 +638,40 @@ def page_of(addr, psize):
     return addr & ~(psize - 1)
 
 
+class Undeclared(WriteProtector):
+    """A user's protector that only unprotects but does not say so."""
+    name = "undeclared"
+
+
+class Declared(Undeclared):
+    name = "declared"
+    unprotects_every_write = True
+
+
+@pytest.mark.parametrize("cls", [SnapshotProtector, DedupeProtector, Undeclared])
+def test_c_handler_refused_unless_declared(memtarget, cls):
+    """The C handler would unprotect every write without calling on_write:
+    a protector that does not declare that this is all it needs is refused
+    before the target is touched (its uffd not even taken)."""
+    t = memtarget("anon", 4)
+    with pytest.raises(BadRequest, match="protector %s cannot run with --handler c" % cls.name):
+        Session(ProcessSpace.cooperative(t.pid, t.uffds[:1]), cls.__new__(cls), handler="c")
+    assert t.wp_bits() == [False] * 4
+    t.write(1, 5)     # not protected: does not block
+    assert t.read(1) == (5, 5 * t.page_size)
+
+
+def test_c_handler_for_a_declared_user_protector(memtarget, sessions):
+    t = memtarget("anon", 4)
+    s = sessions(t, Declared(), handler="c")
+    t.write(3, 1)
+    assert settled(s, resolved=1)["regions"][0]["faults"] == 1
+    assert t.wp_bits() == [True, True, True, False]
+
+
 def test_spin_pinned_loop(memtarget, sessions):
     t = memtarget("anon", 4)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, spin=True, cpu=1)
     tid = t.write(3, 1)
     assert first_writes(prot) == [(t.page(3), tid, t.pid)]
@@ -619,6 +683,7 @@ def test_spin_pinned_loop(memtarget, sessions):
 
 class Holding(TraceProtector):
     """Holds each fault until released (or 10 s)."""
+    exact = True
     name = "holding"
 
     def __init__(self):
@@ -667,7 +732,7 @@ def test_close_wakes_a_writer_the_protector_holds(memtarget, sessions, monkeypat
 
 def test_close_after_the_target_died(memtarget, sessions):
     t = memtarget("memfd", 4)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot)
     t.write(0, 1)
     t.proc.kill()
@@ -679,7 +744,7 @@ def test_close_after_the_target_died(memtarget, sessions):
 
 def test_background_scans(memtarget, sessions):
     t = memtarget("file", 4)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, scan_interval=0.02)
     t.write(1, 1)
     t.write(3, 1)
@@ -705,7 +770,7 @@ def test_named_regions(memtarget, sessions, kind, spec, mode):
     t = memtarget(kind, 2)
     if spec == "file:":
         spec += t.path
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot, regions=[spec])
     assert [(r.start, r.end, r.mode) for r in s.regions] == [(t.addr, t.addr + t.length, mode)]
     assert t.wp_bits() == [True, True]
@@ -739,6 +804,7 @@ def test_bad_specs(memtarget, regions, match):
 
 class HoldPage(TraceProtector):
     """Holds the faults on one page until released (or 10 s)."""
+    exact = True
     name = "hold-page"
 
     def __init__(self, page):
@@ -759,7 +825,7 @@ def test_concurrent_writers_of_one_page(memtarget, sessions, kind):
     """Threads that write one protected page at once all go on, the bytes
     are theirs, and every fault the protector saw names one of them."""
     t = memtarget(kind, 2)
-    prot = TraceProtector()
+    prot = TraceProtector(exact=True)
     s = sessions(t, prot)
     tids = t.write_together(1, 0x42, 6)
     assert t.read(1) == (0x42, 0x42 * t.page_size)
@@ -804,7 +870,7 @@ def test_protect_three_times(memtarget, sessions):
     for rnd in range(3):
         if not t.uffds:
             t.new_uffd()
-        prot = TraceProtector()
+        prot = TraceProtector(exact=True)
         s = sessions(t, prot)
         assert t.wp_bits() == [True, True]
         tid = t.write(rnd % 2, rnd + 1)
@@ -812,3 +878,44 @@ def test_protect_three_times(memtarget, sessions):
         s.close()
         assert t.wp_bits() == [False, False]
     assert t.read(0) == (3, 3 * t.page_size)
+
+
+SYSV_TARGET = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+shmid = libc.shmget(0, 16 * 4096, 0o1600)          # IPC_PRIVATE, IPC_CREAT | 0600
+addr = libc.shmat(shmid, None, 0)
+libc.shmctl(shmid, 0, None)                          # IPC_RMID: gone with us
+buf = (ctypes.c_char * (16 * 4096)).from_address(addr)
+print(addr, flush=True)
+for line in sys.stdin:
+    i, v = map(int, line.split())
+    buf[i * 4096] = v
+    print(buf[i * 4096][0], flush=True)
+"""
+
+
+def test_sysv_shm_takes_async_protection():
+    """System V shared memory (fio's shared state) is shmem inside, but sync
+    WP refuses its VMAs (EINVAL): the session protects it async, so a
+    session over all memory (as wp snapshot's and wpd's) does not fail on
+    it, and its writes are reported by the scan."""
+    p = subprocess.Popen([sys.executable, "-c", SYSV_TARGET], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        addr = int(p.stdout.readline())
+        prot = TraceProtector(exact=True)
+        with Session(ProcessSpace.attached(p.pid), prot, regions=["shmem"]) as s:
+            assert [(r.start, r.kind, r.mode) for r in s.regions] == [(addr, "sysv-shm", "async")]
+            for i in (1, 4):
+                p.stdin.write("%d 7\n" % i)
+                p.stdin.flush()
+                assert p.stdout.readline().strip() == "7"
+            written = s.scan_written()
+            assert [runs for runs in written.values()] == [[(addr + 4096, addr + 2 * 4096),
+                                                             (addr + 4 * 4096, addr + 5 * 4096)]]
+    finally:
+        p.stdin.close()
+        p.wait(10)
+        p.stdout.close()

@@ -86,7 +86,7 @@ def traced(target_bin, spawn):
     session = None
     try:
         space = ProcessSpace.cooperative(pid, uffds)
-        session = Session(space, TraceProtector(), regions=[(addr, addr + length)], cpu=0).start()
+        session = Session(space, TraceProtector(exact=True), regions=[(addr, addr + length)], cpu=0).start()
         notes_to(tracer, session)
         t = Target(p, session, addr, length, psize)
         yield t, tracer
@@ -219,7 +219,7 @@ def test_c_handler_merges_the_callback_phase(target_bin, spawn, view):
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)],
                 notes=view == "notes", syscalls=view == "syscalls") as tr:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=[(addr, addr + length)], handler="c") as s:
+        with Session(space, TraceProtector(exact=True), regions=[(addr, addr + length)], handler="c") as s:
             if view == "notes":
                 notes_to(tr, s)
             write_pages(p, 4, 7)
@@ -247,7 +247,7 @@ def test_notes_agree_with_the_syscalls(target_bin, spawn):
     with Tracer(pid, daemon_pid=os.getpid(), regions=region, notes=True) as by_notes, \
             Tracer(pid, daemon_pid=os.getpid(), regions=region, syscalls=True) as by_syscalls:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=region) as s:
+        with Session(space, TraceProtector(exact=True), regions=region) as s:
             notes_to(by_notes, s)
             write_pages(p, n, 7)
             by_notes.pump(100)
@@ -273,7 +273,7 @@ def test_lean_profile(target_bin, spawn):
     p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)]) as tr:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
+        with Session(space, TraceProtector(exact=True), regions=[(addr, addr + length)]):
             write_pages(p, 4, 7)
             tr.pump(100)
     wp = [r for r in tr.records if r["kind"] == "wp"]
@@ -294,7 +294,7 @@ def test_notes_without_callback_times(target_bin, spawn):
     p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, 4)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], notes=True) as tr:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=[(addr, addr + length)], cpu=0) as s:
+        with Session(space, TraceProtector(exact=True), regions=[(addr, addr + length)], cpu=0) as s:
             notes_to(tr, s, callbacks=False)
             write_pages(p, 4, 7)
             tr.pump(100)
@@ -321,7 +321,7 @@ def test_lost_events_are_counted(target_bin, spawn, tmp_path):
                 ringbuf_pages=1).start()
     try:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=[(addr, addr + length)]):
+        with Session(space, TraceProtector(exact=True), regions=[(addr, addr + length)]):
             write_pages(p, n, 7)
     finally:
         counters = tr.stop()
@@ -341,7 +341,7 @@ def test_ring_buffer_wraps(target_bin, spawn):
     n = 64
     p, pid, addr, length, psize, uffds = spawn_memtarget(target_bin, spawn, n)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[(addr, addr + length)], ringbuf_pages=1) as tr:
-        with Session(ProcessSpace.cooperative(pid, uffds), TraceProtector(), regions=[(addr, addr + length)]):
+        with Session(ProcessSpace.cooperative(pid, uffds), TraceProtector(exact=True), regions=[(addr, addr + length)]):
             write_pages(p, n, 7, after_each=lambda: tr.pump(0))
     assert tr.final_counters["lost"] == 0
     wp = [r for r in tr.records if r["kind"] == "wp"]
@@ -359,7 +359,7 @@ def test_async_faults(target_bin, spawn):
     region = (addr, addr + length)
     with Tracer(pid, daemon_pid=os.getpid(), regions=[region], async_regions=[region]) as tr:
         space = ProcessSpace.cooperative(pid, uffds)
-        with Session(space, TraceProtector(), regions=[region], mode="async") as s:
+        with Session(space, TraceProtector(exact=True), regions=[region], mode="async") as s:
             write_pages(p, 4, 7)
             written = s.scan_written()
             tr.pump(100)

@@ -39,7 +39,7 @@ PLAN = [
 def test_counts_match_pages_written(sweep, tmp_path, kind, mode):
     extra = [str(tmp_path / "f")] if kind == "file" else []
     t = sweep(kind, 256, *extra)
-    prot = TrackProtector()
+    prot = TrackProtector(sync=mode is None)
     with Session(ProcessSpace.cooperative(t.pid, t.uffds), prot, regions=[t.range()], mode=mode,
                  follow_fork=False) as s:
         expect_mode = "async" if mode == "async" or kind == "file" else "sync"

@@ -247,7 +247,7 @@ def main(args):
     if not ksm.available():
         raise TargetError("%s does not exist: this kernel has no KSM (CONFIG_KSM)" % ksm.KSM_DIR)
     c = args.ksm_command
-    if c in ("enable", "disable", "start", "stop"):
+    if c in ("enable", "disable", "start", "stop", "estimate"):
         ksm.require_root("wp ksm %s" % c)
     if c in ("enable", "disable"):
         return cmd_enable(args, c)

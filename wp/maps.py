@@ -16,9 +16,13 @@ SHARED_ANON = "shared-anon"    # MAP_SHARED|MAP_ANONYMOUS (shmem inside)
 MEMFD = "memfd"                # memfd_create, shared or private
 SHMEM = "shmem"                # a file on tmpfs (/dev/shm, /run, ...)
 HUGETLB = "hugetlb"            # hugetlbfs file or MAP_HUGETLB
+# System V shared memory (shmget/shmat; fio's shared state): shmem inside, but
+# its VMAs carry SysV's own vm_ops, which sync WP refuses (EINVAL: the kernel
+# checks vma_is_shmem by the shmem vm_ops); async WP takes it.
+SYSV_SHM = "sysv-shm"
 FILE = "file"                  # a regular file on a disk filesystem
 SPECIAL = "special"            # vdso, vvar, vsyscall, devices, pfn maps
-KINDS = (PRIVATE_ANON, SHARED_ANON, MEMFD, SHMEM, HUGETLB, FILE, SPECIAL)
+KINDS = (PRIVATE_ANON, SHARED_ANON, MEMFD, SHMEM, HUGETLB, SYSV_SHM, FILE, SPECIAL)
 SYNC_KINDS = (PRIVATE_ANON, SHARED_ANON, MEMFD, SHMEM, HUGETLB)
 
 _LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
@@ -80,7 +84,9 @@ def classify(m, fstypes):
                 and not path.startswith("[anon"):
             return SPECIAL
         return PRIVATE_ANON
-    if path.startswith("/dev/zero") or path.startswith("/SYSV"):
+    if path.startswith("/SYSV"):
+        return SYSV_SHM
+    if path.startswith("/dev/zero"):
         return SHARED_ANON
     if path.startswith("/memfd:"):
         return HUGETLB if "hugetlb" in path else MEMFD

@@ -126,7 +126,7 @@ def attach_big(rounds=3):
         attach, detach, mapped = [], [], 0
         for _ in range(rounds):
             t = time.perf_counter()
-            s = Session(ProcessSpace.attached(target.pid), TraceProtector()).start()
+            s = Session(ProcessSpace.attached(target.pid), TraceProtector(exact=True)).start()
             attach.append(time.perf_counter() - t)
             mapped = sum(r.length for r in s.regions)
             t = time.perf_counter()

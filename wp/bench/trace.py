@@ -160,7 +160,7 @@ def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_
             for name in ("untraced",) + tuple(profiles):
                 tracer = tracers.get(name)
                 space = ProcessSpace(w.pid, w.take_uffd)
-                s = Session(space, TraceProtector(), regions=[(w.addr, w.addr + w.length)],
+                s = Session(space, TraceProtector(exact=True), regions=[(w.addr, w.addr + w.length)],
                             handler=handler, spin=spin, cpu=hcpu)
                 with s:
                     if tracer:

@@ -99,8 +99,10 @@ def _kv(text):
 
 def _pagefault_binary():
     """Builds wp/bench/pagefault.c once into /var/tmp; returns its path."""
+    import hashlib
     src = os.path.join(_HERE, "pagefault.c")
-    out = "/var/tmp/wp-bench-pagefault-%d" % int(os.stat(src).st_mtime)
+    with open(src, "rb") as f:
+        out = "/var/tmp/wp-bench-pagefault-" + hashlib.sha1(f.read()).hexdigest()[:12]
     if not os.path.exists(out):
         tmp = out + ".%d" % os.getpid()
         subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", tmp, src], check=True)
@@ -404,21 +406,44 @@ def _gated_child(argv, out_path, env=None):
     return pid, w
 
 
-class _Snapshotter:
-    """`wp snapshot PID -o FILE --json` as a user runs it, in its own process."""
+# `wp snapshot PID -o FILE --json --quiet`, by wp's own main() in a python3
+# started ahead (its imports done, waiting for the pid): the run measures
+# the snapshot, not the interpreter's start-up.
+SNAPSHOT_HELPER = """
+import sys
+import wp.cli, wp.protectors.snapshot
+pid = sys.stdin.readline().strip()
+sys.exit(wp.cli.main(["snapshot", pid, "-o", sys.argv[1] + "." + pid, "--json", "--quiet"]))
+"""
 
-    def __init__(self, pid, workdir):
-        self.core = os.path.join(workdir, "core.%d" % pid)
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "wp.cli", "snapshot", str(pid), "-o", self.core,
-                                      "--json", "--quiet"], stdout=subprocess.PIPE,
+
+class _Snapshotter:
+    """A `wp snapshot` ready to go: start() gives it the pid."""
+
+    def __init__(self, workdir):
+        self.core = os.path.join(workdir, "core")
+        self.proc = subprocess.Popen([sys.executable, "-c", SNAPSHOT_HELPER, self.core],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+        self.started = None
+        self._cpu0 = 0.0
+
+    def start(self, pid):
+        self.core += ".%d" % pid
+        try:
+            self._cpu0 = _cpu_s(self.proc.pid)   # its imports: not the snapshot's
+        except OSError:
+            pass
+        self.started = time.monotonic()
+        self.proc.stdin.write("%d\n" % pid)
+        self.proc.stdin.close()
 
     def finish(self):
-        """Waits for it; returns (stats dict or None, its CPU seconds, wall s)."""
+        """Waits for it; returns (stats dict, its CPU seconds since start())."""
+        if self.started is None:
+            self.proc.stdin.close()
         _, status, ru = os.wait4(self.proc.pid, 0)
         self.proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.monotonic() - self.t0
         out, err = self.proc.stdout.read(), self.proc.stderr.read()
         self.proc.stdout.close()
         self.proc.stderr.close()
@@ -426,6 +451,8 @@ class _Snapshotter:
             os.unlink(self.core)
         except FileNotFoundError:
             pass
+        if self.started is None:
+            return {"error": "the run ended before the snapshot"}, 0.0
         st = None
         if self.proc.returncode == 0:
             try:
@@ -434,16 +461,16 @@ class _Snapshotter:
                 st = None
         if st is None:
             st = {"error": (err.strip().splitlines() or ["exit %d" % self.proc.returncode])[-1]}
-        return st, ru.ru_utime + ru.ru_stime, wall
+        return st, max(0.0, ru.ru_utime + ru.ru_stime - self._cpu0)
 
 
 def _run_program(w, protector, wpd, dirs, workdir, snapshot_at):
     """One run of a "run" workload; returns its record."""
     out_path = os.path.join(workdir, "out.txt")
     argv = w.argv(dirs)
+    snap = _Snapshotter(workdir) if protector == "snapshot" else None
     pid, gate = _gated_child(argv, out_path)
     conn = None
-    snap = None
     rec = {"protector": protector}
     try:
         if protector not in ("none", "snapshot"):
@@ -467,8 +494,8 @@ def _run_program(w, protector, wpd, dirs, workdir, snapshot_at):
             got, status, ru = os.wait4(pid, os.WNOHANG)
             if got:
                 break
-            if protector == "snapshot" and snap is None and time.monotonic() - t0 >= snapshot_at * w.seconds:
-                snap = _Snapshotter(w.snapshot_pid(pid), workdir)
+            if snap is not None and snap.started is None and time.monotonic() - t0 >= snapshot_at * w.seconds:
+                snap.start(w.snapshot_pid(pid))
             time.sleep(0.01)
         t1 = time.monotonic()
         pid = None
@@ -505,9 +532,7 @@ def _run_program(w, protector, wpd, dirs, workdir, snapshot_at):
 
 
 def _snapshot_fields(snap, wall):
-    if snap is None:
-        return {"wp_cpu_per_s": 0.0, "faults": None, "snapshot": {"error": "the run ended before it"}}
-    st, cpu, swall = snap.finish()
+    st, cpu = snap.finish()
     return {"wp_cpu_per_s": round(cpu / wall, 3),
             "faults": st.get("faults"),
             "snapshot": {k: st.get(k) for k in ("stop_ms", "copy_s", "copied_bytes",
@@ -531,7 +556,7 @@ def _run_server(w, protector, wpd, dirs, workdir, snapshot_at):
     log = open(os.path.join(workdir, "server.log"), "w")
     srv = subprocess.Popen(w.start(dirs, port), stdout=log, stderr=log)
     rec = {"protector": protector}
-    snap = None
+    snap = _Snapshotter(workdir) if protector == "snapshot" else None
     attached = False
     try:
         deadline = time.monotonic() + 10
@@ -551,10 +576,9 @@ def _run_server(w, protector, wpd, dirs, workdir, snapshot_at):
         t0 = time.monotonic()
         load = subprocess.Popen(w.load_argv(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        if protector == "snapshot":
+        if snap is not None:
             time.sleep(snapshot_at * w.seconds)
-            if load.poll() is None:
-                snap = _Snapshotter(srv.pid, workdir)
+            snap.start(srv.pid)   # the server is there even if the load is done
         out, err = load.communicate()
         t1 = time.monotonic()
         wall = t1 - t0
@@ -641,9 +665,10 @@ def run(names=None, protectors=PROTECTORS, rounds=3, seconds=4.0, cpus=None, sna
     old_aff = os.sched_getaffinity(0)
     if cpus == 1:
         os.sched_setaffinity(0, {0})    # inherited by wpd, the programs, wp snapshot
-    workdir = tempfile.mkdtemp(prefix="wp-bench-wl.")
-    dirs = {"ext4": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/var/tmp"),
-            "tmpfs": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/dev/shm")}
+    prefix = "wp-bench-wl.%d." % os.getpid()
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    dirs = {"ext4": tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"),
+            "tmpfs": tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")}
     wpd = None
     results, raw = [], {}
     try:

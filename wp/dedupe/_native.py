@@ -129,18 +129,6 @@ class Scanner(Hasher):
         if n < region.n:
             ffi.memmove(region.pm + n, bytes(8 * (region.n - n)), 8 * (region.n - n))
 
-    def scan(self, region, frm, to, zero_pfn):
-        """Hashes pages [frm, to) of region (see wp_dd_scan). Returns
-        (zero page indexes, other stable page indexes); self.counts adds up
-        scanned, volatile, unreadable, stable zero, stable other."""
-        n = to - frm
-        zero_idx = ffi.new("uint64_t[]", max(n, 1))
-        stable_idx = ffi.new("uint64_t[]", max(n, 1))
-        nz, ns = self._count_stable(lambda c: lib.wp_dd_scan(
-            self.pid, region.start, self.page_size, region.pm, frm, to, _pfn(zero_pfn), region.hashes,
-            self.buf, self.batch, self.addrs, zero_idx, stable_idx, c))
-        return ffi.unpack(zero_idx, nz), ffi.unpack(stable_idx, ns)
-
     def _count_stable(self, scan):
         """Runs scan(counts): a wp_dd_scan* call, which sets counts[3] and
         [4] to the stable zero and other pages it found. Returns those two

@@ -102,7 +102,8 @@ def rescue(pid, fd, store_inode, stop=None):
     pages unmerged."""
     import time
 
-    from wp.dedupe.merged import MERGED_FEATURES, Merged, Orphan, unmerge_runs
+    from wp.dedupe.merged import MERGED_FEATURES, Merged, Orphan
+    from wp.dedupe.unmerge import unmerge_runs
     from wp.space import ProcessSpace
     from wp.uffd import Userfaultfd
 

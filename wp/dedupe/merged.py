@@ -1,32 +1,47 @@
-"""Merged pages and the uffd that keeps their anonymous semantics (one per
-process: a target, a child it forked, or a target whose wpd died and whose
-guardian took over), and unmerging.
+"""Merged pages and the uffd ("B") that keeps their anonymous semantics:
+one per process (a target, a child it forked, or a target whose wpd died
+and whose guardian took over).
 
 # Some facts this code depends on
-- A merged range is a MAP_PRIVATE mapping of the store registered
-  MODE_MINOR|MODE_WP on uffd "B" (EVENT_REMOVE, EVENT_REMAP, EVENT_FORK).
-  MADV_DONTNEED there first sends a REMOVE event (the target waits until
-  we read it), then the next access raises a MINOR fault (the page is in
-  the store's page cache): answered with UFFDIO_ZEROPAGE for removed pages
-  (anonymous memory reads zeros), UFFDIO_CONTINUE (the store page) else.
-- UFFDIO_ZEROPAGE on a MAP_PRIVATE shmem VMA maps the zero page; a write
-  then copies it like any anonymous zero page.
+- A merged run is a MAP_PRIVATE mapping of the store registered
+  MISSING|MINOR|WP on B (EVENT_REMOVE, EVENT_REMAP, EVENT_FORK).
+- MADV_DONTNEED there first sends a REMOVE event (the target waits until
+  we read it), then the next access raises a MINOR fault (the store page is
+  in the page cache): answered with zeros for removed pages, with
+  UFFDIO_CONTINUE (the store page) otherwise. MADV_FREE sends the same
+  REMOVE event and then fails with EINVAL (a file mapping): the page keeps
+  its PTE, so the mark we set is harmless.
+- The zeros are a fresh anonymous page (UFFDIO_COPY), not the zero page
+  (UFFDIO_ZEROPAGE): the zero page would be a plain PTE of the file
+  mapping, which punching the store page's hole zaps again.
+- A store page freed (hole punched) can still be covered by a merged VMA
+  whose page the target dropped: a fault there is a MISSING fault (shmem
+  would otherwise allocate a page in the hole, which the store's next use
+  of that offset fills with other bytes): answered with zeros.
+- The kernel hands out pending faults before pending events: a fault
+  whose ioctl says EAGAIN (an event pending) is resolved later by a retry
+  thread (DEFER), never by waking the writer into the same fault again.
+
+# What Merged needs of its owner (DedupeProtector, or Orphan in the guardian)
+``page_size``; ``lock`` (guards ``frozen`` and our ``removed``);
+``frozen``, the [(start, end)] write-protected now (a WP fault there is
+deferred: the owner wakes B over each span it unfreezes); ``moved(m,
+start, to, length)`` after an mremap of merged pages; ``forked(m, fd)``
+with the child's uffd after a fork.
 """
 import logging
 import os
 import threading
 import time
 
-from wp import pagemap as _pagemap
 from wp.dedupe import _native
-from wp.dedupe.target import MREMAP_FIXED, MREMAP_MAYMOVE, NR_MREMAP, light_maps, remote
 from wp.errors import WPError
 from wp.faults import FaultLoop
 from wp.protector import DEFER, UNPROTECT, WAKE
-from wp.remote import ThreadStop
 from wp.uffd import MODE_MINOR, MODE_MISSING, MODE_WP
 
-__all__ = ["UnmergeError", "MERGED_MODE", "Merged", "Orphan", "unmerge_runs", "FREEZE_FEATURES", "MERGED_FEATURES", "runs", "retry"]
+__all__ = ["UnmergeError", "MERGED_MODE", "Merged", "Orphan", "FREEZE_FEATURES", "MERGED_FEATURES",
+           "runs", "retry", "zero_fill"]
 
 log = logging.getLogger("wp.dedupe")
 
@@ -147,7 +162,7 @@ class Merged:
         self._closed = False
         self.removes = 0
         self.loop = FaultLoop(uffd, Handler("dedupe-merged", self.on_write, self.on_minor),
-                              lambda a: None, self.on_event, pid=pid,
+                              None, self.on_event, pid=pid,
                               page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
 
     def start(self):
@@ -275,8 +290,8 @@ class Merged:
 
 
 class Orphan:
-    """The owner of merged pages whose protector is gone (the guardian,
-    after wpd died): enough of DedupeProtector for Merged and unmerge_runs."""
+    """The owner of merged pages whose protector is gone (the guardian):
+    what Merged and unmerge_runs need of an owner, and nothing more."""
 
     def __init__(self, pid):
         self.pid = pid
@@ -285,128 +300,8 @@ class Orphan:
         self.cond = threading.Condition(self.lock)
         self.frozen = []
 
-    def is_merged(self, page):
-        return False
-
-    def wait_unfrozen(self, page, timeout=30.0):
-        with self.cond:
-            self.cond.wait_for(lambda: not any(s <= page < e for s, e in self.frozen), timeout)
-
     def moved(self, m, start, to, length):
         pass
 
     def forked(self, m, fd):
         os.close(fd)
-
-
-def unmerge_runs(owner, m, space, store_inode, absent_is_removed=False, stop_timeout=10.0):
-    """Makes every store mapping of process m.pid private anonymous memory
-    again. Every thread of the process is stopped first (ThreadStop: no
-    MADV_DONTNEED can land between our read of a run and the mremap over
-    it); then removed pages get zeros, each run is frozen with WP on m.uffd
-    (against writers from outside the process), read, written into fresh
-    anonymous memory of the target and mremap()ed over the run.
-    absent_is_removed: treat merged pages with no PTE as DONTNEED'd (they
-    read zeros afterwards). The guardian uses it: wpd may have read a REMOVE
-    event (which lets the target go on) and died before it journaled it.
-    Merged pages are populated when merged and the store is never swapped
-    unless swap is on, so a missing PTE means DONTNEED (or MADV_PAGEOUT).
-    Returns (pages unmerged, [(start, end)] of runs still merged)."""
-    ps = owner.page_size
-    pid = m.pid
-    try:
-        runs = light_maps(pid, store_inode)[2]
-    except (OSError, ProcessLookupError):
-        return 0, []
-    if not runs:
-        return 0, []
-    bu = m.uffd
-    with remote(pid) as rp:
-        hold = ThreadStop(pid, skip={rp.tid}, timeout=stop_timeout)
-        try:
-            if not hold.stop():
-                raise TimeoutError("pid %d: threads %s did not stop within %gs to unmerge"
-                                   % (pid, sorted(hold.pending), stop_timeout))
-            # Stopped, the map cannot change under us: read it again.
-            runs = light_maps(pid, store_inode)[2]
-            return _unmerge_stopped(owner, m, rp, space, runs, absent_is_removed)
-        finally:
-            hold.release()
-
-
-def _unmerge_stopped(owner, m, rp, space, runs, absent_is_removed):
-    ps = owner.page_size
-    pid = m.pid
-    bu = m.uffd
-    # Pages removed and not faulted back yet: give them zeros first (B's
-    # loop has read every REMOVE event: a thread waiting for it to be read
-    # could not stop before).
-    with owner.lock:
-        removed = set(m.removed)
-        m.removed.clear()
-    if absent_is_removed:
-        with _pagemap.Pagemap(pid) as pm:
-            for s, e in runs:
-                ents = pm.entries(s, (e - s) // ps)
-                removed.update(s + i * ps for i, x in enumerate(ents) if not x & _pagemap.PRESENT)
-    for a in sorted(removed):
-        if any(s <= a < e for s, e in runs):
-            try:
-                zero_fill(bu, a, ps)
-            except OSError:
-                pass
-    with owner.lock:
-        owner.frozen.extend(runs)
-    failed = list(runs)
-    try:
-        for s, e in runs:
-            try:
-                retry(bu.protect, s, e - s)
-            except OSError:
-                try:   # the registration went (e.g. the session dropped it)
-                    bu.register(s, e - s, MERGED_MODE)
-                    retry(bu.protect, s, e - s)
-                except OSError as err:
-                    log.warning("pid %d: cannot freeze %#x-%#x to unmerge: %s", pid, s, e, err)
-        total = sum(e - s for s, e in runs)
-        fresh = rp.mmap_scratch(total)
-        off = 0
-        zero = bytes(ps)
-        for s, e in runs:
-            data = space.read(s, e - s)
-            k = 0
-            while k < e - s:   # write runs of non-zero pages; zeros stay unallocated
-                if data[k:k + ps] == zero:
-                    k += ps
-                    continue
-                j = k + ps
-                while j < e - s and data[j:j + ps] != zero:
-                    j += ps
-                space.write(fresh + off + k, data[k:j])
-                k = j
-            off += e - s
-        calls = []
-        off = 0
-        for s, e in runs:
-            calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
-            off += e - s
-        res = rp.syscalls(calls)
-        failed = [run for r, run in zip(res, runs) if r != run[0]]
-        if failed:
-            log.warning("pid %d: %d mremaps failed at unmerge: %s", pid, len(failed), failed[:3])
-        return total // ps - sum((e - s) // ps for s, e in failed), failed
-    finally:
-        for s, e in failed:   # still merged: do not leave them frozen
-            try:
-                bu.unprotect(s, e - s)
-            except OSError:
-                pass
-        with owner.cond:
-            for sp in runs:
-                owner.frozen.remove(sp)
-            owner.cond.notify_all()
-        for s, e in runs:
-            try:
-                bu.wake(s, e - s)
-            except OSError:
-                pass

@@ -12,7 +12,8 @@ Two ways to see writes, the same numbers either way:
   written and write-protects them again in the same walk, so no write falls
   between two intervals. A write costs the target ~1 us, once per page per
   interval.
-- sync (``mode=None``: sync WP where the memory allows, async for files;
+- sync (``sync=True``, or ``mode=None`` to track(): sync WP where the
+  memory allows, async for files;
   for kernels without WP_ASYNC, or to learn the writers' thread ids): each
   first write of an interval faults to the daemon (~10 us), which records
   the page and unprotects it; a sample re-protects the pages written, holding
@@ -20,14 +21,15 @@ Two ways to see writes, the same numbers either way:
   interval.
 
 The protector works in any Session (wpd's too: its scanner's reports are
-added to the current interval); ``sample()`` closes an interval.
+added to the current interval; ``wp attach PID --protector track`` is async
+unless ``-o sync=true``); ``sample()`` closes an interval.
 """
 import json
 import sys
 import threading
 import time
 
-from wp.protector import UNPROTECT, WriteProtector
+from wp.protector import NEEDS_DECISION, NEEDS_NOTICE, UNPROTECT, WriteProtector
 
 __all__ = ["TrackProtector", "track", "add_parser", "main"]
 
@@ -48,12 +50,17 @@ class TrackProtector(WriteProtector):
 
     Args:
         top: how many of the busiest regions a sample lists.
+        sync: sync faults where the memory allows it (the writers' thread
+            ids, ~10 us a first write); default async WP everywhere, unless
+            the session is given a mode.
     """
 
     name = "track"
+    unprotects_every_write = True   # --handler c may stand in for on_write
 
-    def __init__(self, top=5):
+    def __init__(self, top=5, sync=False):
         self.top = top
+        self.needs = NEEDS_DECISION if sync else NEEDS_NOTICE
         self._lock = threading.Lock()
         self._sync_pages = {}      # region -> set of page addresses (sync)
         self._async_pages = {}     # region -> pages written (async)
@@ -149,7 +156,7 @@ def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, re
     The session is closed when the generator finishes or is closed.
     """
     from wp.session import Session
-    prot = TrackProtector(top=top)
+    prot = TrackProtector(top=top, sync=mode is None)
     session = Session(space, prot, regions=regions, mode=mode, follow_fork=False)
     session.start()
     try:

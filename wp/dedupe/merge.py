@@ -1,0 +1,273 @@
+"""dedupe's merge stage: a batch of runs replaced in the target.
+
+In one ptrace round trip the target itself runs mmap(MAP_PRIVATE|
+MAP_FIXED) of store pages over duplicates, MADV_DONTNEED over zero pages
+and MADV_POPULATE_READ, with every other thread of it stopped
+(wp.remote.ThreadStop); the merged runs are registered on B before the
+threads run again.
+
+MergeStage is a part of DedupeProtector (wp.dedupe.protector). It uses
+``pid``, ``store``, ``b``, ``uffd_a``, ``merge_batch``, ``_scanner``,
+``stop_timeout``, ``_no_merge``, ``counters``, ``_stop``; freeze.py's
+``_freeze``, ``_unfreeze``, ``_still_frozen``; plan.py's ``_runs_for``;
+track.py's ``_region``.
+"""
+import logging
+import time
+
+from wp.dedupe.merged import MERGED_MODE, retry, runs
+from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
+                              NR_MADVISE, NR_MMAP, NR_MUNMAP, remote, store_fd_in, sys_time)
+from wp.remote import ThreadStop
+
+__all__ = ["MergeStage"]
+
+log = logging.getLogger("wp.dedupe")
+
+
+class MergeStage:
+    """The merge stage of DedupeProtector (see the module docstring)."""
+
+    def _merge_all(self, plan):
+        """Merges plan in batches of merge_batch pages. Returns pages merged."""
+        batches = [plan[i:i + self.merge_batch] for i in range(0, len(plan), self.merge_batch)]
+        return sum(self._merge(b) for b in batches if not self._stop.is_set())
+
+    def _merge(self, plan):
+        """Freezes, compares and merges one batch. Returns pages merged."""
+        return self._execute(self._prepare(plan))
+
+    def _prepare(self, plan):
+        """The first half of a batch: freeze, fill new store pages from
+        their frozen sources, compare every page. Returns what _execute
+        needs; the pages stay frozen until it ran.
+
+        plan: [(addr, what)] sorted by address, what as _plan makes it."""
+        ps = self.page_size
+        store = self.store
+        sc = self._scanner
+        # Contents not in the store yet: each gets a store page, in address
+        # order of its source page, so that side-by-side duplicates map
+        # side-by-side store pages (their VMAs coalesce).
+        resolved = {}
+        firsts = []
+        for a, w in plan:
+            if w.__class__ is tuple and w[0] not in resolved:
+                idx = store.lookup(w[0], self.max_page_sharing)
+                if idx is not None:
+                    resolved[w[0]] = idx
+                elif w[1] == a:
+                    firsts.append((a, w[0]))
+                    resolved[w[0]] = None
+        addrs = [a for a, _ in plan]
+        spans, partial = self._freeze(addrs)
+        try:
+            # The sources first: frozen, their bytes become the store page.
+            reserved = []
+            for run_start, n, _ in runs([a for a, _ in firsts], ps):
+                first = store.reserve(n)
+                reserved.extend(range(first, first + n))
+            for i in range(0, len(firsts), sc.batch):
+                chunk = firsts[i:i + sc.batch]
+                n = sc.read([a for a, _ in chunk], hash=False)
+                for j in range(len(chunk)):
+                    a, key = chunk[j]
+                    idx = reserved[i + j]
+                    if j < n and (partial is None or a in partial) and sc.hash_of(j) == key[1]:
+                        store.fill(idx, key, sc.page(j))
+                        resolved[key] = idx
+                    else:
+                        store.release(idx)
+            # Then every page against its store page (or zeros), in C.
+            NONE = -1
+            want = [NONE if w.__class__ is tuple and resolved.get(w[0]) is None
+                    else (resolved[w[0]] if w.__class__ is tuple else w) for _, w in plan]
+            store_base = store._base
+            to_store = []
+            to_zero = []
+            failed = 0
+            i = 0
+            while i < len(plan):
+                chunk_a = addrs[i:i + sc.batch]
+                chunk_w = want[i:i + sc.batch]
+                try:
+                    n = sc.read(chunk_a, hash=False)
+                except OSError:
+                    n = 0
+                eq = sc.compare(n, store_base, [0 if x == NONE else x for x in chunk_w[:n]])
+                for j in range(n):
+                    x = chunk_w[j]
+                    if x == NONE or not eq[j]:
+                        failed += 1
+                    elif x is None:
+                        to_zero.append(chunk_a[j])
+                    else:
+                        to_store.append((chunk_a[j], x))
+                i += n + 1 if n < len(chunk_a) else n
+            if partial is not None:
+                to_store = [(a, x) for a, x in to_store if a in partial]
+                to_zero = [a for a in to_zero if a in partial]
+            self.counters["compare_failed"] += failed
+            return self._runs_for(spans, to_store, to_zero)
+        except BaseException:
+            self._unfreeze(spans)
+            raise
+
+    def _execute(self, prepared):
+        """The second half of a batch: the syscalls in the target, our
+        bookkeeping and B registration (every thread of the target stopped
+        meanwhile), and the writers let go. Returns pages merged."""
+        spans, store_runs, zero_runs = prepared
+        ps = self.page_size
+        store = self.store
+        done = nz = 0
+        try:
+            ok_store, ok_zero = [], []
+            if store_runs or zero_runs:
+                ok_store, ok_zero = self._remote_merge(store_runs, zero_runs, spans)
+            nz = sum(n for _, n, _ in ok_zero)
+            done = sum(n for _, n, _ in ok_store)
+            self.n_merged += done
+            self.counters["merges"] += done
+            self.counters["zero_pages"] += nz
+            self.counters["merge_batches"] += 1
+        finally:
+            # Let the writers go: merged pages are another VMA now (they
+            # retry there and copy on write); the others are unprotected.
+            self._unfreeze(spans)
+        return done + nz
+
+    # Some facts about replacing a page under a running target:
+    # - The freeze (sync WP on A) stops writes, not MADV_DONTNEED: the
+    #   target may drop a frozen page after we read it, read zeros, write it
+    #   again (the fresh PTE carries no WP bit: anonymous zap drops the WP
+    #   marker), and our mmap would then put the old bytes back.
+    # - A merged run registered on B only after the target runs again could
+    #   be dropped meanwhile with no REMOVE event: the next read would map
+    #   the store page, not zeros.
+    # So a batch stops every thread of the target (ThreadStop), then keeps
+    # only pages pagemap still shows present *and* write-protected (nothing
+    # dropped or replaced them since the freeze), runs the syscalls, registers
+    # the merged runs on B, and only then lets the threads go.
+
+    def _remote_merge(self, store_runs, zero_runs, spans):
+        """Runs the merge batch in the target, every thread of it stopped,
+        and registers the merged runs on B. Returns the runs that merged."""
+        ps = self.page_size
+        t0 = time.monotonic()
+        sys0 = sys_time(self.pid)
+        ok_store, ok_zero = [], []
+        with remote(self.pid) as rp:
+            hold = ThreadStop(self.pid, skip={rp.tid}, timeout=self.stop_timeout)
+            try:
+                if not hold.stop():
+                    # A thread blocked on the freeze in kernel mode cannot
+                    # stop: give up this batch (a later pass retries it).
+                    self.counters["batches_aborted"] += 1
+                    self._unfreeze(spans)
+                    return [], []
+                ok_store, ok_zero = self._merge_stopped(rp, store_runs, zero_runs, spans)
+            finally:
+                stuck = hold.release()
+                self.counters["stopped_ms"] += hold.elapsed * 1000
+                if stuck:
+                    log.error("pid %d: threads %s never stopped; they stay traced", self.pid,
+                              sorted(stuck))
+        self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
+        self.counters["target_sys_s"] += sys_time(self.pid) - sys0
+        return ok_store, ok_zero
+
+    def _merge_stopped(self, rp, store_runs, zero_runs, spans):
+        ps = self.page_size
+        ok_store, ok_zero = [], []
+        rseq = rp.rseq_page()
+        if rseq is not None and rseq not in self._no_merge:
+            self._no_merge.add(rseq)
+            with self.lock:
+                frozen = any(fs <= rseq < fe for fs, fe in self.frozen)
+            if frozen:   # let the kernel write it; do not merge it now
+                retry(self.uffd_a.unprotect, rseq, ps)
+        if self._no_merge:
+            def keep(r):
+                return not any(r[0] <= a < r[0] + r[1] * ps for a in self._no_merge)
+            store_runs = [r for r in store_runs if keep(r)]
+            zero_runs = [r for r in zero_runs if keep(r)]
+        store_runs = self._still_frozen(store_runs)
+        zero_runs = self._still_frozen(zero_runs, key=False)
+        if not store_runs and not zero_runs:
+            return ok_store, ok_zero
+        tfd = None
+        scratch = None
+        if store_runs:
+            scratch = rp.mmap_scratch()
+            tfd = store_fd_in(rp, scratch, self.store.fd)
+        calls = []
+        region = None
+        for s, n, idx in store_runs:
+            if region is None or not region.start <= s < region.end:
+                region = self._region(s)
+            prot = region.prot
+            calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
+                                    self.store.offset(idx))))
+        for s, n, _ in zero_runs:
+            calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+        # Map the store pages in now, so that a first read costs no MINOR
+        # fault once B registers them: one madvise over the whole batch
+        # when it is dense (it also maps the zero page where zero pages
+        # went, which is what a read there would do), else one per run.
+        if store_runs:
+            lo = store_runs[0][0]
+            hi = store_runs[-1][0] + store_runs[-1][1] * ps
+            if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
+                    and self._region(lo) is self._region(hi - ps):
+                calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
+            else:
+                calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
+                             for s, n, _ in store_runs)
+        if tfd is not None:
+            calls.append((NR_CLOSE, (tfd,)))
+        if scratch is not None:
+            calls.append((NR_MUNMAP, (scratch, ps)))
+        res = rp.syscalls(calls)
+        for k, run in enumerate(store_runs):
+            if res[k] == run[0]:
+                ok_store.append(run)
+            else:
+                self.counters["merge_errors"] += 1
+                log.debug("pid %d: mmap over %#x: %d", self.pid, run[0], res[k])
+        base = len(store_runs)
+        for k, run in enumerate(zero_runs):
+            if res[base + k] == 0:
+                ok_zero.append(run)
+            else:
+                self.counters["merge_errors"] += 1
+        self._record_merged(ok_store)
+        return ok_store, ok_zero
+
+    def _record_merged(self, ok_store):
+        """Bookkeeping for runs just mapped from the store, and their
+        registration on B (before the target's threads run again)."""
+        ps = self.page_size
+        refs = self.idx_refs
+        removed = self.b.removed
+        with self.lock:
+            for s, n, idx in ok_store:
+                r = self._region(s)
+                base = r.index(s)
+                r.merged[base:base + n] = range(idx + 1, idx + n + 1)
+                for x in range(idx, idx + n):
+                    refs[x] = refs.get(x, 0) + 1
+                if removed:
+                    removed.difference_update(range(s, s + n * ps, ps))
+            self.store.ref_runs(ok_store)
+        register = self.b.uffd.register
+        mode = MERGED_MODE
+        for s, n, idx in ok_store:
+            try:
+                register(s, n * ps, mode)
+            except OSError:
+                try:
+                    retry(register, s, n * ps, mode)
+                except OSError as err:
+                    log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
+                                self.pid, s, n, err)
