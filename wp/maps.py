@@ -100,12 +100,26 @@ def classify(m, fstypes):
     return FILE
 
 
-def read_maps(pid):
+def read_maps(pid, tries=5):
     """Returns the mappings of pid, classified, in address order.
+
+    The kernel writes smaps a page of text at a time, taking the mmap lock
+    for each: a process that maps and unmaps meanwhile (allocators do, all
+    the time) can be read half before and half after a change, and two
+    entries then overlap. Such a torn read is read again (up to tries times;
+    the last one is returned as read).
 
     Raises:
         ProcessLookupError / FileNotFoundError: no such process.
     """
+    for _ in range(tries - 1):
+        mappings = _read_smaps(pid)
+        if all(a.end <= b.start for a, b in zip(mappings, mappings[1:])):
+            return mappings
+    return _read_smaps(pid)
+
+
+def _read_smaps(pid):
     mappings = []
     current = None
     fstypes = _fs_types()

@@ -277,11 +277,13 @@ class Session:
             self._attached = True
             if self.sync_uffd:
                 self._start_loop(self.sync_uffd, self.pid)
-            self._register_all(registered)
+            # The async uffd's REMOVE events are read from before the first
+            # registration: while one is pending WRITEPROTECT says EAGAIN.
             if self.async_uffd and self.async_uffd.features & ASYNC_REMOVE_FEATURES == ASYNC_REMOVE_FEATURES:
                 self._events_thread = threading.Thread(target=self._async_events, name="wp-async-events",
                                                        daemon=True)
                 self._events_thread.start()
+            self._register_all(registered)
             if self.async_uffd and self.scan_interval:
                 self._scanner = threading.Thread(target=self._scan_loop, name="wp-scan", daemon=True)
                 self._scanner.start()
@@ -312,8 +314,10 @@ class Session:
         and UFFDIO_REGISTER then fails with EINVAL (a hole, or another kind
         of VMA, in the range) or WRITEPROTECT with ENOENT. Then the maps are
         read again and what is mapped now is protected, a few times over;
-        what went away before it was protected was never part of the target's
-        protected memory. EBUSY (another uffd has the range) is final.
+        a range still moving after that is left out if it is no longer
+        mapped as it was (what went away before it was protected was never
+        part of the target's protected memory; refresh() protects what came
+        instead). EBUSY (another uffd has the range) is final.
         """
         pending = self.regions
         for attempt in range(self.LAYOUT_RETRIES + 1):
@@ -333,6 +337,12 @@ class Session:
                     if err.errno == errno.EINVAL and not last:
                         changed.append(r)
                         continue
+                    if err.errno == errno.EINVAL and not self.protector.fixed_regions and self._moved(r):
+                        # Still moving after as many reads: it is gone, and
+                        # whatever replaces it, refresh() protects later.
+                        log.debug("pid %d: %#x-%#x moved while being protected: left out",
+                                  self.pid, r.start, r.end)
+                        continue
                     why = err
                     if err.errno == errno.EBUSY:
                         # A VMA takes one userfaultfd at a time.
@@ -342,7 +352,7 @@ class Session:
                     raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
                                             % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
                 try:
-                    u.protect(r.start, r.length)
+                    self._protect(u, r.start, r.length)
                 except OSError as err:
                     if err.errno != errno.ENOENT or last:
                         registered.append(r)   # close() unregisters it
@@ -370,12 +380,32 @@ class Session:
         self.regions.sort(key=lambda r: r.start)
         self._index()
 
+    #: How long a WRITEPROTECT may keep saying EAGAIN before start gives up.
+    EAGAIN_TIMEOUT = 5.0
+
+    def _protect(self, u, start, length):
+        """u.protect, waiting out EAGAIN: the target is in the middle of an
+        address-space change (munmap, MADV_DONTNEED, mremap, fork) whose
+        event this session's threads have not read yet, and the kernel
+        refuses to write-protect until they have (mmap_changing); they read
+        it within microseconds."""
+        deadline = time.monotonic() + self.EAGAIN_TIMEOUT
+        while True:
+            try:
+                return u.protect(start, length)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.0005)
+
     def reresolve(self):
         """Reads the target's maps again and resolves the regions anew, for
         a protector whose attach stopped the target's threads (its layout no
-        longer changes) before it plans on session.regions."""
-        self.regions = resolve_regions(self.space.maps(), self.specs, self.pid, self.mode)
+        longer changes) before it plans on session.regions. Returns the maps."""
+        maps = self.space.maps()
+        self.regions = resolve_regions(maps, self.specs, self.pid, self.mode)
         self._index()
+        return maps
 
     def _moved(self, region):
         """True if region is no longer mapped as it was read: not exactly

@@ -247,11 +247,13 @@ class SnapshotProtector(WriteProtector):
                 raise self.error
             # The maps were read before the threads stopped, and an allocator
             # may have mapped or unmapped memory since: read them again, now
-            # that the layout holds still, and plan on what is there.
+            # that the layout holds still, and plan again if it moved.
             try:
-                session.reresolve()
-                maps = self.space.maps()
-                self._plan(session.regions, maps)
+                now = session.reresolve()
+                if [(m.start, m.end, m.perms, m.path) for m in now] != \
+                        [(m.start, m.end, m.perms, m.path) for m in maps]:
+                    maps = now
+                    self._plan(session.regions, maps)
             except BaseException:
                 self._stopping.set()    # the freezer lets the threads go
                 raise
