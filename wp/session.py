@@ -312,12 +312,14 @@ class Session:
         The target runs while the session starts, and its allocators map and
         unmap memory all the time: the maps read a moment ago may be stale,
         and UFFDIO_REGISTER then fails with EINVAL (a hole, or another kind
-        of VMA, in the range) or WRITEPROTECT with ENOENT. Then the maps are
-        read again and what is mapped now is protected, a few times over;
-        a range still moving after that is left out if it is no longer
-        mapped as it was (what went away before it was protected was never
-        part of the target's protected memory; refresh() protects what came
-        instead). EBUSY (another uffd has the range) is final.
+        of VMA, in the range) or ENOMEM (no VMA left in it at all), or
+        WRITEPROTECT with ENOENT. Then the maps are read again and what is
+        mapped now is protected, a few times over; a range still moving
+        after that is left out if it is no longer mapped as it was (what
+        went away before it was protected was never part of the target's
+        protected memory; refresh() protects what came instead). EBUSY
+        (another uffd has the range) is final. A protector with
+        fixed_regions gets LayoutChanged instead of a second read.
         """
         pending = self.regions
         for attempt in range(self.LAYOUT_RETRIES + 1):
@@ -330,14 +332,15 @@ class Session:
                 try:
                     u.register(r.start, r.length, self._register_mode(r))
                 except OSError as err:
-                    if err.errno == errno.EINVAL and self.protector.fixed_regions and self._moved(r):
+                    moved = err.errno in (errno.EINVAL, errno.ENOMEM)
+                    if moved and self.protector.fixed_regions and self._moved(r):
                         raise LayoutChanged(
                             "pid %d mapped or unmapped memory at %#x-%#x while wp was protecting it: "
                             "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
-                    if err.errno == errno.EINVAL and not last:
+                    if moved and not last:
                         changed.append(r)
                         continue
-                    if err.errno == errno.EINVAL and not self.protector.fixed_regions and self._moved(r):
+                    if moved and not self.protector.fixed_regions and self._moved(r):
                         # Still moving after as many reads: it is gone, and
                         # whatever replaces it, refresh() protects later.
                         log.debug("pid %d: %#x-%#x moved while being protected: left out",
@@ -354,18 +357,21 @@ class Session:
                 try:
                     self._protect(u, r.start, r.length)
                 except OSError as err:
-                    if err.errno != errno.ENOENT or last:
+                    if err.errno != errno.ENOENT:
                         registered.append(r)   # close() unregisters it
-                        if err.errno == errno.ENOENT and self.protector.fixed_regions:
-                            raise LayoutChanged(
-                                "pid %d unmapped memory at %#x-%#x while wp was protecting it: "
-                                "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
                         raise
+                    # Unmapped since it was registered (its registration
+                    # went with it, or with the part that is gone).
                     try:
                         u.unregister(r.start, r.length)
                     except OSError:
-                        pass    # unmapped: its registration went with it
-                    changed.append(r)
+                        pass
+                    if self.protector.fixed_regions:
+                        raise LayoutChanged(
+                            "pid %d unmapped memory at %#x-%#x while wp was protecting it: "
+                            "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
+                    if not last:
+                        changed.append(r)
                     continue
                 registered.append(r)
             if not changed:
