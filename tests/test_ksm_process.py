@@ -21,7 +21,7 @@ from wp import ksm, ksm_advisor
 from wp.cli import main as wp_main
 from wp.remote import RemoteProcess
 
-from test_daemon import ROOT, WP, wpd  # noqa: F401  (the wpd fixture)
+from fixtures_daemon import ROOT, WP, wpd  # noqa: F401  (the wpd fixture)
 
 pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM (CONFIG_KSM)")
 
