@@ -45,7 +45,7 @@ import errno
 import os
 import threading
 
-from wp import procfs
+from wp import pidfd, procfs
 from wp._native import check, ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
@@ -62,7 +62,6 @@ _NAMES = {nr: name for name, nr in SYS.items()}
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-PIDFD_THREAD = os.O_EXCL
 
 BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
 
@@ -411,18 +410,9 @@ class RemoteProcess:
         """Moves fd remote_fd out of the target: returns our copy (O_CLOEXEC)
         and closes the target's."""
         self._check_thread()
-        # pidfd_getfd takes the fd from the pidfd's task. A process pidfd
-        # names the leader, whose file table is gone if it called
-        # pthread_exit(); a thread pidfd (PIDFD_THREAD, 6.9+) names ours.
-        if self.tid == self.pid:
-            pidfd = check(lib.wp_pidfd_open(self.pid), "pidfd_open(%d)" % self.pid)
-        else:
-            pidfd = os.pidfd_open(self.tid, PIDFD_THREAD)
-        try:
-            fd = check(lib.wp_pidfd_getfd(pidfd, remote_fd),
-                       "pidfd_getfd(pid %d, fd %d)" % (self.pid, remote_fd))
-        finally:
-            os.close(pidfd)
+        # Through our thread: the leader's file table is gone if it
+        # called pthread_exit() (see wp.pidfd).
+        fd = pidfd.getfd(self.pid, remote_fd, self.tid)
         try:
             self.syscall(SYS["close"], remote_fd)
         except BaseException:
