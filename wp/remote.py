@@ -51,12 +51,14 @@ from wp.errors import NoSuchProcess, TargetError
 
 __all__ = ["RemoteProcess", "SYS", "ThreadStop", "choose_thread", "validate_pid", "validate_target"]
 
-# x86_64 syscall numbers used here and by callers.
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) of every
+# syscall wp injects: the one table, also for wp.dedupe. Error messages name
+# a failed call from it.
 SYS = {
-    "read": 0, "write": 1, "close": 3, "pause": 34, "fstat": 5, "mmap": 9, "mprotect": 10,
-    "munmap": 11, "madvise": 28, "nanosleep": 35, "getpid": 39, "exit_group": 231,
-    "getppid": 110, "gettid": 186, "tgkill": 234, "userfaultfd": 323,
-    "memfd_create": 319,
+    "read": 0, "write": 1, "open": 2, "close": 3, "fstat": 5, "mmap": 9, "mprotect": 10,
+    "munmap": 11, "mremap": 25, "madvise": 28, "pause": 34, "nanosleep": 35, "getpid": 39,
+    "socket": 41, "connect": 42, "recvmsg": 47, "getppid": 110, "gettid": 186,
+    "exit_group": 231, "tgkill": 234, "memfd_create": 319, "userfaultfd": 323,
 }
 _NAMES = {nr: name for name, nr in SYS.items()}
 
