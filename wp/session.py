@@ -305,7 +305,7 @@ class Session:
 
     #: How many times start() reads the target's maps again when they
     #: changed under it before it gives up.
-    LAYOUT_RETRIES = 3
+    LAYOUT_RETRIES = 5
 
     def _register_all(self, registered):
         """Registers and protects self.regions, appending each to registered.
@@ -331,7 +331,16 @@ class Session:
                 if u is None:
                     continue    # new since the first read, of a mode no uffd was opened for
                 try:
-                    u.register(r.start, r.length, self._register_mode(r))
+                    try:
+                        u.register(r.start, r.length, self._register_mode(r))
+                    except OSError as err:
+                        # Mapped again just as it was (allocators reuse
+                        # addresses) by the time the error is looked at?
+                        # Then once more, before believing the error.
+                        if not (last and err.errno in (errno.EINVAL, errno.ENOMEM)
+                                and not self.protector.fixed_regions and not self._moved(r)):
+                            raise
+                        u.register(r.start, r.length, self._register_mode(r))
                 except OSError as err:
                     moved = err.errno in (errno.EINVAL, errno.ENOMEM)
                     if moved and self.protector.fixed_regions and self._moved(r):
