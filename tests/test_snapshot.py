@@ -163,7 +163,6 @@ def test_writes_during_copy_see_old_bytes(sweep, tmp_path):
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False, cpu=NCPU - 1)
     s.start()
     try:
-        prot.protected()
         assert t.cmd("w 2048 2048 2") == ["done"]
         prot.go.set()
         prot.wait(20)
@@ -180,7 +179,6 @@ def test_target_exit_fails_the_snapshot(sweep, tmp_path):
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False)
     s.start()
     try:
-        prot.protected()
         t.proc.kill()
         t.proc.wait()
         prot.go.set()
@@ -215,7 +213,6 @@ def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
     s = Session(t.space(), prot, regions=[t.range()], follow_fork=False)
     s.start()
     try:
-        prot.protected()
         assert t.cmd("w 100 10 4") == ["done"]    # after the instant, before the copy
         prot.go.set()
         st = prot.wait(20)
@@ -245,7 +242,6 @@ def test_pages_dropped_during_the_copy(target_bin, spawn, tmp_path, rewrite):
                 regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
     s.start()
     try:
-        prot.protected()
         for i in (3, 4, 9):
             assert cmd("d %d" % i) == ["ok"]
         if rewrite:
@@ -287,7 +283,6 @@ def test_never_populated_pages_are_skipped(target_bin, spawn, tmp_path):
                 regions=["%x-%x" % (addr, addr + length)], follow_fork=False)
     s.start()
     try:
-        prot.protected()
         assert cmd("w 100 3")[0] == "done"      # first write after the instant
         prot.go.set()
         st = prot.wait(20)

@@ -18,7 +18,7 @@ comes from :func:`exit_code` (an exception raised here) or
 import builtins
 
 __all__ = ["WPError", "UnsupportedMemory", "BadRange", "TargetError", "NotRoot", "NoSuchProcess",
-           "BadRequest", "UsageError", "DaemonUnreachable", "exit_code", "exit_code_for_type",
+           "BadRequest", "UsageError", "Failed", "DaemonUnreachable", "exit_code", "exit_code_for_type",
            "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_NO_DAEMON", "EXIT_REFUSED"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -55,6 +55,10 @@ class BadRequest(WPError, ValueError):
 
 class UsageError(WPError):
     """The command line is wrong (exit 2)."""
+
+
+class Failed(WPError):
+    """An operation that began failed part way (exit 1): a snapshot's copy."""
 
 
 class DaemonUnreachable(WPError, ConnectionError):

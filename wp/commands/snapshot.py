@@ -26,7 +26,7 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
         cpu, spin: placement of the fault handler thread (wp.session.Session).
         options: more SnapshotProtector arguments (chunk, batch, ...).
     Raises:
-        BadRange, UnsupportedMemory: regions refused; WPError: copy failed.
+        BadRange, UnsupportedMemory: regions refused; wp.errors.Failed: the copy failed.
     """
     # Written as PATH.partial and renamed once complete: a snapshot that
     # fails or is killed (even with -9) never leaves a truncated PATH, nor
@@ -48,7 +48,6 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
                 if attempt == 2:
                     raise
         try:
-            prot.protected()
             while not prot.done.wait(0.5):
                 if progress:
                     progress(prot.stats())

@@ -53,7 +53,7 @@ import time
 
 from wp import elfcore, pagemap, procfs
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory, WPError
+from wp.errors import BadRange, Failed, UnsupportedMemory
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
@@ -334,29 +334,20 @@ class SnapshotProtector(WriteProtector):
 
     # -- the instant -------------------------------------------------------
 
-    def protected(self):
-        """Says protection is installed (Session.start returned): the threads
-        may go and the copier may start. Without this call the copier notices
-        session.started_ns by itself, a fraction of a millisecond later."""
+    def on_protected(self):
+        """Session.start installed protection: the instant. The threads may
+        go and the copier may start."""
         self.t_protected = time.monotonic_ns()
         self._protected.set()
 
     def _wait_protected(self, limit_s=30.0):
-        # Session.start() does not tell a protector that it failed after
-        # attach (it closes without detach): watch its stop flag, and never
+        # Session.start calls on_protected once protection is installed, and
+        # detach when it fails after attach: either sets _protected. Never
         # keep the target stopped longer than limit_s.
-        deadline = time.monotonic() + limit_s
-        failed = getattr(self.session, "_stop", None)
-        while not self._protected.wait(0.0002):
-            if self._stopping.is_set() or (failed is not None and failed.is_set()):
-                self._stopping.set()
-                return False
-            if self.session.started_ns is not None:
-                self.protected()
-            elif time.monotonic() > deadline:
-                self.error = TimeoutError("protection not installed after %.0f s" % limit_s)
-                self._stopping.set()
-                return False
+        if not self._protected.wait(limit_s):
+            self.error = TimeoutError("protection not installed after %.0f s" % limit_s)
+            self._stopping.set()
+            return False
         return not self._stopping.is_set()
 
     def _freeze_threads(self):
@@ -731,7 +722,7 @@ class SnapshotProtector(WriteProtector):
         if not self.done.wait(timeout):
             raise TimeoutError("snapshot of pid %d not done after %s s" % (self.pid, timeout))
         if self.error:
-            raise WPError("snapshot of pid %d failed: %s" % (self.pid, self.error)) from self.error
+            raise Failed("snapshot of pid %d failed: %s" % (self.pid, self.error)) from self.error
         return self.stats()
 
     def stats(self):
