@@ -487,7 +487,9 @@ int wp_loop_step(struct wp_loop *loop)
 			loop->pending = 1;
 			if (loop->slow || !loop->pid)
 				return WP_STEP_SLOW;
-			return kind == WP_KIND_MINOR ? WP_STEP_MINOR : WP_STEP_WRITE;
+			if (kind == WP_KIND_MINOR)
+				return loop->timed ? WP_STEP_SLOW : WP_STEP_MINOR;
+			return loop->timed ? WP_STEP_TIMED : WP_STEP_WRITE;
 		}
 		int n = wp_loop_next(loop, loop->batch, WP_BATCH, loop->timeout_ms);
 		if (n <= 0)

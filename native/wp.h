@@ -149,7 +149,10 @@ struct wp_fault {
 #define WP_STEP_EVENT 2      /* another event, in loop->other */
 #define WP_STEP_MINOR 3      /* a minor fault: on_minor */
 #define WP_STEP_SLOW  4      /* a fault for the careful path: loop->slow set
-			      * (callbacks timed) or loop->pid still 0 */
+			      * (the USDT probe), a minor fault while timed, or
+			      * loop->pid still 0 */
+#define WP_STEP_TIMED 5      /* a write fault whose callback Python times:
+			      * loop->timed set (wp trace --callbacks) */
 
 struct wp_loop {
 	int uffd;
@@ -159,6 +162,7 @@ struct wp_loop {
 	int c_path;          /* wp_loop_step resolves write faults itself */
 	int pending;         /* a fault handed to Python awaits its decision */
 	int slow;            /* hand every fault out as WP_STEP_SLOW */
+	int timed;           /* hand write faults out as WP_STEP_TIMED */
 	uint32_t pid;        /* the target (0: a forked child not known yet) */
 	uint64_t page_size;  /* for faults outside the region table */
 	uint64_t faults;     /* page faults read */

@@ -21,8 +21,7 @@ from wp.protector import NEEDS_DECISION, NEEDS_NOTICE, UNPROTECT, Fault, WritePr
 
 __all__ = ["TraceProtector"]
 
-# (page, tid, t_read_ns, pid) of a Fault in one C call: on_write runs on
-# every first write, the writer blocked meanwhile (wp bench faults).
+# (page, tid, t_read_ns, pid) of a Fault in one C call.
 _noted = operator.itemgetter(*(Fault._fields.index(f) for f in ("page", "tid", "t_read_ns", "pid")))
 _SYNC = ("sync",)
 
@@ -46,24 +45,32 @@ class TraceProtector(WriteProtector):
         if exact is not None:
             self.exact = bool(exact)
         self.needs = NEEDS_DECISION if self.exact else NEEDS_NOTICE
-        self.writes = []
+        # Records as they come: a sync one is the Fault itself (read-only),
+        # made a record only when read (writes): on_write runs on every
+        # first write, the writer blocked meanwhile (wp bench faults).
+        self._records = []
         self.count = 0
         self.async_pages = 0
         self._lock = threading.Lock()
 
     def on_write(self, fault):
         self.count += 1
-        if len(self.writes) < self.keep:
-            self.writes.append(_noted(fault) + _SYNC)
+        if len(self._records) < self.keep:
+            self._records.append(fault)
         return UNPROTECT
+
+    @property
+    def writes(self):
+        """The records kept: (page, tid, t_ns, pid, "sync" or "async")."""
+        return [_noted(r) + _SYNC if type(r) is Fault else r for r in list(self._records)]
 
     def on_written(self, region, runs, t_ns):
         with self._lock:
             for start, end in runs:
                 for page in range(start, end, region.page_size):
                     self.async_pages += 1
-                    if len(self.writes) < self.keep:
-                        self.writes.append((page, 0, t_ns, self.session.pid, "async"))
+                    if len(self._records) < self.keep:
+                        self._records.append((page, 0, t_ns, self.session.pid, "async"))
 
     def stats(self):
         return {"mode": "exact" if self.exact else "counts", "first_writes": self.count,
