@@ -555,14 +555,30 @@ class Session:
             return out
         with self._scan_lock:
             t = time.monotonic_ns()
+            stale = []
             for r in list(self.regions):
                 if r.mode != "async":
                     continue
-                runs = self._pagemap.take_written(r.start, r.end)
+                try:
+                    runs = self._pagemap.take_written(r.start, r.end)
+                except OSError as err:
+                    # The async uffd takes no UNMAP events: a region the
+                    # target unmapped is still listed, and another mapping
+                    # may sit there now, not registered (EPERM: not WP_ASYNC
+                    # memory). Forget it; a rescan protects what is there.
+                    if err.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
+                        raise
+                    stale.append(r)
+                    continue
                 if runs:
                     r.written += sum(e - s for s, e in runs) // r.page_size
                     out[r] = runs
                     self.protector.on_written(r, runs, t)
+            for r in stale:
+                log.debug("pid %d: %#x-%#x is no longer protected async memory: dropped", self.pid,
+                          r.start, r.end)
+                self._trim(r.start, r.end)
+                self._last_layout = None     # the next refresh looks again
         return out
 
     # Some facts about async protection and MADV_DONTNEED. Async WP keeps a
