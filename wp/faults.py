@@ -321,7 +321,7 @@ class FaultLoop:
                 except Exception as err:  # the writer must not stay blocked
                     self._callback_raised(fault, err)
                     continue
-                if decision is not None and decision is not unprotect:
+                if decision is not unprotect and decision is not None:
                     self._decide(f, decision)
             elif n == timed:
                 fault = make(fault_type, unpack(head))
@@ -333,7 +333,7 @@ class FaultLoop:
                     decision = None
                 times[1] = now()
                 times[0] = t_enter
-                if decision is not None and decision is not unprotect:
+                if decision is not unprotect and decision is not None:
                     self._decide(f, decision)
             elif n == minor or n == slow:
                 self._careful(f, make(fault_type, unpack(head)))
