@@ -26,7 +26,6 @@
   UFFDIO_ZEROPAGE has no WP mode (a zero page and a WRITEPROTECT after it
   leave a window in which another thread's write lands unseen).
 """
-import mmap
 import os
 
 from wp._native import check, ffi, lib
@@ -61,20 +60,6 @@ MODE_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
 MODE_MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
 
 _supported = None
-
-# The source of fill_zero: never written, so every page of it reads the
-# kernel's zero page (no memory).
-_ZEROS = mmap.mmap(-1, 16 * mmap.PAGESIZE, prot=mmap.PROT_READ,
-                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-_ZEROS_ADDR = None
-
-
-def _zeros_addr():
-    global _ZEROS_ADDR
-    if _ZEROS_ADDR is None:
-        _ZEROS_ADDR = int(ffi.cast("uint64_t", ffi.from_buffer(_ZEROS)))
-    return _ZEROS_ADDR
-
 
 def feature_names(mask):
     """Returns the sorted names of the feature bits in mask."""
@@ -196,19 +181,6 @@ class Userfaultfd:
         mode = (lib.UFFDIO_COPY_MODE_WP if wp else 0) | (lib.UFFDIO_COPY_MODE_DONTWAKE if dontwake else 0)
         return check(lib.wp_uffd_copy(self.fd, dst, src, length, mode),
                      "ioctl(UFFDIO_COPY, %#x<-%#x+%#x)", dst, src, length)
-
-    def fill_zero(self, start, length, wp=False, dontwake=False):
-        """Maps fresh zero-filled pages on a missing range (UFFDIO_COPY from
-        zeros), write-protected if wp; returns the bytes mapped.
-
-        Raises:
-            FileExistsError: a page there is mapped already (EEXIST).
-        """
-        done = 0
-        while done < length:
-            n = min(length - done, len(_ZEROS))
-            done += self.copy(start + done, _zeros_addr(), n, wp=wp, dontwake=dontwake)
-        return done
 
     def continue_(self, start, length, wp=False, dontwake=False):
         """Maps the page cache pages already there (minor faults)."""
