@@ -14,6 +14,8 @@
 #include "wp_kernel.h"
 #include "wp.h"
 
+#define WP_BATCH 64   /* messages read at once: struct wp_loop's batch */
+
 struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size)
 {
 	struct wp_loop *loop = calloc(1, sizeof(*loop));
@@ -31,6 +33,7 @@ struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size)
 	}
 	loop->uffd = uffd;
 	loop->page_size = page_size;
+	loop->timeout_ms = -1;
 	loop->ring_size = size;
 	return loop;
 }
@@ -217,43 +220,283 @@ int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
 	return r;
 }
 
-/* Counts and records a fault the fast path already unprotected. */
-static void resolved_c(struct wp_loop *loop, const struct wp_msg *m)
+/* ---- the region table ---------------------------------------------------- */
+
+struct wp_regions *wp_regions_new(void)
 {
-	loop->resolved++;
-	DTRACE_PROBE3(wp, fault_resolved, m->addr, m->tid, WP_HOW_UNPROTECT | WP_HOW_C);
-	record(loop, m, WP_HOW_UNPROTECT | WP_HOW_C);
+	return calloc(1, sizeof(struct wp_regions));
 }
 
-int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max)
+void wp_regions_free(struct wp_regions *rs)
 {
-	struct wp_msg batch[64];
-	for (;;) {
-		int n = wp_loop_next(loop, batch, 64, -1);
-		if (n < 0)
-			return n;
-		int other = 0;
-		for (int i = 0; i < n; i++) {
-			struct wp_msg *m = &batch[i];
-			if (m->event == UFFD_EVENT_PAGEFAULT && (m->flags & UFFD_PAGEFAULT_FLAG_WP)) {
-				uint64_t page = m->addr & ~(loop->page_size - 1);
-				note(loop, m, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
-				/* hugetlbfs only takes ranges aligned to its page
-				 * size (EINVAL otherwise); 2 MiB is the one we map. */
-				if (wp_uffd_writeprotect(loop->uffd, page, loop->page_size, 0) == -EINVAL)
-					page = m->addr & ~((2ull << 20) - 1);
-				else
-					page = 0;
-				if (page)
-					wp_loop_resolve(loop, m, page, 2ull << 20, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
-				else
-					resolved_c(loop, m);
-			} else if (other < max) {
-				out[other++] = *m;
-			}
+	if (!rs)
+		return;
+	free(rs->ents);
+	free(rs);
+}
+
+static void regions_lock(struct wp_regions *rs)
+{
+	while (__atomic_exchange_n(&rs->lock, 1, __ATOMIC_ACQUIRE))
+		while (__atomic_load_n(&rs->lock, __ATOMIC_RELAXED))
+			__builtin_ia32_pause();
+}
+
+static void regions_unlock(struct wp_regions *rs)
+{
+	__atomic_store_n(&rs->lock, 0, __ATOMIC_RELEASE);
+}
+
+static int by_start(const void *a, const void *b)
+{
+	const struct wp_region_ent *x = a, *y = b;
+	return x->start < y->start ? -1 : x->start > y->start;
+}
+
+int64_t wp_regions_set(struct wp_regions *rs, const struct wp_region_ent *ents, uint64_t n,
+		       uint64_t *counts, uint64_t ncounts)
+{
+	struct wp_region_ent *copy = NULL;
+	if (ents) {
+		copy = malloc((n ? n : 1) * sizeof(*copy));
+		if (!copy)
+			return -ENOMEM;
+		memcpy(copy, ents, n * sizeof(*copy));
+		qsort(copy, n, sizeof(*copy), by_start);
+		for (uint64_t i = 0; i < n; i++)
+			copy[i].faults = 0;
+	}
+	regions_lock(rs);
+	uint64_t taken = rs->n < ncounts ? rs->n : ncounts;
+	for (uint64_t i = 0; i < taken; i++) {
+		counts[i] = rs->ents[i].faults;
+		rs->ents[i].faults = 0;
+	}
+	struct wp_region_ent *old = NULL;
+	if (copy) {
+		old = rs->ents;
+		rs->ents = copy;
+		rs->n = n;
+	}
+	regions_unlock(rs);
+	free(old);
+	return taken;
+}
+
+/* Finds addr's region, counts the fault in it if count and returns its
+ * page size and id (0 and 0 when it is in none). */
+static uint64_t region_of(struct wp_regions *rs, uint64_t addr, uint64_t *id, int count)
+{
+	uint64_t psize = 0;
+	*id = 0;
+	if (!rs)
+		return 0;
+	regions_lock(rs);
+	uint64_t lo = 0, hi = rs->n;
+	while (lo < hi) {        /* the first entry that ends above addr */
+		uint64_t mid = (lo + hi) / 2;
+		if (rs->ents[mid].end <= addr)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo < rs->n && rs->ents[lo].start <= addr) {
+		struct wp_region_ent *e = &rs->ents[lo];
+		e->faults += count;
+		psize = e->page_size;
+		*id = e->id;
+	}
+	regions_unlock(rs);
+	return psize;
+}
+
+/* ---- stepping through faults ------------------------------------------------ */
+
+/* The kernel queues one message per blocked writer. Those still queued when
+ * a page is resolved vanish (the wake-up dequeues them), but a batch read
+ * before may hold several for one page: once the first has unprotected it,
+ * the others only need their writer woken. */
+static int covered(struct wp_loop *loop, uint64_t addr)
+{
+	for (int i = 0; i < loop->ndone; i++)
+		if (loop->done[i][0] <= addr && addr < loop->done[i][1])
+			return 1;
+	return 0;
+}
+
+static void unprotected(struct wp_loop *loop, uint64_t start, uint64_t len)
+{
+	if (loop->ndone < WP_BATCH) {
+		loop->done[loop->ndone][0] = start;
+		loop->done[loop->ndone][1] = start + len;
+		loop->ndone++;
+	}
+}
+
+/* The C fast path's resolution of a write fault: unprotect its page. */
+static void resolve_c(struct wp_loop *loop, const struct wp_msg *m, uint64_t psize)
+{
+	const uint32_t how = WP_HOW_UNPROTECT | WP_HOW_C;
+	uint64_t page;
+	if (psize) {
+		page = m->addr & ~(psize - 1);
+		wp_loop_resolve(loop, m, page, psize, how, 0, 0);
+		unprotected(loop, page, psize);
+		return;
+	}
+	/* Outside the table (a region being replaced): hugetlbfs only takes
+	 * ranges aligned to its page size (EINVAL otherwise), and 2 MiB is the
+	 * one we map. */
+	page = m->addr & ~(loop->page_size - 1);
+	note(loop, m, how, 0, 0);
+	int r = wp_uffd_writeprotect(loop->uffd, page, loop->page_size, 0);
+	if (r == -EINVAL) {
+		page = m->addr & ~((2ull << 20) - 1);
+		wp_loop_resolve(loop, m, page, 2ull << 20, how, 0, 0);
+		unprotected(loop, page, 2ull << 20);
+		return;
+	}
+	if (r < 0) {
+		wp_loop_resolve(loop, m, page, loop->page_size, how, 0, 0);
+		return;
+	}
+	loop->resolved++;
+	DTRACE_PROBE3(wp, fault_resolved, m->addr, m->tid, how);
+	record(loop, m, how);
+	unprotected(loop, page, loop->page_size);
+}
+
+/* Some facts about MISSING faults (sync private anonymous memory, which
+ * wp.session registers MISSING as well as WP): a page that is not mapped
+ * (never populated, or dropped by the target with MADV_DONTNEED, which
+ * takes its WP marker with it: wp/uffd.py) raises a MISSING fault on any
+ * access. It reads as zeros either way, so the fault is answered with a
+ * fresh zero page, write-protected (UFFDIO_COPY_MODE_WP, atomic: no other
+ * thread's write lands on it unseen) and not woken yet. A read is then
+ * resolved (woken: a later write faults like any other); a write is a
+ * write fault of a protected zero page, handed to the protector and
+ * resolved as one. Nothing reads the target's memory here: a read of a
+ * missing page from this thread would wait for this thread. */
+static const char zeros[1 << 16] __attribute__((aligned(4096)));
+
+/* Maps a protected zero page at a MISSING fault. Returns 1 for a write
+ * (handle it as a write fault, its writer not woken yet), 0 for a read or
+ * a failure (resolved: the writer woken). */
+static int fill_missing(struct wp_loop *loop, const struct wp_msg *m, uint64_t page, uint64_t psize)
+{
+	uint64_t done = 0;
+	while (done < psize) {
+		uint64_t n = psize - done < sizeof(zeros) ? psize - done : sizeof(zeros);
+		int64_t r = wp_uffd_copy(loop->uffd, page + done, (uint64_t)(uintptr_t)zeros, n,
+					 UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE);
+		if (r == -EEXIST)   /* mapped meanwhile (a second message for it) */
+			break;
+		if (r <= 0) {
+			/* EAGAIN: an event (REMOVE, fork, remap) is pending and
+			 * the kernel maps nothing until it is read. Wake the
+			 * thread: it faults again after the event. */
+			if (r != -EAGAIN)
+				loop->errors++;
+			wp_loop_resolve(loop, m, page, psize, WP_HOW_WAKE, 0, 0);
+			return 0;
 		}
-		if (other)
-			return other;
+		done += r;
+	}
+	if (m->flags & UFFD_PAGEFAULT_FLAG_WRITE) {
+		loop->missing_writes++;
+		return 1;
+	}
+	loop->missing_reads++;
+	wp_loop_resolve(loop, m, page, psize, WP_HOW_WAKE, 0, 0);
+	return 0;
+}
+
+static void settle(struct wp_loop *loop)
+{
+	struct wp_fault *f = &loop->fault;
+	if (!loop->pending)
+		return;
+	loop->pending = 0;
+	uint32_t how = f->how;
+	if (!how)    /* DEFER: the protector resolves it itself, later */
+		return;
+	wp_loop_resolve(loop, &loop->cur, f->start, f->len, how, f->t_cb_enter_ns, f->t_cb_exit_ns);
+	if (how & WP_HOW_UNPROTECT)
+		unprotected(loop, f->start, f->len);
+}
+
+void wp_loop_finish(struct wp_loop *loop)
+{
+	settle(loop);
+}
+
+int wp_loop_step(struct wp_loop *loop)
+{
+	struct wp_fault *f = &loop->fault;
+	settle(loop);
+	for (;;) {
+		while (loop->pos < loop->nbatch) {
+			struct wp_msg *m = &loop->batch[loop->pos++];
+			if (m->event != UFFD_EVENT_PAGEFAULT) {
+				loop->other = *m;
+				return WP_STEP_EVENT;
+			}
+			if (covered(loop, m->addr)) {
+				loop->duplicates++;
+				uint64_t ps = loop->page_size;
+				wp_uffd_wake(loop->uffd, m->addr & ~(ps - 1), ps);
+				continue;
+			}
+			uint32_t kind = m->flags & UFFD_PAGEFAULT_FLAG_WP ? WP_KIND_WP
+				      : m->flags & UFFD_PAGEFAULT_FLAG_MINOR ? WP_KIND_MINOR
+				      : WP_KIND_MISSING;
+			/* Counted in its region unless it is a read. */
+			int write = kind != WP_KIND_MISSING || (m->flags & UFFD_PAGEFAULT_FLAG_WRITE);
+			uint64_t id;
+			uint64_t psize = region_of(loop->regions, m->addr, &id, write);
+			if (loop->c_path && kind == WP_KIND_WP) {
+				resolve_c(loop, m, psize);
+				continue;
+			}
+			if (!psize)
+				psize = loop->page_size;
+			if (kind == WP_KIND_MISSING) {
+				uint64_t page = m->addr & ~(psize - 1);
+				if (!fill_missing(loop, m, page, psize))
+					continue;
+				if (loop->c_path) {   /* no protector: unprotect it */
+					wp_loop_resolve(loop, m, page, psize, WP_HOW_UNPROTECT | WP_HOW_C, 0, 0);
+					unprotected(loop, page, psize);
+					continue;
+				}
+			}
+			f->addr = m->addr;
+			f->page = m->addr & ~(psize - 1);
+			f->flags = m->flags;
+			f->t_read_ns = m->t_read_ns;
+			f->region = id;
+			f->tid = m->tid;
+			f->kind = kind;
+			f->pid = loop->pid;
+			f->page_size = psize;
+			f->how = kind == WP_KIND_MINOR ? WP_HOW_CONTINUE : WP_HOW_UNPROTECT;
+			f->start = f->page;
+			f->len = psize;
+			f->t_cb_enter_ns = f->t_cb_exit_ns = 0;
+			loop->cur = *m;
+			loop->pending = 1;
+			if (loop->slow || !loop->pid)
+				return WP_STEP_SLOW;
+			if (kind == WP_KIND_MINOR)
+				return loop->timed ? WP_STEP_SLOW : WP_STEP_MINOR;
+			return loop->timed ? WP_STEP_TIMED : WP_STEP_WRITE;
+		}
+		int n = wp_loop_next(loop, loop->batch, WP_BATCH, loop->timeout_ms);
+		if (n <= 0)
+			return n;
+		loop->nbatch = n;
+		loop->pos = 0;
+		loop->ndone = 0;
 	}
 }
 

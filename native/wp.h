@@ -88,16 +88,90 @@ struct wp_record {
 	uint32_t how;        /* WP_HOW_* */
 };
 
+/* A session's regions, sorted by start and shared by its fault loops: a
+ * loop finds each fault's region (its page size, its id) here and counts the
+ * fault in it, the C fast path as much as a Python handler. Python replaces
+ * the table whenever the session's regions change (wp.faults.RegionTable). */
+struct wp_region_ent {
+	uint64_t start;
+	uint64_t end;
+	uint64_t page_size;
+	uint64_t id;         /* the session's Region.id */
+	uint64_t faults;     /* faults counted since Python last took them */
+};
+
+struct wp_regions {
+	struct wp_region_ent *ents;
+	uint64_t n;
+	int lock;            /* a spinlock: held for a lookup or a swap */
+};
+
+struct wp_regions *wp_regions_new(void);
+void wp_regions_free(struct wp_regions *rs);
+/* Moves each entry's fault count into counts[i] (ncounts >= rs->n) and
+ * zeroes it; then, if ents is not NULL, replaces the table by a copy of
+ * ents[0..n), sorted by start. Returns the number of counts written, or
+ * -ENOMEM (the table is left as it was). */
+int64_t wp_regions_set(struct wp_regions *rs, const struct wp_region_ent *ents, uint64_t n,
+		       uint64_t *counts, uint64_t ncounts);
+
+#define WP_KIND_WP      0    /* a write to a write-protected page */
+#define WP_KIND_MINOR   1    /* a MINOR-registered page not mapped here */
+#define WP_KIND_MISSING 2    /* a MISSING-registered page not mapped: a
+			      * write (a read never reaches Python) */
+
+/* One fault handed to a Python handler by wp_loop_step, and what to do
+ * with it. Python makes its wp.protector.Fault of the first eight fields in
+ * one struct.unpack (the order of Fault's fields); the decision is preset
+ * to the default (unprotect [page, page + page_size), or map it for a
+ * minor fault) and written only to change it. */
+struct wp_fault {
+	uint64_t addr;
+	uint64_t page;           /* the faulting page, in its region's page size */
+	uint64_t flags;          /* UFFD_PAGEFAULT_FLAG_* */
+	uint64_t t_read_ns;
+	uint64_t region;         /* the region's id; 0: in none of the table */
+	uint32_t tid;
+	uint32_t kind;           /* WP_KIND_* */
+	uint32_t pid;            /* loop->pid */
+	uint32_t pad;
+	uint64_t page_size;
+	uint32_t how;            /* the decision: WP_HOW_UNPROTECT, _WAKE, _CONTINUE; 0: none (DEFER) */
+	uint32_t pad2;
+	uint64_t start;          /* ... for [start, start + len) */
+	uint64_t len;
+	uint64_t t_cb_enter_ns;  /* the callback's start and end, for the note (0: untimed) */
+	uint64_t t_cb_exit_ns;
+};
+
+/* What wp_loop_step handed out. */
+#define WP_STEP_WRITE 1      /* a write (or missing) fault: on_write */
+#define WP_STEP_EVENT 2      /* another event, in loop->other */
+#define WP_STEP_MINOR 3      /* a minor fault: on_minor */
+#define WP_STEP_SLOW  4      /* a fault for the careful path: loop->slow set
+			      * (the USDT probe), a minor fault while timed, or
+			      * loop->pid still 0 */
+#define WP_STEP_TIMED 5      /* a write fault whose callback Python times:
+			      * loop->timed set (wp trace --callbacks) */
+
 struct wp_loop {
 	int uffd;
 	int stopfd;          /* eventfd: a write wakes and stops the loop */
 	int spin;            /* busy-poll the uffd instead of sleeping in poll() */
 	int stop;
-	uint64_t page_size;
+	int c_path;          /* wp_loop_step resolves write faults itself */
+	int pending;         /* a fault handed to Python awaits its decision */
+	int slow;            /* hand every fault out as WP_STEP_SLOW */
+	int timed;           /* hand write faults out as WP_STEP_TIMED */
+	uint32_t pid;        /* the target (0: a forked child not known yet) */
+	uint64_t page_size;  /* for faults outside the region table */
 	uint64_t faults;     /* page faults read */
 	uint64_t events;     /* other messages read */
 	uint64_t resolved;
 	uint64_t errors;     /* resolve ioctls that failed */
+	uint64_t duplicates; /* messages for a page already unprotected in their batch */
+	uint64_t missing_reads;   /* MISSING faults of reads: a protected zero page mapped */
+	uint64_t missing_writes;  /* MISSING faults of writes (each also a write fault) */
 	struct wp_record *ring;
 	uint64_t ring_size;  /* power of two */
 	uint64_t head;       /* written by the loop thread */
@@ -107,13 +181,25 @@ struct wp_loop {
 	uint32_t note_mask;      /* slots - 1 */
 	uint64_t spin_after_ns;  /* after a batch of faults, read without sleeping this long */
 	int burst;               /* the last batch held a page fault */
+	struct wp_regions *regions;  /* NULL, or the session's table */
+	int timeout_ms;      /* how long wp_loop_step waits (-1: until stopped) */
+	struct wp_fault fault;   /* wp_loop_step's fault out, and its decision in */
+	struct wp_msg other;     /* wp_loop_step's other event out */
+	/* wp_loop_step's batch: messages read, the next to hand out, the
+	 * fault Python is deciding, and the ranges unprotected so far. */
+	struct wp_msg batch[64];    /* WP_BATCH (faultloop.c) */
+	int nbatch;
+	int pos;
+	struct wp_msg cur;
+	int ndone;
+	uint64_t done[64][2];
 };
 
 struct wp_loop *wp_loop_new(int uffd, uint64_t page_size, uint64_t ring_size);
 void wp_loop_free(struct wp_loop *loop);
 void wp_loop_stop(struct wp_loop *loop);
 /* Waits up to timeout_ms (-1: forever) for messages and returns up to max
- * of them; 0 on timeout, -ECANCELED once stopped. Used by Python handlers. */
+ * of them; 0 on timeout, -ECANCELED once stopped. */
 int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_ms);
 /* Resolves a fault read by wp_loop_next: unprotects [start, start+len)
  * (WP_HOW_UNPROTECT), only wakes the writer (WP_HOW_WAKE) or maps the page
@@ -122,10 +208,17 @@ int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_
 int wp_loop_resolve(struct wp_loop *loop, const struct wp_msg *msg,
 		    uint64_t start, uint64_t len, uint32_t how,
 		    uint64_t t_cb_enter_ns, uint64_t t_cb_exit_ns);
-/* The C fast path: resolves every write-protect fault by unprotecting its
- * page until a message of another kind arrives (copied to out, returns the
- * count) or the loop is stopped (-ECANCELED). */
-int wp_loop_run_c(struct wp_loop *loop, struct wp_msg *out, int max);
+/* The fault loop's one call per fault: resolves the fault it handed out
+ * last (as loop->fault now decides), then hands out the next message: a
+ * fault in loop->fault or another event in loop->other (returns a
+ * WP_STEP_*). Waits up to loop->timeout_ms for one (0 on timeout);
+ * -ECANCELED once stopped, -EPIPE when the uffd is gone. With loop->c_path
+ * it resolves write faults itself (unprotecting the page) and hands out
+ * only the rest. Python's per-fault work is thus one call with one
+ * argument (cffi's cheapest), an unpack of the fault and the callback. */
+int wp_loop_step(struct wp_loop *loop);
+/* Resolves a fault still pending (a handler that stops between steps). */
+void wp_loop_finish(struct wp_loop *loop);
 uint64_t wp_loop_drain(struct wp_loop *loop, struct wp_record *out, uint64_t max);
 /* USDT marker after a Python protector callback that started at
  * t_enter_ns (CLOCK_MONOTONIC, as bpf_ktime_get_ns); bcc attaches to it. */

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from conftest import needs_bcc
 
@@ -16,23 +17,30 @@ def test_bench_faults_json():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["cpu_placement"].startswith("same:")
-    rows = {(row["memory"], row["handler"]): row for row in out["rows"]}
+    rows = {(row["memory"], row["handler"], row["protector"]): row for row in out["rows"]}
+    assert len(rows) == len(out["rows"])
     for memory in ("anon", "shmem", "hugetlb"):
-        for handler in ("none", "c", "python"):
-            assert (memory, handler) in rows
-    assert ("file", "async") in rows and rows[("file", "async")]["mode"] == "async"
+        assert (memory, "none", None) in rows and (memory, "c", "unprotect") in rows
+        for protector in ("unprotect", "trace", "first-writer"):
+            assert len(rows[(memory, "python", protector)]["us_rounds"]) == 5
+    assert ("file", "async", None) in rows and rows[("file", "async", None)]["mode"] == "async"
     for row in out["rows"]:
-        assert set(row) >= {"memory", "mode", "handler", "pages", "faults", "us_per_fault"}
+        assert set(row) >= {"memory", "mode", "handler", "protector", "pages", "faults", "us_per_fault"}
+        # sync rows: the faults their one region counted (the C path's too)
         assert row["faults"] == row["pages"], row
         assert row["us_per_fault"] > 0
     assert set(out["ratios"]) == {"anon_python_over_c", "anon_c_over_async",
                                   "fresh_write_missing_over_wp_only", "fresh_read_missing_over_wp_only"}
+    for memory in ("anon", "shmem", "hugetlb"):
+        p = out["python_path"][memory]
+        assert p["trace_over_c"] == round(p["trace_us"] / p["c_us"], 3)
+        assert set(p["goal_met"]) == set(p["must_met"]) == {"trace", "first-writer", "python_own_us"}
     # First touches of fresh anonymous memory: with MISSING registered a
     # read is a round trip too; without it only the write (WP_UNPOPULATED).
-    fresh = out["fresh_anon"]
-    assert (fresh["wp_missing"]["faults_write"], fresh["wp_missing"]["faults_read"]) == (64, 64)
-    assert (fresh["wp_only"]["faults_write"], fresh["wp_only"]["faults_read"]) == (64, 0)
-    assert (fresh["none"]["faults_write"], fresh["none"]["faults_read"]) == (0, 0)
+    for fresh in (out["fresh_anon"], out["fresh_anon_c"]):
+        assert (fresh["wp_missing"]["faults_write"], fresh["wp_missing"]["faults_read"]) == (64, 64)
+        assert (fresh["wp_only"]["faults_write"], fresh["wp_only"]["faults_read"]) == (64, 0)
+        assert (fresh["none"]["faults_write"], fresh["none"]["faults_read"]) == (0, 0)
     # the machine the numbers come from
     m = out["machine"]
     assert m["kernel"] == os.uname().release and m["cpus"] == os.cpu_count() and m["clocksource"]
@@ -80,12 +88,13 @@ def test_bench_workloads_json():
     run; trace (attached to redis-server, detached after the load) handled
     the writes of the memory redis filled; the snapshot was taken and its
     core removed; no timing asserted."""
-    r = subprocess.run([sys.executable, "-m", "wp.cli", "bench", "workloads", "--quick", "--json",
-                        "--workload", "redis-d1024", "--workload", "pagefault-t1",
-                        "--protector", "trace", "--protector", "snapshot"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    p = subprocess.Popen([sys.executable, "-m", "wp.cli", "bench", "workloads", "--quick", "--json",
+                          "--workload", "redis-d1024", "--workload", "pagefault-t1",
+                          "--protector", "trace", "--protector", "snapshot"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    out = json.loads(stdout)
     assert out["machine"]["kernel"] == os.uname().release and out["machine"]["cpu_model"]
     assert out["protectors"] == ["none", "trace", "snapshot"]
     assert "reaim" in out and out["rounds"] == 1
@@ -106,4 +115,5 @@ def test_bench_workloads_json():
     # may end before or during its own)
     snap = redis["snapshot"]
     assert snap["snapshot_errors"] == [] and snap["snapshot_stop_ms_max"] is not None
-    assert not [f for f in os.listdir("/var/tmp") if f.startswith("wp-bench-wl.")]
+    for d in ("/var/tmp", "/dev/shm", tempfile.gettempdir()):   # its files, cores included, are gone
+        assert not [f for f in os.listdir(d) if f.startswith("wp-bench-wl.%d." % p.pid)]

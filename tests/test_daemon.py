@@ -458,6 +458,55 @@ def test_user_protector(wpd, memtarget):
     assert_untouched(t)
 
 
+@pytest.mark.parametrize("protector, name", [("snapshot", "snapshot"), ("dedupe", "dedupe"),
+                                             ("user_protector:EveryOther", "every-other")])
+def test_c_handler_refused_unless_declared(wpd, memtarget, tmp_path, protector, name):
+    """--handler c unprotects every write without calling the protector:
+    refused (exit 4, the reason and the fix named) for any protector that
+    does not declare that this is all it needs, through wp attach, wp run
+    and the protocol, before anything changes in the target."""
+    from wp import protocol
+    t = memtarget("anon", 4)
+    maps_before = slurp("/proc/%d/maps" % t.pid)
+    reason = "protector %s cannot run with --handler c" % name
+    r = wp(wpd, "attach", t.pid, "--handler", "c", "--protector", protector, check=False)
+    assert r.returncode == 4, r.stderr
+    assert reason in r.stderr and "use --handler python" in r.stderr
+    marker = tmp_path / "ran"
+    r = wp(wpd, "run", "--handler", "c", "--protector", protector, "--", "touch", marker, check=False)
+    assert r.returncode == 4 and reason in r.stderr, r.stderr
+    assert not marker.exists(), "the command ran"
+    conn = protocol.Connection.connect(wpd.sock)
+    try:
+        reply = conn.request({"op": "attach", "pid": t.pid, "protector": protector, "handler": "c"})
+    finally:
+        conn.close()
+    assert not reply["ok"] and reply["type"] == "BadRequest" and reason in reply["error"]
+    assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+    assert slurp("/proc/%d/maps" % t.pid) == maps_before
+    assert_untouched(t)
+    t.write(1, 4)
+    assert t.read(1) == (4, 4 * 4096)
+
+
+@pytest.mark.parametrize("protector, sync", [("trace", "exact=true"), ("track", "sync=true")])
+def test_c_handler_for_declared_protectors(wpd, memtarget, protector, sync):
+    """trace and track declare that unprotecting is all they need: the C
+    handler takes their (sync) write faults and still counts them per
+    region."""
+    t = memtarget("memfd", 8)
+    wp(wpd, "attach", t.pid, "--handler", "c", "--protector", protector, "-o", sync)
+    for i in range(5):
+        t.write(i, 3)
+    # Counted when the message is read, before the writer is woken.
+    st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
+    memfd = [r for r in st["regions"] if r["kind"] == "memfd"]
+    assert st["handler"] == "c" and sum(r["faults"] for r in memfd) == 5
+    wp(wpd, "detach", t.pid)
+    assert_untouched(t)
+    assert [t.read(i)[0] for i in range(5)] == [3] * 5
+
+
 @pytest.fixture
 def strict_userfaultfd():
     """vm.unprivileged_userfaultfd = 0 (the default), restored at teardown."""

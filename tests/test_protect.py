@@ -18,10 +18,13 @@ import pytest
 from fixtures_core import (  # noqa: F401  (fixtures)
     SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
 from wp._native import ffi, lib
-from wp.errors import BadRange, UnsupportedMemory
+from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -341,6 +344,9 @@ import sys
 sys.path.insert(0, %r)
 from wp.maps import read_maps
 from wp.errors import NotRoot
+from wp.protector import WriteProtector
+from wp.protectors.dedupe import DedupeProtector
+from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import LocalSpace, ProcessSpace
@@ -520,6 +526,28 @@ def test_writes_after_dontneed_are_seen_async(memtarget, sessions, protector):
     assert s.scan_written() == {} and s.stats()["written_pages"] == 2 * NPAGES
 
 
+def test_c_handler_missing_faults(memtarget, sessions):
+    """handler="c": a read of a dropped page maps a protected zero page, a
+    write one that it then unprotects, without the protector; both are
+    recorded, only the write counts as a fault."""
+    t = memtarget("anon", 4)
+    s = sessions(t, handler="c")
+    assert t.cmd("d 1") == ["ok"] and t.cmd("d 2") == ["ok"]
+    assert t.read(1) == (0, 0)
+    assert t.wp_bits()[1:3] == [True, False] and t.present_bits()[1:3] == [True, False]
+    tid2 = t.write(2, 4)                       # MISSING write: unprotected at once
+    tid1 = t.write(1, 3)                       # WP fault of the zero page the read mapped
+    assert (t.read(1), t.read(2)) == ((3, 3 * t.page_size), (4, 4 * t.page_size))
+    assert t.wp_bits() == [True, False, False, True]
+    st = settled(s, faults=2, resolved=2)
+    assert (st["faults"], st["resolved"], st["missing_reads"], st["resolve_errors"]) == (2, 2, 1, 0)
+    recs = [(page_of(a, t.page_size), tid, how) for a, tid, _r, _s, how in s.records()]
+    assert [(p, tid) for p, tid, _ in recs][1:] == [(t.page(2), tid2), (t.page(1), tid1)]
+    assert not any(how & lib.WP_HOW_ERROR for *_, how in recs)
+    assert recs[0][2] & lib.WP_HOW_WAKE                      # the read: woken, kept protected
+    assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT for *_, how in recs[1:])
+
+
 def test_missing_read_from_another_thread_of_ours(memtarget, sessions):
     """A read of a dropped page by wp itself from a thread other than the
     fault loop's (process_vm_readv) waits for the loop, which maps a
@@ -580,10 +608,12 @@ def test_local_space_writer_in_c(sessions):
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_c_handler(memtarget, sessions, kind):
     """handler="c": faults resolved in C without calling the protector; the
-    records still name each page and writer."""
+    records still name each page and writer, and each region counts its
+    own faults."""
     t = memtarget(kind, 4)
     prot = TraceProtector(exact=True)
-    s = sessions(t, prot, handler="c")
+    mid = t.page(2)
+    s = sessions(t, prot, handler="c", regions=[(t.addr, mid), (mid, t.addr + t.length)])
     tid0 = t.write(0, 1)
     tid2 = t.write(2, 2)
     t.write(2, 3)
@@ -596,6 +626,7 @@ def test_c_handler(memtarget, sessions, kind):
         recs += s.records()
     st = s.stats()
     assert (st["faults"], st["resolved"], st["resolve_errors"]) == (2, 2, 0)
+    assert [r["faults"] for r in st["regions"]] == [1, 1]
     assert [(page_of(a, t.page_size), tid) for a, tid, *_ in recs] == [(t.page(0), tid0), (t.page(2), tid2)]
     assert all(how & lib.WP_HOW_C and how & lib.WP_HOW_UNPROTECT and not how & lib.WP_HOW_ERROR
                for *_, how in recs)
@@ -605,6 +636,37 @@ def test_c_handler(memtarget, sessions, kind):
 
 def page_of(addr, psize):
     return addr & ~(psize - 1)
+
+
+class Undeclared(WriteProtector):
+    """A user's protector that only unprotects but does not say so."""
+    name = "undeclared"
+
+
+class Declared(Undeclared):
+    name = "declared"
+    unprotects_every_write = True
+
+
+@pytest.mark.parametrize("cls", [SnapshotProtector, DedupeProtector, Undeclared])
+def test_c_handler_refused_unless_declared(memtarget, cls):
+    """The C handler would unprotect every write without calling on_write:
+    a protector that does not declare that this is all it needs is refused
+    before the target is touched (its uffd not even taken)."""
+    t = memtarget("anon", 4)
+    with pytest.raises(BadRequest, match="protector %s cannot run with --handler c" % cls.name):
+        Session(ProcessSpace.cooperative(t.pid, t.uffds[:1]), cls.__new__(cls), handler="c")
+    assert t.wp_bits() == [False] * 4
+    t.write(1, 5)     # not protected: does not block
+    assert t.read(1) == (5, 5 * t.page_size)
+
+
+def test_c_handler_for_a_declared_user_protector(memtarget, sessions):
+    t = memtarget("anon", 4)
+    s = sessions(t, Declared(), handler="c")
+    t.write(3, 1)
+    assert settled(s, resolved=1)["regions"][0]["faults"] == 1
+    assert t.wp_bits() == [True, True, True, False]
 
 
 def test_spin_pinned_loop(memtarget, sessions):

@@ -47,6 +47,8 @@ def _add_bench(sub):
     f.add_argument("--placement", default="same", choices=["same", "split", "split-spin", "unpinned"],
                    help="CPUs of writer and handler (default: same, the fastest here)")
     f.add_argument("--quick", action="store_true", help="skip the comparison of placements")
+    f.add_argument("--rounds", type=int, default=5,
+                   help="rounds of each sync row, taken in turn (default 5)")
     f.set_defaults(func=lambda a: __import__("wp.bench.faults", fromlist=["main"]).main(a))
     _passthrough(bsub, "attach", "wp.bench.attach", "cost of attaching and of injected syscalls")
     _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")

@@ -25,6 +25,7 @@ import time
 
 from wp import protocol
 from wp.errors import BadRequest, TargetError, WPError
+from wp.protector import check_handler
 from wp.protectors import load as load_protector
 from wp.remote import comm, validate_target
 from wp.session import Session, check_specs
@@ -197,13 +198,16 @@ class Daemon:
     # -- target management -------------------------------------------------
 
     @staticmethod
-    def make_protector(protector, options=None):
-        """Returns a new protector named protector, built with options.
+    def make_protector(protector, options=None, handler="python"):
+        """Returns a new protector named protector, built with options, to
+        run with handler.
 
         Raises:
-            BadRequest: unknown protector, or options it refuses.
+            BadRequest: unknown protector, options it refuses, or a handler
+                it cannot run with (wp.protector.check_handler).
         """
         cls = load_protector(protector)
+        check_handler(cls, handler)
         try:
             return cls(**(options or {}))
         except (TypeError, ValueError) as err:
@@ -220,7 +224,7 @@ class Daemon:
             self._attaching.add(pid)
             self.ended.pop(pid, None)   # a new session: the old one's stats are stale
         try:
-            prot = instance if instance is not None else self.make_protector(protector, options)
+            prot = instance if instance is not None else self.make_protector(protector, options, handler)
             space = ProcessSpace(pid, uffd_source) if uffd_source else ProcessSpace.attached(pid)
             session = Session(space, prot, regions=regions or None, mode=mode, handler=handler,
                               follow_fork=follow_fork, scan_interval=1.0)
@@ -378,7 +382,7 @@ class Daemon:
         pid = req["pid"]
         check_target(pid)
         protector = req.get("protector") or "trace"
-        instance = self.make_protector(protector, req.get("options"))
+        instance = self.make_protector(protector, req.get("options"), req.get("handler") or "python")
         check_specs(req.get("regions") or [])
         launch.seize_for_exec(pid)
         conn.send({"ok": True, "phase": "armed"})

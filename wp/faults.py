@@ -7,22 +7,29 @@ entering Python at all and only returns for the other events.
 
 # Some facts about the fault path on this VM (DESIGN.md)
 - A writer blocked on a sync WP fault waits for the handler to be scheduled.
-  Measured here (wp bench faults): writer and handler on the same CPU ~9 us
-  a round trip (Python), a handler sleeping on the other CPU 45-62 us (a
-  cross-vCPU wakeup), one spinning on the other CPU (``spin``) 5 us (C).
+  Measured here (wp bench faults): writer and handler on the same CPU
+  3-8 us a round trip depending on the machine, a handler sleeping on the
+  other CPU 45-62 us (a cross-vCPU wakeup), one spinning on the other CPU
+  (``spin``) 5 us (C).
+- On the same CPU everything the handler does is on the writer's clock:
+  the Python turn of a fault (the GIL taken and given back, the Fault, the
+  callback) adds to each write what the C handler does not pay, which is
+  why a fault crosses from C to Python once and as a plain unpack.
 - Non-cooperative events (fork, remap, remove, unmap) block the target thread
   that caused them until the message is read, so the loop must keep reading.
 """
 import errno
+import itertools
 import logging
 import os
+import struct
 import threading
 import time
 
-from wp._native import ffi, lib
-from wp.protector import DEFER, UNPROTECT, WAKE, Fault, Unprotect
+from wp._native import check, ffi, lib
+from wp.protector import DEFER, KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
 
-__all__ = ["FaultLoop", "EVENT_NAMES"]
+__all__ = ["FaultLoop", "RegionTable", "EVENT_NAMES"]
 
 log = logging.getLogger("wp.faults")
 
@@ -33,15 +40,79 @@ EVENT_NAMES = {
     lib.UFFD_EVENT_REMOVE: "remove",
     lib.UFFD_EVENT_UNMAP: "unmap",
 }
-_FLAG_WP = lib.UFFD_PAGEFAULT_FLAG_WP
-_FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
-_FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
-_HOW_CONTINUE = lib.WP_HOW_CONTINUE
-_BATCH = 64
+_STEP_WRITE, _STEP_EVENT, _STEP_MINOR, _STEP_SLOW, _STEP_TIMED = (
+    lib.WP_STEP_WRITE, lib.WP_STEP_EVENT, lib.WP_STEP_MINOR, lib.WP_STEP_SLOW, lib.WP_STEP_TIMED)
+assert [KINDS[k] for k in (lib.WP_KIND_WP, lib.WP_KIND_MINOR, lib.WP_KIND_MISSING)] == ["wp", "minor", "missing"]
+# struct wp_fault's first eight fields (native/wp.h), in Fault's order.
+_FAULT = struct.Struct("=QQQQQIII")
+assert _FAULT.size == ffi.offsetof("struct wp_fault", "pad") and len(Fault._fields) == 8
 # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns: callback times for wp trace.
 _now_ns = time.monotonic_ns
+_region_ids = itertools.count(1)
+
+
+def new_region_id():
+    """Returns a fresh id for a Region: what the C region table calls it."""
+    return next(_region_ids)
+
+
+class RegionTable:
+    """A session's regions as the fault loops' C code sees them: sorted
+    (start, end, page size, id) entries in which a loop finds each fault's
+    region and counts the fault, for the C fast path as much as for Python.
+
+    ``publish(regions)`` replaces the table whenever the session's regions
+    change (and lists them in wp.protector.regions_by_id, where
+    Fault.region finds them); ``take_faults()`` adds the faults counted
+    since to each Region's ``faults``; ``close()`` forgets them.
+    """
+
+    def __init__(self):
+        self._rs = ffi.gc(lib.wp_regions_new(), lib.wp_regions_free)
+        if self._rs == ffi.NULL:
+            raise MemoryError("wp_regions_new")
+        self._lock = threading.Lock()
+        self._regions = []      # the table's Regions, in its order
+
+    @property
+    def native(self):
+        return self._rs
+
+    def publish(self, regions):
+        """Makes regions (objects with start, end, page_size, id, faults)
+        the table, after taking the faults counted in the old one."""
+        regions = sorted(regions, key=lambda r: r.start)
+        ents = ffi.new("struct wp_region_ent[]", max(1, len(regions)))
+        for e, r in zip(ents, regions):
+            e.start, e.end, e.page_size, e.id = r.start, r.end, r.page_size, r.id
+        with self._lock:
+            # Listed before the table names them: a loop may hand out a
+            # fault in one of them as soon as it is set.
+            regions_by_id.update((r.id, r) for r in regions)
+            self._take(ents, len(regions))
+            old, self._regions = self._regions, regions
+            for r in set(old) - set(regions):
+                regions_by_id.pop(r.id, None)
+
+    def take_faults(self):
+        """Adds the faults counted since the last call to their Regions."""
+        with self._lock:
+            self._take(ffi.NULL, 0)
+
+    def close(self):
+        """Forgets the regions (the loops no longer run)."""
+        with self._lock:
+            self._take(ffi.NULL, 0)
+            for r in self._regions:
+                regions_by_id.pop(r.id, None)
+
+    def _take(self, ents, n):
+        counts = ffi.new("uint64_t[]", max(1, len(self._regions)))
+        got = check(lib.wp_regions_set(self._rs, ents, n, counts, len(self._regions)), "wp_regions_set")
+        for r, c in zip(self._regions[:got], counts):
+            r.faults += c
 
 
 class FaultLoop:
@@ -50,10 +121,13 @@ class FaultLoop:
     Args:
         uffd: a sync :class:`wp.uffd.Userfaultfd`.
         protector: the :class:`wp.protector.WriteProtector` that decides.
-        region_of: callable addr -> Region or None.
+        regions: a :class:`RegionTable` (faults are counted per region and
+            see their Region), or None (every fault in ``page_size`` pages,
+            ``Fault.region`` None).
         on_event: callable(dict) for non-pagefault messages (on this thread).
         handler: "python" (call protector.on_write) or "c" (the C fast path:
-            unprotect each faulting page; the protector is not called).
+            unprotect each faulting page; the protector is not called for
+            write faults; see wp.protector.WriteProtector.c_handler_ok).
         spin: busy-poll the uffd instead of sleeping.
         cpu: pin the loop thread to this CPU (None: leave as is).
         pid: the target's pid, for Fault.pid.
@@ -66,39 +140,65 @@ class FaultLoop:
     STOP_TIMEOUT = 5.0   # s: how long stop() waits for a callback in progress
     SPIN_AFTER_US = 50   # us the loop reads on without sleeping after a fault
 
-    def __init__(self, uffd, protector, region_of, on_event, handler="python",
+    def __init__(self, uffd, protector, regions, on_event, handler="python",
                  spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
         if handler not in ("python", "c"):
             raise ValueError("handler must be 'python' or 'c', not %r" % handler)
         self.uffd = uffd
         self.protector = protector
-        self.region_of = region_of
+        self.regions = regions
         self.on_event = on_event
         self.handler = handler
         self.cpu = cpu
-        self.pid = pid
         self.page_size = page_size
         self.callback_errors = 0
-        self.duplicates = 0
-        self.missing_reads = 0     # MISSING faults of reads (not writes: the protector is not asked)
-        self.missing_writes = 0    # MISSING faults of writes (each also a write fault)
         self.last_error = None
         self.died = None        # "Type: message" of what ended the loop, if not stop()
         self.on_death = on_death
-        self._resolved_in_batch = []
         self._loop = ffi.gc(lib.wp_loop_new(uffd.fd, page_size, 1 << 16), lib.wp_loop_free)
         if self._loop == ffi.NULL:
             raise MemoryError("wp_loop_new")
         self._loop.spin = 1 if spin else 0
+        self._loop.pid = pid
+        self._loop.c_path = 1 if handler == "c" else 0
+        if regions is not None:
+            self._loop.regions = regions.native
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._exit_lock = threading.Lock()
         self._exited = False
         self._close_on_exit = False
         self._drain_buf = ffi.new("struct wp_record[]", 4096)
-        self.usdt = False           # fire the callback USDT probe (wp trace --usdt)
-        self.time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
+        self._usdt = False          # fire the callback USDT probe (wp trace --usdt)
+        self._time_callbacks = False  # note the callback's start and end (wp trace --callbacks)
 
     # -- control -----------------------------------------------------------
+
+    @property
+    def pid(self):
+        """The target's pid (0: a forked child's, until its first fault)."""
+        return self._loop.pid
+
+    @pid.setter
+    def pid(self, pid):
+        self._loop.pid = pid
+
+    @property
+    def usdt(self):
+        return self._usdt
+
+    @usdt.setter
+    def usdt(self, on):
+        self._usdt = bool(on)
+        self._loop.slow = self._usdt        # the careful path fires the probe
+
+    @property
+    def time_callbacks(self):
+        return self._time_callbacks
+
+    @time_callbacks.setter
+    def time_callbacks(self, on):
+        self._time_callbacks = bool(on)
+        self._loop.timed = self._time_callbacks   # WP_STEP_TIMED
 
     def start(self):
         self._thread.start()
@@ -138,11 +238,11 @@ class FaultLoop:
         lp = self._loop
         # C counts every fault message; a MISSING fault of a read is not a
         # write, and is counted on its own.
-        reads = self.missing_reads
+        reads = lp.missing_reads
         return {"faults": lp.faults - reads, "events": lp.events, "resolved": lp.resolved - reads,
                 "resolve_errors": lp.errors, "records_dropped": lp.dropped,
-                "callback_errors": self.callback_errors, "duplicate_messages": self.duplicates,
-                "missing_reads": self.missing_reads, "missing_writes": self.missing_writes}
+                "callback_errors": self.callback_errors, "duplicate_messages": lp.duplicates,
+                "missing_reads": reads, "missing_writes": lp.missing_writes}
 
     def drain(self):
         """Returns the fault records resolved since the last drain, as tuples
@@ -166,13 +266,11 @@ class FaultLoop:
             # each batch of faults (faultloop.c, spin_read). Pinned, the
             # writer may need this very CPU: sleep at once.
             self._loop.spin_after_ns = int(self.SPIN_AFTER_US * 1000)
-        msgs = ffi.new("struct wp_msg[]", _BATCH)
         try:
-            if self.handler == "c":
-                self._run_c(msgs)
-            else:
-                self._run_python(msgs)
+            self._steps()
         except BaseException as err:   # SystemExit from a protector too
+            # A fault handed out and not yet resolved: resolve it (unprotect).
+            lib.wp_loop_finish(self._loop)
             log.exception("fault loop of pid %d died", self.pid)
             self.died = "%s: %s" % (type(err).__name__, err)
             if self.on_death is not None:
@@ -181,152 +279,118 @@ class FaultLoop:
                 except BaseException:
                     log.exception("releasing pid %d after its fault loop died", self.pid)
         finally:
+            lib.wp_loop_finish(self._loop)
             with self._exit_lock:
                 self._exited = True
                 close = self._close_on_exit
             if close:
                 self.uffd.close()
 
-    def _run_c(self, msgs):
+    def _steps(self):
+        """Hands each fault to the protector; returns once stopped.
+
+        A fault's way through Python, written for speed (wp bench faults:
+        on a machine whose fault round trip takes 3 us, each bytecode
+        counts): one C call (it resolves the previous fault as loop->fault
+        says and hands out the next: a message read and decoded, its region
+        found and counted, duplicates woken), the Fault made from it in one
+        unpack, the callback. The decision in loop->fault is preset to the
+        default (unprotect the page; map it, for a minor fault) and written
+        only when the callback chose another. A callback timed for wp trace
+        --callbacks costs two clock reads (WP_STEP_TIMED); the USDT probe
+        (--usdt) and a forked child's first fault take the careful path
+        (WP_STEP_SLOW).
+        """
         loop = self._loop
+        step = lib.wp_loop_step
+        f = ffi.addressof(loop, "fault")
+        head = ffi.buffer(f, _FAULT.size)
+        unpack = _FAULT.unpack_from
+        make, fault_type, unprotect = tuple.__new__, Fault, UNPROTECT
+        on_write = self.protector.on_write
+        write, minor, slow, timed = _STEP_WRITE, _STEP_MINOR, _STEP_SLOW, _STEP_TIMED
+        # The callback's start and end, for the resolve note (--callbacks).
+        times = memoryview(ffi.buffer(ffi.addressof(f, "t_cb_enter_ns"), 16)).cast("B").cast("Q")
+        now = _now_ns
         while True:
-            n = lib.wp_loop_run_c(loop, msgs, _BATCH)
-            if n == -errno.ECANCELED or n == -errno.EPIPE:
+            n = step(loop)
+            if n == write:
+                fault = make(fault_type, unpack(head))
+                try:
+                    decision = on_write(fault)
+                except Exception as err:  # the writer must not stay blocked
+                    self._callback_raised(fault, err)
+                    continue
+                if decision is not unprotect and decision is not None:
+                    self._decide(f, decision)
+            elif n == timed:
+                fault = make(fault_type, unpack(head))
+                t_enter = now()
+                try:
+                    decision = on_write(fault)
+                except Exception as err:
+                    self._callback_raised(fault, err)
+                    decision = None
+                times[1] = now()
+                times[0] = t_enter
+                if decision is not unprotect and decision is not None:
+                    self._decide(f, decision)
+            elif n == minor or n == slow:
+                self._careful(f, make(fault_type, unpack(head)))
+            elif n == _STEP_EVENT:
+                self._dispatch_other(ffi.addressof(loop, "other"))
+            elif n in (-errno.ECANCELED, -errno.EPIPE):
                 return
-            if n < 0:
-                raise OSError(-n, "wp_loop_run_c: " + os.strerror(-n))
-            for i in range(n):
-                self._dispatch_other(msgs + i)
+            elif n < 0:
+                raise OSError(-n, "wp_loop_step: " + os.strerror(-n))
 
-    def _run_python(self, msgs):
-        loop = self._loop
-        nxt = lib.wp_loop_next
-        fault_event = lib.UFFD_EVENT_PAGEFAULT
-        handle = self._handle_fault
-        while True:
-            n = nxt(loop, msgs, _BATCH, -1)
-            if n < 0:
-                if n in (-errno.ECANCELED, -errno.EPIPE):
-                    return
-                raise OSError(-n, "wp_loop_next: " + os.strerror(-n))
-            # The kernel queues one message per blocked writer. Those still
-            # queued when a page is resolved vanish (the wake-up dequeues
-            # them), but a batch may hold several for one page: after the
-            # first unprotected it, the others only need their writer woken.
-            done = self._resolved_in_batch
-            done.clear()
-            for i in range(n):
-                m = msgs + i
-                if m.event != fault_event:
-                    self._dispatch_other(m)
-                elif done and _covered(done, m.addr):
-                    self.duplicates += 1
-                    lib.wp_uffd_wake(self.uffd.fd, m.addr & ~(self.page_size - 1), self.page_size)
-                else:
-                    handle(m)
-
-    def _handle_fault(self, m):
-        flags = m.flags
-        region = self.region_of(m.addr)
-        psize = region.page_size if region is not None else self.page_size
-        page = m.addr & ~(psize - 1)
-        if flags & _FLAG_WP:
-            kind = "wp"
-        elif flags & _FLAG_MINOR:
-            kind = "minor"
-        else:
-            kind = "missing"
-            if not self._fill_missing(m, page, psize):
-                return   # a read: resolved, no write to tell the protector of
-        if not self.pid:  # a forked child's loop learns its pid from a fault
-            self.pid = _tgid(m.tid)
-        fault = Fault(m.addr, page, m.tid, flags, kind, m.t_read_ns, region, self.pid)
-        # Timed for wp trace (--callbacks: the resolve note; --usdt: the
-        # callback's probe). Two clock reads, ~1% of a fault: only on demand.
-        timed = self.time_callbacks or self.usdt
+    def _careful(self, f, fault):
+        """A fault off the fast path: minor, the first of a forked child
+        (the loop learns its pid), or timed for wp trace (--callbacks: the
+        resolve note; --usdt: the callback's probe; two clock reads)."""
+        if not fault.pid:
+            self.pid = _tgid(fault.tid)
+            fault = fault._replace(pid=self.pid)
+        timed = self._usdt or self._time_callbacks
         t_enter = _now_ns() if timed else 0
         try:
-            if kind == "minor":
+            if fault.kind_code == lib.WP_KIND_MINOR:
                 decision = self.protector.on_minor(fault)
             else:
                 decision = self.protector.on_write(fault)
-        except Exception as err:  # the writer must not stay blocked
-            decision = UNPROTECT
-            self.callback_errors += 1
-            if self.last_error is None:
-                log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
-            self.last_error = "%s: %s" % (type(err).__name__, err)
-        t_exit = 0
+        except Exception as err:
+            self._callback_raised(fault, err)
+            decision = None
         if timed:
-            t_exit = _now_ns()
-            if self.usdt:
-                lib.wp_usdt_callback(m.addr, m.tid, t_enter)
-        if region is not None:
-            region.faults += 1
-        resolve = lib.wp_loop_resolve
-        if kind == "minor" and (decision is None or decision == UNPROTECT):
-            # The page is in the page cache but not mapped here: map it
-            # (UFFDIO_CONTINUE wakes the writer; EEXIST: mapped meanwhile).
-            n = resolve(self._loop, m, page, psize, _HOW_CONTINUE, t_enter, t_exit)
-            if n < 0:
-                self.last_error = "UFFDIO_CONTINUE at %#x: %s" % (page, os.strerror(-n))
-        elif decision is None or decision == UNPROTECT:
-            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((page, page + psize))
-        elif decision == WAKE:
-            resolve(self._loop, m, page, psize, _HOW_WAKE, t_enter, t_exit)
-        elif decision == DEFER:
-            pass   # the protector wakes the writer itself
+            f.t_cb_exit_ns = _now_ns()
+            f.t_cb_enter_ns = t_enter
+            if self._usdt:
+                lib.wp_usdt_callback(fault.addr, fault.tid, t_enter)
+        if decision is not None and decision is not UNPROTECT:
+            self._decide(f, decision)
 
+    def _callback_raised(self, fault, err):
+        # The fault keeps its default decision: unprotected (mapped, minor).
+        self.callback_errors += 1
+        if self.last_error is None:
+            log.exception("protector %s raised on %r; fault resolved", self.protector.name, fault)
+        self.last_error = "%s: %s" % (type(err).__name__, err)
+
+    def _decide(self, f, decision):
+        """Writes a decision other than the default into f."""
+        if decision == UNPROTECT:
+            return
+        if decision == WAKE:
+            f.how = _HOW_WAKE
+        elif decision == DEFER:
+            f.how = 0     # nothing: the protector wakes the writer itself
         elif isinstance(decision, Unprotect):
-            resolve(self._loop, m, decision.start, decision.length, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((decision.start, decision.start + decision.length))
+            f.how = _HOW_UNPROTECT
+            f.start = decision.start
+            f.len = decision.length
         else:
             self.callback_errors += 1
             self.last_error = "on_write returned %r" % (decision,)
-            resolve(self._loop, m, page, psize, _HOW_UNPROTECT, t_enter, t_exit)
-            self._resolved_in_batch.append((page, page + psize))
-
-    # -- MISSING faults (sync private anonymous memory, wp.session) ----------
-    #
-    # A page that is not mapped (never populated, or dropped by the target
-    # with MADV_DONTNEED, which takes its WP marker with it: wp.uffd) raises
-    # a MISSING fault on any access. The page reads as zeros either way, so
-    # the fault is answered with a fresh zero page, write-protected
-    # (UFFDIO_COPY_MODE_WP, atomic: no other thread's write can land on it
-    # unseen) and not woken yet. A read is then resolved (woken: a later
-    # write faults like any other). A write is then a write fault of a
-    # protected zero page: given to the protector and resolved as one.
-    # Nothing reads the target's memory here: a read of a missing page
-    # from this thread would wait for this thread.
-
-    def _fill_missing(self, m, page, psize):
-        """Maps a protected zero page at a MISSING fault; returns True for a
-        write (to be handled as a write fault, writer not woken yet), False
-        for a read (resolved)."""
-        write = bool(m.flags & _FLAG_WRITE)
-        try:
-            self.uffd.fill_zero(page, psize, wp=True, dontwake=True)
-        except FileExistsError:
-            pass    # mapped meanwhile (a second message for the page)
-        except OSError as err:
-            # EAGAIN: an event (REMOVE, fork, remap) is pending: the kernel
-            # refuses to map until it is read. Wake the thread: it retries
-            # and faults again, after the event.
-            if err.errno != errno.EAGAIN:
-                self.last_error = "UFFDIO_COPY at %#x: %s" % (page, err)
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE, 0, 0)
-            return False
-        if write:
-            self.missing_writes += 1
-            if self.handler != "c":
-                return True
-            # The C fast path's contract: no protector, the page unprotected.
-            lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_UNPROTECT | lib.WP_HOW_C, 0, 0)
-            return False
-        self.missing_reads += 1
-        lib.wp_loop_resolve(self._loop, m, page, psize, _HOW_WAKE, 0, 0)
-        return False
 
     def _dispatch_other(self, m):
         event = {"event": EVENT_NAMES.get(m.event, str(m.event))}
@@ -336,20 +400,10 @@ class FaultLoop:
             event.update(start=m.addr, to=m.arg1, length=m.arg2)
         elif m.event in (lib.UFFD_EVENT_REMOVE, lib.UFFD_EVENT_UNMAP):
             event.update(start=m.addr, end=m.arg1)
-        elif m.event == lib.UFFD_EVENT_PAGEFAULT:
-            # The C path hands back faults it does not resolve (minor, missing).
-            return self._handle_fault(m)
         try:
             self.on_event(event)
         except Exception:
             log.exception("handling %s event of pid %d", event["event"], self.pid)
-
-
-def _covered(ranges, addr):
-    for start, end in ranges:
-        if start <= addr < end:
-            return True
-    return False
 
 
 def _tgid(tid):

@@ -26,10 +26,11 @@ a snapshot does) happens inside ``on_write``: the writer is blocked until it
 returns. A protector that raises still gets its fault resolved (unprotected)
 and the error is counted and logged: no writer is left blocked.
 """
+from collections import namedtuple
 from dataclasses import dataclass
 
 __all__ = ["WriteProtector", "Fault", "Unprotect", "UNPROTECT", "WAKE", "DEFER", "NEEDS_DECISION",
-           "NEEDS_NOTICE"]
+           "NEEDS_NOTICE", "check_handler"]
 
 UNPROTECT = "unprotect"
 WAKE = "wake"
@@ -45,19 +46,40 @@ class Unprotect:
     length: int
 
 
-class Fault:
-    """One write fault, as the handler read it from the uffd."""
-    __slots__ = ("addr", "page", "tid", "flags", "kind", "t_read_ns", "region", "pid")
+#: Fault.kind by its code (native/wp.h WP_KIND_*).
+KINDS = ("wp", "minor", "missing")
 
-    def __init__(self, addr, page, tid, flags, kind, t_read_ns, region, pid):
-        self.addr = addr          # faulting address (page aligned unless EXACT_ADDRESS)
-        self.page = page          # start of the faulting page
-        self.tid = tid            # the writer's thread id
-        self.flags = flags        # UFFD_PAGEFAULT_FLAG_* bits
-        self.kind = kind          # "wp", "minor" or "missing"
-        self.t_read_ns = t_read_ns  # CLOCK_MONOTONIC when the daemon read it
-        self.region = region      # the Region it belongs to (or None)
-        self.pid = pid            # the target process
+# The Regions of every session by id, for Fault.region: kept by the
+# sessions' region tables (wp.faults.RegionTable).
+regions_by_id = {}
+
+
+class Fault(namedtuple("Fault", "addr page flags t_read_ns region_id tid kind_code pid")):
+    """One write fault, as the handler read it from the uffd (read-only).
+
+    Attributes:
+        addr: the faulting address (page aligned unless EXACT_ADDRESS).
+        page: the start of the faulting page.
+        tid: the writer's thread id.
+        pid: the target process.
+        flags: UFFD_PAGEFAULT_FLAG_* bits.
+        kind: "wp", "minor" or "missing".
+        t_read_ns: CLOCK_MONOTONIC when the daemon read it.
+        region: the Region it belongs to (or None).
+
+    A tuple that the fault loop makes in one step from the C loop's struct
+    wp_fault (wp bench faults: a Python class's __init__ cost a fault
+    ~0.1 us more); kind and region are looked up from their codes when read.
+    """
+    __slots__ = ()
+
+    @property
+    def kind(self):
+        return KINDS[self.kind_code]
+
+    @property
+    def region(self):
+        return regions_by_id.get(self.region_id)
 
     def __repr__(self):
         return "Fault(%s %#x tid=%d)" % (self.kind, self.addr, self.tid)
@@ -88,6 +110,12 @@ class WriteProtector:
     #:   the fault itself (~1 us) and marks the page written; ``on_written``
     #:   hears of it at the next PAGEMAP_SCAN. track, trace's default.
     needs = "decision"
+    #: True declares that ``on_write`` resolves every write by unprotecting
+    #: its page (returns UNPROTECT) and needs nothing else done before the
+    #: writer goes on: then ``--handler c`` may resolve its write faults in
+    #: C without calling it (they still count, per region and in the loop's
+    #: records). Any other protector is refused the C handler.
+    unprotects_every_write = False
     #: False: the protector takes in memory that appears later itself
     #: (Session.refresh leaves it alone).
     session_refresh = True
@@ -124,3 +152,18 @@ class WriteProtector:
 
     def detach(self):
         pass
+
+
+def check_handler(protector, handler):
+    """Raises wp.errors.BadRequest (exit 4) unless protector (a WriteProtector class or
+    instance) may run with handler ("python" or "c"). Called before anything
+    changes in the target: the C handler would silently skip on_write."""
+    from wp.errors import BadRequest
+    if handler not in ("python", "c"):
+        raise BadRequest("unknown handler %r: use python or c" % (handler,))
+    if handler == "c" and not getattr(protector, "unprotects_every_write", False):
+        raise BadRequest("protector %s cannot run with --handler c: the C handler unprotects every "
+                      "written page without calling on_write, and %s does not declare that this is "
+                      "all it needs (only protectors with unprotects_every_write = True may, such as "
+                      "trace and track): use --handler python"
+                      % (getattr(protector, "name", "?"), getattr(protector, "name", "?")))

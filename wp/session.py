@@ -14,12 +14,13 @@ import os
 import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wp import maps as _maps
 from wp.errors import BadRange, UnsupportedMemory, NotRoot
-from wp.faults import FaultLoop
+from wp.faults import FaultLoop, RegionTable, new_region_id
 from wp.pagemap import Pagemap
+from wp.protector import check_handler
 from wp.uffd import (ASYNC_FEATURES, ASYNC_REMOVE_FEATURES, EVENT_REMOVE, MODE_MISSING, MODE_WP,
                      SYNC_FEATURES, Userfaultfd)
 
@@ -36,9 +37,10 @@ class Region:
     mode: str          # "sync" or "async"
     path: str = ""
     page_size: int = 4096
-    faults: int = 0    # sync write faults handled
+    faults: int = 0    # sync write faults handled (counted in C: Session.stats adds them up)
     written: int = 0   # async: pages reported written
     missing: bool = False  # registered MODE_MISSING too (sync private anonymous)
+    id: int = field(default_factory=new_region_id)   # its name in the fault loops' table
 
     @property
     def length(self):
@@ -190,7 +192,8 @@ class Session:
         mode: None (what the protector needs: async everywhere for a
             protector that needs only a notice of writes, else sync where
             the memory allows it), "sync" or "async" (see resolve_regions).
-        handler: "python" (protector.on_write) or "c" (C fast path, trace-less).
+        handler: "python" (protector.on_write) or "c" (the C fast path: only for
+            protectors that declare unprotects_every_write; others: BadRequest).
         spin: busy-poll in the fault loop.
         cpu: pin the fault loop thread to this CPU.
         scan_interval: seconds between PAGEMAP_SCANs of async regions; None
@@ -209,6 +212,7 @@ class Session:
                  spin=False, cpu=None, scan_interval=None, follow_fork=True):
         if os.geteuid() != 0:
             raise NotRoot("write-protecting another process needs root: run wpd (or this command) as root")
+        check_handler(protector, handler)
         self.space = space
         self.pid = space.pid
         self.protector = protector
@@ -230,6 +234,7 @@ class Session:
         self.children = []
         self.events = {}
         self._starts = []
+        self._table = RegionTable()   # the regions as the fault loops find them
         self._pagemap = None
         self._scanner = None
         self._events_thread = None
@@ -359,6 +364,7 @@ class Session:
     def _index(self):
         self.regions.sort(key=lambda r: r.start)
         self._starts = [r.start for r in self.regions]
+        self._table.publish(self.regions)
 
     def region_of(self, addr):
         i = bisect.bisect_right(self._starts, addr) - 1
@@ -369,7 +375,7 @@ class Session:
         return None
 
     def _start_loop(self, uffd, pid, child=False):
-        loop = FaultLoop(uffd, self.protector, self.region_of, self._on_event, handler=self.handler,
+        loop = FaultLoop(uffd, self.protector, self._table, self._on_event, handler=self.handler,
                          spin=self.spin, cpu=self.cpu, pid=pid, page_size=self.space.page_size,
                          name="wp-faults-%d" % pid, on_death=self._loop_died)
         self._trace_loop(loop)
@@ -516,6 +522,7 @@ class Session:
 
     def _trim(self, start, end):
         with self._lock:
+            self._table.take_faults()   # the parts kept keep their counts
             keep = []
             for r in self.regions:
                 if r.end <= start or r.start >= end:
@@ -548,14 +555,30 @@ class Session:
             return out
         with self._scan_lock:
             t = time.monotonic_ns()
+            stale = []
             for r in list(self.regions):
                 if r.mode != "async":
                     continue
-                runs = self._pagemap.take_written(r.start, r.end)
+                try:
+                    runs = self._pagemap.take_written(r.start, r.end)
+                except OSError as err:
+                    # The async uffd takes no UNMAP events: a region the
+                    # target unmapped is still listed, and another mapping
+                    # may sit there now, not registered (EPERM: not WP_ASYNC
+                    # memory). Forget it; a rescan protects what is there.
+                    if err.errno not in (errno.EPERM, errno.EINVAL, errno.ENOENT):
+                        raise
+                    stale.append(r)
+                    continue
                 if runs:
                     r.written += sum(e - s for s, e in runs) // r.page_size
                     out[r] = runs
                     self.protector.on_written(r, runs, t)
+            for r in stale:
+                log.debug("pid %d: %#x-%#x is no longer protected async memory: dropped", self.pid,
+                          r.start, r.end)
+                self._trim(r.start, r.end)
+                self._last_layout = None     # the next refresh looks again
         return out
 
     # Some facts about async protection and MADV_DONTNEED. Async WP keeps a
@@ -642,6 +665,7 @@ class Session:
         return {"samples": len(lat), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": lat[-1]}
 
     def stats(self):
+        self._table.take_faults()
         loops = [loop.counters() for loop in self.loops]
         total = {k: sum(c[k] for c in loops) for k in loops[0]} if loops else {}
         return {
@@ -686,6 +710,7 @@ class Session:
                 # once the protector's callback returns.
                 log.warning("pid %d: protector %s still in a callback after %g s; its fault "
                             "loop ends when it returns", self.pid, self.protector.name, loop.STOP_TIMEOUT)
+        self._table.close()   # counts taken: stats() after close still has them
         if not any(loop.alive for loop in self.loops):
             for nm in self._notes_maps:
                 nm.close()

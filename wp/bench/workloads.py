@@ -99,8 +99,10 @@ def _kv(text):
 
 def _pagefault_binary():
     """Builds wp/bench/pagefault.c once into /var/tmp; returns its path."""
+    import hashlib
     src = os.path.join(_HERE, "pagefault.c")
-    out = "/var/tmp/wp-bench-pagefault-%d" % int(os.stat(src).st_mtime)
+    with open(src, "rb") as f:
+        out = "/var/tmp/wp-bench-pagefault-" + hashlib.sha1(f.read()).hexdigest()[:12]
     if not os.path.exists(out):
         tmp = out + ".%d" % os.getpid()
         subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", tmp, src], check=True)
@@ -663,9 +665,10 @@ def run(names=None, protectors=PROTECTORS, rounds=3, seconds=4.0, cpus=None, sna
     old_aff = os.sched_getaffinity(0)
     if cpus == 1:
         os.sched_setaffinity(0, {0})    # inherited by wpd, the programs, wp snapshot
-    workdir = tempfile.mkdtemp(prefix="wp-bench-wl.")
-    dirs = {"ext4": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/var/tmp"),
-            "tmpfs": tempfile.mkdtemp(prefix="wp-bench-wl.", dir="/dev/shm")}
+    prefix = "wp-bench-wl.%d." % os.getpid()
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    dirs = {"ext4": tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"),
+            "tmpfs": tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")}
     wpd = None
     results, raw = [], {}
     try:

@@ -163,7 +163,7 @@ class Merged:
         self._closed = False
         self.removes = 0
         self.loop = FaultLoop(uffd, Handler("dedupe-merged", self.on_write, self.on_minor),
-                              lambda a: None, self.on_event, pid=pid,
+                              None, self.on_event, pid=pid,
                               page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
 
     def start(self):

@@ -187,7 +187,7 @@ class DedupeProtector(ScanStage, PlanStage, MergeStage, FreezeStage, TrackStage,
         self.vmas_at_attach = self._count_vmas()
         self.uffd_a = self.space.open_uffd(FREEZE_FEATURES)
         self.loop_a = FaultLoop(self.uffd_a, Handler("dedupe-freeze", self._on_write_a, None),
-                                lambda a: None, lambda e: None, pid=self.pid,
+                                None, lambda e: None, pid=self.pid,
                                 page_size=self.page_size, name="wp-dedupe-a-%d" % self.pid)
         self.loop_a.start()
         self.b = Merged(self, self.pid, self.space.open_uffd(MERGED_FEATURES))

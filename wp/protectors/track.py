@@ -56,6 +56,7 @@ class TrackProtector(WriteProtector):
     """
 
     name = "track"
+    unprotects_every_write = True   # --handler c may stand in for on_write
 
     def __init__(self, top=5, sync=False):
         self.top = top
