@@ -9,6 +9,7 @@ import subprocess
 import time
 
 from conftest import needs_bcc
+from fixtures_core import eventually
 from test_daemon import ROOT, WP, assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 pytestmark = needs_bcc
@@ -71,6 +72,21 @@ def test_wpd_stuck_at_wp_run_exec_stop(wpd, tmp_path):
         os.kill(wpd.pid, signal.SIGCONT)
     assert wp(wpd, "status").returncode == 0
     assert not ran.exists()
+    # wpd, continued, lets go of the killed command (no traced zombie kept).
+    assert eventually(lambda: "was killed at its exec" in slurp(wpd.logfile), True)
+    assert eventually(lambda: _traced_by(wpd.pid), []) == []
+
+
+def _traced_by(tracer):
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/status" % d) as f:
+                if "TracerPid:\t%d\n" % tracer in f.read():
+                    out.append(int(d))
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def test_kill9_during_snapshot_copy(memtarget, tmp_path):

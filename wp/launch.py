@@ -71,4 +71,10 @@ def stop_at_exec(pid, timeout=30.0):
         else:
             time.sleep(0.001)
     os.kill(pid, signal.SIGSTOP)
-    _ptrace(PTRACE_DETACH, pid, 0, 0, "PTRACE_DETACH")
+    try:
+        _ptrace(PTRACE_DETACH, pid, 0, 0, "PTRACE_DETACH")
+    except ProcessLookupError:
+        # Killed meanwhile (wp run kills its command if we were too slow):
+        # a traced zombie is reported to us first; wait it so its parent can.
+        os.waitpid(pid, os.WNOHANG | __WALL)
+        raise TargetError("pid %d was killed at its exec (wp run gave up waiting for wpd?)" % pid) from None
