@@ -49,12 +49,27 @@ PROGRESS_BYTES = 256 << 20
 
 def _dedupe_defaults():
     """The dedupe protector's defaults that bound what it merges."""
-    from wp.protectors import dedupe
-    params = inspect.signature(dedupe.DedupeProtector.__init__).parameters
+    from wp.dedupe import mapcount, track
+    from wp.protectors.dedupe import DedupeProtector
+    params = inspect.signature(DedupeProtector.__init__).parameters
+    policy = params["max_map_count"].default if "max_map_count" in params else "off"
     return {"map_count_reserve": params["map_count_reserve"].default,
             "max_page_sharing": params["max_page_sharing"].default,
             "use_zero_pages": bool(params["use_zero_pages"].default),
-            "skip_flags": set(getattr(dedupe, "_SKIP_FLAGS", {"lo", "dc", "wf", "ht", "io", "pf"}))}
+            "max_map_count": policy,
+            # "auto": wpd raises vm.max_map_count as merging needs, up to CAP.
+            "max_map_count_cap": getattr(mapcount, "CAP", 1 << 24),
+            "skip_flags": set(getattr(track, "_SKIP_FLAGS", {"lo", "dc", "wf", "ht", "io", "pf"}))}
+
+
+def _dedupe_limit(dd, sysctl):
+    """The vm.max_map_count dedupe would merge under, by its policy."""
+    policy = dd["max_map_count"]
+    if policy == "auto":
+        return max(sysctl, dd["max_map_count_cap"])
+    if isinstance(policy, int):
+        return max(sysctl, policy)
+    return sysctl
 
 
 class PageRead:
@@ -249,8 +264,10 @@ def analyse(reads, volatile=None, knobs=None, max_map_count=None):
     zero = (h1 == 0) & (h2 == 0)
     vol = (np.concatenate(volatile) if volatile is not None and reads else np.zeros(len(addrs), dtype=bool))
     group, ngroups = _groups(h1, h2)
-    budgets = np.array([max_map_count - r.map_count - dd["map_count_reserve"] for r in reads] or [0],
-                       dtype=np.int64)
+    limit = _dedupe_limit(dd, max_map_count)
+    budgets = np.array([limit - r.map_count - dd["map_count_reserve"] for r in reads] or [0], dtype=np.int64)
+    budgets_now = np.array([max_map_count - r.map_count - dd["map_count_reserve"] for r in reads] or [0],
+                           dtype=np.int64)
     stable = ~vol
 
     def figures(sel):
@@ -264,6 +281,8 @@ def analyse(reads, volatile=None, knobs=None, max_map_count=None):
         kernel = ksm.kernel_saving(kcnt, kzero, knobs["use_zero_pages"], knobs["max_page_sharing"])
         d = sel & dok & stable
         dedupe = _dedupe_saving(proc[d], addrs[d], vma[d], group[d], ngroups, zero[d], budgets, dd)
+        dedupe_now = (dedupe if limit == max_map_count else
+                      _dedupe_saving(proc[d], addrs[d], vma[d], group[d], ngroups, zero[d], budgets_now, dd))
         return {
             "pages": int(sel.sum()),
             "bytes": int(sel.sum()) * PAGE,
@@ -273,10 +292,12 @@ def analyse(reads, volatile=None, knobs=None, max_map_count=None):
             "volatile_pages": int((sel & vol).sum()) if volatile is not None else None,
             "kernel_ksm_would_save_bytes": kernel * PAGE,
             "wp_dedupe_would_save_bytes": dedupe * PAGE,
+            "wp_dedupe_would_save_bytes_at_max_map_count": dedupe_now * PAGE,
         }
 
     out = {"processes": [], "page_size": PAGE, "knobs": dict(knobs), "max_map_count": max_map_count,
-           "dedupe": {k: dd[k] for k in ("map_count_reserve", "max_page_sharing", "use_zero_pages")}}
+           "dedupe": dict({k: dd[k] for k in ("map_count_reserve", "max_page_sharing", "use_zero_pages",
+                                              "max_map_count")}, max_map_count_limit=limit)}
     # The set's KSM merging pages per process: what ksm_merging_pages
     # (plus ksm_zero_pages) would read once KSM converged on the whole set.
     kset = kok & stable
@@ -287,7 +308,8 @@ def analyse(reads, volatile=None, knobs=None, max_map_count=None):
         sel = proc == i
         f = figures(sel)
         f.update({"pid": r.pid, "comm": r.comm, "map_count": r.map_count,
-                  "vma_budget": int(budgets[i]), "unreadable_pages": r.unreadable,
+                  "vma_budget": int(budgets[i]), "vma_budget_at_max_map_count": int(budgets_now[i]),
+                  "unreadable_pages": r.unreadable,
                   "read_s": round(r.seconds, 3)})
         if knobs["use_zero_pages"]:
             f["set_ksm_merging_pages"] = int((merging & sel).sum())
@@ -348,11 +370,14 @@ def text(est):
             pid, comm[:15], mib(f["bytes"]), mib(f["zero_pages"] * PAGE), mib(f["duplicate_pages"] * PAGE),
             f["distinct_contents"], "-" if f["volatile_pages"] is None else f["volatile_pages"],
             mib(f["kernel_ksm_would_save_bytes"]), mib(f["wp_dedupe_would_save_bytes"])))
-    lines.append("KSM: use_zero_pages=%s max_page_sharing=%s; wp dedupe: vm.max_map_count %d, "
-                 "reserve %d VMAs; %.1f MiB read in %.2f s CPU (%.2f s/GiB)" % (
-                     est["knobs"]["use_zero_pages"], est["knobs"]["max_page_sharing"], est["max_map_count"],
-                     est["dedupe"]["map_count_reserve"], est["scanned_bytes"] / (1 << 20), est["cpu_s"],
-                     est["cpu_s_per_gib"] or 0))
+    dd = est["dedupe"]
+    lines.append("KSM: use_zero_pages=%s max_page_sharing=%s; wp dedupe: max_map_count=%s (merges under %d "
+                 "VMAs; at vm.max_map_count %d as now it would save %.1f MiB), reserve %d VMAs" % (
+                     est["knobs"]["use_zero_pages"], est["knobs"]["max_page_sharing"], dd["max_map_count"],
+                     dd["max_map_count_limit"], est["max_map_count"],
+                     est["set"]["wp_dedupe_would_save_bytes_at_max_map_count"] / (1 << 20), dd["map_count_reserve"]))
+    lines.append("%.1f MiB read in %.2f s CPU (%.2f s/GiB)" % (est["scanned_bytes"] / (1 << 20), est["cpu_s"],
+                                                               est["cpu_s_per_gib"] or 0))
     if est["interval_s"] is None:
         lines.append("volatility not measured: --interval S reads twice, S seconds apart")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ KSM's knobs: flock -x /tmp/wp-cpu.lock).
     wp bench ksm [--json] [--keys N] [--value-kib K] [--distinct D]
 """
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -225,6 +226,16 @@ def run(keys=1024, value_kib=256, distinct=16, pythons=3, bench_requests=4000):
                                                "redis_data_mib": keys * value_kib / 1024, "pythons": pythons},
            "knobs": None, "checks": {}}
     procs = []
+    # Tests that change KSM knobs take this lock too (tests/test_ksm_process.py).
+    lock = os.open("/tmp/wp-ksm.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        return _run(out, procs, keys, value_kib, distinct, pythons, bench_requests, values, workdir)
+    finally:
+        os.close(lock)
+
+
+def _run(out, procs, keys, value_kib, distinct, pythons, bench_requests, values, workdir):
     with ksm.KsmSettings(unmerge=False, pages_to_scan=PAGES_TO_SCAN, sleep_millisecs=0):
         out["knobs"] = ksm.knobs()
         run0 = ksm.read("run")
