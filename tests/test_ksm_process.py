@@ -381,3 +381,20 @@ def test_through_wpd_and_its_shutdown_restores(ksm_state, wpd, dd):  # noqa: F81
     assert ksm.process_stat(t.pid)["ksm_merge_any"]
     ksm.disable(t.pid)
     t.check()
+
+
+def test_unknown_knob_refused_through_wpd(ksm_state, wpd):  # noqa: F811
+    before = ksm.knobs()
+    r = subprocess.run(WP + ["--socket", wpd.sock, "ksm", "start", "-o", "pages_to_shred=1"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 4 and "pages_to_shred" in r.stderr
+    from wp import protocol
+    c = protocol.Connection.connect(wpd.sock, 10)
+    try:
+        reply = c.request({"op": "ksm", "action": "start", "options": {"pages_to_shred": 1}})
+        assert not reply["ok"] and reply["type"] == "BadRequest" and "pages_to_shred" in reply["error"]
+        reply = c.request({"op": "ksm", "action": "explode"})
+        assert not reply["ok"] and reply["type"] == "BadRequest"
+    finally:
+        c.close()
+    assert ksm.knobs() == before and not ksm_state.exists()

@@ -424,7 +424,8 @@ def set_knob(name, value, by, owner="wp", record=None):
     it back, "wp" for `wp ksm stop`, "wpd:PID" for that wpd's shutdown).
     Returns the previous value."""
     if name not in KNOBS:
-        raise ValueError("unknown KSM knob %r (one of %s)" % (name, ", ".join(KNOBS)))
+        from wp.errors import BadRequest
+        raise BadRequest("unknown KSM knob %r (one of %s)" % (name, ", ".join(KNOBS)))
     with _Record(_record_path(record)) as rec:
         old = read(name)
         if old == value or str(old) == str(value):
