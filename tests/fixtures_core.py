@@ -20,7 +20,8 @@ from wp.space import ProcessSpace
 
 __all__ = ["MemTarget", "memtarget", "hugepages", "sessions", "SYNC_KINDS", "ALL_KINDS",
            "SHARED_KINDS", "page_bits", "HUGE_PAGES",
-           "HugePages", "layout", "eventually"]
+           "HugePages", "layout", "eventually", "wait_until", "wait_state", "wait_ready",
+           "proc_status", "syscall_of", "wait_syscall"]
 
 # memtarget's KINDs that sync WP protects, and the one only async WP takes.
 SYNC_KINDS = ("anon", "anon-unpop", "shared-anon", "memfd", "memfd-private", "shm", "hugetlb")
@@ -172,6 +173,45 @@ def eventually(get, want, timeout=2.0):
         if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.001)
+
+
+def wait_until(cond, what, timeout=5.0):
+    """Waits until cond() is true; fails naming what never happened."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("never: " + what)
+        time.sleep(0.002)
+
+
+def proc_status(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def wait_state(pid, want, timeout=5.0):
+    """Waits until /proc/PID/status says State want ("S", "T", "Z", ...)."""
+    wait_until(lambda: proc_status(pid)["State"].split()[0] == want,
+               "pid %d in state %s" % (pid, want), timeout)
+
+
+def wait_ready(p):
+    """Reads the "ready" line a target prints once it is set up."""
+    assert p.stdout.readline().strip() in ("ready", b"ready")
+
+
+def syscall_of(pid, tid=None):
+    """The syscall number a thread is blocked in (/proc/PID/syscall), or None
+    while it runs or blocks outside a syscall."""
+    with open("/proc/%d/task/%d/syscall" % (pid, tid or pid)) as f:
+        first = f.read().split()[0]
+    return None if first in ("running", "-1") else int(first)
+
+
+def wait_syscall(pid, nrs, tid=None):
+    """Waits until the thread is blocked in one of the syscalls nrs."""
+    wait_until(lambda: syscall_of(pid, tid) in nrs,
+               "pid %d blocked in syscall %s" % (pid, nrs))
 
 
 def page_bits(pid, addr, npages, page_size):

@@ -10,28 +10,22 @@ import time
 
 import pytest
 
-from test_daemon import proc_status, wp, wpd  # noqa: F401 (wpd is a fixture)
+from fixtures_core import wait_ready, wait_syscall, wait_until
+from fixtures_daemon import proc_status, wp, wpd  # noqa: F401 (wpd is a fixture)
+
+READ = 0
 
 
 def stats(wpd, pid):
     return json.loads(wp(wpd, "stats", pid, "--json").stdout)
 
 
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_threads_target(wpd, target_bin, spawn):
     p = spawn([target_bin("threads")])
-    time.sleep(0.3)
+    wait_ready(p)
     wp(wpd, "attach", p.pid, "-o", "exact=true")
-    assert wait_for(lambda: stats(wpd, p.pid)["faults"] > 0)
-    time.sleep(0.5)
+    wait_until(lambda: stats(wpd, p.pid)["faults"] > 0, "a write fault under protection", 10)
+    time.sleep(0.5)     # its threads run on while attached: the target checks nothing broke
     st = stats(wpd, p.pid)
     wp(wpd, "detach", p.pid)
     assert proc_status(p.pid)["TracerPid"].strip() == "0"
@@ -42,10 +36,10 @@ def test_threads_target(wpd, target_bin, spawn):
 
 def test_sleeper_target(wpd, target_bin, spawn):
     p = spawn([target_bin("sleeper"), "50"])
-    time.sleep(0.2)
+    wait_ready(p)
     for _ in range(3):
         wp(wpd, "attach", p.pid, "-o", "exact=true")
-        time.sleep(0.1)
+        time.sleep(0.1)     # it sleeps on while attached: the target checks nothing broke
         wp(wpd, "detach", p.pid)
     out, _ = p.communicate("q\n", timeout=10)
     assert out.splitlines()[-1].startswith("ok"), out
@@ -53,10 +47,10 @@ def test_sleeper_target(wpd, target_bin, spawn):
 
 def test_busy_target(wpd, target_bin, spawn):
     p = spawn([target_bin("rt_busy")])
-    time.sleep(0.2)
+    wait_ready(p)
     for _ in range(3):
         wp(wpd, "attach", p.pid, "-o", "exact=true")
-        time.sleep(0.1)
+        time.sleep(0.1)     # it runs on while attached: the target checks nothing broke
         wp(wpd, "detach", p.pid)
     assert proc_status(p.pid)["TracerPid"].strip() == "0"
     out, _ = p.communicate("q\n", timeout=20)
@@ -71,7 +65,7 @@ def test_pipe_reader_target(wpd, target_bin, spawn):
     wp(wpd, "attach", p.pid, "-o", "exact=true")
     p.stdin.write(data[1000:100000])
     p.stdin.flush()
-    time.sleep(0.2)
+    wait_syscall(p.pid, (READ,))     # it drained the pipe while protected
     wp(wpd, "detach", p.pid)
     p.stdin.write(data[100000:])
     out, _ = p.communicate(timeout=10)
@@ -97,7 +91,7 @@ def test_mappings_that_come_and_go(wpd, target_bin, spawn):
 
     def covered():
         return any(int(r["start"], 16) <= addr < int(r["end"], 16) for r in stats(wpd, p.pid)["regions"])
-    assert wait_for(covered), "a new mapping is protected within a rescan"
+    wait_until(covered, "a new mapping is protected within a rescan", 10)
     assert cmd("w %x 64 5" % addr) == ["ok"]
     st = stats(wpd, p.pid)
     new = [r for r in st["regions"] if int(r["start"], 16) <= addr < int(r["end"], 16)]
@@ -134,9 +128,10 @@ def test_python3_program(wpd, spawn):
     expected = subprocess.run([sys.executable, "-c", PY_PROGRAM], capture_output=True, text=True,
                               check=True).stdout
     p = spawn(["python3", "-c", PY_PROGRAM])
-    time.sleep(0.15)
+    # Its 2000 pages (8 MiB) are in place once its RSS has grown past them.
+    wait_until(lambda: int(proc_status(p.pid)["VmRSS"].split()[0]) > 8192 + 4096, "python3 set up")
     wp(wpd, "attach", p.pid, "-o", "exact=true")
-    assert wait_for(lambda: stats(wpd, p.pid)["faults"] > 100)
+    wait_until(lambda: stats(wpd, p.pid)["faults"] > 100, "faults from python3's writes", 10)
     wp(wpd, "detach", p.pid)
     out, _ = p.communicate(timeout=30)
     assert out == expected
@@ -157,8 +152,8 @@ def redis(spawn, tmp_path):
     p = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
     cli = ["redis-cli", "-p", str(port)]
-    assert wait_for(lambda: subprocess.run(cli + ["ping"], capture_output=True, text=True).stdout.strip()
-                    == "PONG")
+    wait_until(lambda: subprocess.run(cli + ["ping"], capture_output=True, text=True).stdout.strip()
+               == "PONG", "redis answers PING", 10)
     p.cli = cli
     p.port = port
     return p

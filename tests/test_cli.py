@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_daemon import ROOT, WP, assert_untouched, memtarget, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_daemon import ROOT, WP, assert_untouched, memtarget, wp, wpd  # noqa: F401 (fixtures)
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

@@ -2,115 +2,18 @@
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
-from wp import pagemap
 
 from conftest import needs_bcc
 from fixtures_core import eventually
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WP = [sys.executable, "-m", "wp.cli"]
-WPD = [sys.executable, "-m", "wp.daemon"]
-
-
-class Target:
-    """A memtarget process: one mapping, driven line by line."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        words = proc.stdout.readline().split()
-        assert words[0] == "ready", words
-        self.pid = int(words[1])
-        self.addr = int(words[2], 16)
-        self.length = int(words[3], 16)
-        self.page_size = int(words[4])
-
-    def cmd(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def write(self, idx, val):
-        out = self.cmd("w %d %d" % (idx, val))
-        assert out[0] == "done", out
-        return int(out[1])
-
-    def read(self, idx):
-        out = self.cmd("r %d" % idx)
-        return int(out[2]), int(out[3])
-
-    def page(self, idx):
-        return self.addr + idx * self.page_size
-
-    def wp_bits(self):
-        with pagemap.Pagemap(self.pid) as pm:
-            return [bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096)]
-
-
-@pytest.fixture
-def memtarget(target_bin, spawn):
-    def start(kind="anon", npages=16, *extra):
-        return Target(spawn([target_bin("memtarget"), kind, str(npages), *extra]))
-    return start
-
-
-@pytest.fixture
-def wpd(tmp_path):
-    """A wpd of our own on a private socket; stopped with SIGTERM at teardown."""
-    # Not under tmp_path: its parents are 0700, and one test connects as nobody.
-    sockdir = tempfile.mkdtemp(prefix="wpd-test-")
-    sock = os.path.join(sockdir, "wpd.sock")
-    log = open(tmp_path / "wpd.log", "w+")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))  # user_protector
-    proc = subprocess.Popen(WPD + ["--socket", sock], stderr=log, cwd=ROOT, env=env)
-    for _ in range(200):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.02)
-    else:
-        proc.kill()
-        raise AssertionError("wpd did not start: " + slurp(tmp_path / "wpd.log"))
-    proc.sock = sock
-    proc.logfile = tmp_path / "wpd.log"
-    yield proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0, slurp(proc.logfile)
-    log.close()
-    shutil.rmtree(sockdir)
-
-
-def wp(wpd, *args, check=True):
-    r = subprocess.run(WP + ["--socket", wpd.sock, *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
-    if check:
-        assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
-    return r
-
-
-def slurp(path):
-    with open(path) as f:
-        return f.read()
-
-
-def proc_status(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def assert_untouched(t):
-    st = proc_status(t.pid)
-    assert st["TracerPid"].strip() == "0"
-    assert st["State"][0] in "SR", st["State"]
-    assert not any(t.wp_bits())
+from fixtures_daemon import ROOT, WP, Target, assert_untouched, memtarget, proc_status, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 
 def test_attach_trace_detach(wpd, memtarget):

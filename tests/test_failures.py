@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from fixtures_core import eventually
-from test_daemon import assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_daemon import assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 
 def cmd(t, line, timeout=10):

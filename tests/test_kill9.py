@@ -10,7 +10,7 @@ import time
 
 from conftest import needs_bcc
 from fixtures_core import eventually
-from test_daemon import ROOT, WP, assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_daemon import ROOT, WP, assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 pytestmark = needs_bcc
 

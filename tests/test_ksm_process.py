@@ -21,7 +21,7 @@ from wp import ksm, ksm_advisor
 from wp.cli import main as wp_main
 from wp.remote import RemoteProcess
 
-from test_daemon import ROOT, WP, wpd  # noqa: F401  (the wpd fixture)
+from fixtures_daemon import ROOT, WP, wpd  # noqa: F401  (the wpd fixture)
 
 pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM (CONFIG_KSM)")
 
@@ -31,7 +31,9 @@ PAGE = 4096
 @pytest.fixture
 def ksm_state(tmp_path, monkeypatch):
     """KSM's knobs as found, put back at teardown (run last); fast scanning
-    meanwhile (ksmd stays as found: tests start it through wp)."""
+    meanwhile, and ksmd stopped (run=0, merged pages kept): the tests start
+    it through wp and check what wp says it changed, which must not depend
+    on whether something else left ksmd running."""
     lock = os.open("/tmp/wp-ksm.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     fcntl.flock(lock, fcntl.LOCK_EX)
     saved = ksm.knobs()
@@ -40,6 +42,7 @@ def ksm_state(tmp_path, monkeypatch):
     try:
         ksm.write("pages_to_scan", 4000)
         ksm.write("sleep_millisecs", 0)
+        ksm.write("run", 0)
         yield record
     finally:
         for name, value in saved.items():

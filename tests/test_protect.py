@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fixtures_core import (  # noqa: F401  (fixtures)
-    SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions)
+    SHARED_KINDS, SYNC_KINDS, eventually, layout, memtarget, page_bits, sessions, wait_until)
 from wp._native import ffi, lib
 from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
@@ -748,12 +748,10 @@ def test_background_scans(memtarget, sessions):
     s = sessions(t, prot, scan_interval=0.02)
     t.write(1, 1)
     t.write(3, 1)
-    deadline = time.monotonic() + 5
-    while prot.async_pages < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: prot.async_pages >= 2, "the scanner found both writes")
     assert sorted(p for p, *_ in prot.writes) == [t.page(1), t.page(3)]
     assert t.wp_bits() == [True] * 4     # the scanner re-armed them
-    time.sleep(0.1)
+    time.sleep(0.1)     # more scans, and nothing new must be counted: no state to await
     assert prot.async_pages == 2
     s.close()
     assert not s._scanner.is_alive()

@@ -16,17 +16,10 @@ import pytest
 from wp.errors import NoSuchProcess, TargetError
 from wp.remote import SYS, RemoteProcess
 
+from fixtures_core import proc_status, syscall_of, wait_ready, wait_state, wait_syscall, wait_until
+
 PAGE = 4096
 MADV_NORMAL = 0
-
-
-def wait_ready(p):
-    assert p.stdout.readline().strip() in ("ready", b"ready")
-
-
-def proc_status(pid):
-    with open("/proc/%d/status" % pid) as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
 def assert_released(pid, stopped=False):
@@ -39,34 +32,6 @@ def assert_released(pid, stopped=False):
         assert state == "T", st["State"]
     else:
         assert state in ("S", "R", "D"), st["State"]
-
-
-def wait_until(cond, what, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("never: " + what)
-        time.sleep(0.002)
-
-
-def wait_state(pid, want, timeout=5.0):
-    wait_until(lambda: proc_status(pid)["State"].split()[0] == want,
-               "pid %d in state %s" % (pid, want), timeout)
-
-
-def syscall_of(pid, tid=None):
-    """The syscall number a thread is blocked in (/proc/PID/syscall), or None
-    while it runs or blocks outside a syscall."""
-    with open("/proc/%d/task/%d/syscall" % (pid, tid or pid)) as f:
-        first = f.read().split()[0]
-    return None if first in ("running", "-1") else int(first)
-
-
-def wait_syscall(pid, nrs, tid=None):
-    """Waits until the thread is blocked in one of the syscalls nrs (the
-    state an injection must get right: stopped inside a restartable call)."""
-    wait_until(lambda: syscall_of(pid, tid) in nrs,
-               "pid %d blocked in syscall %s" % (pid, nrs))
 
 
 def signals_pending(pid):

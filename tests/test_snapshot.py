@@ -18,7 +18,8 @@ import pytest
 
 from wp import maps
 from wp.errors import BadRange, UnsupportedMemory, WPError
-from wp.protectors.snapshot import SnapshotProtector, snapshot
+from wp.commands.snapshot import snapshot
+from wp.protectors.snapshot import SnapshotProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 
@@ -341,7 +342,7 @@ def test_gdb_reads_the_core(target_bin, spawn, tmp_path):
 def test_cli_entry_point(sweep, tmp_path, capsys):
     import argparse
     import json
-    from wp.protectors import snapshot as snap_mod
+    from wp.commands import snapshot as snap_mod
     parser = argparse.ArgumentParser(prog="wp")
     snap_mod.add_parser(parser.add_subparsers(dest="cmd"))
     t = sweep("anon", 64)

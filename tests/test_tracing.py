@@ -450,16 +450,15 @@ def test_live_histogram_format():
     assert lines[-1].split()[:5] == ["32", "->", "63", ":", "1"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root check comes first")
 def test_missing_tracefs_names_the_fix(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("the root check comes first")
     with pytest.raises(probes.TracingUnavailable, match="mount -t tracefs nodev /sys/kernel/tracing"):
         probes.check_prerequisites(tracefs=str(tmp_path / "no-tracefs"))
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.isdir("/sys/kernel/tracing/events"),
+                    reason="needs root and tracefs (scripts/setup)")
 def test_missing_headers_names_the_fix(tmp_path):
-    if os.geteuid() != 0 or not os.path.isdir("/sys/kernel/tracing/events"):
-        pytest.skip("needs root and tracefs (scripts/setup)")
     with pytest.raises(probes.TracingUnavailable, match="linux-headers-amd64"):
         probes.check_prerequisites(modules_dir=str(tmp_path))
 

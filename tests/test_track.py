@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from wp.protectors.track import TrackProtector, main, track
+from wp.commands.track import main, track
+from wp.protectors.track import TrackProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 

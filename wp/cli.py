@@ -441,8 +441,8 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    _add_subparser(sub, "wp.protectors.snapshot")
-    _add_subparser(sub, "wp.protectors.track")
+    _add_subparser(sub, "wp.commands.snapshot")
+    _add_subparser(sub, "wp.commands.track")
     _add_subparser(sub, "wp.ksm_cli")
     _passthrough(sub, "trace", "wp.tracing.trace", "record the fault path with bcc (wp trace PID -o FILE)")
     _passthrough(sub, "report", "wp.tracing.report", "summarize a trace: text, --plot PNG, perfetto, csv")

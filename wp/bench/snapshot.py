@@ -147,7 +147,7 @@ def _warm(out_dir, size):
 
 def run(size=1 << 30, out_dir=None, baseline_s=1.0, gcore=True, handler_cpu=None):
     """Returns one dict: wp snapshot and gcore on the same sweeping target."""
-    from wp.protectors.snapshot import snapshot
+    from wp.commands.snapshot import snapshot
     from wp.space import ProcessSpace
     ncpu = os.cpu_count()
     handler_cpu = ncpu - 1 if handler_cpu is None else handler_cpu

@@ -411,7 +411,7 @@ def _gated_child(argv, out_path, env=None):
 # the snapshot, not the interpreter's start-up.
 SNAPSHOT_HELPER = """
 import sys
-import wp.cli, wp.protectors.snapshot
+import wp.cli, wp.commands.snapshot
 pid = sys.stdin.readline().strip()
 sys.exit(wp.cli.main(["snapshot", pid, "-o", sys.argv[1] + "." + pid, "--json", "--quiet"]))
 """
