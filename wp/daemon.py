@@ -27,7 +27,8 @@ from wp import protocol
 from wp.errors import BadRequest, TargetError, WPError
 from wp.protector import check_handler
 from wp.protectors import load as load_protector
-from wp.remote import comm, validate_target
+from wp.procfs import comm
+from wp.remote import validate_target
 from wp.session import Session, check_specs
 from wp.space import ProcessSpace
 

@@ -30,6 +30,8 @@ import bisect
 import os
 import struct
 
+from wp import procfs
+
 __all__ = ["Segment", "CoreFile", "RawFile", "Thread", "process_notes", "thread_notes",
            "note", "prstatus", "prpsinfo", "nt_file", "NT_PRSTATUS", "NT_FPREGSET",
            "NT_PRPSINFO", "NT_AUXV", "NT_FILE", "NT_X86_XSTATE", "PF_R", "PF_W", "PF_X", "flags_of"]
@@ -54,7 +56,6 @@ _PRPSINFO = struct.Struct("<bcbb4xQIIiiii16s80s")
 assert _PRSTATUS.size == 336 and _PRPSINFO.size == 136
 
 NREGS = 27
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def flags_of(perms):
@@ -108,25 +109,8 @@ def note(name, ntype, desc):
     return struct.pack("<III", len(n), len(desc), ntype) + _pad4(n) + _pad4(desc)
 
 
-def _stat_fields(path):
-    """Returns /proc/.../stat as (comm, [fields after comm])."""
-    with open(path) as f:
-        s = f.read()
-    lpar, rpar = s.index("("), s.rindex(")")
-    return s[lpar + 1:rpar], s[rpar + 2:].split()
-
-
-def _status(path):
-    out = {}
-    with open(path) as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
 def _timeval(ticks):
-    usec = ticks * 1000000 // _CLK_TCK
+    usec = ticks * 1000000 // procfs.CLK_TCK
     return usec // 1000000, usec % 1000000
 
 
@@ -134,8 +118,8 @@ def prstatus(pid, tid, regs, fpvalid=True):
     """Returns the NT_PRSTATUS note of thread tid (regs: 27 ints or None;
     fpvalid: an NT_FPREGSET follows)."""
     try:
-        _, st = _stat_fields("/proc/%d/task/%d/stat" % (pid, tid))
-        status = _status("/proc/%d/task/%d/status" % (pid, tid))
+        _, st = procfs.read_stat(pid, tid)
+        status = procfs.status(pid, tid)
         ppid, pgrp, sid = int(st[1]), int(st[2]), int(st[3])
         utime, stime, cutime, cstime = (int(x) for x in st[11:15])
         sigpend, sighold = int(status.get("SigPnd", "0"), 16), int(status.get("SigBlk", "0"), 16)
@@ -152,8 +136,8 @@ def prstatus(pid, tid, regs, fpvalid=True):
 
 def prpsinfo(pid):
     """Returns the NT_PRPSINFO note of process pid."""
-    comm, st = _stat_fields("/proc/%d/stat" % pid)
-    status = _status("/proc/%d/status" % pid)
+    comm, st = procfs.read_stat(pid)
+    status = procfs.status(pid)
     with open("/proc/%d/cmdline" % pid, "rb") as f:
         args = f.read().replace(b"\0", b" ").strip()
     state = st[0]

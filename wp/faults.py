@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 
+from wp import procfs
 from wp._native import check, ffi, lib
 from wp.protector import DEFER, KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
 
@@ -349,7 +350,7 @@ class FaultLoop:
         (the loop learns its pid), or timed for wp trace (--callbacks: the
         resolve note; --usdt: the callback's probe; two clock reads)."""
         if not fault.pid:
-            self.pid = _tgid(fault.tid)
+            self.pid = procfs.tgid(fault.tid)
             fault = fault._replace(pid=self.pid)
         timed = self._usdt or self._time_callbacks
         t_enter = _now_ns() if timed else 0
@@ -406,13 +407,3 @@ class FaultLoop:
             log.exception("handling %s event of pid %d", event["event"], self.pid)
 
 
-def _tgid(tid):
-    """Returns the process (thread group) id of thread tid, or 0."""
-    try:
-        with open("/proc/%d/status" % tid) as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0

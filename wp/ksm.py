@@ -94,27 +94,11 @@ def stats():
     return out
 
 
-def _ksmd_pid():
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open("/proc/%s/comm" % pid) as f:
-                if f.read().strip() == "ksmd":
-                    return int(pid)
-        except OSError:
-            continue
-    return None
-
-
 def ksmd_cpu_seconds():
     """Returns the CPU time ksmd has used (utime + stime), in seconds."""
-    pid = _ksmd_pid()
-    if pid is None:
-        return 0.0
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from wp import procfs
+    pid = procfs.find_by_comm("ksmd")
+    return 0.0 if pid is None else procfs.cpu_seconds(pid)
 
 
 def wait_converged(expect_saved_pages=None, timeout=120.0, poll=0.02, stable_scans=2):
@@ -508,7 +492,7 @@ def status(pid=None):
     Raises:
         ProcessLookupError: pid is not a process.
     """
-    from wp.remote import comm
+    from wp.procfs import comm
     procs = []
     if pid is not None:
         procs.append(dict(pid=pid, comm=comm(pid), **process_stat(pid)))

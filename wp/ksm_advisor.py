@@ -36,6 +36,7 @@ import numpy as np
 
 from wp import ksm
 from wp import maps as _maps
+from wp import procfs
 from wp._native import ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
@@ -110,14 +111,13 @@ def check_estimable(pid):
 def check_user_process(pid):
     """Raises NoSuchProcess or TargetError (a kernel thread, a zombie)
     unless pid is a process with user memory."""
-    from wp.remote import PF_KTHREAD, stat_fields
-    fields = stat_fields(pid)
+    fields = procfs.stat_fields(pid)
     if fields is None:
         raise NoSuchProcess(3, "no such process %d (check the pid with ps)" % pid)
-    if int(fields[6]) & PF_KTHREAD:
+    if procfs.is_kernel_thread(fields):
         raise TargetError("pid %d is a kernel thread: it has no user memory for KSM; "
                           "give the pid of a user process" % pid)
-    if fields[0] in ("Z", "X"):
+    if procfs.is_zombie(fields):
         raise TargetError("pid %d is a zombie: its memory is gone" % pid)
 
 
@@ -128,7 +128,7 @@ def read_process(pid, progress=None):
     Raises:
         NoSuchProcess: pid is gone before its maps could be read.
     """
-    from wp.remote import comm
+    from wp.procfs import comm
     t0 = time.monotonic()
     try:
         mappings = _maps.read_maps(pid)

@@ -19,7 +19,8 @@ pidfd_getfd (both run as root)::
 import mmap
 import os
 
-from wp._native import check, ffi, lib
+from wp import pidfd
+from wp._native import ffi
 
 __all__ = ["NotesMap", "NOTE_SLOTS"]
 
@@ -50,11 +51,7 @@ class NotesMap:
     @classmethod
     def from_process(cls, pid, fd, slots=NOTE_SLOTS):
         """Maps the notes map that process pid has open as fd (wp trace's)."""
-        pidfd = check(lib.wp_pidfd_open(pid), "pidfd_open(%d)" % pid)
-        try:
-            mine = check(lib.wp_pidfd_getfd(pidfd, fd), "pidfd_getfd(pid %d, fd %d)" % (pid, fd))
-        finally:
-            os.close(pidfd)
+        mine = pidfd.getfd(pid, fd)
         try:
             return cls(mine, slots)
         finally:

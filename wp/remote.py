@@ -45,24 +45,25 @@ import errno
 import os
 import threading
 
+from wp import pidfd, procfs
 from wp._native import check, ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
 __all__ = ["RemoteProcess", "SYS", "ThreadStop", "choose_thread", "validate_pid", "validate_target"]
 
-# x86_64 syscall numbers used here and by callers.
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) of every
+# syscall wp injects: the one table, also for wp.dedupe. Error messages name
+# a failed call from it.
 SYS = {
-    "read": 0, "write": 1, "close": 3, "pause": 34, "fstat": 5, "mmap": 9, "mprotect": 10,
-    "munmap": 11, "madvise": 28, "nanosleep": 35, "getpid": 39, "exit_group": 231,
-    "getppid": 110, "gettid": 186, "tgkill": 234, "userfaultfd": 323,
-    "memfd_create": 319,
+    "read": 0, "write": 1, "open": 2, "close": 3, "fstat": 5, "mmap": 9, "mprotect": 10,
+    "munmap": 11, "mremap": 25, "madvise": 28, "pause": 34, "nanosleep": 35, "getpid": 39,
+    "socket": 41, "connect": 42, "recvmsg": 47, "getppid": 110, "gettid": 186,
+    "exit_group": 231, "tgkill": 234, "memfd_create": 319, "userfaultfd": 323,
 }
 _NAMES = {nr: name for name, nr in SYS.items()}
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
-PF_KTHREAD = 0x00200000
-PIDFD_THREAD = os.O_EXCL
 
 BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
 
@@ -70,31 +71,6 @@ BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
 def _syscall_name(nr, args=()):
     return "%s(%s)" % (_NAMES.get(nr, "syscall %d" % nr),
                        ", ".join(hex(a) if a >= 1 << 16 else str(a) for a in args))
-
-
-def stat_fields(pid, tid=None):
-    """Fields of /proc/PID[/task/TID]/stat after the comm, or None if gone."""
-    path = "/proc/%d/stat" % pid if tid is None else "/proc/%d/task/%d/stat" % (pid, tid)
-    try:
-        with open(path) as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def comm(pid):
-    """The process's name (/proc/PID/comm), or None if it is gone."""
-    try:
-        with open("/proc/%d/comm" % pid) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _status(pid):
-    """/proc/PID/status as a dict of strings."""
-    with open("/proc/%d/status" % pid) as f:
-        return dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
 
 
 def validate_pid(pid):
@@ -107,14 +83,14 @@ def validate_pid(pid):
             process's main thread (/proc answers for those too, and the
             kernel's pidfd_open refuses them with a bare EINVAL).
     """
-    fields = stat_fields(pid)
+    fields = procfs.stat_fields(pid)
     if fields is None:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (check the pid with ps)" % pid)
-    if int(fields[6]) & PF_KTHREAD:
+    if procfs.is_kernel_thread(fields):
         raise TargetError("pid %d is a kernel thread: it has no user memory to attach to" % pid)
     try:
-        tgid = int(_status(pid).get("Tgid", pid))
-    except (FileNotFoundError, ValueError):
+        tgid = int(procfs.status(pid).get("Tgid", pid))
+    except (FileNotFoundError, ProcessLookupError, ValueError):
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     if tgid != pid:
         raise TargetError("%d is a thread of process %d, not a process: give the process id (%d)"
@@ -137,35 +113,24 @@ def validate_target(pid, session=False):
     if pid == 1:
         raise TargetError("pid 1 is init: wp refuses to stop it; attach to a service's own pid")
     validate_pid(pid)
-    fields = stat_fields(pid)
+    fields = procfs.stat_fields(pid)
     if fields is None:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid)
-    if fields[0] in ("Z", "X") and int(fields[17]) <= 1:   # num_threads
+    if procfs.is_zombie(fields) and int(fields[procfs.NUM_THREADS]) <= 1:
         raise TargetError("pid %d is a zombie: it has no memory left" % pid)
-    if fields[0] in ("Z", "X") and session:
+    if procfs.is_zombie(fields) and session:
         # Injection works through another thread, but a session reads the
         # memory map through /proc/PID, the leader's, which has none now.
         raise TargetError("pid %d's main thread has exited (its other threads run on): wp reads a "
                           "process's memory map through its main thread; not supported" % pid)
     try:
-        tracer = int(_status(pid).get("TracerPid", "0"))
-    except FileNotFoundError:
+        tracer = int(procfs.status(pid).get("TracerPid", "0"))
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     if tracer:
         raise TargetError("pid %d is already traced by pid %d (%s: a debugger, strace, or another "
                           "wp command at work): wait for it or detach that first"
-                          % (pid, tracer, comm(tracer) or "?"))
-
-
-def _ns_ids(pid, tid):
-    """Returns (pid, tid) as the target sees them: the last NStgid / NSpid
-    entries, its own pid namespace (a container) being the innermost."""
-    try:
-        with open("/proc/%d/task/%d/status" % (pid, tid)) as f:
-            st = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-        return int(st["NStgid"].split()[-1]), int(st["NSpid"].split()[-1])
-    except (OSError, KeyError, ValueError):
-        return pid, tid
+                          % (pid, tracer, procfs.comm(tracer) or "?"))
 
 
 def choose_thread(pid):
@@ -173,14 +138,14 @@ def choose_thread(pid):
     (pthread_exit leaves a zombie leader) or sits in uninterruptible sleep
     (D: our interrupt would wait for it) — then the first other live one."""
     try:
-        tids = sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
+        tids = procfs.tids(pid)
     except FileNotFoundError:
         raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % pid) from None
     live = []
     for tid in [pid] + [t for t in tids if t != pid]:
-        fields = stat_fields(pid, tid)
-        if fields is not None and fields[0] not in ("Z", "X"):
-            live.append((fields[0] == "D", tid))
+        fields = procfs.stat_fields(pid, tid)
+        if fields is not None and not procfs.is_zombie(fields):
+            live.append((fields[procfs.STATE] == "D", tid))
     if not live:
         raise TargetError("pid %d has no live thread left" % pid)
     return min(live, key=lambda dt: dt[0])[1]   # stable: the leader first
@@ -271,7 +236,7 @@ class RemoteProcess:
         check(ret, "ptrace(PTRACE_SEIZE/INTERRUPT, %d)" % self.tid)
         self._owner = threading.get_ident()
         try:
-            self._r.ns_pid, self._r.ns_tid = _ns_ids(self.pid, self.tid)
+            self._r.ns_pid, self._r.ns_tid = procfs.ns_ids(self.pid, self.tid)
             self._r.syscall_ip = self._find_syscall_insn()
         except BaseException:
             self.detach()
@@ -447,18 +412,9 @@ class RemoteProcess:
         """Moves fd remote_fd out of the target: returns our copy (O_CLOEXEC)
         and closes the target's."""
         self._check_thread()
-        # pidfd_getfd takes the fd from the pidfd's task. A process pidfd
-        # names the leader, whose file table is gone if it called
-        # pthread_exit(); a thread pidfd (PIDFD_THREAD, 6.9+) names ours.
-        if self.tid == self.pid:
-            pidfd = check(lib.wp_pidfd_open(self.pid), "pidfd_open(%d)" % self.pid)
-        else:
-            pidfd = os.pidfd_open(self.tid, PIDFD_THREAD)
-        try:
-            fd = check(lib.wp_pidfd_getfd(pidfd, remote_fd),
-                       "pidfd_getfd(pid %d, fd %d)" % (self.pid, remote_fd))
-        finally:
-            os.close(pidfd)
+        # Through our thread: the leader's file table is gone if it
+        # called pthread_exit() (see wp.pidfd).
+        fd = pidfd.getfd(self.pid, remote_fd, self.tid)
         try:
             self.syscall(SYS["close"], remote_fd)
         except BaseException:
@@ -547,7 +503,7 @@ class ThreadStop:
 
     def _tids(self):
         try:
-            return {int(t) for t in os.listdir("/proc/%d/task" % self.pid)}
+            return set(procfs.tids(self.pid))
         except FileNotFoundError:
             raise NoSuchProcess(errno.ESRCH, "no such process %d (it exited)" % self.pid) from None
 

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from wp import maps as _maps
+from wp import procfs
 from wp.errors import BadRange, UnsupportedMemory, NotRoot
 from wp.faults import FaultLoop, RegionTable, new_region_id
 from wp.pagemap import Pagemap
@@ -763,12 +764,8 @@ def subtract_ranges(span, taken):
 
 def _newest_child(pid, known):
     """Returns the most recent child of pid not in known (None if none)."""
-    kids = []
     try:
-        for tid in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                kids.extend(int(x) for x in f.read().split())
+        kids = [k for k in procfs.children(pid) if k not in known]
     except OSError:
         return None
-    kids = [k for k in kids if k not in known]
     return max(kids) if kids else None

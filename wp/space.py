@@ -18,6 +18,7 @@ import errno
 import os
 
 from wp import maps as _maps
+from wp import pidfd
 from wp._native import check, ffi, lib
 from wp.uffd import Userfaultfd
 
@@ -122,11 +123,7 @@ class ProcessSpace(Space):
         def take(_n):
             if not fds:
                 raise RuntimeError("target %d offered no more userfaultfds" % pid)
-            pidfd = check(lib.wp_pidfd_open(pid), "pidfd_open(%d)" % pid)
-            try:
-                return check(lib.wp_pidfd_getfd(pidfd, fds.pop(0)), "pidfd_getfd(%d)" % pid)
-            finally:
-                os.close(pidfd)
+            return pidfd.getfd(pid, fds.pop(0))
         return cls(pid, take)
 
     @classmethod

@@ -7,6 +7,7 @@ import mmap
 import os
 import struct
 
+from wp import pidfd
 from wp._native import check, ffi, lib
 
 MAP_HUGETLB = 0x40000
@@ -101,11 +102,7 @@ class Writer:
         writer keeps its copy until the next one (it is not attached)."""
         os.write(self._to, b"u")
         (fd,) = struct.unpack("Q", self._recv(8))
-        pidfd = check(lib.wp_pidfd_open(self.pid), "pidfd_open(%d)" % self.pid)
-        try:
-            return check(lib.wp_pidfd_getfd(pidfd, fd), "pidfd_getfd(%d, %d)" % (self.pid, fd))
-        finally:
-            os.close(pidfd)
+        return pidfd.getfd(self.pid, fd)
 
     def write(self):
         os.write(self._to, b"w")

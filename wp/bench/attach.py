@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from wp import procfs
 from wp.bench import machine
 from wp.remote import SYS, RemoteProcess
 
@@ -122,7 +123,7 @@ def attach_big(rounds=3):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert target.stdout.readline().strip() == "ready"
-        threads = len(os.listdir("/proc/%d/task" % target.pid))
+        threads = len(procfs.tids(target.pid))
         attach, detach, mapped = [], [], 0
         for _ in range(rounds):
             t = time.perf_counter()

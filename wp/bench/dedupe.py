@@ -28,6 +28,7 @@ import sys
 import time
 
 from wp import ksm
+from wp import procfs
 from wp.bench import machine
 
 __all__ = ["run", "main"]
@@ -138,12 +139,6 @@ def _cpu_self():
     return t.user + t.system
 
 
-def _sys_of(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _MapCount:
     """Raises vm.max_map_count to at least need for a while; restores it."""
 
@@ -182,7 +177,7 @@ def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **kno
                                    use_zero_pages=True, max_page_sharing=256, auto=False,
                                    measure_files=False, **knobs)
             cpu0 = _cpu_self()
-            tsys0 = _sys_of(t.pid)
+            tsys0 = procfs.cpu_seconds(t.pid)
             t0 = time.monotonic()
             session = Session(ProcessSpace.attached(t.pid), prot,
                               regions=["anon"])
@@ -199,14 +194,14 @@ def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **kno
                     if wall is None and st["pages_sharing"] + st["zero_pages"] >= expect * 0.999:
                         wall = time.monotonic() - t0
                         cpu = _cpu_self() - cpu0
-                        tsys = _sys_of(t.pid) - tsys0
+                        tsys = procfs.cpu_seconds(t.pid) - tsys0
                         break
                     if len(passes) > 2 and merged == 0:
                         break
                 if wall is None:
                     wall = time.monotonic() - t0
                     cpu = _cpu_self() - cpu0
-                    tsys = _sys_of(t.pid) - tsys0
+                    tsys = procfs.cpu_seconds(t.pid) - tsys0
                 pss1 = t.pss_kb()
                 vmas1 = t.vmas()
                 bad = t.check()
@@ -240,7 +235,7 @@ def run_wp(size_mib=1024, distinct=1000, pages_to_scan=4000, max_passes=8, **kno
 
 def _proc_cpu(pid):
     """utime + stime of process pid, all threads (seconds)."""
-    return _sys_of(pid)
+    return procfs.cpu_seconds(pid)
 
 
 def _wpd_stats(conn, pid):
@@ -281,7 +276,7 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0, target=None)
         vmas0 = t.vmas()
         conn = Connection.connect(sock)
         cpu0 = _proc_cpu(wpd.pid)
-        tsys0 = _sys_of(t.pid)
+        tsys0 = procfs.cpu_seconds(t.pid)
         t0 = time.monotonic()
         r = conn.request({"op": "attach", "pid": t.pid, "protector": "dedupe"})
         if not r.get("ok"):
@@ -292,7 +287,7 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0, target=None)
         while time.monotonic() - t0 < timeout:
             time.sleep(0.05)
             st = _wpd_stats(conn, t.pid)
-            samples.append((time.monotonic() - t0, _proc_cpu(wpd.pid) - cpu0, _sys_of(t.pid) - tsys0,
+            samples.append((time.monotonic() - t0, _proc_cpu(wpd.pid) - cpu0, procfs.cpu_seconds(t.pid) - tsys0,
                             st.get("pages_sharing", 0) + st.get("zero_pages", 0)))
             if st.get("merge_stopped") and st.get("full_scans", 0) >= 3:
                 converged = True

@@ -58,13 +58,13 @@ import sys
 import tempfile
 import time
 
+from wp import procfs
 from wp.bench import machine
 
 __all__ = ["run", "main", "add_parser", "WORKLOADS", "PROTECTORS"]
 
 PROTECTORS = ("none", "trace", "track", "dedupe", "snapshot")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CLK = os.sysconf("SC_CLK_TCK")
 
 PYTHON_DICT = r"""
 import sys, time
@@ -185,8 +185,7 @@ class Dbench(Workload):
     def snapshot_pid(self, pid):
         # dbench forks a process per client; the parent only waits.
         try:
-            with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-                kids = [int(x) for x in f.read().split()]
+            kids = procfs.children(pid)
         except OSError:
             kids = []
         return kids[0] if kids else pid
@@ -314,13 +313,6 @@ QUICK = ("redis-d1024", "pagefault-t1", "python-dict")
 
 # -- wpd and the user's path ---------------------------------------------------
 
-def _cpu_s(pid):
-    """utime + stime of a live process (all its threads), in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK
-
-
 class Wpd:
     """A wpd of this bench's own, on a private socket; its CPU time."""
 
@@ -355,7 +347,7 @@ class Wpd:
         return reply
 
     def cpu_s(self):
-        return _cpu_s(self.proc.pid)
+        return procfs.cpu_seconds(self.proc.pid)
 
     def final_stats(self, pid):
         """The session's stats: live, or kept by wpd once the target ended
@@ -431,7 +423,7 @@ class _Snapshotter:
     def start(self, pid):
         self.core += ".%d" % pid
         try:
-            self._cpu0 = _cpu_s(self.proc.pid)   # its imports: not the snapshot's
+            self._cpu0 = procfs.cpu_seconds(self.proc.pid)   # its imports: not the snapshot's
         except OSError:
             pass
         self.started = time.monotonic()
@@ -572,7 +564,7 @@ def _run_server(w, protector, wpd, dirs, workdir, snapshot_at):
             wpd.request({"op": "attach", "pid": srv.pid, "protector": protector, "regions": None,
                          "mode": None, "handler": "python", "follow_fork": True, "options": {}})
             attached = True
-        cpu0, tcpu0 = wpd.cpu_s(), _cpu_s(srv.pid)
+        cpu0, tcpu0 = wpd.cpu_s(), procfs.cpu_seconds(srv.pid)
         t0 = time.monotonic()
         load = subprocess.Popen(w.load_argv(port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -582,7 +574,7 @@ def _run_server(w, protector, wpd, dirs, workdir, snapshot_at):
         out, err = load.communicate()
         t1 = time.monotonic()
         wall = t1 - t0
-        cpu1, tcpu1 = wpd.cpu_s(), _cpu_s(srv.pid)
+        cpu1, tcpu1 = wpd.cpu_s(), procfs.cpu_seconds(srv.pid)
         if load.returncode != 0:
             raise RuntimeError("redis-benchmark exited %d: %s" % (load.returncode, err[-500:]))
         rec.update(w.parse(out, wall))

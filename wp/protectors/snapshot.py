@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 
-from wp import elfcore, pagemap
+from wp import elfcore, pagemap, procfs
 from wp._native import ffi, lib
 from wp.errors import BadRange, UnsupportedMemory, WPError
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
@@ -759,6 +759,6 @@ class SnapshotProtector(WriteProtector):
 
 def _tids(pid):
     try:
-        return [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+        return procfs.tids(pid)
     except FileNotFoundError:
         raise ProcessLookupError(3, "no such process %d" % pid) from None
