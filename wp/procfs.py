@@ -25,6 +25,7 @@ FLAGS = 6                   # task->flags, PF_*
 UTIME, STIME, CUTIME, CSTIME = 11, 12, 13, 14
 NICE = 16
 NUM_THREADS = 17
+STARTTIME = 19              # clock ticks after boot: with the pid, names one process
 
 # task->flags bit of kernel threads (include/linux/sched.h): they have no
 # user memory, and /proc lists them like processes.
