@@ -734,11 +734,40 @@ def table(results):
     return "\n".join(lines)
 
 
+def costs(results):
+    """Returns a Markdown table per workload: wpd's CPU per second under
+    each protector (snapshot: wp snapshot's), the faults it handled, and
+    the program's longest latency unattached and during the snapshot."""
+    prots = [p for p in PROTECTORS[1:] if any(p in w["protectors"] for r in results for w in r["workloads"])]
+    head = ["run", "workload"] + ["%s CPU/s, faults" % p for p in prots if p != "snapshot"]
+    head += ["longest latency ms: unattached / snapshot (its stop)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        tag = "1 CPU" if res["cpus_used"] == 1 else "%d CPUs" % res["cpus_used"]
+        for wl in res["workloads"]:
+            ps = wl["protectors"]
+            cells = [tag, wl["workload"]]
+            for p in prots:
+                if p == "snapshot":
+                    continue
+                st = ps.get(p, {})
+                cells.append("–" if not st else "%.2f, %s" % (st.get("wp_cpu_per_s", 0),
+                                                              _fmt(st.get("faults"))))
+            snap = ps.get("snapshot", {})
+            cells.append("%s / %s (%s)" % (_fmt(ps.get("none", {}).get("max_latency_ms")),
+                                           _fmt(snap.get("max_latency_ms")),
+                                           _fmt(snap.get("snapshot_stop_ms_max"))))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(v):
     if v is None:
         return "?"
     if v >= 10000:
         return "%.0fk" % (v / 1000)
+    if v >= 100:
+        return "%.0f" % v
     return "%.3g" % v
 
 
@@ -829,4 +858,6 @@ def main(args):
     for res in results:
         print("placement: %s; %d rounds of %g s" % (res["placement"], res["rounds"], res["seconds"]))
     print(table(results))
+    print()
+    print(costs(results))
     return 0
