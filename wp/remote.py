@@ -550,8 +550,30 @@ class ThreadStop:
             time.sleep(0.0002)
         return not self.pending
 
+    # Threads a release could not let go (still not stopped after its
+    # wait), by tracing thread: let go at that thread's next stop() (or by
+    # the kernel when the tracing thread exits).
+    _stuck = {}
+
+    @classmethod
+    def _reap(cls):
+        me = threading.get_ident()
+        left = set()
+        for tid in cls._stuck.pop(me, ()):
+            try:
+                got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+            except ChildProcessError:
+                continue
+            if got != tid:
+                left.add(tid)
+            elif os.WIFSTOPPED(status):
+                _ptrace(_PTRACE_DETACH, tid)
+        if left:
+            cls._stuck[me] = left
+
     def stop(self):
         import time
+        self._reap()
         self._t0 = time.monotonic()
         deadline = self._t0 + self.timeout
         while True:
@@ -574,6 +596,8 @@ class ThreadStop:
         for tid in self.stopped:
             _ptrace(_PTRACE_DETACH, tid)
         stuck = set(self.pending)
+        if stuck:
+            self._stuck.setdefault(threading.get_ident(), set()).update(stuck)
         self.stopped.clear()
         if self._t0 is not None:
             self.elapsed = time.monotonic() - self._t0

@@ -245,7 +245,7 @@ def _wpd_stats(conn, pid):
     return r["stats"]["protector_stats"]
 
 
-def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
+def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0, target=None):
     """The user's path: a wpd of its own, `wp attach PID --protector dedupe`
     with default options, the machine's sysctls as found (wp's own
     max_map_count=auto may raise vm.max_map_count; reported). Converged
@@ -271,7 +271,7 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
             if os.path.exists(sock):
                 break
             time.sleep(0.02)
-        t = _Target(npages, distinct)
+        t = target if target is not None else _Target(npages, distinct)
         pss0 = t.pss_kb()
         vmas0 = t.vmas()
         conn = Connection.connect(sock)
@@ -283,15 +283,20 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
             raise RuntimeError("wp attach: %s" % r.get("error"))
         st = {}
         converged = False
+        samples = []   # (wall, wpd cpu, target sys, pages saved): KSM's criterion below
         while time.monotonic() - t0 < timeout:
             time.sleep(0.05)
             st = _wpd_stats(conn, t.pid)
+            samples.append((time.monotonic() - t0, _proc_cpu(wpd.pid) - cpu0, procfs.cpu_seconds(t.pid) - tsys0,
+                            st.get("pages_sharing", 0) + st.get("zero_pages", 0)))
             if st.get("merge_stopped") and st.get("full_scans", 0) >= 3:
                 converged = True
                 break
-        wall = time.monotonic() - t0
-        cpu = _proc_cpu(wpd.pid) - cpu0
-        tsys = procfs.cpu_seconds(t.pid) - tsys0
+        # Converged when the saving reached its final value (99.9%), as the
+        # KSM half counts it; the pass that finds nothing more is not.
+        final = samples[-1][3] if samples else 0
+        wall, cpu, tsys, _ = next(x for x in samples if x[3] >= 0.999 * final) if samples else (0, 0, 0, 0)
+        wall_stopped = time.monotonic() - t0
         pss1 = t.pss_kb()
         vmas1 = t.vmas()
         mmc_during = _read_int("/proc/sys/vm/max_map_count")
@@ -308,7 +313,7 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
         idle_cpu = (_proc_cpu(wpd.pid) - c0) / (time.monotonic() - i0)
         st = _wpd_stats(conn, t.pid)
         bad = t.check()
-        lat_avg, lat_max = t.first_write_ns()
+        lat_avg, lat_max = t.first_write_ns() if hasattr(t, "first_write_ns") else (None, None)
         tc = time.monotonic()
         r = conn.request({"op": "detach", "pid": t.pid})
         unmerge_s = time.monotonic() - tc
@@ -320,7 +325,7 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
             "pss_saved_mib": round((pss0 - pss1) / 1024, 1),
             "cpu_s": round(cpu + tsys, 3), "cpu_daemon_s": round(cpu, 3),
             "cpu_target_sys_s": round(tsys, 3), "wall_s": round(wall, 3), "converged": converged,
-            "merge_stopped": st.get("merge_stopped"), "full_scans": st.get("full_scans"),
+            "wall_to_merge_stopped_s": round(wall_stopped, 3), "merge_stopped": st.get("merge_stopped"), "full_scans": st.get("full_scans"),
             "pages_shared": st.get("pages_shared"), "pages_sharing": st.get("pages_sharing"),
             "zero_pages": st.get("zero_pages"), "general_profit": st.get("general_profit"),
             "stopped_ms": round(st.get("stopped_ms", 0), 1),
@@ -346,6 +351,106 @@ def run_wpd(size_mib=1024, distinct=1000, timeout=300, idle_s=30.0):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class _Redis:
+    """A redis-server holding `values` values of `size` bytes drawn from
+    `contents` distinct contents (the issue's real program)."""
+
+    def __init__(self, values=20000, size=16384, contents=50):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.p = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.p.pid
+        self.values, self.size, self.contents = values, size, contents
+        for _ in range(200):
+            try:
+                self.sock = socket.create_connection(("127.0.0.1", self.port))
+                break
+            except OSError:
+                time.sleep(0.02)
+        blobs = [bytes([65 + c % 26]) * 16 + (b"%08d" % c) * ((size - 16) // 8) for c in range(contents)]
+        self.blobs = blobs
+        cmds = []
+        for i in range(values):
+            v = blobs[i % contents]
+            cmds.append(b"*3\r\n$3\r\nSET\r\n$%d\r\nk%d\r\n$%d\r\n%s\r\n"
+                        % (len(b"k%d" % i), i, len(v), v))
+        self.sock.sendall(b"".join(cmds))
+        got = b""
+        while got.count(b"+OK\r\n") < values:
+            got += self.sock.recv(1 << 20)
+
+    def _get(self, i):
+        self.sock.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\nk%d\r\n" % (len(b"k%d" % i), i))
+        buf = b""
+        while not buf.endswith(b"\r\n") or len(buf) < self.size + 8:
+            buf += self.sock.recv(1 << 20)
+        return buf.split(b"\r\n", 1)[1][:-2]
+
+    def check(self):
+        return sum(1 for i in range(0, self.values, 97) if self._get(i) != self.blobs[i % self.contents])
+
+    def pss_kb(self):
+        with open("/proc/%d/smaps_rollup" % self.pid) as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        return 0
+
+    def vmas(self):
+        with open("/proc/%d/maps" % self.pid) as f:
+            return sum(1 for _ in f)
+
+    def close(self):
+        self.sock.close()
+        self.p.kill()
+        self.p.wait()
+
+
+def run_redis(values=20000, size=16384, contents=50, timeout=300):
+    """redis-server holding duplicate values: kernel KSM (enabled from
+    outside, wp.ksm.enable: prctl(PR_SET_MEMORY_MERGE) injected) against
+    wp dedupe through wpd, each on a fresh redis-server. Returns a dict."""
+    out = {"workload": {"values": values, "value_bytes": size, "contents": contents}}
+    r = _Redis(values, size, contents)
+    try:
+        pss0 = r.pss_kb()
+        with ksm.KsmSettings(sleep_millisecs=0, pages_to_scan=4000, use_zero_pages=1,
+                             max_page_sharing=256, run=1):
+            cpu0 = ksm.ksmd_cpu_seconds()
+            t0 = time.monotonic()
+            ksm.enable(r.pid)
+            try:
+                ksm.wait_converged(timeout=timeout, poll=0.01, stable_scans=2)
+                converged = True
+            except TimeoutError:
+                converged = False
+            wall = time.monotonic() - t0
+            cpu = ksm.ksmd_cpu_seconds() - cpu0
+            pss1 = r.pss_kb()
+            bad = r.check()
+            ksm.disable(r.pid)
+        out["ksm"] = {"pss_before_kib": pss0, "pss_after_kib": pss1,
+                      "pss_saved_mib": round((pss0 - pss1) / 1024, 1), "cpu_s": round(cpu, 3),
+                      "wall_s": round(wall, 3), "converged": converged, "bad_values": bad}
+    finally:
+        r.close()
+    r = _Redis(values, size, contents)
+    try:
+        out["wp"] = run_wpd(target=r, timeout=timeout, idle_s=10.0)
+    finally:
+        r.close()
+    k, w = out["ksm"], out["wp"]
+    out["ratios"] = {
+        "savings_vs_ksm": round(w["pss_saved_mib"] / k["pss_saved_mib"], 3) if k["pss_saved_mib"] else None,
+        "cpu_vs_ksm": round(w["cpu_s"] / k["cpu_s"], 3) if k["cpu_s"] else None,
+        "wall_vs_ksm": round(w["wall_s"] / k["wall_s"], 3) if k["wall_s"] else None}
+    return out
+
+
 def _read_int(path):
     with open(path) as f:
         return int(f.read())
@@ -362,6 +467,10 @@ def run(size_mib=1024, distinct=1000, only=None, inprocess=False):
                                                     * PAGE / 2**20, 1),
                         "cpus": os.cpu_count(),
                         "max_map_count_found": _read_int("/proc/sys/vm/max_map_count")}}
+    if only == "redis":
+        out = run_redis()
+        out["machine"] = machine()
+        return out
     if only in (None, "ksm"):
         out["ksm"] = run_ksm(size_mib, distinct)
     if only in (None, "wp"):
@@ -461,7 +570,7 @@ def demo(nproc=3, out=sys.stdout):
 
 
 def main(args=None):
-    """wp bench dedupe [--size MiB] [--distinct N] [--only ksm|wp] [--json] [--demo]
+    """wp bench dedupe [--size MiB] [--distinct N] [--only ksm|wp|redis] [--json] [--demo]
 
     Args (argv list, or None for sys.argv[1:]):
         --size MiB      anonymous memory of the target (default 1024)
@@ -481,7 +590,8 @@ def main(args=None):
                                         "  wp bench dedupe --demo              three python3 processes\n")
     ap.add_argument("--size", type=int, default=1024, help="MiB of anonymous memory (1024)")
     ap.add_argument("--distinct", type=int, default=1000, help="distinct duplicate contents")
-    ap.add_argument("--only", choices=("ksm", "wp"))
+    ap.add_argument("--only", choices=("ksm", "wp", "redis"),
+                    help="ksm or wp alone; redis: redis-server with duplicate values, KSM and wp")
     ap.add_argument("--inprocess", action="store_true",
                     help="also run the in-process passes (a second, labelled row)")
     ap.add_argument("--json", action="store_true")
@@ -500,9 +610,9 @@ def main(args=None):
         for half in ("ksm", "wp", "wp_inprocess"):
             if half in res:
                 r = res[half]
-                print("%-4s saved %7.1f MiB  cpu %6.3f s  wall %6.3f s  first write %6d ns  VMAs +%d"
-                      % (half, r["pss_saved_mib"], r["cpu_s"], r["wall_s"], r["first_write_ns_avg"],
-                         r["vmas_added"]))
+                print("%-4s saved %7.1f MiB  cpu %6.3f s  wall %6.3f s  first write %6s ns  VMAs +%s"
+                      % (half, r["pss_saved_mib"], r["cpu_s"], r["wall_s"], r.get("first_write_ns_avg"),
+                         r.get("vmas_added")))
         if "ratios" in res:
             print("ratios", res["ratios"])
     return 0

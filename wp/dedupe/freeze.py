@@ -108,8 +108,12 @@ class FreezeStage:
             lo = runs_[i][0]
             hi = runs_[j - 1][0] + runs_[j - 1][1] * ps
             ents = self._pagemap.entries(lo, (hi - lo) // ps)
+            dropped = 0
             for s, n, x in runs_[i:j]:
                 k0 = (s - lo) // ps
+                if all(e & _FROZEN == _FROZEN for e in ents[k0:k0 + n]) and k0 + n <= len(ents):
+                    out.append((s, n, x))   # the common case: the whole run
+                    continue
                 first = None
                 for k in range(n + 1):
                     good = k < n and k0 + k < len(ents) and ents[k0 + k] & _FROZEN == _FROZEN
@@ -118,7 +122,8 @@ class FreezeStage:
                     elif not good and first is not None:
                         out.append((s + first * ps, k - first, x + first if key else x))
                         first = None
-                dropped = n - sum(r[1] for r in out if s <= r[0] < s + n * ps)
-                self.counters["dropped_meanwhile"] += dropped
+                    if k < n and not good:
+                        dropped += 1
+            self.counters["dropped_meanwhile"] += dropped
             i = j
         return out

@@ -24,6 +24,7 @@ and whose guardian took over).
 
 # What Merged needs of its owner (DedupeProtector, or Orphan in the guardian)
 ``page_size``; ``lock`` (guards ``frozen`` and our ``removed``);
+``minor_reads_zero`` (every MINOR fault gets zeros: the guardian's case);
 ``frozen``, the [(start, end)] write-protected now (a WP fault there is
 deferred: the owner wakes B over each span it unfreezes); ``moved(m,
 start, to, length)`` after an mremap of merged pages; ``forked(m, fd)``
@@ -180,7 +181,7 @@ class Merged:
     def on_minor(self, fault):
         p = fault.page
         with self.owner.lock:
-            zero = p in self.removed
+            zero = p in self.removed or self.owner.minor_reads_zero
         self.minor_faults += 1
         return self._fill(p, zero)
 
@@ -292,6 +293,11 @@ class Merged:
 class Orphan:
     """The owner of merged pages whose protector is gone (the guardian):
     what Merged and unmerge_runs need of an owner, and nothing more."""
+
+    # Merged pages are populated when merged, so with no PTE a page was
+    # dropped by the target: wpd may have read its REMOVE event (which let
+    # the target go on) and died before the fault came.
+    minor_reads_zero = True
 
     def __init__(self, pid):
         self.pid = pid

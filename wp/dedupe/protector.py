@@ -117,6 +117,7 @@ class DedupeProtector(ScanStage, PlanStage, MergeStage, FreezeStage, TrackStage,
     # on the session's uffd: a page WP'd there would be unprotected by the
     # session's loop on the first write, whatever a freeze wanted.
     session_refresh = False
+    minor_reads_zero = False   # what Merged asks of its owner (merged.py)
 
     def __init__(self, pages_to_scan=4000, sleep_millisecs=0, use_zero_pages=True,
                  max_page_sharing=256, cpu_budget=None, share="all", merge_batch=8192,
