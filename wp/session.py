@@ -315,11 +315,12 @@ class Session:
         and UFFDIO_REGISTER then fails with EINVAL (a hole, or another kind
         of VMA, in the range) or ENOMEM (no VMA left in it at all), or
         WRITEPROTECT with ENOENT. Then the maps are read again and what is
-        mapped now is protected, a few times over; a range still moving
-        after that is left out if it is no longer mapped as it was (what
-        went away before it was protected was never part of the target's
-        protected memory; refresh() protects what came instead). EBUSY
-        (another uffd has the range) is final. A protector with
+        mapped now is protected, a few times over (what went away before it
+        was protected was never part of the target's protected memory). A
+        range of a named region (all, anon, ...) still failing after that is
+        left out with a warning, for refresh() to protect if it stays; in a
+        START-END range the user named it is an error. EBUSY (another uffd
+        has the range) is final. A protector with
         fixed_regions gets LayoutChanged instead of a second read.
         """
         pending = self.regions
@@ -350,11 +351,12 @@ class Session:
                     if moved and not last:
                         changed.append(r)
                         continue
-                    if moved and not self.protector.fixed_regions and self._moved(r):
-                        # Still moving after as many reads: it is gone, and
-                        # whatever replaces it, refresh() protects later.
-                        log.debug("pid %d: %#x-%#x moved while being protected: left out",
-                                  self.pid, r.start, r.end)
+                    if moved and not self.protector.fixed_regions and not self._explicit(r):
+                        # Still moving after as many reads (a mapping the
+                        # target keeps unmapping and mapping again): left
+                        # out; refresh() protects it if it stays.
+                        log.warning("pid %d: %#x-%#x kept changing while being protected: left out "
+                                    "for now (%s)", self.pid, r.start, r.end, err)
                         continue
                     why = err
                     if err.errno == errno.EBUSY:
@@ -422,6 +424,15 @@ class Session:
         self.regions = resolve_regions(maps, self.specs, self.pid, self.mode)
         self._index()
         return maps
+
+    def _explicit(self, region):
+        """True if region lies in a START-END range the user named."""
+        for spec in self.specs:
+            if isinstance(spec, str) and _looks_like_range(spec):
+                start, end = _parse_range(spec)
+                if start < region.end and region.start < end:
+                    return True
+        return False
 
     def _moved(self, region):
         """True if region is no longer mapped as it was read: not exactly
