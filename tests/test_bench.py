@@ -108,7 +108,9 @@ def test_bench_workloads_json():
         assert redis["none"][m] > 0 and redis["none"]["ratio_" + m] == 1.0
         assert redis["trace"]["ratio_" + m] > 0
     assert redis["trace"]["faults"] > 0
-    assert redis["trace"]["wp_cpu_per_s"] > 0 and redis["none"]["target_cpu_per_s"] > 0
+    # trace counts with async WP: wpd's CPU can be below the clock tick
+    # /proc/PID/stat counts in, so only its presence is checked.
+    assert isinstance(redis["trace"]["wp_cpu_per_s"], float) and redis["none"]["target_cpu_per_s"] > 0
     pf = wl["pagefault-t1"]["protectors"]
     assert pf["none"]["throughput"] > 0 and pf["none"]["ratio"] == 1.0
     # the server outlives the load: its snapshot is always taken (a program
