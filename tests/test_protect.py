@@ -919,17 +919,24 @@ def test_sysv_shm_takes_async_protection():
         p.stdout.close()
 
 
+def churning_mapper(target_bin, spawn):
+    """A mapper target one of whose threads maps, writes and unmaps memory
+    all the time (its "c" command)."""
+    p = spawn([target_bin("mapper")])
+    assert p.stdout.readline().strip() == "ready"
+    p.stdin.write("c\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "ok"
+    return p
+
+
 @pytest.mark.parametrize("exact", [True, False], ids=["sync", "async"])
 def test_attach_while_the_layout_changes(target_bin, spawn, exact):
     """A thread of the target maps, writes and unmaps memory all the time,
     as allocators do, so the maps the session read are stale by the time it
     registers them. Every attach still succeeds (what went away before the
     instant is not protected; what is there is), and the target goes on."""
-    p = spawn([target_bin("mapper")])
-    assert p.stdout.readline().strip() == "ready"
-    p.stdin.write("c\n")
-    p.stdin.flush()
-    assert p.stdout.readline().strip() == "ok"
+    p = churning_mapper(target_bin, spawn)
     for _ in range(10):
         with Session(ProcessSpace.attached(p.pid), TraceProtector(exact=exact), regions=["anon"]) as s:
             assert s.regions
@@ -946,11 +953,7 @@ def test_snapshot_while_the_layout_changes(target_bin, spawn, tmp_path):
     time: the threads are stopped before the image is laid out, so every
     snapshot succeeds and holds the target's mappings of that instant."""
     from wp.commands.snapshot import snapshot
-    p = spawn([target_bin("mapper")])
-    assert p.stdout.readline().strip() == "ready"
-    p.stdin.write("c\n")
-    p.stdin.flush()
-    assert p.stdout.readline().strip() == "ok"
+    p = churning_mapper(target_bin, spawn)
     for i in range(5):
         st = snapshot(ProcessSpace.attached(p.pid), path=str(tmp_path / "core"), regions=["anon"])
         assert st["copied_bytes"] > 0 and os.path.getsize(tmp_path / "core") > st["copied_bytes"], st
