@@ -67,6 +67,16 @@ def cpu_seconds(pid):
     return (int(fields[UTIME]) + int(fields[STIME])) / CLK_TCK
 
 
+def pss_kb(pid):
+    """The process's proportional set size in kB (smaps_rollup's Pss: each
+    page divided among the processes mapping it, so merging shows)."""
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
 def is_kernel_thread(fields):
     """True if stat fields (from stat_fields) are a kernel thread's."""
     return bool(int(fields[FLAGS]) & PF_KTHREAD)

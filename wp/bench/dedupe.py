@@ -62,11 +62,7 @@ class _Target:
         return self.p.stdout.readline().split()
 
     def pss_kb(self):
-        with open("/proc/%d/smaps_rollup" % self.pid) as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-        return 0
+        return procfs.pss_kb(self.pid)
 
     def vmas(self):
         with open("/proc/%d/maps" % self.pid) as f:
@@ -394,11 +390,7 @@ class _Redis:
         return sum(1 for i in range(0, self.values, 97) if self._get(i) != self.blobs[i % self.contents])
 
     def pss_kb(self):
-        with open("/proc/%d/smaps_rollup" % self.pid) as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-        return 0
+        return procfs.pss_kb(self.pid)
 
     def vmas(self):
         with open("/proc/%d/maps" % self.pid) as f:
@@ -517,10 +509,7 @@ def demo(nproc=3, out=sys.stdout):
     from wp.session import Session
     from wp.space import ProcessSpace
 
-    def pss(pid):
-        with open("/proc/%d/smaps_rollup" % pid) as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-
+    pss = procfs.pss_kb
     procs = [subprocess.Popen([sys.executable, "-c", DEMO_HOLDER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(nproc)]
     sessions = []
