@@ -58,7 +58,7 @@ def main():
                                   text=True)
         target.stdout.readline()
         print("demo: target is python3, pid %d, 32 MiB of pages it keeps writing" % target.pid)
-        sh([wp, "--socket", sock, "attach", str(target.pid), "--region", "anon"], check=True)
+        sh([wp, "--socket", sock, "attach", str(target.pid), "--region", "anon", "-o", "exact=true"], check=True)
         trace_file = os.path.join(workdir, "faults.jsonl")
         tracer = None
         if _have_tracing():
