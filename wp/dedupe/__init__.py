@@ -138,6 +138,8 @@ and 256 bytes per VMA added), ``vmas_added``,
 ``sharing_breaks``, ``compare_failed``, ``minor_faults``, ``zero_fills``,
 ``remove_events``, ``missing_faults``, ``dropped_meanwhile`` (pages the
 target dropped between our read and the batch: left alone),
+``changed_meanwhile`` (pages present and write-protected whose bytes, read
+again with every thread stopped, were not the ones to merge: left alone),
 ``stopped_ms`` (time the target's threads spent stopped for batches), ``file_backed`` (below), ``store``.
 DedupeProtector.daemon_stats(protectors) sums them for the daemon.
 

@@ -259,7 +259,7 @@ class MergeStage:
         """The parts of runs_ [(start, n, idx)] whose pages hold, read now
         (every thread stopped), the bytes of their store page idx.. (zeros
         when zero); idx moves with a split. Pages that differ are counted in
-        dropped_meanwhile and left alone."""
+        changed_meanwhile and left alone."""
         if not runs_:
             return runs_
         ps = self.page_size
@@ -281,7 +281,7 @@ class MergeStage:
             i += n + 1 if n < len(chunk) else n   # an unreadable page is left alone
         if len(good) == len(addrs):
             return runs_
-        self.counters["dropped_meanwhile"] += len(addrs) - len(good)
+        self.counters["changed_meanwhile"] += len(addrs) - len(good)
         out = []
         for s, n, idx in runs_:
             first = None
