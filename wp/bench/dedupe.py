@@ -31,7 +31,7 @@ from wp import ksm
 from wp import procfs
 from wp.bench import machine
 
-__all__ = ["run", "main"]
+__all__ = ["add_parser", "run", "main"]
 
 PAGE = 4096
 
@@ -556,6 +556,13 @@ def demo(nproc=3, out=sys.stdout):
         for p in procs:
             p.kill()
             p.wait()
+
+
+
+def add_parser(subparsers):
+    """Registers `dedupe` on the subparsers of `wp bench` (main parses the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "dedupe", "dedupe vs kernel KSM on 1 GiB", main)
 
 
 def main(args=None):

@@ -38,7 +38,7 @@ import time
 from wp import ksm
 from wp.bench import machine
 
-__all__ = ["run", "main"]
+__all__ = ["add_parser", "run", "main"]
 
 PAGE = 4096
 PAGES_TO_SCAN = 4000
@@ -514,6 +514,13 @@ def _run(out, procs, env, keys, value_kib, distinct, pythons, bench_requests, va
     _check(out["estimate"]["command_cpu_s_per_gib"] is not None
            and out["estimate"]["command_cpu_s_per_gib"] < 2.0, "estimate < 2 s CPU per GiB", out)
     return out
+
+
+
+def add_parser(subparsers):
+    """Registers `ksm` on the subparsers of `wp bench` (main parses the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "ksm", "wp ksm enable on a running redis vs prctl before exec; the estimate", main)
 
 
 def main(args=None):

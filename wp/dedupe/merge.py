@@ -15,10 +15,11 @@ track.py's ``_region``.
 import logging
 import time
 
-from wp.dedupe.merged import MERGED_MODE, retry, runs
-from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
-                              NR_MADVISE, NR_MMAP, NR_MUNMAP, remote, store_fd_in, sys_time)
-from wp.remote import ThreadStop
+from wp.dedupe.merged import MERGED_MODE, retry
+from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, remote,
+                              store_fd_in, sys_time)
+from wp.pagemap import page_runs
+from wp.remote import SYS, ThreadStop
 
 __all__ = ["MergeStage"]
 
@@ -64,7 +65,7 @@ class MergeStage:
         try:
             # The sources first: frozen, their bytes become the store page.
             reserved = []
-            for run_start, n, _ in runs([a for a, _ in firsts], ps):
+            for run_start, n, _ in page_runs([a for a, _ in firsts], ps):
                 first = store.reserve(n)
                 reserved.extend(range(first, first + n))
             for i in range(0, len(firsts), sc.batch):
@@ -207,10 +208,10 @@ class MergeStage:
             if region is None or not region.start <= s < region.end:
                 region = self._region(s)
             prot = region.prot
-            calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
+            calls.append((SYS["mmap"], (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
                                     self.store.offset(idx))))
         for s, n, _ in zero_runs:
-            calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+            calls.append((SYS["madvise"], (s, n * ps, MADV_DONTNEED)))
         # Map the store pages in now, so that a first read costs no MINOR
         # fault once B registers them: one madvise over the whole batch
         # when it is dense (it also maps the zero page where zero pages
@@ -220,14 +221,14 @@ class MergeStage:
             hi = store_runs[-1][0] + store_runs[-1][1] * ps
             if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
                     and self._region(lo) is self._region(hi - ps):
-                calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
+                calls.append((SYS["madvise"], (lo, hi - lo, MADV_POPULATE_READ)))
             else:
-                calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
+                calls.extend((SYS["madvise"], (s, n * ps, MADV_POPULATE_READ))
                              for s, n, _ in store_runs)
         if tfd is not None:
-            calls.append((NR_CLOSE, (tfd,)))
+            calls.append((SYS["close"], (tfd,)))
         if scratch is not None:
-            calls.append((NR_MUNMAP, (scratch, ps)))
+            calls.append((SYS["munmap"], (scratch, ps)))
         res = rp.syscalls(calls)
         for k, run in enumerate(store_runs):
             if res[k] == run[0]:

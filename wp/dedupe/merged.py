@@ -42,7 +42,7 @@ from wp.protector import DEFER, UNPROTECT, WAKE
 from wp.uffd import MODE_MINOR, MODE_MISSING, MODE_WP
 
 __all__ = ["UnmergeError", "MERGED_MODE", "Merged", "Orphan", "FREEZE_FEATURES", "MERGED_FEATURES",
-           "runs", "retry", "zero_fill"]
+           "retry", "zero_fill"]
 
 log = logging.getLogger("wp.dedupe")
 
@@ -84,22 +84,6 @@ MERGED_FEATURES = features("PAGEFAULT_FLAG_WP", "THREAD_ID", "MINOR_SHMEM", "MIS
 # which the store's next use of that offset fills with other bytes). A
 # fault on a hole is always a page the target dropped: it reads zeros.
 MERGED_MODE = MODE_MISSING | MODE_MINOR | MODE_WP
-
-
-def runs(addrs, ps, key=None):
-    """Groups sorted addrs into runs of neighbouring pages; with key(addr)
-    also requires key to grow by one from page to page. Returns [(start,
-    npages, first_key)]."""
-    out = []
-    for a in addrs:
-        k = key(a) if key else 0
-        if out:
-            s, n, k0 = out[-1]
-            if a == s + n * ps and (key is None or k == k0 + n):
-                out[-1] = (s, n + 1, k0)
-                continue
-        out.append((a, 1, k))
-    return out
 
 
 def retry(op, *args, tries=200):

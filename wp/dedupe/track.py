@@ -13,9 +13,9 @@ TrackStage is a part of DedupeProtector (wp.dedupe.protector). It keeps
 """
 import logging
 import bisect
-import os
 
 from wp import maps as _maps
+from wp import procfs
 from wp.dedupe import _native
 from wp.dedupe.merged import Merged
 from wp.dedupe.target import PROT_EXEC, PROT_READ, PROT_WRITE
@@ -184,11 +184,8 @@ class TrackStage:
         if not unknown:
             return
         known = {m.pid for m in self.children if m.pid}
-        kids = []
         try:
-            for tid in os.listdir("/proc/%d/task" % self.pid):
-                with open("/proc/%d/task/%s/children" % (self.pid, tid)) as f:
-                    kids.extend(int(x) for x in f.read().split())
+            kids = procfs.children(self.pid)
         except OSError:
             return
         kids = sorted(k for k in kids if k not in known)
