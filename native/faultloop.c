@@ -119,7 +119,7 @@ static int wait_readable(struct wp_loop *loop, int timeout_ms)
  * page). After a batch that held a fault, keep reading without sleeping for
  * spin_after_ns: the next fault of the burst finds this thread awake, and
  * its writer is spared the wake-up of a handler asleep in poll() on another
- * vCPU (tens of us on this VM, against ~5 us awake; DESIGN.md). Between
+ * vCPU (tens of us on this VM, against ~5 us awake; wp/faults.py). Between
  * reads, sched_yield() hands the CPU to a writer woken on this one. Returns
  * the messages read, 0 when the burst is over, -ECANCELED once stopped. */
 static int spin_read(struct wp_loop *loop, struct wp_msg *out, int max)

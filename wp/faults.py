@@ -5,7 +5,7 @@ resolution back to the kernel. The blocking read happens inside C with the
 GIL released; the C fast path (handler="c") resolves write faults without
 entering Python at all and only returns for the other events.
 
-# Some facts about the fault path on this VM (DESIGN.md)
+# Some facts about the fault path on this VM (measured with wp bench faults)
 - A writer blocked on a sync WP fault waits for the handler to be scheduled.
   Measured here (wp bench faults): writer and handler on the same CPU
   3-8 us a round trip depending on the machine, a handler sleeping on the

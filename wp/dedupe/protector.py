@@ -16,7 +16,7 @@ All syscalls of one merge batch run in the target in one ptrace round trip
 is done: a write to a merged page makes the kernel copy it (a "sharing
 break"), exactly as with KSM.
 
-# Some facts about merging by mmap that this code depends on (DESIGN.md)
+# Some facts about merging by mmap that this code depends on
 - After MADV_DONTNEED a merged page would read the store's bytes again, not
   zeros. So every merged range is registered MODE_MINOR on a uffd of ours
   ("B", with EVENT_REMOVE): DONTNEED sends a REMOVE event first, and the
