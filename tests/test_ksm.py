@@ -7,6 +7,15 @@ from wp import ksm
 pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM (CONFIG_KSM)")
 
 
+@pytest.fixture(autouse=True)
+def knobs_held():
+    """Every test here reads the knobs, changes them and checks they came
+    back: it holds wp.ksm.knob_lock throughout (another suite's KSM test
+    would otherwise change them meanwhile)."""
+    with ksm.knob_lock():
+        yield
+
+
 def _knobs():
     return {k: ksm.read(k) for k in ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages",
                                      "max_page_sharing")}

@@ -36,44 +36,12 @@ examples:
 """
 
 
-def _add_bench(sub):
-    p = sub.add_parser("bench", help="benchmarks that print JSON",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  wp bench faults --json\n  wp bench faults --placement split-spin\n")
-    bsub = p.add_subparsers(dest="bench", required=True)
-    f = bsub.add_parser("faults", help="cost of a write per memory type and handler")
-    f.add_argument("--json", action="store_true", help="print one JSON object")
-    f.add_argument("--pages", type=int, default=2048, help="4 KiB pages per row (default 2048)")
-    f.add_argument("--placement", default="same", choices=["same", "split", "split-spin", "unpinned"],
-                   help="CPUs of writer and handler (default: same, the fastest here)")
-    f.add_argument("--quick", action="store_true", help="skip the comparison of placements")
-    f.add_argument("--rounds", type=int, default=5,
-                   help="rounds of each sync row, taken in turn (default 5)")
-    f.set_defaults(func=lambda a: __import__("wp.bench.faults", fromlist=["main"]).main(a))
-    _passthrough(bsub, "attach", "wp.bench.attach", "cost of attaching and of injected syscalls")
-    _passthrough(bsub, "trace", "wp.bench.trace", "fault latency with and without tracing")
-    _passthrough(bsub, "dedupe", "wp.bench.dedupe", "dedupe vs kernel KSM on 1 GiB")
-    _passthrough(bsub, "ksm", "wp.bench.ksm", "wp ksm enable on a running redis vs prctl before exec; the estimate")
-    _add_subparser(bsub, "wp.bench.snapshot")
-    _add_subparser(bsub, "wp.bench.workloads")
-    return bsub
+# Commands whose module registers itself: add_parser(subparsers).
+COMMANDS = ("wp.commands.snapshot", "wp.commands.track", "wp.ksm_cli", "wp.tracing.trace",
+            "wp.tracing.report", "wp.bench")
 
 
-def _passthrough(sub, name, module, help):
-    """A subcommand whose module parses its own arguments: main(argv)."""
-    p = sub.add_parser(name, help=help, add_help=False, prefix_chars="\0")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-
-    def run(args):
-        argv = list(args.argv)
-        if name == "trace" and args.socket and args.command == "trace":
-            argv += ["--socket", args.socket]
-        return importlib.import_module(module).main(argv)
-    p.set_defaults(func=run)
-
-
-def _add_subparser(sub, module):
-    """A subcommand whose module registers itself: add_parser(subparsers)."""
+def _register(sub, module):
     try:
         importlib.import_module(module).add_parser(sub)
     except ImportError as err:  # a broken optional module must not break wp
@@ -441,14 +409,8 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    _add_subparser(sub, "wp.commands.snapshot")
-    _add_subparser(sub, "wp.commands.track")
-    _add_subparser(sub, "wp.ksm_cli")
-    _passthrough(sub, "trace", "wp.tracing.trace", "record the fault path with bcc (wp trace PID -o FILE)")
-    _passthrough(sub, "report", "wp.tracing.report", "summarize a trace: text, --plot PNG, perfetto, csv")
-
-    parser._wp_bench = _add_bench(sub)
-    parser._wp_sub = sub
+    for module in COMMANDS:
+        _register(sub, module)
     return parser
 
 

@@ -34,17 +34,19 @@ if it was stopped.
   ksm_process_profit (pages merged and zero pages, times the page size,
   minus the rmap items' memory), ksm_merge_any, ksm_mergeable.
 """
+import contextlib
 import errno
 import fcntl
 import json
 import os
+import threading
 import time
 
 __all__ = ["KSM_DIR", "available", "read", "write", "stats", "KsmSettings",
            "ksmd_cpu_seconds", "wait_converged", "KNOBS", "COUNTERS",
            "process_stat", "merging_pages", "enable", "disable", "set_knob", "changed_knobs",
            "restore_knobs", "start", "KNOB_RECORD", "mergeable_vma", "kernel_saving",
-           "require_root", "knobs", "status"]
+           "require_root", "knobs", "status", "knob_lock", "put_back", "KNOB_LOCK"]
 
 KSM_DIR = "/sys/kernel/mm/ksm"
 
@@ -124,16 +126,80 @@ def wait_converged(expect_saved_pages=None, timeout=120.0, poll=0.02, stable_sca
     raise TimeoutError("KSM did not converge within %.0f s (merged %s pages)" % (timeout, last))
 
 
+# -- holding the knobs --------------------------------------------------------
+# KSM's knobs are global. Whoever saves them, changes them and puts them back
+# (a bench, a test fixture, KsmSettings) holds KNOB_LOCK meanwhile: two such
+# holders interleaved would each "restore" the other's temporary values and
+# leave them behind (ksmd running with pages_to_scan 4000, sleep 0). The
+# lock is reentrant within a process (a bench's KsmSettings inside the
+# bench's own hold); the `wp ksm` commands a holder runs as children do not
+# take it (they record their changes in the knob record instead).
+
+KNOB_LOCK = "/tmp/wp-ksm.lock"
+_lock = threading.RLock()
+_lock_fd = None
+_lock_depth = 0
+
+
+@contextlib.contextmanager
+def knob_lock():
+    """Holds KNOB_LOCK (flock, exclusive) for the with block; reentrant in
+    this process."""
+    global _lock_fd, _lock_depth
+    with _lock:
+        if _lock_depth == 0:
+            fd = os.open(KNOB_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                os.fchmod(fd, 0o666)    # so that a later non-root holder can open it
+            except OSError:
+                pass
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock_fd = fd
+        _lock_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _lock_depth -= 1
+            if _lock_depth == 0:
+                os.close(_lock_fd)
+                _lock_fd = None
+
+
+def put_back(saved):
+    """Writes back every knob of saved (a :func:`knobs` dict) that differs
+    now, run last; max_page_sharing and merge_across_nodes after run=2 (they
+    refuse while pages are merged). Keeps going past a knob that fails.
+    Returns the knobs that still differ (empty when all went back)."""
+    for name, value in saved.items():
+        if name == "run":
+            continue
+        try:
+            if read(name) == value:
+                continue
+            if name in ("max_page_sharing", "merge_across_nodes"):
+                write("run", 2)
+            write(name, value)
+        except OSError:
+            pass
+    if "run" in saved:
+        try:
+            write("run", saved["run"])
+        except OSError:
+            pass
+    now = knobs()
+    return {k: now.get(k) for k, v in saved.items() if now.get(k) != v}
+
+
 class KsmSettings:
     """Changes KSM knobs for a while; restores them on exit.
 
         with KsmSettings(sleep_millisecs=0, pages_to_scan=4000, use_zero_pages=1, run=1):
             ...
 
-    On exit, pages KSM merged while we ran are unmerged (run=2) when
-    ``unmerge`` is true (the default), then every knob goes back to its saved
-    value, run last. Knobs that need no merged pages (max_page_sharing,
-    merge_across_nodes) are written with run=2 first.
+    Holds :func:`knob_lock` for the while. On exit, pages KSM merged while
+    we ran are unmerged (run=2) when ``unmerge`` is true (the default), then
+    every knob goes back to its saved value, run last (:func:`put_back`).
     """
 
     def __init__(self, unmerge=True, **knobs):
@@ -143,16 +209,15 @@ class KsmSettings:
         self.knobs = knobs
         self.unmerge = unmerge
         self.saved = {}
+        self._hold = None
 
     def __enter__(self):
         if not available():
             raise FileNotFoundError("%s does not exist: this kernel has no KSM" % KSM_DIR)
-        for name in KNOBS:
-            try:
-                self.saved[name] = read(name)
-            except FileNotFoundError:
-                pass
+        self._hold = knob_lock()
+        self._hold.__enter__()
         try:
+            self.saved = knobs()
             for name, value in self.knobs.items():
                 if name == "run":
                     continue
@@ -162,28 +227,27 @@ class KsmSettings:
             if "run" in self.knobs:
                 write("run", self.knobs["run"])
         except BaseException:
-            self.restore()
+            self.__exit__()
             raise
         return self
 
     def restore(self):
-        """Puts every saved knob back (run last)."""
+        """Puts every saved knob back (run last). Returns the knobs that
+        could not be put back."""
         if self.unmerge:
-            write("run", 2)
-        for name, value in self.saved.items():
-            if name == "run" or name not in self.knobs:
-                continue
             try:
-                if read(name) != value:
-                    if name in ("max_page_sharing", "merge_across_nodes"):
-                        write("run", 2)
-                    write(name, value)
+                write("run", 2)
             except OSError:
                 pass
-        write("run", self.saved.get("run", 0))
+        return put_back(self.saved)
 
     def __exit__(self, *exc):
-        self.restore()
+        try:
+            self.restore()
+        finally:
+            hold, self._hold = self._hold, None
+            if hold is not None:
+                hold.__exit__(None, None, None)
 
 
 # -- one process: opting in from outside, and its counters -------------------

@@ -11,12 +11,12 @@ into the process (wp.ksm); through wpd when it runs (then wpd's shutdown puts
 back the knobs it changed), else in one shot from here. estimate only reads
 (wp.ksm_advisor).
 """
-import argparse
 import json
 import os
 import sys
 
 from wp import ksm
+from wp.commands import command_parser
 from wp.errors import EXIT_OK, BadRequest, DaemonUnreachable, NotRoot, TargetError
 
 __all__ = ["add_parser", "main", "do"]
@@ -24,33 +24,29 @@ __all__ = ["add_parser", "main", "do"]
 
 def add_parser(subparsers):
     """Registers `wp ksm` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "ksm", help="kernel KSM for a running process (enable, disable, status) and an advisor (estimate)",
-        description="Kernel same-page merging for processes that did not opt in: wp injects "
-                    "prctl(PR_SET_MEMORY_MERGE) or madvise(MADV_MERGEABLE) into them. `estimate` says "
-                    "what merging would save before anything is merged.",
-        epilog="examples:\n  wp ksm estimate 1234 5678 --interval 2\n  wp ksm enable 1234 --start\n"
-               "  wp ksm status 1234\n  wp ksm disable 1234\n  wp ksm stop\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(
+        subparsers, "ksm", "kernel KSM for a running process (enable, disable, status) and an advisor "
+        "(estimate)",
+        "Kernel same-page merging for processes that did not opt in: wp injects "
+        "prctl(PR_SET_MEMORY_MERGE) or madvise(MADV_MERGEABLE) into them. `estimate` says what "
+        "merging would save before anything is merged.",
+        ["wp ksm estimate 1234 5678 --interval 2", "wp ksm enable 1234 --start", "wp ksm status 1234",
+         "wp ksm disable 1234", "wp ksm stop"],
+        main)
     sub = p.add_subparsers(dest="ksm_command", required=True)
 
-    e = sub.add_parser("enable", help="make a running process mergeable (prctl, or madvise on ranges)",
-                       epilog="example: wp ksm enable 1234 --start")
-    e.add_argument("pid", type=int)
-    e.add_argument("--range", action="append", metavar="START-END",
-                   help="only these ranges (hex), with madvise(MADV_MERGEABLE); repeatable")
-    e.add_argument("--start", action="store_true",
-                   help="also start ksmd (run=1; `wp ksm stop` puts the old value back)")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--no-daemon", action="store_true", help="inject from here even if wpd runs")
-
-    d = sub.add_parser("disable", help="unmerge a process and stop merging it",
-                       epilog="example: wp ksm disable 1234")
-    d.add_argument("pid", type=int)
-    d.add_argument("--range", action="append", metavar="START-END",
-                   help="only these ranges (hex), with madvise(MADV_UNMERGEABLE); repeatable")
-    d.add_argument("--json", action="store_true")
-    d.add_argument("--no-daemon", action="store_true", help="inject from here even if wpd runs")
+    for action, madv, example in (("enable", "MADV_MERGEABLE", "wp ksm enable 1234 --start"),
+                                  ("disable", "MADV_UNMERGEABLE", "wp ksm disable 1234")):
+        e = sub.add_parser(action, help=("make a running process mergeable (prctl, or madvise on ranges)"
+                                         if action == "enable" else "unmerge a process and stop merging it"),
+                           epilog="example: " + example)
+        e.add_argument("pid", type=int)
+        e.add_argument("--range", action="append", metavar="START-END",
+                       help="only these ranges (hex), with madvise(%s); repeatable" % madv)
+        if action == "enable":
+            e.add_argument("--start", action="store_true",
+                           help="also start ksmd (run=1; `wp ksm stop` puts the old value back)")
+        _json_and_daemon(e, "inject from here even if wpd runs")
 
     s = sub.add_parser("status", help="ksmd's knobs and counters, who changed them, per-process ksm_stat",
                        epilog="example: wp ksm status 1234 --json")
@@ -61,13 +57,11 @@ def add_parser(subparsers):
                         epilog="example: wp ksm start -o pages_to_scan=1000")
     st.add_argument("-o", "--option", action="append", default=[], metavar="KNOB=VALUE",
                     help="a knob of /sys/kernel/mm/ksm to set too; repeatable")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--no-daemon", action="store_true", help="act from here even if wpd runs")
+    _json_and_daemon(st, "act from here even if wpd runs")
 
     sp = sub.add_parser("stop", help="put back every KSM knob wp changed (ksmd stops if it was stopped)",
                         epilog="example: wp ksm stop")
-    sp.add_argument("--json", action="store_true")
-    sp.add_argument("--no-daemon", action="store_true", help="act from here even if wpd runs")
+    _json_and_daemon(sp, "act from here even if wpd runs")
 
     es = sub.add_parser("estimate", help="what KSM and wp dedupe would save, before merging anything",
                         epilog="example: wp ksm estimate 1234 5678 --interval 2 --json")
@@ -77,8 +71,12 @@ def add_parser(subparsers):
                          "as savings)")
     es.add_argument("--json", action="store_true")
     es.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(func=main)
     return p
+
+
+def _json_and_daemon(p, no_daemon_help):
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-daemon", action="store_true", help=no_daemon_help)
 
 
 def _by(args):

@@ -7,31 +7,22 @@ SIGSTOP and detaches: the signal is acted on as the thread returns to user
 mode, so the process sits in a job-control stop at its first instruction
 while wpd injects its userfaultfd and protects its memory, then SIGCONT.
 """
-import ctypes
 import errno
 import os
 import signal
 import time
 
 from wp.errors import TargetError
+from wp.remote import (PTRACE_CONT, PTRACE_DETACH, PTRACE_EVENT_EXEC, PTRACE_O_TRACEEXEC,
+                       PTRACE_SEIZE, WALL, ptrace)
 
 __all__ = ["seize_for_exec", "stop_at_exec"]
 
-PTRACE_DETACH = 17
-PTRACE_SEIZE = 0x4206
-PTRACE_O_TRACEEXEC = 0x10
-PTRACE_EVENT_EXEC = 4
-__WALL = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-
 
 def _ptrace(req, pid, addr=0, data=0, what=""):
-    if _libc.ptrace(req, pid, addr, data) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "%s (originated from ptrace(%s, %d))" % (os.strerror(err), what, pid))
+    ret = ptrace(req, pid, addr, data)
+    if ret < 0:
+        raise OSError(-ret, "%s (originated from ptrace(%s, %d))" % (os.strerror(-ret), what, pid))
 
 
 def seize_for_exec(pid):
@@ -49,7 +40,7 @@ def stop_at_exec(pid, timeout=30.0):
     """
     deadline = time.monotonic() + timeout
     while True:
-        got, status = os.waitpid(pid, os.WNOHANG | __WALL)
+        got, status = os.waitpid(pid, os.WNOHANG | WALL)
         if got == pid:
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 code = os.waitstatus_to_exitcode(status)
@@ -60,7 +51,7 @@ def stop_at_exec(pid, timeout=30.0):
                     break
                 # Some other stop (a signal for it): pass the signal on.
                 sig = os.WSTOPSIG(status)
-                _ptrace(7, pid, 0, 0 if sig == signal.SIGTRAP else sig, "PTRACE_CONT")  # PTRACE_CONT
+                _ptrace(PTRACE_CONT, pid, 0, 0 if sig == signal.SIGTRAP else sig, "PTRACE_CONT")
         elif time.monotonic() > deadline:
             try:
                 _ptrace(PTRACE_DETACH, pid, 0, 0, "PTRACE_DETACH")
@@ -76,5 +67,5 @@ def stop_at_exec(pid, timeout=30.0):
     except ProcessLookupError:
         # Killed meanwhile (wp run kills its command if we were too slow):
         # a traced zombie is reported to us first; wait it so its parent can.
-        os.waitpid(pid, os.WNOHANG | __WALL)
+        os.waitpid(pid, os.WNOHANG | WALL)
         raise TargetError("pid %d was killed at its exec (wp run gave up waiting for wpd?)" % pid) from None

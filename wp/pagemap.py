@@ -13,7 +13,8 @@ import os
 
 from wp._native import check, ffi, lib
 
-__all__ = ["Pagemap", "PRESENT", "SWAPPED", "FILE_SHARED", "UFFD_WP", "EXCLUSIVE", "SOFT_DIRTY", "PFN_MASK"]
+__all__ = ["Pagemap", "PRESENT", "SWAPPED", "FILE_SHARED", "UFFD_WP", "EXCLUSIVE", "SOFT_DIRTY", "PFN_MASK",
+           "page_runs"]
 
 PRESENT = 1 << 63
 SWAPPED = 1 << 62
@@ -92,3 +93,24 @@ class Pagemap:
             start, end, category_mask=PAGE_IS_WRITTEN | PAGE_IS_PFNZERO,
             category_inverted=PAGE_IS_PFNZERO, return_mask=PAGE_IS_WRITTEN,
             flags=lib.PM_SCAN_WP_MATCHING | lib.PM_SCAN_CHECK_WPASYNC)]
+
+
+def page_runs(addrs, page_size, key=None):
+    """Groups sorted page addresses into runs of neighbouring pages, the
+    shape one uffd ioctl or one mmap/madvise takes; with key(addr), a run
+    also needs key to grow by one from page to page (neighbouring slots of
+    a store).
+
+    Returns:
+        [(start, npages, key of the first page)] (key 0 without key).
+    """
+    out = []
+    for a in addrs:
+        k = key(a) if key else 0
+        if out:
+            s, n, k0 = out[-1]
+            if a == s + n * page_size and (key is None or k == k0 + n):
+                out[-1] = (s, n + 1, k0)
+                continue
+        out.append((a, 1, k))
+    return out

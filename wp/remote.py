@@ -49,7 +49,8 @@ from wp import pidfd, procfs
 from wp._native import check, ffi, lib
 from wp.errors import NoSuchProcess, TargetError
 
-__all__ = ["RemoteProcess", "SYS", "ThreadStop", "choose_thread", "validate_pid", "validate_target"]
+__all__ = ["RemoteProcess", "SYS", "ThreadStop", "choose_thread", "ptrace", "release_thread",
+           "stop_thread", "thread_registers", "validate_pid", "validate_target"]
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) of every
 # syscall wp injects: the one table, also for wp.dedupe. Error messages name
@@ -66,6 +67,28 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
 
 BLOB_SIZE = 1 << 20   # code page + 16,320 records of 64 bytes
+
+PTRACE_CONT, PTRACE_DETACH, PTRACE_SEIZE = 7, 17, 0x4206
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_EVENT_EXEC, PTRACE_EVENT_STOP = 4, 128
+WALL = 0x40000000     # waitpid's __WALL: wait for threads (clones) too
+
+_libc = None
+
+
+def ptrace(req, tid, addr=0, data=0):
+    """ptrace(2) for the requests the C side (native/remote.c) does not
+    make: returns the call's result, or -errno. addr and data are ints or
+    ctypes buffers."""
+    import ctypes
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        _libc.ptrace.restype = ctypes.c_long
+    ret = _libc.ptrace(req, tid, addr, data)
+    return -ctypes.get_errno() if ret < 0 else ret
 
 
 def _syscall_name(nr, args=()):
@@ -180,7 +203,7 @@ class RemoteProcess:
     and releases it. Other threads of the target keep running throughout.
     """
 
-    def __init__(self, pid, tid=None, timeout=10.0):
+    def __init__(self, pid, tid=None, timeout=10.0, syscall_ip=None):
         """Checks the target; stops nothing yet.
 
         Args:
@@ -189,6 +212,11 @@ class RemoteProcess:
             timeout: seconds to wait for any one ptrace stop (None: forever).
                 A syscall that blocks longer is interrupted and reported
                 as TimeoutError.
+            syscall_ip: where an earlier RemoteProcess found the target's
+                syscall instruction (its :attr:`syscall_ip`). Used if the
+                two bytes there are still ``0f 05``; saves reading
+                /proc/PID/maps, which costs tens of ms for a target with
+                tens of thousands of VMAs.
         Raises:
             NoSuchProcess, TargetError: see :func:`validate_target`.
         """
@@ -199,6 +227,7 @@ class RemoteProcess:
         self._r = ffi.new("struct wp_remote *")
         self._r.memfd = -1
         self._owner = None
+        self._syscall_ip_hint = syscall_ip
 
     # -- stop and release ----------------------------------------------------
 
@@ -237,7 +266,7 @@ class RemoteProcess:
         self._owner = threading.get_ident()
         try:
             self._r.ns_pid, self._r.ns_tid = procfs.ns_ids(self.pid, self.tid)
-            self._r.syscall_ip = self._find_syscall_insn()
+            self._r.syscall_ip = self._reuse_syscall_insn() or self._find_syscall_insn()
         except BaseException:
             self.detach()
             raise
@@ -292,6 +321,28 @@ class RemoteProcess:
         if self._owner != threading.get_ident():
             raise TargetError("ptrace requests must come from the thread that stopped pid %d"
                               % self.pid)
+
+    def rseq_page(self):
+        """Returns the page of the seized thread's rseq area, or None if it
+        has registered none. The kernel writes that area whenever the
+        thread returns to user mode, so it must never be write-protected
+        while we inject syscalls: the thread would block on our own fault."""
+        import ctypes
+        self._check_thread()
+        conf = (ctypes.c_uint64 * 3)()     # struct ptrace_rseq_configuration
+        if ptrace(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(conf), conf) <= 0 \
+                or not conf[0]:
+            return None
+        return conf[0] & ~(os.sysconf("SC_PAGESIZE") - 1)
+
+    def _reuse_syscall_insn(self):
+        ip = self._syscall_ip_hint
+        if not ip:
+            return None
+        try:
+            return ip if self.read_memory(ip, 2) == b"\x0f\x05" else None
+        except OSError:
+            return None
 
     def _find_syscall_insn(self):
         """Returns the address of a ``0f 05`` in the target's vdso, or failing
@@ -463,24 +514,6 @@ class RemoteProcess:
 #   release, which waits for such stragglers.
 # - Only the tracing thread may wait for and detach its tracees.
 
-_libc = None
-
-
-def _ptrace(req, tid, addr=0, data=0):
-    global _libc
-    if _libc is None:
-        import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-        _libc.ptrace.restype = ctypes.c_long
-    import ctypes
-    if _libc.ptrace(req, tid, addr, data) < 0:
-        return -ctypes.get_errno()
-    return 0
-
-
-_PTRACE_CONT, _PTRACE_DETACH, _PTRACE_EVENT_STOP = 7, 17, 128
-_WALL = 0x40000000
 
 
 class ThreadStop:
@@ -521,7 +554,7 @@ class ThreadStop:
         """Takes tid's next stop if there is one: True when it is stopped
         (or gone) for good."""
         try:
-            got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+            got, status = os.waitpid(tid, os.WNOHANG | WALL)
         except ChildProcessError:
             self.pending.discard(tid)
             return True
@@ -530,13 +563,13 @@ class ThreadStop:
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self.pending.discard(tid)
             return True
-        if (status >> 16) == _PTRACE_EVENT_STOP:
+        if (status >> 16) == PTRACE_EVENT_STOP:
             self.pending.discard(tid)
             self.stopped.add(tid)
             return True
         # A signal-delivery-stop before our trap: let the signal through
         # (as if we were not there) and ask again.
-        _ptrace(_PTRACE_CONT, tid, 0, os.WSTOPSIG(status))
+        ptrace(PTRACE_CONT, tid, 0, os.WSTOPSIG(status))
         lib.wp_remote_interrupt(tid)
         return False
 
@@ -561,13 +594,13 @@ class ThreadStop:
         left = set()
         for tid in cls._stuck.pop(me, ()):
             try:
-                got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+                got, status = os.waitpid(tid, os.WNOHANG | WALL)
             except ChildProcessError:
                 continue
             if got != tid:
                 left.add(tid)
             elif os.WIFSTOPPED(status):
-                _ptrace(_PTRACE_DETACH, tid)
+                ptrace(PTRACE_DETACH, tid)
         if left:
             cls._stuck[me] = left
 
@@ -594,7 +627,7 @@ class ThreadStop:
         import time
         self._wait(time.monotonic() + timeout)
         for tid in self.stopped:
-            _ptrace(_PTRACE_DETACH, tid)
+            ptrace(PTRACE_DETACH, tid)
         stuck = set(self.pending)
         if stuck:
             self._stuck.setdefault(threading.get_ident(), set()).update(stuck)
@@ -608,3 +641,53 @@ class ThreadStop:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# -- one thread stopped for its registers (native/threads.c) ----------------------
+# A blocking stop, unlike ThreadStop's: the caller (snapshot's freezer) waits
+# for each thread, reads its registers for a core file, and releases it with
+# the signal that stopped it first, if one did.
+
+def stop_thread(tid):
+    """Seizes and interrupts thread tid and waits for its stop.
+
+    Returns:
+        The signal that stopped it first (0: our interrupt did); hand it to
+        :func:`release_thread`, which delivers it.
+    Raises:
+        OSError: ptrace failed (ProcessLookupError: the thread is gone;
+            PermissionError: another tracer, or no CAP_SYS_PTRACE).
+    """
+    sig = ffi.new("int *")
+    check(lib.wp_thread_stop(tid, sig), "ptrace(PTRACE_SEIZE/INTERRUPT, %d)" % tid)
+    return sig[0]
+
+
+def thread_registers(tid):
+    """Returns (regs, fpregs, xstate) of a thread stopped by
+    :func:`stop_thread`: the 27 general registers in the order of
+    user_regs_struct (elf_gregset_t), the 512-byte FXSAVE area, and the
+    XSAVE area rewritten to the standard x86_64 layout that gdb reads from
+    cores (None if the kernel gave none).
+
+    Raises:
+        OSError: ptrace(PTRACE_GETREGS/GETFPREGS) failed.
+    """
+    regs = ffi.new("uint64_t[27]")
+    fp = ffi.new("uint8_t[512]")
+    check(lib.wp_thread_regs(tid, regs, fp), "ptrace(PTRACE_GETREGS, %d)" % tid)
+    xs = ffi.new("uint8_t[]", 1 << 15)
+    xs_std = ffi.new("uint8_t[]", 1 << 15)
+    xstate = None
+    n = lib.wp_thread_xstate(tid, xs, len(xs))
+    if n > 0:
+        n = lib.wp_xstate_to_standard(xs, n, xs_std, len(xs_std))
+    if n > 0:
+        xstate = bytes(ffi.buffer(xs_std, n))
+    return list(regs), bytes(ffi.buffer(fp)), xstate
+
+
+def release_thread(tid, sig=0):
+    """Detaches a thread stopped by :func:`stop_thread`, delivering sig.
+    Returns 0 or -errno (ESRCH: it is gone)."""
+    return lib.wp_thread_release(tid, sig)

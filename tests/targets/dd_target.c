@@ -230,17 +230,21 @@ int main(int argc, char **argv)
 			}
 			print_child_status(child);
 		} else if (cmd == 'K') {
+			/* SIGUSR1 is blocked before the fork, so that a J
+			 * sent at once cannot kill a child that has not
+			 * blocked it yet (the mask is inherited). */
+			sigset_t set, old;
+			int sig;
+			sigemptyset(&set);
+			sigaddset(&set, SIGUSR1);
+			sigprocmask(SIG_BLOCK, &set, &old);
 			fflush(stdout);
 			pid_t child = fork();
 			if (child == 0) {
-				sigset_t set;
-				int sig;
-				sigemptyset(&set);
-				sigaddset(&set, SIGUSR1);
-				sigprocmask(SIG_BLOCK, &set, NULL);
 				sigwait(&set, &sig);
 				_exit(child_checks());
 			}
+			sigprocmask(SIG_SETMASK, &old, NULL);
 			printf("child %d\n", child);
 		} else if (cmd == 'J') {
 			kill(a, SIGUSR1);

@@ -1,8 +1,25 @@
 """Benchmarks that print JSON (`wp bench ...`). Each result carries
-``machine()``: numbers from this VM mean little without it."""
+``machine()``: numbers from this VM mean little without it. Each bench
+module registers itself with add_parser(subparsers), as wp's commands do."""
+import argparse
+import importlib
 import os
 
-__all__ = ["machine"]
+__all__ = ["BENCHES", "add_parser", "machine"]
+
+BENCHES = ("faults", "attach", "trace", "dedupe", "ksm", "snapshot", "workloads")
+
+
+def add_parser(subparsers):
+    """Registers `wp bench` and one subcommand per module of BENCHES."""
+    p = subparsers.add_parser("bench", help="benchmarks that print JSON",
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="examples:\n  wp bench faults --json\n"
+                                     "  wp bench faults --placement split-spin\n")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    for name in BENCHES:
+        importlib.import_module("wp.bench." + name).add_parser(bsub)
+    return p
 
 
 def _read(path):

@@ -24,7 +24,7 @@ from wp import procfs
 from wp.bench import machine
 from wp.remote import SYS, RemoteProcess
 
-__all__ = ["run", "main"]
+__all__ = ["add_parser", "run", "main"]
 
 PLACEMENTS = ("same", "split", "unpinned")
 
@@ -187,6 +187,13 @@ def run(quick=False, progress=None):
     rt = wp_round_trip()
     return {"placements": {w: _describe(w) for w in PLACEMENTS}, "rows": rows,
             "attach_1gib_64_threads": big, "wp_round_trip": rt, "machine": machine()}
+
+
+
+def add_parser(subparsers):
+    """Registers `attach` on the subparsers of `wp bench` (main parses the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "attach", "cost of attaching and of injected syscalls", main)
 
 
 def main(argv=None):

@@ -27,11 +27,10 @@ import subprocess
 import sys
 import time
 
-from wp import ksm
-from wp import procfs
+from wp import ksm, maps, procfs
 from wp.bench import machine
 
-__all__ = ["run", "main"]
+__all__ = ["add_parser", "run", "main"]
 
 PAGE = 4096
 
@@ -65,8 +64,7 @@ class _Target:
         return procfs.pss_kb(self.pid)
 
     def vmas(self):
-        with open("/proc/%d/maps" % self.pid) as f:
-            return sum(1 for _ in f)
+        return maps.count_vmas(self.pid)
 
     def first_write_ns(self, n=2000):
         # Duplicate pages are those with index % 4 in (0, 1): every 4th page.
@@ -393,8 +391,7 @@ class _Redis:
         return procfs.pss_kb(self.pid)
 
     def vmas(self):
-        with open("/proc/%d/maps" % self.pid) as f:
-            return sum(1 for _ in f)
+        return maps.count_vmas(self.pid)
 
     def close(self):
         self.sock.close()
@@ -556,6 +553,13 @@ def demo(nproc=3, out=sys.stdout):
         for p in procs:
             p.kill()
             p.wait()
+
+
+
+def add_parser(subparsers):
+    """Registers `dedupe` on the subparsers of `wp bench` (main parses the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "dedupe", "dedupe vs kernel KSM on 1 GiB", main)
 
 
 def main(args=None):

@@ -24,7 +24,7 @@ from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 
-__all__ = ["run", "main"]
+__all__ = ["add_parser", "run", "main"]
 
 # What the Python handler must reach (issue 14): python / c per memory type.
 GOALS = {"trace": {"goal": 1.10, "must": 1.20}, "first-writer": {"goal": 1.15, "must": 1.25},
@@ -276,6 +276,21 @@ def _describe(where):
         return "unpinned: writer and handler wherever the scheduler puts them"
     return "%s: writer pinned to CPU %d, handler thread pinned to CPU %d%s" % (
         where, wcpu, hcpu, ", busy-polling the uffd" if spin else ", sleeping in poll()")
+
+
+
+def add_parser(subparsers):
+    """Registers `faults` on the subparsers of `wp bench`."""
+    f = subparsers.add_parser("faults", help="cost of a write per memory type and handler")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.add_argument("--pages", type=int, default=2048, help="4 KiB pages per row (default 2048)")
+    f.add_argument("--placement", default="same", choices=["same", "split", "split-spin", "unpinned"],
+                   help="CPUs of writer and handler (default: same, the fastest here)")
+    f.add_argument("--quick", action="store_true", help="skip the comparison of placements")
+    f.add_argument("--rounds", type=int, default=5,
+                   help="rounds of each sync row, taken in turn (default 5)")
+    f.set_defaults(func=main)
+    return f
 
 
 def main(args):

@@ -48,7 +48,7 @@ from wp.protectors.trace import TraceProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 
-__all__ = ["run", "main", "add_arguments"]
+__all__ = ["add_parser", "run", "main", "add_arguments"]
 
 
 def _stats(lat_ns):
@@ -225,6 +225,13 @@ def add_arguments(p):
     p.add_argument("--profile", action="append", choices=list(PROFILES),
                    help="tracing profile to compare (repeatable; default: %s)" % ", ".join(DEFAULT_PROFILES))
     return p
+
+
+
+def add_parser(subparsers):
+    """Registers `trace` on the subparsers of `wp bench` (main parses the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "trace", "fault latency with and without tracing", main)
 
 
 def main(args=None):

@@ -1,11 +1,10 @@
 """`wp snapshot PID`: a point-in-time core of a running process (the
 SnapshotProtector in wp.protectors.snapshot does the work)."""
-import argparse
 import json
 import os
 import sys
 
-from wp.commands import space_for
+from wp.commands import add_target_arguments, command_parser, space_for
 from wp.errors import LayoutChanged, UsageError
 from wp.protectors.snapshot import SnapshotProtector
 from wp.session import Session
@@ -69,19 +68,16 @@ def snapshot(space, path=None, regions=None, raw=False, freeze=True, regs=None, 
 
 def add_parser(subparsers):
     """Registers `wp snapshot` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "snapshot", help="a point-in-time core (or raw copy) of a running process",
-        description="Copies a running process's memory as of one instant while it keeps running: "
-                    "write-protect, copy in the background, copy a page first when the target "
-                    "writes it. The default output is an ELF core that `gdb PROGRAM FILE` opens.",
-        epilog="examples:\n  wp snapshot 1234 -o core.1234\n"
-               "  wp snapshot 1234 --raw --region 7f0000000000-7f0000100000 -o region.bin\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pid", type=int)
+    p = command_parser(
+        subparsers, "snapshot", "a point-in-time core (or raw copy) of a running process",
+        "Copies a running process's memory as of one instant while it keeps running: "
+        "write-protect, copy in the background, copy a page first when the target writes it. "
+        "The default output is an ELF core that `gdb PROGRAM FILE` opens.",
+        ["wp snapshot 1234 -o core.1234",
+         "wp snapshot 1234 --raw --region 7f0000000000-7f0000100000 -o region.bin"],
+        main)
+    add_target_arguments(p)
     p.add_argument("-o", "--output", help="output file (default core.PID, or PID.raw with --raw)")
-    p.add_argument("--region", action="append",
-                   help="all, anon, shmem, hugetlb, file:PATH or START-END in hex (repeatable; "
-                        "default all)")
     p.add_argument("--raw", action="store_true",
                    help="write exactly the bytes of the single --region START-END")
     p.add_argument("--no-freeze", action="store_true",
@@ -95,7 +91,6 @@ def add_parser(subparsers):
     p.add_argument("--cpu", type=int, help="pin the fault handler to this CPU")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true", help="print the stats as one JSON object")
-    p.set_defaults(func=main)
     return p
 
 

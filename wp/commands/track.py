@@ -1,11 +1,10 @@
 """`wp track PID`: pages a process writes per interval (the TrackProtector
 in wp.protectors.track does the counting)."""
-import argparse
 import json
 import sys
 import time
 
-from wp.commands import space_for
+from wp.commands import add_target_arguments, command_parser, space_for
 from wp.errors import UsageError
 from wp.protectors.track import TrackProtector
 from wp.session import Session
@@ -49,18 +48,14 @@ def track(space, interval=1.0, count=None, regions=None, mode="async", top=5, re
 
 def add_parser(subparsers):
     """Registers `wp track` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "track", help="pages a process writes per interval (JSON lines)",
-        description="Counts the distinct pages a running process writes in each interval, with "
-                    "async write protection and PAGEMAP_SCAN (--sync: sync faults where the memory "
-                    "allows, with the writers' thread ids).",
-        epilog="examples:\n  wp track 1234 --interval 1 --count 10 --json\n"
-               "  wp track 1234 --region anon --interval 0.5\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pid", type=int)
-    p.add_argument("--region", action="append",
-                   help="all, anon, shmem, hugetlb, file:PATH or START-END in hex (repeatable; "
-                        "default all)")
+    p = command_parser(
+        subparsers, "track", "pages a process writes per interval (JSON lines)",
+        "Counts the distinct pages a running process writes in each interval, with async write "
+        "protection and PAGEMAP_SCAN (--sync: sync faults where the memory allows, with the "
+        "writers' thread ids).",
+        ["wp track 1234 --interval 1 --count 10 --json", "wp track 1234 --region anon --interval 0.5"],
+        main)
+    add_target_arguments(p)
     p.add_argument("--interval", type=float, default=1.0, help="seconds per interval (default 1)")
     p.add_argument("--count", type=int, help="stop after this many intervals (default: Ctrl-C)")
     p.add_argument("--sync", action="store_true",
@@ -70,7 +65,6 @@ def add_parser(subparsers):
                    help="a userfaultfd the target created itself (repeatable); default: created "
                         "by syscall injection")
     p.add_argument("--json", action="store_true", help="one JSON object per interval")
-    p.set_defaults(func=main)
     return p
 
 

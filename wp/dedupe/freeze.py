@@ -11,7 +11,8 @@ Merged (merged.py) reads ``frozen`` under ``lock``.
 import bisect
 
 from wp import pagemap as _pagemap
-from wp.dedupe.merged import retry, runs
+from wp.dedupe.merged import retry
+from wp.pagemap import page_runs
 from wp.protector import UNPROTECT, WAKE
 
 __all__ = ["FreezeStage"]
@@ -60,7 +61,7 @@ class FreezeStage:
                 # memory): freeze page runs instead.
                 partial = partial if partial is not None else set()
                 lo, hi = bisect.bisect_left(addrs, s), bisect.bisect_left(addrs, e)
-                for rs_, rn, _ in runs(addrs[lo:hi], ps):
+                for rs_, rn, _ in page_runs(addrs[lo:hi], ps):
                     try:
                         retry(self.uffd_a.protect, rs_, rn * ps)
                         partial.update(range(rs_, rs_ + rn * ps, ps))

@@ -15,10 +15,11 @@ track.py's ``_region``.
 import logging
 import time
 
-from wp.dedupe.merged import MERGED_MODE, retry, runs
-from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, NR_CLOSE,
-                              NR_MADVISE, NR_MMAP, NR_MUNMAP, remote, store_fd_in, sys_time)
-from wp.remote import ThreadStop
+from wp.dedupe.merged import MERGED_MODE, retry
+from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, remote,
+                              store_fd_in, sys_time)
+from wp.pagemap import page_runs
+from wp.remote import SYS, ThreadStop
 
 __all__ = ["MergeStage"]
 
@@ -64,7 +65,7 @@ class MergeStage:
         try:
             # The sources first: frozen, their bytes become the store page.
             reserved = []
-            for run_start, n, _ in runs([a for a, _ in firsts], ps):
+            for run_start, n, _ in page_runs([a for a, _ in firsts], ps):
                 first = store.reserve(n)
                 reserved.extend(range(first, first + n))
             for i in range(0, len(firsts), sc.batch):
@@ -145,10 +146,19 @@ class MergeStage:
     # - A merged run registered on B only after the target runs again could
     #   be dropped meanwhile with no REMOVE event: the next read would map
     #   the store page, not zeros.
-    # So a batch stops every thread of the target (ThreadStop), then keeps
-    # only pages pagemap still shows present *and* write-protected (nothing
-    # dropped or replaced them since the freeze), runs the syscalls, registers
-    # the merged runs on B, and only then lets the threads go.
+    # - Present and write-protected is not proof enough that a page is the
+    #   one the scan read: a page of a merged VMA that the target dropped
+    #   faults back in through B, and whatever maps it there decides its WP
+    #   bit (B's MISSING zeros were write-protected once: the batch then
+    #   mapped old bytes over zeros the target had already read).
+    # So a batch stops every thread of the target (ThreadStop), keeps only
+    # pages pagemap shows present and write-protected, reads those again
+    # and keeps only the ones whose bytes are, now, exactly the bytes they
+    # will read once replaced (the store page, or zeros), runs the syscalls,
+    # registers the merged runs on B, and only then lets the threads go.
+    # With every thread stopped nothing can change a page between that
+    # read and the syscalls: whatever happened since the scan, the target
+    # reads after the batch what it read before it.
 
     def _remote_merge(self, store_runs, zero_runs, spans):
         """Runs the merge batch in the target, every thread of it stopped,
@@ -194,6 +204,8 @@ class MergeStage:
             zero_runs = [r for r in zero_runs if keep(r)]
         store_runs = self._still_frozen(store_runs)
         zero_runs = self._still_frozen(zero_runs, key=False)
+        store_runs = self._same_bytes(store_runs)
+        zero_runs = self._same_bytes(zero_runs, zero=True)
         if not store_runs and not zero_runs:
             return ok_store, ok_zero
         tfd = None
@@ -207,10 +219,10 @@ class MergeStage:
             if region is None or not region.start <= s < region.end:
                 region = self._region(s)
             prot = region.prot
-            calls.append((NR_MMAP, (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
+            calls.append((SYS["mmap"], (s, n * ps, prot, MAP_PRIVATE | MAP_FIXED, tfd,
                                     self.store.offset(idx))))
         for s, n, _ in zero_runs:
-            calls.append((NR_MADVISE, (s, n * ps, MADV_DONTNEED)))
+            calls.append((SYS["madvise"], (s, n * ps, MADV_DONTNEED)))
         # Map the store pages in now, so that a first read costs no MINOR
         # fault once B registers them: one madvise over the whole batch
         # when it is dense (it also maps the zero page where zero pages
@@ -220,14 +232,14 @@ class MergeStage:
             hi = store_runs[-1][0] + store_runs[-1][1] * ps
             if (hi - lo) // ps <= 4 * sum(n for _, n, _ in store_runs) \
                     and self._region(lo) is self._region(hi - ps):
-                calls.append((NR_MADVISE, (lo, hi - lo, MADV_POPULATE_READ)))
+                calls.append((SYS["madvise"], (lo, hi - lo, MADV_POPULATE_READ)))
             else:
-                calls.extend((NR_MADVISE, (s, n * ps, MADV_POPULATE_READ))
+                calls.extend((SYS["madvise"], (s, n * ps, MADV_POPULATE_READ))
                              for s, n, _ in store_runs)
         if tfd is not None:
-            calls.append((NR_CLOSE, (tfd,)))
+            calls.append((SYS["close"], (tfd,)))
         if scratch is not None:
-            calls.append((NR_MUNMAP, (scratch, ps)))
+            calls.append((SYS["munmap"], (scratch, ps)))
         res = rp.syscalls(calls)
         for k, run in enumerate(store_runs):
             if res[k] == run[0]:
@@ -243,6 +255,45 @@ class MergeStage:
                 self.counters["merge_errors"] += 1
         self._record_merged(ok_store)
         return ok_store, ok_zero
+
+    def _same_bytes(self, runs_, zero=False):
+        """The parts of runs_ [(start, n, idx)] whose pages hold, read now
+        (every thread stopped), the bytes of their store page idx.. (zeros
+        when zero); idx moves with a split. Pages that differ are counted in
+        changed_meanwhile and left alone."""
+        if not runs_:
+            return runs_
+        ps = self.page_size
+        sc = self._scanner
+        addrs, want = [], []
+        for s, n, idx in runs_:
+            addrs.extend(range(s, s + n * ps, ps))
+            want.extend([None] * n if zero else range(idx, idx + n))
+        good = set()
+        i = 0
+        while i < len(addrs):
+            chunk = addrs[i:i + sc.batch]
+            try:
+                n = sc.read(chunk, hash=False)
+            except OSError:
+                n = 0
+            eq = sc.compare(n, self.store._base, want[i:i + n])
+            good.update(a for a, e in zip(chunk, eq) if e)
+            i += n + 1 if n < len(chunk) else n   # an unreadable page is left alone
+        if len(good) == len(addrs):
+            return runs_
+        self.counters["changed_meanwhile"] += len(addrs) - len(good)
+        out = []
+        for s, n, idx in runs_:
+            first = None
+            for k in range(n + 1):
+                ok = k < n and s + k * ps in good
+                if ok and first is None:
+                    first = k
+                elif not ok and first is not None:
+                    out.append((s + first * ps, k - first, idx + first if not zero else idx))
+                    first = None
+        return out
 
     def _record_merged(self, ok_store):
         """Bookkeeping for runs just mapped from the store, and their

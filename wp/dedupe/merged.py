@@ -17,7 +17,11 @@ and whose guardian took over).
 - A store page freed (hole punched) can still be covered by a merged VMA
   whose page the target dropped: a fault there is a MISSING fault (shmem
   would otherwise allocate a page in the hole, which the store's next use
-  of that offset fills with other bytes): answered with zeros.
+  of that offset fills with other bytes): answered with zeros, *not*
+  write-protected. A WP bit there made a page the target dropped after a
+  scan read it look still frozen (present and WP, what the merge batch
+  checks): the batch mapped the old bytes over the zeros the target had
+  already read (issue 12's stale page).
 - The kernel hands out pending faults before pending events: a fault
   whose ioctl says EAGAIN (an event pending) is resolved later by a retry
   thread (DEFER), never by waking the writer into the same fault again.
@@ -42,7 +46,7 @@ from wp.protector import DEFER, UNPROTECT, WAKE
 from wp.uffd import MODE_MINOR, MODE_MISSING, MODE_WP
 
 __all__ = ["UnmergeError", "MERGED_MODE", "Merged", "Orphan", "FREEZE_FEATURES", "MERGED_FEATURES",
-           "runs", "retry", "zero_fill"]
+           "retry", "zero_fill"]
 
 log = logging.getLogger("wp.dedupe")
 
@@ -84,22 +88,6 @@ MERGED_FEATURES = features("PAGEFAULT_FLAG_WP", "THREAD_ID", "MINOR_SHMEM", "MIS
 # which the store's next use of that offset fills with other bytes). A
 # fault on a hole is always a page the target dropped: it reads zeros.
 MERGED_MODE = MODE_MISSING | MODE_MINOR | MODE_WP
-
-
-def runs(addrs, ps, key=None):
-    """Groups sorted addrs into runs of neighbouring pages; with key(addr)
-    also requires key to grow by one from page to page. Returns [(start,
-    npages, first_key)]."""
-    out = []
-    for a in addrs:
-        k = key(a) if key else 0
-        if out:
-            s, n, k0 = out[-1]
-            if a == s + n * ps and (key is None or k == k0 + n):
-                out[-1] = (s, n + 1, k0)
-                continue
-        out.append((a, 1, k))
-    return out
 
 
 def retry(op, *args, tries=200):
@@ -163,7 +151,7 @@ class Merged:
         self._closed = False
         self.removes = 0
         self.loop = FaultLoop(uffd, Handler("dedupe-merged", self.on_write, self.on_minor),
-                              None, self.on_event, pid=pid,
+                              None, self.on_event, pid=pid, missing_wp=False,
                               page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
 
     def start(self):

@@ -8,7 +8,7 @@ PlanStage is a part of DedupeProtector (wp.dedupe.protector). It uses
 """
 from wp.dedupe.mapcount import MapCount
 from wp.dedupe.mapcount import current as mapcount_now
-from wp.dedupe.merged import runs
+from wp.pagemap import page_runs
 
 __all__ = ["PlanStage"]
 
@@ -57,7 +57,7 @@ class PlanStage:
         vm.max_map_count headroom applied: each run may add two VMAs."""
         ps = self.page_size
         idx_of = dict(to_store)
-        store_runs = runs([a for a, _ in to_store], ps, key=idx_of.get)
+        store_runs = page_runs([a for a, _ in to_store], ps, key=idx_of.get)
         left = self._map_count_left()
         if 2 * len(store_runs) > left and self.max_map_count != "off":
             MapCount.raise_for(self.pid, self._vmas + 2 * len(store_runs) + self.map_count_reserve,
@@ -69,7 +69,7 @@ class PlanStage:
             self.counters["map_count_limited"] += len(store_runs) - keep
             store_runs = store_runs[:keep]
         self._vmas += 2 * len(store_runs)
-        return spans, store_runs, runs(to_zero, ps)
+        return spans, store_runs, page_runs(to_zero, ps)
 
     def _map_count_left(self):
         return mapcount_now() - self._vmas - self.map_count_reserve

@@ -18,7 +18,8 @@ import time
 from wp import maps as _maps
 from wp import pagemap as _pagemap
 from wp.dedupe import _native
-from wp.dedupe.merged import retry, runs
+from wp.dedupe.merged import retry
+from wp.pagemap import page_runs
 from wp.dedupe.target import light_maps, remote
 
 __all__ = ["ScanStage"]
@@ -180,7 +181,7 @@ class ScanStage:
                     # their sources: side-by-side sources, side-by-side pages.
                     sources.sort()
                     new_idx = {}
-                    for run_start, n, _ in runs([src[0] for src in sources], ps):
+                    for run_start, n, _ in page_runs([src[0] for src in sources], ps):
                         first = store.reserve(n)
                         for k in range(n):
                             new_idx[run_start + k * ps] = first + k

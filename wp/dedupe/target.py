@@ -1,64 +1,47 @@
 """What the dedupe protector does in and about a target process: syscalls
-run in it through wp.remote (with two additions: a cached syscall
-instruction, and the seized thread's rseq area), the store fd handed to it,
-and the /proc files read about it."""
-import ctypes
+run in it through wp.remote (remembering where its syscall instruction
+is), the store fd handed to it, and the /proc files read about it."""
 import errno
 import os
 import struct
 import threading
 
 from wp import pagemap as _pagemap
+from wp import procfs
+from wp.remote import SYS, RemoteProcess
 
 __all__ = ["remote", "light_maps", "store_fd_in", "space_of", "coredump_filter", "sys_time",
            "zero_pfn", "start_time"]
 
-# x86_64 syscalls and flags used in the target.
-NR_OPEN, NR_CLOSE, NR_MMAP, NR_MUNMAP, NR_MADVISE, NR_MREMAP = 2, 3, 9, 11, 28, 25
-NR_SOCKET, NR_CONNECT, NR_RECVMSG = 41, 42, 47
+# x86_64 flags of the syscalls run in the target (their numbers: wp.remote.SYS).
 SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x02, 0x10, 0x20
 MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 O_RDWR, O_CLOEXEC = 0o2, 0o2000000
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420f
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-_libc.ptrace.restype = ctypes.c_long
+
+
+class _Remote(RemoteProcess):
+    """A RemoteProcess that finds the target's syscall instruction once per
+    process: the stock lookup reads /proc/PID/maps, which costs tens of ms
+    once merging has split the target into tens of thousands of VMAs."""
+
+    def __init__(self, pid):
+        try:
+            self._key = (pid, start_time(pid))
+        except OSError:
+            self._key = None    # gone: RemoteProcess says so
+        super().__init__(pid, syscall_ip=_SYSCALL_IP.get(self._key))
+
+    def stop(self):
+        super().stop()
+        _SYSCALL_IP[self._key] = self.syscall_ip
 
 
 def remote(pid):
-    """A wp.remote.RemoteProcess that finds the target's syscall instruction
-    once: the stock lookup reads /proc/PID/maps, which costs tens of ms once
-    merging has split the target into tens of thousands of VMAs."""
-    from wp.remote import RemoteProcess
-
-    class _Remote(RemoteProcess):
-        def rseq_page(self):
-            """Returns the page of the seized thread's rseq area (None if it
-            has none). The kernel writes that area when a syscall returns to
-            user mode, so it must never be frozen while we inject syscalls:
-            the thread would block on our own write protection."""
-            buf = (ctypes.c_uint64 * 3)()
-            r = _libc.ptrace(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, ctypes.sizeof(buf), buf)
-            if r <= 0 or not buf[0]:
-                return None
-            return buf[0] & ~(os.sysconf("SC_PAGESIZE") - 1)
-
-        def _find_syscall_insn(self):
-            key = (self.pid, start_time(self.pid))
-            ip = _SYSCALL_IP.get(key)
-            if ip is not None:
-                try:
-                    if self.read_memory(ip, 2) == b"\x0f\x05":
-                        return ip
-                except OSError:
-                    pass
-            ip = super()._find_syscall_insn()
-            _SYSCALL_IP[key] = ip
-            return ip
-
+    """A wp.remote.RemoteProcess for pid that remembers where its syscall
+    instruction is."""
     return _Remote(pid)
 
 
@@ -66,8 +49,9 @@ _SYSCALL_IP = {}
 
 
 def start_time(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
+    """The process's start time (clock ticks after boot): with the pid, it
+    names one process. Raises OSError if it is gone."""
+    return int(procfs.read_stat(pid)[1][procfs.STARTTIME])
 
 
 def light_maps(pid, store_inode):
@@ -106,7 +90,7 @@ def store_fd_in(rp, scratch, fd):
     import socket
     path = b"/proc/%d/fd/%d\0" % (os.getpid(), fd)
     rp.write_memory(scratch, path)
-    r = rp.syscall_raw(NR_OPEN, scratch, O_RDWR | O_CLOEXEC)
+    r = rp.syscall_raw(SYS["open"], scratch, O_RDWR | O_CLOEXEC)
     if r >= 0:
         return r
     if r not in (-errno.EACCES, -errno.EPERM):
@@ -119,23 +103,23 @@ def store_fd_in(rp, scratch, fd):
         # [256] cmsg buffer (24 bytes for one fd).
         addr = struct.pack("<H", socket.AF_UNIX) + name
         rp.write_memory(scratch, addr)
-        s = rp.syscall(NR_SOCKET, socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC, 0)
+        s = rp.syscall(SYS["socket"], socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC, 0)
         try:
-            rp.syscall(NR_CONNECT, s, scratch, len(addr))
+            rp.syscall(SYS["connect"], s, scratch, len(addr))
             conn, _ = srv.accept()
             with conn:
                 socket.send_fds(conn, [b"s"], [fd])
             iov = struct.pack("<QQ", scratch + 208, 1)
             msg = struct.pack("<QIIQQQQi4x", 0, 0, 0, scratch + 128, 1, scratch + 256, 24, 0)
             rp.write_memory(scratch + 128, iov + msg)
-            rp.syscall(NR_RECVMSG, s, scratch + 144, MSG_CMSG_CLOEXEC)
+            rp.syscall(SYS["recvmsg"], s, scratch + 144, MSG_CMSG_CLOEXEC)
             cmsg = rp.read_memory(scratch + 256, 24)
             length, level, typ, tfd = struct.unpack("<QiiI", cmsg[:20])
             if level != socket.SOL_SOCKET or typ != socket.SCM_RIGHTS:
                 raise OSError(errno.EPROTO, "no fd received in pid %d" % rp.pid)
             return tfd
         finally:
-            rp.syscall_raw(NR_CLOSE, s)
+            rp.syscall_raw(SYS["close"], s)
 
 
 def space_of(pid):
@@ -158,10 +142,9 @@ def coredump_filter(pid, value=None):
 
 
 def sys_time(pid):
+    """CPU seconds (user + system) the target has used; 0.0 if it is gone."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return procfs.cpu_seconds(pid)
     except OSError:
         return 0.0
 

@@ -13,8 +13,8 @@ import logging
 
 from wp import pagemap as _pagemap
 from wp.dedupe.merged import MERGED_MODE, retry, zero_fill
-from wp.dedupe.target import MREMAP_FIXED, MREMAP_MAYMOVE, NR_MREMAP, light_maps, remote
-from wp.remote import ThreadStop
+from wp.dedupe.target import MREMAP_FIXED, MREMAP_MAYMOVE, light_maps, remote
+from wp.remote import SYS, ThreadStop
 
 __all__ = ["unmerge_runs"]
 
@@ -110,7 +110,7 @@ def _unmerge_stopped(owner, m, rp, space, runs, absent_is_removed):
         calls = []
         off = 0
         for s, e in runs:
-            calls.append((NR_MREMAP, (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
+            calls.append((SYS["mremap"], (fresh + off, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, s)))
             off += e - s
         res = rp.syscalls(calls)
         failed = [run for r, run in zip(res, runs) if r != run[0]]

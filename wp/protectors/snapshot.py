@@ -51,13 +51,12 @@ import tempfile
 import threading
 import time
 
-from wp import elfcore, pagemap, procfs
-from wp._native import ffi, lib
+from wp import elfcore, pagemap, procfs, remote
 from wp.errors import BadRange, Failed, UnsupportedMemory
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
 
-__all__ = ["SnapshotProtector", "snapshot", "add_parser", "main"]
+__all__ = ["SnapshotProtector"]
 
 log = logging.getLogger("wp.snapshot")
 
@@ -355,11 +354,6 @@ class SnapshotProtector(WriteProtector):
         # this thread stops, reads and releases every target thread.
         stopped = {}
         failed = {}
-        sig = ffi.new("int *")
-        regs = ffi.new("uint64_t[27]")
-        fp = ffi.new("uint8_t[512]")
-        xs = ffi.new("uint8_t[]", 1 << 15)
-        xs_std = ffi.new("uint8_t[]", 1 << 15)
         t0 = time.monotonic_ns()
         try:
             while True:
@@ -367,25 +361,22 @@ class SnapshotProtector(WriteProtector):
                 if not new:
                     break
                 for tid in new:
-                    r = lib.wp_thread_stop(tid, sig)
-                    if r < 0:
-                        failed[tid] = r
-                    else:
-                        stopped[tid] = sig[0]
-            if self.pid in failed and failed[self.pid] != -3:
-                self.error = OSError(-failed[self.pid], "cannot stop pid %d for its registers: %s "
+                    try:
+                        stopped[tid] = remote.stop_thread(tid)
+                    except OSError as err:
+                        failed[tid] = err
+            err = failed.get(self.pid)
+            if err is not None and not isinstance(err, ProcessLookupError):
+                self.error = OSError(err.errno, "cannot stop pid %d for its registers: %s "
                                      "(originated from ptrace(PTRACE_SEIZE)); another tracer "
-                                     "(gdb, strace)? use --no-freeze" % (self.pid, os.strerror(-failed[self.pid])))
+                                     "(gdb, strace)? use --no-freeze" % (self.pid, err.strerror))
             for tid in stopped:
                 t = elfcore.Thread(tid)
-                if self.regs and lib.wp_thread_regs(tid, regs, fp) == 0:
-                    t.regs = list(regs)
-                    t.fpregs = bytes(ffi.buffer(fp))
-                    n = lib.wp_thread_xstate(tid, xs, len(xs))
-                    if n > 0:
-                        n = lib.wp_xstate_to_standard(xs, n, xs_std, len(xs_std))
-                    if n > 0:
-                        t.xstate = bytes(ffi.buffer(xs_std, n))
+                if self.regs:
+                    try:
+                        t.regs, t.fpregs, t.xstate = remote.thread_registers(tid)
+                    except OSError:
+                        pass    # a core without this thread's registers
                 self.threads.append(t)
         except BaseException as err:
             self.error = err
@@ -396,7 +387,7 @@ class SnapshotProtector(WriteProtector):
                 self._wait_protected()
         finally:
             for tid, s in stopped.items():
-                lib.wp_thread_release(tid, s)
+                remote.release_thread(tid, s)
             self.stop_ns = time.monotonic_ns() - t0
         if failed:
             log.debug("pid %d: threads not stopped: %s", self.pid, failed)

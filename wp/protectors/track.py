@@ -27,20 +27,10 @@ unless ``-o sync=true``); ``sample()`` closes an interval.
 import threading
 import time
 
+from wp.pagemap import page_runs
 from wp.protector import NEEDS_DECISION, NEEDS_NOTICE, UNPROTECT, WriteProtector
 
-__all__ = ["TrackProtector", "track", "add_parser", "main"]
-
-
-def _runs(pages, page_size):
-    """Returns sorted (start, end) runs covering the page addresses."""
-    out = []
-    for p in sorted(pages):
-        if out and out[-1][1] == p:
-            out[-1][1] = p + page_size
-        else:
-            out.append([p, p + page_size])
-    return [(s, e) for s, e in out]
+__all__ = ["TrackProtector"]
 
 
 class TrackProtector(WriteProtector):
@@ -99,9 +89,9 @@ class TrackProtector(WriteProtector):
             # interval; none is lost in between.
             if self._sync_pages and session.sync_uffd is not None:
                 for region, pages in self._sync_pages.items():
-                    for s, e in _runs(pages, region.page_size):
+                    for s, n, _ in page_runs(sorted(pages), region.page_size):
                         try:
-                            session.sync_uffd.protect(s, e - s)
+                            session.sync_uffd.protect(s, n * region.page_size)
                         except OSError:
                             pass   # unmapped meanwhile
             counts = {r: len(p) for r, p in self._sync_pages.items()}

@@ -23,7 +23,7 @@ import sys
 from wp.tracing import workingset
 from wp.tracing.records import PHASES, read_trace
 
-__all__ = ["main", "summarize", "format_summary", "log2_hist", "format_log2_hist",
+__all__ = ["add_parser", "main", "summarize", "format_summary", "log2_hist", "format_log2_hist",
            "percentile", "to_csv", "build_parser"]
 
 
@@ -214,6 +214,13 @@ def build_parser(prog="wp report"):
     p.add_argument("--no-hist", action="store_true", help="text: leave out the log2 histograms")
     p.add_argument("--phase-hist", action="store_true", help="text: also a log2 histogram per phase")
     return p
+
+
+
+def add_parser(subparsers):
+    """Registers `wp report` (its own parser reads the words)."""
+    from wp.commands import passthrough
+    return passthrough(subparsers, "report", "summarize a trace: text, --plot PNG, perfetto, csv", main)
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ import time
 from wp.tracing import probes as _probes
 from wp.tracing.records import TraceWriter, addr_of, to_record
 
-__all__ = ["Tracer", "main", "build_parser"]
+__all__ = ["Tracer", "add_parser", "main", "build_parser"]
 
 
 class Tracer:
@@ -328,6 +328,19 @@ def _wpd_trace(args, notes_fd, usdt):
         print("wp trace: wpd does not write resolve notes (%s): the daemon's turn is one phase"
               % rep.get("error"), file=sys.stderr)
     return bool(rep.get("ok") and rep.get("notes"))
+
+
+
+def add_parser(subparsers):
+    """Registers `wp trace` (its own parser reads the words; wp's --socket
+    is handed on, as trace talks to the same wpd)."""
+    from wp.commands import passthrough
+
+    def run(args):
+        return main(list(args.argv) + (["--socket", args.socket] if args.socket else []))
+    p = passthrough(subparsers, "trace", "record the fault path with bcc (wp trace PID -o FILE)", main)
+    p.set_defaults(func=run)
+    return p
 
 
 def main(argv=None):

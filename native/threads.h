@@ -1,8 +1,8 @@
-/* snapshot.c: stopping a target's threads briefly, for their registers.
+/* threads.c: stopping a target's threads briefly, for their registers.
  * Read by cffi's cdef too: plain declarations only. All ptrace calls for one
  * thread must come from the thread of ours that seized it (the tracer). */
-#ifndef WP_SNAPSHOT_H
-#define WP_SNAPSHOT_H
+#ifndef WP_THREADS_H
+#define WP_THREADS_H
 #include <stdint.h>
 
 /* PTRACE_SEIZE + PTRACE_INTERRUPT tid and wait for it to stop. A signal that

@@ -1,6 +1,8 @@
-/* Threads stopped for a snapshot's instant: seize, interrupt, read the
- * registers, detach. No code or register of the target is changed, so a
- * syscall the interrupt broke restarts by the kernel's usual rules. */
+/* Stopping a target's threads and reading their registers (snapshot's
+ * instant, a core file's thread notes): seize, interrupt, read, detach. No
+ * code or register of the target is changed, so a syscall the interrupt
+ * broke restarts by the kernel's usual rules. Python calls these through
+ * wp.remote (stop_thread, thread_registers, release_thread). */
 #define _GNU_SOURCE
 #include <cpuid.h>
 #include <errno.h>
@@ -10,7 +12,7 @@
 #include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
-#include "snapshot.h"
+#include "threads.h"
 
 int wp_thread_stop(int tid, int *sig)
 {
