@@ -403,7 +403,8 @@ def test_memory_mapped_after_enable_merges_too(ksm_state, dd, capsys):
         assert t.cmd("J %d" % child) == ["child", "0"]
     ksm.start("test")
     want = t.npages // 2 + t.npages // 4 - 8
-    assert wait_for(lambda: merged(t.pid) >= want), ksm.process_stat(t.pid)
+    wait_until(lambda: merged(t.pid) >= want, lambda: "%d pages merged: %s" % (want, ksm.process_stat(t.pid)),
+               30)
     t.check()
     assert wp(capsys, "ksm", "disable", t.pid, "--no-daemon")[0] == 0
     assert ksm_pages(t.pid, t.addr, t.npages) == 0
@@ -449,8 +450,9 @@ def test_bench_ksm_puts_every_knob_back(sig, tmp_path):
             # are changed; SIGTERM once ksmd merges too (run=1).
             from wp import procfs
             started = (lambda: ksm.read("run") == 1) if sig == signal.SIGTERM else (lambda: True)
-            assert wait_for(lambda: kids.update(procfs.children(p.pid)) or
-                            (kids and ksm.read("pages_to_scan") != before["pages_to_scan"] and started()), 60), kids
+            wait_until(lambda: kids.update(procfs.children(p.pid)) or
+                       (kids and ksm.read("pages_to_scan") != before["pages_to_scan"] and started()),
+                       lambda: "the bench's redis running and its knobs set (children %s)" % kids, 60)
             p.send_signal(sig)
         out, err = p.communicate(timeout=120)
     finally:
