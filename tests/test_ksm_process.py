@@ -452,7 +452,7 @@ def test_bench_ksm_puts_every_knob_back(sig, tmp_path):
             started = (lambda: ksm.read("run") == 1) if sig == signal.SIGTERM else (lambda: True)
             wait_until(lambda: kids.update(procfs.children(p.pid)) or
                        (kids and ksm.read("pages_to_scan") != before["pages_to_scan"] and started()),
-                       lambda: "the bench's redis running and its knobs set (children %s)" % kids, 60)
+                       lambda: "the bench's redis and knobs: %s" % kids, 60)
             p.send_signal(sig)
         out, err = p.communicate(timeout=120)
     finally:
