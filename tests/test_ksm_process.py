@@ -28,6 +28,21 @@ pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM 
 PAGE = 4096
 
 
+def _held_knobs():
+    """KSM's knobs as they rest: read holding the knob lock (every holder
+    puts back what it changed before it lets go)."""
+    with ksm.knob_lock():
+        return ksm.knobs()
+
+
+@pytest.fixture(autouse=True)
+def knobs_unchanged():
+    """Every test here leaves KSM's knobs as it found them."""
+    before = _held_knobs()
+    yield
+    assert _held_knobs() == before
+
+
 @pytest.fixture
 def ksm_state(tmp_path, monkeypatch):
     """KSM's knobs as found, put back at teardown (run last); fast scanning
@@ -429,11 +444,6 @@ def test_knob_lock_excludes_other_processes_and_nests():
             assert subprocess.run([sys.executable, "-c", probe, ksm.KNOB_LOCK]).returncode == 1
         assert subprocess.run([sys.executable, "-c", probe, ksm.KNOB_LOCK]).returncode == 1
     assert subprocess.run([sys.executable, "-c", probe, ksm.KNOB_LOCK], timeout=30).returncode == 0
-
-
-def _held_knobs():
-    with ksm.knob_lock():    # read when no holder has them changed
-        return ksm.knobs()
 
 
 BENCH_SMALL = ["--keys", "48", "--value-kib", "64", "--distinct", "4", "--pythons", "1"]
