@@ -488,3 +488,26 @@ def test_bench_ksm_puts_every_knob_back(sig, tmp_path):
     from wp import procfs
     alive = lambda k: (lambda f: f is not None and not procfs.is_zombie(f))(procfs.stat_fields(k))  # noqa: E731
     assert [(k, procfs.comm(k)) for k in kids if alive(k)] == []
+
+
+def test_zombie_refused(capsys):
+    z = subprocess.Popen(["true"])
+    try:
+        from wp import procfs
+        assert wait_for(lambda: procfs.is_zombie(procfs.stat_fields(z.pid)), 10)
+        for cmd in ("enable", "disable", "estimate", "status"):
+            code, out, err = wp(capsys, "ksm", cmd, z.pid, *(["--no-daemon"] if cmd in ("enable", "disable") else []))
+            assert code == 4 and "zombie" in err, (cmd, err)
+    finally:
+        z.wait()
+
+
+def test_estimate_reads_a_traced_process(dd, capsys):
+    """The estimate stops and injects nothing: a process a debugger holds is
+    read, not refused, and stays as it was."""
+    t = dd(npages=256)
+    with RemoteProcess(t.pid):
+        code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["processes"][0]["duplicate_pages"] >= 128
+    t.check()
