@@ -9,7 +9,7 @@
  *   -DTID_INDEX: keep a tid -> task map, for the syscall and USDT programs
  *
  * Only tracepoints and USDT probes: kprobes and fentry are not available on
- * the machines wp runs on (DESIGN.md).
+ * the machines wp runs on (wp/__init__.py, kernel facts).
  *
  * # The life of one sync write-protect fault, as the probes see it
  *

@@ -12,23 +12,7 @@
 #include <unistd.h>
 #include "wp.h"
 #include "dedupe.h"
-
-static const uint64_t P1 = 11400714785074694791ULL;
-static const uint64_t P2 = 14029467366897019727ULL;
-static const uint64_t P3 = 1609587929392839161ULL;
-static const uint64_t P4 = 9650029242287828579ULL;
-
-static inline uint64_t rotl(uint64_t x, int r)
-{
-	return (x << r) | (x >> (64 - r));
-}
-
-static inline uint64_t round64(uint64_t acc, uint64_t in)
-{
-	acc += in * P2;
-	acc = rotl(acc, 31);
-	return acc * P1;
-}
+#include "xxhash64.h"
 
 static inline uint64_t merge64(uint64_t acc, uint64_t v)
 {
@@ -38,31 +22,14 @@ static inline uint64_t merge64(uint64_t acc, uint64_t v)
 
 uint64_t wp_dd_hash(const void *p, uint64_t len)
 {
-	const uint64_t *w = p;
-	uint64_t v1 = P1 + P2, v2 = P2, v3 = 0, v4 = -P1;
-	for (uint64_t i = 0; i + 4 <= len / 8; i += 4) {
-		uint64_t a, b, c, d;
-		memcpy(&a, w + i, 8);
-		memcpy(&b, w + i + 1, 8);
-		memcpy(&c, w + i + 2, 8);
-		memcpy(&d, w + i + 3, 8);
-		v1 = round64(v1, a);
-		v2 = round64(v2, b);
-		v3 = round64(v3, c);
-		v4 = round64(v4, d);
-	}
-	uint64_t h = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-	h = merge64(h, v1);
-	h = merge64(h, v2);
-	h = merge64(h, v3);
-	h = merge64(h, v4);
-	h += len;
-	h ^= h >> 33;
-	h *= P2;
-	h ^= h >> 29;
-	h *= P3;
-	h ^= h >> 32;
-	return h | 1;   /* never 0: 0 means "zero page" */
+	uint64_t v[4];
+	xxh64_lanes(p, len / 8, v);
+	uint64_t h = rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18);
+	h = merge64(h, v[0]);
+	h = merge64(h, v[1]);
+	h = merge64(h, v[2]);
+	h = merge64(h, v[3]);
+	return avalanche(h + len) | 1;   /* never 0: 0 means "zero page" */
 }
 
 static int is_zero(const uint64_t *w, uint64_t words)

@@ -119,7 +119,7 @@ static int wait_readable(struct wp_loop *loop, int timeout_ms)
  * page). After a batch that held a fault, keep reading without sleeping for
  * spin_after_ns: the next fault of the burst finds this thread awake, and
  * its writer is spared the wake-up of a handler asleep in poll() on another
- * vCPU (tens of us on this VM, against ~5 us awake; DESIGN.md). Between
+ * vCPU (tens of us on this VM, against ~5 us awake; wp/faults.py). Between
  * reads, sched_yield() hands the CPU to a writer woken on this one. Returns
  * the messages read, 0 when the burst is over, -ECANCELED once stopped. */
 static int spin_read(struct wp_loop *loop, struct wp_msg *out, int max)
@@ -376,7 +376,11 @@ static void resolve_c(struct wp_loop *loop, const struct wp_msg *m, uint64_t psi
  * resolved (woken: a later write faults like any other); a write is a
  * write fault of a protected zero page, handed to the protector and
  * resolved as one. Nothing reads the target's memory here: a read of a
- * missing page from this thread would wait for this thread. */
+ * missing page from this thread would wait for this thread.
+ * A loop with missing_plain maps the zeros unprotected: dedupe's B, whose
+ * MISSING faults are holes of its store (a page the target dropped); a WP
+ * bit there would make a dropped page look like one still frozen for a
+ * merge (wp/dedupe/merge.py). */
 static const char zeros[1 << 16] __attribute__((aligned(4096)));
 
 /* Maps a protected zero page at a MISSING fault. Returns 1 for a write
@@ -388,7 +392,8 @@ static int fill_missing(struct wp_loop *loop, const struct wp_msg *m, uint64_t p
 	while (done < psize) {
 		uint64_t n = psize - done < sizeof(zeros) ? psize - done : sizeof(zeros);
 		int64_t r = wp_uffd_copy(loop->uffd, page + done, (uint64_t)(uintptr_t)zeros, n,
-					 UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE);
+					 (loop->missing_plain ? 0 : UFFDIO_COPY_MODE_WP) |
+					 UFFDIO_COPY_MODE_DONTWAKE);
 		if (r == -EEXIST)   /* mapped meanwhile (a second message for it) */
 			break;
 		if (r <= 0) {

@@ -13,58 +13,19 @@
 #include "wp_kernel.h"
 #include "wp.h"
 #include "ksm.h"
-
-static const uint64_t P1 = 11400714785074694791ULL;
-static const uint64_t P2 = 14029467366897019727ULL;
-static const uint64_t P3 = 1609587929392839161ULL;
-static const uint64_t P4 = 9650029242287828579ULL;
-static const uint64_t P5 = 2870177450012600261ULL;
-
-static inline uint64_t rotl(uint64_t x, int r)
-{
-	return (x << r) | (x >> (64 - r));
-}
-
-static inline uint64_t round64(uint64_t acc, uint64_t in)
-{
-	acc += in * P2;
-	acc = rotl(acc, 31);
-	return acc * P1;
-}
-
-static inline uint64_t avalanche(uint64_t h)
-{
-	h ^= h >> 33;
-	h *= P2;
-	h ^= h >> 29;
-	h *= P3;
-	h ^= h >> 32;
-	return h;
-}
+#include "xxhash64.h"
 
 /* xxHash64's four-lane round over the page; two different finalisations
  * of the 256-bit lane state give the two halves of the fingerprint. */
 static void hash_page(const uint64_t *w, uint64_t words, uint64_t *h1, uint64_t *h2)
 {
-	uint64_t v1 = P1 + P2, v2 = P2, v3 = 0, v4 = -P1, any = 0;
-	for (uint64_t i = 0; i + 4 <= words; i += 4) {
-		uint64_t a, b, c, d;
-		memcpy(&a, w + i, 8);
-		memcpy(&b, w + i + 1, 8);
-		memcpy(&c, w + i + 2, 8);
-		memcpy(&d, w + i + 3, 8);
-		any |= a | b | c | d;
-		v1 = round64(v1, a);
-		v2 = round64(v2, b);
-		v3 = round64(v3, c);
-		v4 = round64(v4, d);
-	}
-	if (!any) {
+	uint64_t v[4];
+	if (!xxh64_lanes(w, words, v)) {
 		*h1 = *h2 = 0;
 		return;
 	}
-	uint64_t x = rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18);
-	uint64_t y = (v1 * P5) ^ rotl(v2, 23) ^ (v3 * P4) ^ rotl(v4, 41);
+	uint64_t x = rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18);
+	uint64_t y = (v[0] * P5) ^ rotl(v[1], 23) ^ (v[2] * P4) ^ rotl(v[3], 41);
 	*h1 = avalanche(x + words);
 	*h2 = avalanche(y ^ P3) | 1;   /* never both 0: 0/0 means a zero page */
 }

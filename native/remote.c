@@ -16,12 +16,13 @@
  *   restart and EINTR (SA_RESTART). That is the target's own semantics and we
  *   keep it exactly: we detach only from such a trap, after writing back the
  *   registers byte for byte, so the kernel's own restart code runs as if we
- *   had never been there. (The hand-made restart of DESIGN.md would also
- *   restart a syscall that a signal, arrived meanwhile, should have made
- *   return EINTR.) Seen here: PTRACE_DETACH itself sets TIF_SIGPENDING
- *   (__ptrace_unlink() wakes a traced task with ptrace_signal_wake_up()),
- *   so the same restart runs even when detaching from a syscall-exit stop;
- *   we do not rely on that and trap first.
+ *   had never been there. (A restart done by hand before detaching, rax =
+ *   orig_rax and rip -= 2, would also restart a syscall that a signal,
+ *   arrived meanwhile, should have made return EINTR.) Seen here:
+ *   PTRACE_DETACH itself sets TIF_SIGPENDING (__ptrace_unlink() wakes a
+ *   traced task with ptrace_signal_wake_up()), so the same restart runs
+ *   even when detaching from a syscall-exit stop; we do not rely on that
+ *   and trap first.
  *
  * - An injected syscall: rip at an existing `0f 05` (in the vdso; we patch no
  *   code, other threads run the same text), rax = nr, orig_rax = -1 so the

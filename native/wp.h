@@ -163,6 +163,7 @@ struct wp_loop {
 	int pending;         /* a fault handed to Python awaits its decision */
 	int slow;            /* hand every fault out as WP_STEP_SLOW */
 	int timed;           /* hand write faults out as WP_STEP_TIMED */
+	int missing_plain;   /* MISSING faults get zeros *without* WP (dedupe's B) */
 	uint32_t pid;        /* the target (0: a forked child not known yet) */
 	uint64_t page_size;  /* for faults outside the region table */
 	uint64_t faults;     /* page faults read */

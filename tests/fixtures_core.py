@@ -176,11 +176,13 @@ def eventually(get, want, timeout=2.0):
 
 
 def wait_until(cond, what, timeout=5.0):
-    """Waits until cond() is true; fails naming what never happened."""
+    """Waits until cond() is true; fails naming what never happened (what:
+    a string, or a function giving one, called only then, to show the
+    state it was in)."""
     end = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > end:
-            raise AssertionError("never: " + what)
+            raise AssertionError("never: " + (what() if callable(what) else what))
         time.sleep(0.002)
 
 

@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from wp import pagemap
 
-from fixtures_core import proc_status
+from fixtures_core import proc_status, wait_until
 
 __all__ = ["ROOT", "WP", "WPD", "Target", "memtarget", "wpd", "wp", "slurp", "proc_status",
            "assert_untouched"]
@@ -77,13 +76,13 @@ def wpd(tmp_path):
     log = open(tmp_path / "wpd.log", "w+")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))  # user_protector
     proc = subprocess.Popen(WPD + ["--socket", sock], stderr=log, cwd=ROOT, env=env)
-    for _ in range(200):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.02)
-    else:
+    try:
+        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, "wpd's socket", 10)
+        assert proc.poll() is None
+    except AssertionError:
         proc.kill()
-        raise AssertionError("wpd did not start: " + slurp(tmp_path / "wpd.log"))
+        proc.wait()
+        raise AssertionError("wpd did not start: " + slurp(tmp_path / "wpd.log")) from None
     proc.sock = sock
     proc.logfile = tmp_path / "wpd.log"
     yield proc
@@ -96,7 +95,7 @@ def wpd(tmp_path):
 
 def wp(wpd, *args, check=True):
     r = subprocess.run(WP + ["--socket", wpd.sock, *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
+                       cwd=ROOT, timeout=120)
     if check:
         assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     return r

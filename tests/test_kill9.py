@@ -10,6 +10,7 @@ import time
 
 from conftest import needs_bcc
 from fixtures_core import eventually
+from fixtures_dedupe import DD, STORE_NAME
 from fixtures_daemon import ROOT, WP, assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 pytestmark = needs_bcc
@@ -128,7 +129,6 @@ def test_kill9_during_dedupe_passes(wpd, target_bin, spawn):
     guardian has unmerged it (no store mapped), or, if wpd died while the
     target ran a merge batch's code, it died of that batch's SIGTRAP, the
     loss README.md names. Never alive with wrong data."""
-    from test_dedupe import DD, STORE_NAME
     outcomes = []
     for nth in (5, 16):
         t = DD(spawn([target_bin("dd_target"), "16384", "16"]), 16384, 16)

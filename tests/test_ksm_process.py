@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -21,6 +20,7 @@ from wp import ksm, ksm_advisor
 from wp.cli import main as wp_main
 from wp.remote import RemoteProcess
 
+from fixtures_core import wait_until
 from fixtures_daemon import ROOT, WP, wpd  # noqa: F401  (the wpd fixture)
 
 pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM (CONFIG_KSM)")
@@ -99,15 +99,6 @@ def wp(capsys, *args):
     return code, out, err
 
 
-def wait_for(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def merged(pid):
     st = ksm.process_stat(pid)
     return st["ksm_merging_pages"] + st.get("ksm_zero_pages", 0)
@@ -146,7 +137,8 @@ def test_enable_merges_disable_unmerges(ksm_state, dd, capsys):
     assert ksm.read("run") == 1
     # 1024 duplicate pages of 16 contents and 512 zero pages merge.
     want = t.npages // 2 + t.npages // 4 - 8
-    assert wait_for(lambda: merged(t.pid) >= want), ksm.process_stat(t.pid)
+    wait_until(lambda: merged(t.pid) >= want, lambda: "%d pages merged: %s" % (want, ksm.process_stat(t.pid)),
+               30)
     if not ksm.read("use_zero_pages"):
         assert ksm_pages(t.pid, t.addr, t.npages) >= want
     t.check()
@@ -157,7 +149,7 @@ def test_enable_merges_disable_unmerges(ksm_state, dd, capsys):
     assert ksm_pages(t.pid, t.addr, t.npages) == 0
     st = ksm.process_stat(t.pid)
     assert not st["ksm_merge_any"] and not st["ksm_mergeable"]
-    assert wait_for(lambda: ksm.process_stat(t.pid)["ksm_merging_pages"] == 0, 10)
+    wait_until(lambda: ksm.process_stat(t.pid)["ksm_merging_pages"] == 0, "no page merging", 10)
     t.check()
     assert t.cmd("w 0 7") == ["ok"] and t.cmd("r 0")[0] == "page"
     t.check()
@@ -181,12 +173,12 @@ def test_enable_ranges_madvise(ksm_state, dd, capsys):
     assert len(flags) == 2 and "mg" in flags[0] and "mg" not in flags[1]
     ksm.start("test")
     # Only the first half merges: its 256 duplicates and 128 zero pages.
-    assert wait_for(lambda: merged(t.pid) >= 256 + 128 - 8)
+    wait_until(lambda: merged(t.pid) >= 256 + 128 - 8, lambda: "the first half merged: %d" % merged(t.pid), 30)
     assert merged(t.pid) <= 256 + 128 + 64
     code, out, err = wp(capsys, "ksm", "disable", t.pid, "--range", rng, "--no-daemon")
     assert code == 0, err
     assert ksm_pages(t.pid, t.addr, t.npages) == 0
-    assert wait_for(lambda: ksm.process_stat(t.pid)["ksm_merging_pages"] == 0, 10)
+    wait_until(lambda: ksm.process_stat(t.pid)["ksm_merging_pages"] == 0, "no page merging", 10)
     assert not any("mg" in f for f in smaps_flags(t.pid, t.addr, t.addr + t.length))
     t.check()
     ksm.restore_knobs()
@@ -314,8 +306,10 @@ def test_estimate_matches_what_ksm_saves(ksm_state, dd, capsys):
     before = ksm.stats()
     assert wp(capsys, "ksm", "enable", t.pid, "--start", "--no-daemon")[0] == 0
     want = p["set_ksm_merging_pages"] + p["set_ksm_zero_pages"]
-    assert wait_for(lambda: merged(t.pid) >= want * 0.98, 60), (merged(t.pid), want)
-    time.sleep(0.3)   # a little more scanning: nothing more should merge
+    wait_until(lambda: merged(t.pid) >= want * 0.98, lambda: "%d of %d merged" % (merged(t.pid), want), 60)
+    # One more full scan of ksmd: nothing more should merge.
+    scans = ksm.read("full_scans")
+    wait_until(lambda: ksm.read("full_scans") > scans, "another full scan of ksmd", 30)
     st = ksm.process_stat(t.pid)
     assert abs(st["ksm_merging_pages"] + st.get("ksm_zero_pages", 0) - want) <= 0.02 * want
     after = ksm.stats()
@@ -424,7 +418,8 @@ def test_memory_mapped_after_enable_merges_too(ksm_state, dd, capsys):
         assert t.cmd("J %d" % child) == ["child", "0"]
     ksm.start("test")
     want = t.npages // 2 + t.npages // 4 - 8
-    assert wait_for(lambda: merged(t.pid) >= want), ksm.process_stat(t.pid)
+    wait_until(lambda: merged(t.pid) >= want, lambda: "%d pages merged: %s" % (want, ksm.process_stat(t.pid)),
+               30)
     t.check()
     assert wp(capsys, "ksm", "disable", t.pid, "--no-daemon")[0] == 0
     assert ksm_pages(t.pid, t.addr, t.npages) == 0
@@ -465,8 +460,9 @@ def test_bench_ksm_puts_every_knob_back(sig, tmp_path):
             # are changed; SIGTERM once ksmd merges too (run=1).
             from wp import procfs
             started = (lambda: ksm.read("run") == 1) if sig == signal.SIGTERM else (lambda: True)
-            assert wait_for(lambda: kids.update(procfs.children(p.pid)) or
-                            (kids and ksm.read("pages_to_scan") != before["pages_to_scan"] and started()), 60), kids
+            wait_until(lambda: kids.update(procfs.children(p.pid)) or
+                       (kids and ksm.read("pages_to_scan") != before["pages_to_scan"] and started()),
+                       lambda: "the bench's redis and knobs: %s" % kids, 60)
             p.send_signal(sig)
         out, err = p.communicate(timeout=120)
     finally:

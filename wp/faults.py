@@ -5,7 +5,7 @@ resolution back to the kernel. The blocking read happens inside C with the
 GIL released; the C fast path (handler="c") resolves write faults without
 entering Python at all and only returns for the other events.
 
-# Some facts about the fault path on this VM (DESIGN.md)
+# Some facts about the fault path on this VM (measured with wp bench faults)
 - A writer blocked on a sync WP fault waits for the handler to be scheduled.
   Measured here (wp bench faults): writer and handler on the same CPU
   3-8 us a round trip depending on the machine, a handler sleeping on the
@@ -132,6 +132,8 @@ class FaultLoop:
         spin: busy-poll the uffd instead of sleeping.
         cpu: pin the loop thread to this CPU (None: leave as is).
         pid: the target's pid, for Fault.pid.
+        missing_wp: MISSING faults get a write-protected zero page (the
+            session's anonymous memory); False: a plain one (dedupe's B).
         on_death: callable(loop, exception), run on the loop's thread if the
             loop itself fails (not a protector callback: those are counted
             and their fault resolved); the writers of this uffd are then
@@ -142,7 +144,8 @@ class FaultLoop:
     SPIN_AFTER_US = 50   # us the loop reads on without sleeping after a fault
 
     def __init__(self, uffd, protector, regions, on_event, handler="python",
-                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None):
+                 spin=False, cpu=None, pid=0, page_size=4096, name="wp-faults", on_death=None,
+                 missing_wp=True):
         if handler not in ("python", "c"):
             raise ValueError("handler must be 'python' or 'c', not %r" % handler)
         self.uffd = uffd
@@ -162,6 +165,7 @@ class FaultLoop:
         self._loop.spin = 1 if spin else 0
         self._loop.pid = pid
         self._loop.c_path = 1 if handler == "c" else 0
+        self._loop.missing_plain = 0 if missing_wp else 1
         if regions is not None:
             self._loop.regions = regions.native
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -100,6 +100,18 @@ def classify(m, fstypes):
     return FILE
 
 
+def count_vmas(pid):
+    """Returns how many VMAs pid has: the lines of /proc/PID/maps (cheap
+    next to smaps, which walks every page table; counting bytes is ~10x
+    faster than iterating lines once merging has added 100k+ VMAs).
+
+    Raises:
+        OSError (FileNotFoundError, ProcessLookupError): no such process.
+    """
+    with open("/proc/%d/maps" % pid, "rb") as f:
+        return f.read().count(b"\n")
+
+
 def read_maps(pid, tries=5):
     """Returns the mappings of pid, classified, in address order.
 

@@ -27,8 +27,7 @@ import subprocess
 import sys
 import time
 
-from wp import ksm
-from wp import procfs
+from wp import ksm, maps, procfs
 from wp.bench import machine
 
 __all__ = ["add_parser", "run", "main"]
@@ -65,8 +64,7 @@ class _Target:
         return procfs.pss_kb(self.pid)
 
     def vmas(self):
-        with open("/proc/%d/maps" % self.pid) as f:
-            return sum(1 for _ in f)
+        return maps.count_vmas(self.pid)
 
     def first_write_ns(self, n=2000):
         # Duplicate pages are those with index % 4 in (0, 1): every 4th page.
@@ -393,8 +391,7 @@ class _Redis:
         return procfs.pss_kb(self.pid)
 
     def vmas(self):
-        with open("/proc/%d/maps" % self.pid) as f:
-            return sum(1 for _ in f)
+        return maps.count_vmas(self.pid)
 
     def close(self):
         self.sock.close()

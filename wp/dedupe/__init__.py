@@ -28,9 +28,10 @@ test). Each window is write-protected (sync uffd-wp) *before* it is read,
 so the bytes compared with the store are the bytes that get merged. Then,
 in one ptrace round trip per window, with every other thread of the target
 stopped (ptrace interrupt), and only for pages pagemap still shows present
-and write-protected (the target may have dropped one with MADV_DONTNEED
-since it was read: write protection does not stop that), the target itself
-runs:
+and write-protected and whose bytes, read again then, are exactly what
+they will read once merged (the target may have dropped one with
+MADV_DONTNEED since it was read: write protection does not stop that), the
+target itself runs:
 
 - ``mmap(page, MAP_PRIVATE|MAP_FIXED, store_fd, offset)`` for duplicates: a
   private mapping of one page of the store, a memfd shared by every target;
@@ -137,6 +138,8 @@ and 256 bytes per VMA added), ``vmas_added``,
 ``sharing_breaks``, ``compare_failed``, ``minor_faults``, ``zero_fills``,
 ``remove_events``, ``missing_faults``, ``dropped_meanwhile`` (pages the
 target dropped between our read and the batch: left alone),
+``changed_meanwhile`` (pages present and write-protected whose bytes, read
+again with every thread stopped, were not the ones to merge: left alone),
 ``stopped_ms`` (time the target's threads spent stopped for batches), ``file_backed`` (below), ``store``.
 DedupeProtector.daemon_stats(protectors) sums them for the daemon.
 

@@ -146,10 +146,19 @@ class MergeStage:
     # - A merged run registered on B only after the target runs again could
     #   be dropped meanwhile with no REMOVE event: the next read would map
     #   the store page, not zeros.
-    # So a batch stops every thread of the target (ThreadStop), then keeps
-    # only pages pagemap still shows present *and* write-protected (nothing
-    # dropped or replaced them since the freeze), runs the syscalls, registers
-    # the merged runs on B, and only then lets the threads go.
+    # - Present and write-protected is not proof enough that a page is the
+    #   one the scan read: a page of a merged VMA that the target dropped
+    #   faults back in through B, and whatever maps it there decides its WP
+    #   bit (B's MISSING zeros were write-protected once: the batch then
+    #   mapped old bytes over zeros the target had already read).
+    # So a batch stops every thread of the target (ThreadStop), keeps only
+    # pages pagemap shows present and write-protected, reads those again
+    # and keeps only the ones whose bytes are, now, exactly the bytes they
+    # will read once replaced (the store page, or zeros), runs the syscalls,
+    # registers the merged runs on B, and only then lets the threads go.
+    # With every thread stopped nothing can change a page between that
+    # read and the syscalls: whatever happened since the scan, the target
+    # reads after the batch what it read before it.
 
     def _remote_merge(self, store_runs, zero_runs, spans):
         """Runs the merge batch in the target, every thread of it stopped,
@@ -195,6 +204,8 @@ class MergeStage:
             zero_runs = [r for r in zero_runs if keep(r)]
         store_runs = self._still_frozen(store_runs)
         zero_runs = self._still_frozen(zero_runs, key=False)
+        store_runs = self._same_bytes(store_runs)
+        zero_runs = self._same_bytes(zero_runs, zero=True)
         if not store_runs and not zero_runs:
             return ok_store, ok_zero
         tfd = None
@@ -244,6 +255,45 @@ class MergeStage:
                 self.counters["merge_errors"] += 1
         self._record_merged(ok_store)
         return ok_store, ok_zero
+
+    def _same_bytes(self, runs_, zero=False):
+        """The parts of runs_ [(start, n, idx)] whose pages hold, read now
+        (every thread stopped), the bytes of their store page idx.. (zeros
+        when zero); idx moves with a split. Pages that differ are counted in
+        changed_meanwhile and left alone."""
+        if not runs_:
+            return runs_
+        ps = self.page_size
+        sc = self._scanner
+        addrs, want = [], []
+        for s, n, idx in runs_:
+            addrs.extend(range(s, s + n * ps, ps))
+            want.extend([None] * n if zero else range(idx, idx + n))
+        good = set()
+        i = 0
+        while i < len(addrs):
+            chunk = addrs[i:i + sc.batch]
+            try:
+                n = sc.read(chunk, hash=False)
+            except OSError:
+                n = 0
+            eq = sc.compare(n, self.store._base, want[i:i + n])
+            good.update(a for a, e in zip(chunk, eq) if e)
+            i += n + 1 if n < len(chunk) else n   # an unreadable page is left alone
+        if len(good) == len(addrs):
+            return runs_
+        self.counters["changed_meanwhile"] += len(addrs) - len(good)
+        out = []
+        for s, n, idx in runs_:
+            first = None
+            for k in range(n + 1):
+                ok = k < n and s + k * ps in good
+                if ok and first is None:
+                    first = k
+                elif not ok and first is not None:
+                    out.append((s + first * ps, k - first, idx + first if not zero else idx))
+                    first = None
+        return out
 
     def _record_merged(self, ok_store):
         """Bookkeeping for runs just mapped from the store, and their

@@ -17,7 +17,11 @@ and whose guardian took over).
 - A store page freed (hole punched) can still be covered by a merged VMA
   whose page the target dropped: a fault there is a MISSING fault (shmem
   would otherwise allocate a page in the hole, which the store's next use
-  of that offset fills with other bytes): answered with zeros.
+  of that offset fills with other bytes): answered with zeros, *not*
+  write-protected. A WP bit there made a page the target dropped after a
+  scan read it look still frozen (present and WP, what the merge batch
+  checks): the batch mapped the old bytes over the zeros the target had
+  already read (issue 12's stale page).
 - The kernel hands out pending faults before pending events: a fault
   whose ioctl says EAGAIN (an event pending) is resolved later by a retry
   thread (DEFER), never by waking the writer into the same fault again.
@@ -147,7 +151,7 @@ class Merged:
         self._closed = False
         self.removes = 0
         self.loop = FaultLoop(uffd, Handler("dedupe-merged", self.on_write, self.on_minor),
-                              None, self.on_event, pid=pid,
+                              None, self.on_event, pid=pid, missing_wp=False,
                               page_size=owner.page_size, name="wp-dedupe-b-%d" % pid)
 
     def start(self):

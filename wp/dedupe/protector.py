@@ -16,7 +16,7 @@ All syscalls of one merge batch run in the target in one ptrace round trip
 is done: a write to a merged page makes the kernel copy it (a "sharing
 break"), exactly as with KSM.
 
-# Some facts about merging by mmap that this code depends on (DESIGN.md)
+# Some facts about merging by mmap that this code depends on
 - After MADV_DONTNEED a merged page would read the store's bytes again, not
   zeros. So every merged range is registered MODE_MINOR on a uffd of ours
   ("B", with EVENT_REMOVE): DONTNEED sends a REMOVE event first, and the
@@ -163,7 +163,7 @@ class DedupeProtector(ScanStage, PlanStage, MergeStage, FreezeStage, TrackStage,
                              merges=0, merge_batches=0, compare_failed=0, sharing_breaks=0,
                              zero_pages=0, removed_pages=0, unmerged=0, merge_errors=0,
                              map_count_limited=0, taken_over=0, remote_ms=0.0, unmapped=0,
-                             moved_out=0, pass_errors=0, dropped_meanwhile=0,
+                             moved_out=0, pass_errors=0, dropped_meanwhile=0, changed_meanwhile=0,
                              batches_aborted=0, stopped_ms=0.0,
                              scan_cpu_s=0.0, target_sys_s=0.0)
         self.file_report = {}

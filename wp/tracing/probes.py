@@ -7,7 +7,7 @@
     probes.close()
 
 Only tracepoints and USDT probes are used: kprobes and fentry do not work on
-the kernels wp runs on (DESIGN.md). The USDT probes live in the cffi
+the kernels wp runs on (wp/__init__.py, kernel facts). The USDT probes live in the cffi
 extension (wp/_wpffi*.so, native/faultloop.c); bcc attaches them in the
 daemon process, which must have that extension loaded already.
 """
@@ -144,7 +144,7 @@ def btf_member_offset(struct_name, member, path="/sys/kernel/btf/vmlinux"):
     read from its BTF (members of anonymous structs and unions included),
     or None (no BTF, no such struct or member).
 
-    bcc compiles against Debian's older headers (DESIGN.md), whose struct
+    bcc compiles against Debian's older headers (wp/__init__.py), whose struct
     layouts differ from the running kernel's; BTF is the kernel's own.
     """
     import struct as _st
