@@ -490,7 +490,7 @@ def test_zombie_refused(capsys):
     z = subprocess.Popen(["true"])
     try:
         from wp import procfs
-        assert wait_for(lambda: procfs.is_zombie(procfs.stat_fields(z.pid)), 10)
+        wait_until(lambda: procfs.is_zombie(procfs.stat_fields(z.pid)), "pid %d a zombie" % z.pid, 10)
         for cmd in ("enable", "disable", "estimate", "status"):
             code, out, err = wp(capsys, "ksm", cmd, z.pid, *(["--no-daemon"] if cmd in ("enable", "disable") else []))
             assert code == 4 and "zombie" in err, (cmd, err)
