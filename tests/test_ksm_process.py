@@ -507,3 +507,35 @@ def test_estimate_reads_a_traced_process(dd, capsys):
     assert code == 0, err
     assert json.loads(out)["processes"][0]["duplicate_pages"] >= 128
     t.check()
+
+
+def test_enable_says_how_long_ksmd_will_take(ksm_state, dd, capsys):
+    """At the kernel's default pace (100 pages every 20 ms) enable says how
+    long a pass over the process takes; scanning without sleep it says nothing."""
+    t = dd(npages=2048)
+    ksm.write("pages_to_scan", 100)
+    ksm.write("sleep_millisecs", 20)
+    code, out, err = wp(capsys, "ksm", "enable", t.pid, "--start", "--no-daemon")
+    assert code == 0, err
+    assert "ksmd scans 100 pages every 20 ms (~5,000 pages/s)" in err and "second pass" in err
+    ksm.write("sleep_millisecs", 0)
+    code, out, err = wp(capsys, "ksm", "enable", t.pid, "--no-daemon")
+    assert code == 0 and "pages/s" not in err
+    assert wp(capsys, "ksm", "disable", t.pid, "--no-daemon")[0] == 0
+    ksm.restore_knobs()
+
+
+def test_estimate_progress_on_stderr(dd, capsys, monkeypatch):
+    """Progress goes to stderr as pages are read (every 256 MiB; 1 MiB
+    here), for both reads with --interval; --quiet has none."""
+    t = dd(npages=1024)
+    monkeypatch.setattr(ksm_advisor, "PROGRESS_BYTES", 1 << 20)
+    code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--interval", "0.05")
+    assert code == 0, err
+    for what in ("read", "second read"):
+        mib = [int(line.split()[5]) for line in err.splitlines()
+               if line.startswith("wp ksm estimate: pid %d: " % t.pid) and line.endswith(" MiB " + what)]
+        assert mib and mib[-1] >= 4 and mib == sorted(set(mib)), (what, err)
+    assert "KSM_SAVES" in out and "wp ksm estimate" not in out
+    code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--quiet")
+    assert code == 0 and err == ""
