@@ -6,6 +6,7 @@ the uffd-wp bit in /proc/PID/pagemap, the bytes the target reads back, the
 thread ids the kernel put in each fault — never on our own bookkeeping alone.
 """
 import ctypes
+import gc
 import mmap
 import os
 import subprocess
@@ -22,7 +23,7 @@ from wp.errors import BadRange, BadRequest, UnsupportedMemory
 from wp.faults import FaultLoop
 from wp.maps import read_maps
 from wp.pagemap import UFFD_WP
-from wp.protector import WriteProtector
+from wp.protector import Fault, Unprotect, WriteProtector
 from wp.protectors.dedupe import DedupeProtector
 from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector
@@ -225,6 +226,54 @@ def test_fork_not_followed_child_writes_freely(memtarget, sessions, kind):
     assert t.read(2) == (0x24, 0x24 * ps)
 
 
+class Keeper(WriteProtector):
+    """Keeps every Fault (as trace does) and answers the first with
+    Unprotect of its page and the next one: the decision wp._faultpy
+    hands back to Python."""
+    name = "keeper"
+
+    def __init__(self, page_size):
+        self.faults = []
+        self.ps = page_size
+
+    def on_write(self, fault):
+        self.faults.append(fault)
+        if len(self.faults) == 1:
+            return Unprotect(fault.page, 2 * self.ps)
+        return None                 # the default, as UNPROTECT
+
+
+@pytest.mark.parametrize("kind", ["anon", "memfd", "hugetlb"])
+def test_fault_fields_and_a_range_decision(memtarget, sessions, kind):
+    """The Fault built in C (native/faultpy.c) carries what the kernel
+    said, stays intact once kept, and a decision other than the default
+    reaches the kernel: Unprotect(page, 2 pages) leaves the next page
+    writable without a fault."""
+    t = memtarget(kind, 4)
+    ps = t.page_size
+    prot = Keeper(ps)
+    before = time.monotonic_ns()
+    s = sessions(t, prot)
+    tid = t.write(0, 0x41)
+    assert t.wp_bits() == [False, False, True, True]
+    t.write(1, 0x42)               # unprotected with page 0: no fault
+    tid2 = t.write(3, 0x43)
+    after = time.monotonic_ns()
+    gc.collect()
+    (f0, f3) = prot.faults
+    for f, page, writer in ((f0, 0, tid), (f3, 3, tid2)):
+        assert (f.page, f.tid, f.pid, f.kind, f.kind_code) == (t.page(page), writer, t.pid, "wp", 0)
+        assert f.page <= f.addr < f.page + ps
+        assert f.flags & lib.UFFD_PAGEFAULT_FLAG_WP and f.flags & lib.UFFD_PAGEFAULT_FLAG_WRITE
+        assert before < f.t_read_ns < after
+        assert f.region is s.regions[0] and f.region_id == s.regions[0].id
+    assert type(f0) is Fault and len(f0) == 8 and f0 == Fault(*f0)
+    assert t.wp_bits() == [False, False, True, False]
+    st = settled(s, resolved=2)
+    assert (st["faults"], st["callback_errors"], st["resolve_errors"]) == (2, 0, 0)
+    assert [t.read(i)[0] for i in range(4)] == [0x41, 0x42, 0, 0x43]
+
+
 # -- 3. a protector that raises ----------------------------------------------
 
 
@@ -344,7 +393,7 @@ import sys
 sys.path.insert(0, %r)
 from wp.maps import read_maps
 from wp.errors import NotRoot
-from wp.protector import WriteProtector
+from wp.protector import Fault, Unprotect, WriteProtector
 from wp.protectors.dedupe import DedupeProtector
 from wp.protectors.snapshot import SnapshotProtector
 from wp.protectors.trace import TraceProtector

@@ -14,7 +14,8 @@ entering Python at all and only returns for the other events.
 - On the same CPU everything the handler does is on the writer's clock:
   the Python turn of a fault (the GIL taken and given back, the Fault, the
   callback) adds to each write what the C handler does not pay, which is
-  why a fault crosses from C to Python once and as a plain unpack.
+  why a write fault's Python turn is driven from C (native/faultpy.c):
+  the Fault built there, on_write called from there.
 - Non-cooperative events (fork, remap, remove, unmap) block the target thread
   that caused them until the message is read, so the loop must keep reading.
 """
@@ -26,7 +27,7 @@ import struct
 import threading
 import time
 
-from wp import procfs
+from wp import _faultpy, procfs
 from wp._native import check, ffi, lib
 from wp.protector import DEFER, KINDS, UNPROTECT, WAKE, Fault, Unprotect, regions_by_id
 
@@ -43,12 +44,14 @@ EVENT_NAMES = {
 }
 _HOW_UNPROTECT = lib.WP_HOW_UNPROTECT
 _HOW_WAKE = lib.WP_HOW_WAKE
-_STEP_WRITE, _STEP_EVENT, _STEP_MINOR, _STEP_SLOW, _STEP_TIMED = (
-    lib.WP_STEP_WRITE, lib.WP_STEP_EVENT, lib.WP_STEP_MINOR, lib.WP_STEP_SLOW, lib.WP_STEP_TIMED)
+_STEP_EVENT, _STEP_MINOR, _STEP_SLOW = lib.WP_STEP_EVENT, lib.WP_STEP_MINOR, lib.WP_STEP_SLOW
 assert [KINDS[k] for k in (lib.WP_KIND_WP, lib.WP_KIND_MINOR, lib.WP_KIND_MISSING)] == ["wp", "minor", "missing"]
 # struct wp_fault's first eight fields (native/wp.h), in Fault's order.
 _FAULT = struct.Struct("=QQQQQIII")
 assert _FAULT.size == ffi.offsetof("struct wp_fault", "pad") and len(Fault._fields) == 8
+# What wp._faultpy.run returns besides wp_loop_step's codes, and the step it calls.
+_DECIDE, _RAISED = _faultpy.DECIDE, _faultpy.RAISED
+_STEP_FN = ffi.addressof(lib, "wp_loop_step")
 # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns: callback times for wp trace.
 _now_ns = time.monotonic_ns
 _region_ids = itertools.count(1)
@@ -294,54 +297,32 @@ class FaultLoop:
     def _steps(self):
         """Hands each fault to the protector; returns once stopped.
 
-        A fault's way through Python, written for speed (wp bench faults:
-        on a machine whose fault round trip takes 3 us, each bytecode
-        counts): one C call (it resolves the previous fault as loop->fault
-        says and hands out the next: a message read and decoded, its region
-        found and counted, duplicates woken), the Fault made from it in one
-        unpack, the callback. The decision in loop->fault is preset to the
-        default (unprotect the page; map it, for a minor fault) and written
-        only when the callback chose another. A callback timed for wp trace
-        --callbacks costs two clock reads (WP_STEP_TIMED); the USDT probe
-        (--usdt) and a forked child's first fault take the careful path
-        (WP_STEP_SLOW).
+        A write fault's way (wp bench faults: on a machine whose fault
+        round trip takes 3 us, each bytecode counts) never reaches this
+        Python loop: wp._faultpy.run (native/faultpy.c) steps the C loop
+        (wp_loop_step resolves the previous fault as loop->fault says and
+        hands out the next: a message read and decoded, its region found
+        and counted, duplicates woken), builds the Fault and calls on_write
+        itself, and returns here only for the rest: a decision other than
+        the default (unprotect the page), a callback that raised, events,
+        minor faults, the careful path (the USDT probe, --usdt, and a
+        forked child's first fault: WP_STEP_SLOW). A callback timed for wp
+        trace --callbacks costs it two clock reads (WP_STEP_TIMED).
         """
         loop = self._loop
-        step = lib.wp_loop_step
         f = ffi.addressof(loop, "fault")
         head = ffi.buffer(f, _FAULT.size)
-        unpack = _FAULT.unpack_from
-        make, fault_type, unprotect = tuple.__new__, Fault, UNPROTECT
-        on_write = self.protector.on_write
-        write, minor, slow, timed = _STEP_WRITE, _STEP_MINOR, _STEP_SLOW, _STEP_TIMED
-        # The callback's start and end, for the resolve note (--callbacks).
-        times = memoryview(ffi.buffer(ffi.addressof(f, "t_cb_enter_ns"), 16)).cast("B").cast("Q")
-        now = _now_ns
+        args = (int(ffi.cast("uintptr_t", loop)), int(ffi.cast("uintptr_t", _STEP_FN)),
+                self.protector.on_write, Fault, UNPROTECT)
+        run = _faultpy.run
         while True:
-            n = step(loop)
-            if n == write:
-                fault = make(fault_type, unpack(head))
-                try:
-                    decision = on_write(fault)
-                except Exception as err:  # the writer must not stay blocked
-                    self._callback_raised(fault, err)
-                    continue
-                if decision is not unprotect and decision is not None:
-                    self._decide(f, decision)
-            elif n == timed:
-                fault = make(fault_type, unpack(head))
-                t_enter = now()
-                try:
-                    decision = on_write(fault)
-                except Exception as err:
-                    self._callback_raised(fault, err)
-                    decision = None
-                times[1] = now()
-                times[0] = t_enter
-                if decision is not unprotect and decision is not None:
-                    self._decide(f, decision)
-            elif n == minor or n == slow:
-                self._careful(f, make(fault_type, unpack(head)))
+            n, fault, what = run(*args)
+            if n == _DECIDE:
+                self._decide(f, what)
+            elif n == _RAISED:
+                self._callback_raised(fault, what)
+            elif n == _STEP_MINOR or n == _STEP_SLOW:
+                self._careful(f, Fault._make(_FAULT.unpack_from(head)))
             elif n == _STEP_EVENT:
                 self._dispatch_other(ffi.addressof(loop, "other"))
             elif n in (-errno.ECANCELED, -errno.EPIPE):
