@@ -28,6 +28,7 @@ from wp.tracing import probes, records, report
 from wp.tracing.trace import Tracer
 
 from conftest import needs_bcc
+from fixtures_core import MemTarget
 
 N = 16
 
@@ -64,9 +65,8 @@ def write_pages(p, n, value, after_each=None):
 
 def spawn_memtarget(target_bin, spawn, npages):
     """Returns (process, pid, addr, length, page size, its two uffds)."""
-    p = spawn([target_bin("memtarget"), "anon", str(npages)])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    return p, int(pid), int(addr, 16), int(length, 16), int(psize), [int(u1), int(u2)]
+    t = MemTarget(spawn([target_bin("memtarget"), "anon", str(npages)]), npages)
+    return t.proc, t.pid, t.addr, t.length, t.page_size, t.uffds
 
 
 @pytest.fixture
