@@ -350,6 +350,47 @@ static int resume_regs(struct wp_remote *r, int req, enum want want, struct wp_r
 
 /* ---- attach, inject, detach --------------------------------------------- */
 
+/* Waits for the first stop after our interrupt: our interrupt trap, or the
+ * group stop of a task that job control had stopped. get_signal() handles
+ * traps before it dequeues signals, so a signal-delivery-stop should not
+ * come first; if one does, let the signal through and interrupt again.
+ * -ESRCH with WP_REMOTE_GONE set: the thread exited. */
+static int first_stop(struct wp_remote *r, int *status)
+{
+	int ret;
+
+	for (;;) {
+		ret = wp_remote_wait(r->tid, r->timeout_ms, status);
+		if (ret < 0)
+			return ret;
+		r->stops++;
+		if (WIFEXITED(*status) || WIFSIGNALED(*status)) {
+			r->flags |= WP_REMOTE_GONE;
+			return -ESRCH;
+		}
+		if ((*status >> 16) == PTRACE_EVENT_STOP)
+			return 0;
+		if (ptrace(PTRACE_CONT, r->tid, 0, (long)WSTOPSIG(*status)) < 0 ||
+		    wp_remote_interrupt(r->tid) < 0)
+			return -errno;
+	}
+}
+
+/* Saves what detach puts back: the registers (refusing a 32-bit task) and
+ * the signal mask. */
+static int save_thread_state(struct wp_remote *r)
+{
+	int ret = wp_remote_getregs(r->tid, &r->saved);
+
+	if (ret < 0)
+		return ret;
+	if (r->saved.cs != USER_CS_64)
+		return -EPROTONOSUPPORT;   /* a 32-bit (compat) task */
+	if (ptrace(PTRACE_GETSIGMASK, r->tid, sizeof(r->sigmask), &r->sigmask) < 0)
+		return -errno;
+	return 0;
+}
+
 int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
 {
 	char path[64];
@@ -374,44 +415,17 @@ int wp_remote_attach(struct wp_remote *r, int pid, int tid, int timeout_ms)
 	ret = wp_remote_interrupt(tid);
 	if (ret < 0)
 		goto fail_detach;
-
-	/* The first stop: our interrupt trap, or the group stop of a task that
-	 * job control had stopped. get_signal() handles traps before it
-	 * dequeues signals, so a signal-delivery-stop should not come first;
-	 * if one does, let the signal through and interrupt again. */
-	for (;;) {
-		ret = wp_remote_wait(tid, timeout_ms, &status);
-		if (ret < 0)
-			goto fail_detach;
-		r->stops++;
-		if (WIFEXITED(status) || WIFSIGNALED(status)) {
-			r->flags |= WP_REMOTE_GONE;
-			ret = -ESRCH;
-			goto fail_close;
-		}
-		if ((status >> 16) == PTRACE_EVENT_STOP)
-			break;
-		if (ptrace(PTRACE_CONT, tid, 0, (long)WSTOPSIG(status)) < 0 ||
-		    wp_remote_interrupt(tid) < 0) {
-			ret = -errno;
-			goto fail_detach;
-		}
-	}
+	ret = first_stop(r, &status);
+	if (ret == -ESRCH && (r->flags & WP_REMOTE_GONE))
+		goto fail_close;
+	if (ret < 0)
+		goto fail_detach;
 	r->flags |= WP_REMOTE_STOPPED | WP_REMOTE_AT_TRAP;
 	if (WSTOPSIG(status) != SIGTRAP)
 		r->flags |= WP_REMOTE_GROUP_STOP;
-
-	ret = wp_remote_getregs(tid, &r->saved);
+	ret = save_thread_state(r);
 	if (ret < 0)
 		goto fail_detach;
-	if (r->saved.cs != USER_CS_64) {
-		ret = -EPROTONOSUPPORT;   /* a 32-bit (compat) task */
-		goto fail_detach;
-	}
-	if (ptrace(PTRACE_GETSIGMASK, tid, sizeof(r->sigmask), &r->sigmask) < 0) {
-		ret = -errno;
-		goto fail_detach;
-	}
 	return 0;
 
 fail_detach:
@@ -598,6 +612,51 @@ static int requeue_held(struct wp_remote *r)
 	return 0;
 }
 
+/* Back to a trap in get_signal() (see the top of this file) before the
+ * registers go back. If the thread sits at a syscall-exit stop or the
+ * blob's signal stop, PTRACE_INTERRUPT sets TIF_SIGPENDING and the thread
+ * traps before returning to user mode. The registers written first are the
+ * original ones with the restart done by hand and orig_rax = -1: harmless
+ * should the thread ever reach user mode before trapping. */
+static int back_to_trap(struct wp_remote *r)
+{
+	struct wp_regs regs = r->saved;
+	int ret;
+
+	if ((int64_t)regs.orig_rax >= 0) {
+		switch ((int64_t)regs.rax) {
+		case -512: case -513: case -514:
+			regs.rax = regs.orig_rax;
+			regs.rip -= 2;
+			break;
+		case -516:
+			regs.rax = SYS_restart_syscall;
+			regs.rip -= 2;
+			break;
+		}
+		regs.orig_rax = (uint64_t)-1;
+	}
+	ret = wp_remote_setregs(r->tid, &regs);
+	if (ret == 0)
+		ret = wp_remote_interrupt(r->tid);
+	if (ret == 0)
+		ret = resume(r, PTRACE_CONT, WANT_TRAP);
+	return ret;
+}
+
+/* Held signals the thread could not queue itself (an RT queue over
+ * RLIMIT_SIGPENDING?): sent from here, once it is detached, with our
+ * siginfo. */
+static void send_unqueued(struct wp_remote *r)
+{
+	for (int i = 0; i < r->nheld; i++) {
+		int sig = ((siginfo_t *)r->held)[i].si_signo;
+		if (syscall(SYS_tgkill, r->pid, r->tid, sig) < 0)
+			kill(r->pid, sig);
+	}
+	r->nheld = 0;
+}
+
 int wp_remote_detach(struct wp_remote *r)
 {
 	int ret = 0;
@@ -634,33 +693,8 @@ int wp_remote_detach(struct wp_remote *r)
 		requeued = 1;
 	}
 
-	/* Back to a trap in get_signal() (see the top of this file) before the
-	 * registers go back. If the thread sits at a syscall-exit stop or the
-	 * blob's signal stop, PTRACE_INTERRUPT sets TIF_SIGPENDING and the
-	 * thread traps before returning to user mode. The registers written
-	 * first are the original ones with the restart done by hand and
-	 * orig_rax = -1: harmless should the thread ever reach user mode
-	 * before trapping. */
 	if (!(r->flags & WP_REMOTE_AT_TRAP)) {
-		struct wp_regs regs = r->saved;
-		if ((int64_t)regs.orig_rax >= 0) {
-			switch ((int64_t)regs.rax) {
-			case -512: case -513: case -514:
-				regs.rax = regs.orig_rax;
-				regs.rip -= 2;
-				break;
-			case -516:
-				regs.rax = SYS_restart_syscall;
-				regs.rip -= 2;
-				break;
-			}
-			regs.orig_rax = (uint64_t)-1;
-		}
-		ret = wp_remote_setregs(r->tid, &regs);
-		if (ret == 0)
-			ret = wp_remote_interrupt(r->tid);
-		if (ret == 0)
-			ret = resume(r, PTRACE_CONT, WANT_TRAP);
+		ret = back_to_trap(r);
 		if (ret < 0)
 			goto out;
 	}
@@ -670,14 +704,7 @@ int wp_remote_detach(struct wp_remote *r)
 	if (ret == 0 && ptrace(PTRACE_DETACH, r->tid, 0, 0) < 0)
 		ret = -errno;
 	r->flags &= ~(WP_REMOTE_STOPPED | WP_REMOTE_AT_TRAP);
-	/* Held signals the thread could not queue itself (an RT queue over
-	 * RLIMIT_SIGPENDING?): sent from here, with our siginfo. */
-	for (int i = 0; i < r->nheld; i++) {
-		int sig = ((siginfo_t *)r->held)[i].si_signo;
-		if (syscall(SYS_tgkill, r->pid, r->tid, sig) < 0)
-			kill(r->pid, sig);
-	}
-	r->nheld = 0;
+	send_unqueued(r);
 out:
 	r->flags &= ~(WP_REMOTE_STOPPED | WP_REMOTE_AT_TRAP);
 	if (r->memfd >= 0)

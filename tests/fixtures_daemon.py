@@ -1,6 +1,6 @@
 """Fixtures for tests that go through wpd and the wp client: a wpd of our
-own on a private socket, the wp client run against it, and memtarget
-processes driven line by line.
+own on a private socket, the wp client run against it, and a check that a
+target was left as it was. (memtarget processes: fixtures_core.)
 
 Import them into a test module with ``from fixtures_daemon import ...``
 (pytest puts tests/ on sys.path), as fixtures_core is used.
@@ -14,57 +14,13 @@ import tempfile
 
 import pytest
 
-from wp import pagemap
-
 from fixtures_core import proc_status, wait_until
 
-__all__ = ["ROOT", "WP", "WPD", "Target", "memtarget", "wpd", "wp", "slurp", "proc_status",
-           "assert_untouched"]
+__all__ = ["ROOT", "WP", "WPD", "wpd", "wp", "slurp", "assert_untouched"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WP = [sys.executable, "-m", "wp.cli"]
 WPD = [sys.executable, "-m", "wp.daemon"]
-
-
-class Target:
-    """A memtarget process: one mapping, driven line by line."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        words = proc.stdout.readline().split()
-        assert words[0] == "ready", words
-        self.pid = int(words[1])
-        self.addr = int(words[2], 16)
-        self.length = int(words[3], 16)
-        self.page_size = int(words[4])
-
-    def cmd(self, line):
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().split()
-
-    def write(self, idx, val):
-        out = self.cmd("w %d %d" % (idx, val))
-        assert out[0] == "done", out
-        return int(out[1])
-
-    def read(self, idx):
-        out = self.cmd("r %d" % idx)
-        return int(out[2]), int(out[3])
-
-    def page(self, idx):
-        return self.addr + idx * self.page_size
-
-    def wp_bits(self):
-        with pagemap.Pagemap(self.pid) as pm:
-            return [bool(e & pagemap.UFFD_WP) for e in pm.entries(self.addr, self.length // 4096)]
-
-
-@pytest.fixture
-def memtarget(target_bin, spawn):
-    def start(kind="anon", npages=16, *extra):
-        return Target(spawn([target_bin("memtarget"), kind, str(npages), *extra]))
-    return start
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from fixtures_core import wait_ready, wait_syscall, wait_until
-from fixtures_daemon import proc_status, wp, wpd  # noqa: F401 (wpd is a fixture)
+from fixtures_core import proc_status, wait_ready, wait_syscall, wait_until
+from fixtures_daemon import wp, wpd  # noqa: F401 (wpd is a fixture)
 
 READ = 0
 

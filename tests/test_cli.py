@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from fixtures_daemon import ROOT, WP, assert_untouched, memtarget, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_core import memtarget  # noqa: F401 (a fixture)
+from fixtures_daemon import ROOT, WP, assert_untouched, wp, wpd  # noqa: F401 (fixtures)
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

@@ -5,15 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-
 from conftest import needs_bcc
-from fixtures_core import eventually
-
-from fixtures_daemon import ROOT, WP, Target, assert_untouched, memtarget, proc_status, slurp, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_core import (MemTarget, eventually, memtarget, proc_status, wait_state,  # noqa: F401
+                           wait_until)
+from fixtures_daemon import ROOT, WP, assert_untouched, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 
 def test_attach_trace_detach(wpd, memtarget):
@@ -36,7 +34,7 @@ def test_attach_trace_detach(wpd, memtarget):
     assert_untouched(t)
     assert t.read(0) == (50, 50 * 4096)
     assert t.read(9) == (10, 10 * 4096)
-    assert t.cmd("q") == []
+    t.send("q")     # it exits without a word
     assert t.proc.wait(5) == 0
 
 
@@ -166,10 +164,7 @@ def test_main_thread_exited_is_refused(wpd, target_bin, spawn, tmp_path):
     threads run on."""
     p = spawn([target_bin("rt_zombie_leader")])
     assert p.stdout.readline().startswith("ready")
-    deadline = time.monotonic() + 5
-    while slurp("/proc/%d/stat" % p.pid).rsplit(")", 1)[1].split()[0] != "Z":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_state(p.pid, "Z")      # the leader, a zombie; its threads run on
     for cmd in (["attach", p.pid], ["snapshot", p.pid, "-o", tmp_path / "core"],
                 ["track", p.pid, "--interval", "0.2", "--count", "1"]):
         r = wp(wpd, *cmd, check=False)
@@ -227,10 +222,8 @@ def test_exec_drops_the_session(wpd, tmp_path):
         wp(wpd, "attach", p.pid, "-o", "exact=true", "--region", "anon")
         p.stdin.write("go\n")
         p.stdin.flush()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and json.loads(wp(wpd, "status", "--json").stdout)["targets"]:
-            time.sleep(0.1)
-        assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+        wait_until(lambda: json.loads(wp(wpd, "status", "--json").stdout)["targets"] == [],
+                   "wpd dropping the target", 10)
         assert "pid %d executed a new program (sleep)" % p.pid in slurp(wpd.logfile)
         assert p.poll() is None and proc_status(p.pid)["TracerPid"].strip() == "0"
         r = wp(wpd, "stats", p.pid, check=False)
@@ -273,13 +266,10 @@ def test_target_exit_while_protected(wpd, memtarget):
     t = memtarget("anon", 4)
     wp(wpd, "attach", t.pid, "-o", "exact=true", "--region", "anon")
     t.write(0, 1)
-    t.cmd("q")
+    t.send("q")
     assert t.proc.wait(5) == 0
-    for _ in range(50):
-        if not json.loads(wp(wpd, "status", "--json").stdout)["targets"]:
-            break
-        time.sleep(0.1)
-    assert json.loads(wp(wpd, "status", "--json").stdout)["targets"] == []
+    wait_until(lambda: json.loads(wp(wpd, "status", "--json").stdout)["targets"] == [],
+               "wpd dropping the target", 5)
     # its last stats stay with wpd (wp stats after a `wp run` program ended)
     st = json.loads(wp(wpd, "stats", t.pid, "--json").stdout)
     assert st["ended"] == "exited" and st["faults"] >= 1
@@ -427,7 +417,7 @@ def test_attach_non_root_target(wpd, readable_wp, spawn, strict_userfaultfd):
     # unprivileged userfaultfd for the one injected call and puts it back.
     p = spawn([readable_wp.binary("memtarget"), "anon", "4"], cwd="/", user=65534, group=65534,
               extra_groups=[])
-    t = Target(p)
+    t = MemTarget(p, 4)
     from wp.remote import SYS, RemoteProcess
     with RemoteProcess(t.pid) as rp:   # what the kernel says without wp's help
         assert rp.syscall_raw(SYS["userfaultfd"], os.O_CLOEXEC) == -errno.EPERM
@@ -586,9 +576,8 @@ def test_writes_after_dontneed_seen_through_wpd(wpd, memtarget, protector, mode)
 
     def seen():
         return json.loads(wp(wpd, "stats", t.pid, "--json").stdout)[key]
-    deadline = time.monotonic() + 5
-    while seen() < 2 * n and time.monotonic() < deadline:
-        time.sleep(0.1)     # async: wpd's scanner reports per interval
+    # async: wpd's scanner reports per interval
+    wait_until(lambda: seen() >= 2 * n, lambda: "%d of %d writes seen" % (seen(), 2 * n))
     assert seen() == 2 * n
     assert t.cmd("S 0 2") == ["same", str(n)]
     assert t.cmd("D") == ["ok"] and t.cmd("S 0 0") == ["same", str(n)]

@@ -16,12 +16,13 @@ import time
 
 import pytest
 
-from wp import pagemap
+from wp import pagemap, procfs
 from wp.dedupe.store import STORE_NAME, Store
 from wp.protectors.dedupe import DedupeProtector
 from wp.session import Session
 from wp.space import ProcessSpace
 
+from fixtures_core import wait_until
 from fixtures_dedupe import DD, PS, dd, pattern  # noqa: F401  (the dd fixture)
 
 @pytest.fixture
@@ -368,16 +369,10 @@ class WpdLike:
         self.proc.wait(10)
         self.proc.stdout.close()
         self.proc.stdin.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with open("/proc/%d/stat" % self.guardian) as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        return
-            except FileNotFoundError:
-                return
-            time.sleep(0.05)
-        pytest.fail("guardian %d still running" % self.guardian)
+        def ended():
+            fields = procfs.stat_fields(self.guardian)
+            return fields is None or procfs.is_zombie(fields)
+        wait_until(ended, "guardian %d ending" % self.guardian, 30)
 
 
 def test_wpd_killed_guardian_unmerges(dd, tmp_path):
@@ -480,10 +475,7 @@ def test_redis_servers_holding_same_data(spawn, dedupe, tmp_path):
     assert [cli(sock, "DEBUG", "DIGEST") for _, sock in servers] == digest
     sock0 = servers[0][1]
     assert cli(sock0, "BGSAVE") == "Background saving started"
-    for _ in range(200):
-        if "bgsave_in_progress:0" in cli(sock0, "INFO", "persistence"):
-            break
-        time.sleep(0.05)
+    wait_until(lambda: "bgsave_in_progress:0" in cli(sock0, "INFO", "persistence"), "BGSAVE done", 10)
     assert "rdb_last_bgsave_status:ok" in cli(sock0, "INFO", "persistence")
     assert cli(sock0, "DEBUG", "RELOAD") == "OK"
     assert cli(sock0, "DEBUG", "DIGEST") == digest[0]
@@ -570,17 +562,14 @@ def test_scanner_thread_merges_and_stops(dd):
     s = Session(ProcessSpace.attached(t.pid), prot, regions=["anon"])
     s.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and prot.stats()["pages_merged"] < 1024:
-            time.sleep(0.05)
+        wait_until(lambda: prot.stats()["pages_merged"] >= 1024, lambda: "1024 pages merged: %s" % prot.stats(),
+                   20)
         st = prot.stats()
         assert st["pages_merged"] >= 1024 and st["error"] is None
         assert st["knobs"]["cpu_budget"] == 0.5
         assert t.check() == 0
         # Idle: the wait between passes doubles up to max_interval.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and prot.stats()["pass_interval_s"] < 0.4:
-            time.sleep(0.05)
+        wait_until(lambda: prot.stats()["pass_interval_s"] >= 0.4, "passes backing off to 0.4 s", 20)
         assert prot.stats()["pass_interval_s"] == 0.4
         # Two pages written alike: the next pass sees them change (back to
         # interval), a later one merges them.

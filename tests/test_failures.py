@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-from fixtures_core import eventually
-from fixtures_daemon import assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_core import eventually, memtarget  # noqa: F401 (memtarget is a fixture)
+from fixtures_daemon import assert_untouched, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 
 def cmd(t, line, timeout=10):

@@ -6,12 +6,11 @@ says."""
 import os
 import signal
 import subprocess
-import time
 
 from conftest import needs_bcc
-from fixtures_core import eventually
+from fixtures_core import eventually, memtarget, wait_until  # noqa: F401 (memtarget is a fixture)
 from fixtures_dedupe import DD, STORE_NAME
-from fixtures_daemon import ROOT, WP, assert_untouched, memtarget, slurp, wp, wpd  # noqa: F401 (fixtures)
+from fixtures_daemon import ROOT, WP, assert_untouched, slurp, wp, wpd  # noqa: F401 (fixtures)
 
 pytestmark = needs_bcc
 
@@ -141,9 +140,8 @@ def test_kill9_during_dedupe_passes(wpd, target_bin, spawn):
             except subprocess.TimeoutExpired:
                 d.kill()
             assert d.wait(10) == -signal.SIGKILL
-        deadline = time.monotonic() + 20
-        while t.proc.poll() is None and time.monotonic() < deadline and STORE_NAME in _maps(t.pid):
-            time.sleep(0.05)
+        wait_until(lambda: t.proc.poll() is not None or STORE_NAME not in _maps(t.pid),
+                   "the target unmerged by the guardian, or ended", 20)
         if t.proc.poll() is None:
             assert t.check() == 0, "page contents as the target wrote them"
             assert STORE_NAME not in _maps(t.pid), "the guardian unmerged"
@@ -165,9 +163,7 @@ def _wpd(spawn, base, n):
     """Another wpd next to the fixture's, on a socket of its own."""
     sock = "%s.%d" % (base.sock, n)
     p = spawn(WP[:2] + ["wp.daemon", "--socket", sock], stdout=None, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert time.monotonic() < deadline and p.poll() is None
-        time.sleep(0.02)
+    wait_until(lambda: os.path.exists(sock) or p.poll() is not None, "wpd's socket %s" % sock, 10)
+    assert p.poll() is None
     p.sock = sock
     return p

@@ -13,7 +13,9 @@ def knobs_held():
     back: it holds wp.ksm.knob_lock throughout (another suite's KSM test
     would otherwise change them meanwhile)."""
     with ksm.knob_lock():
+        before = ksm.knobs()
         yield
+        assert ksm.knobs() == before
 
 
 def _knobs():

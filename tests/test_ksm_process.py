@@ -28,6 +28,21 @@ pytestmark = pytest.mark.skipif(not ksm.available(), reason="kernel without KSM 
 PAGE = 4096
 
 
+def _held_knobs():
+    """KSM's knobs as they rest: read holding the knob lock (every holder
+    puts back what it changed before it lets go)."""
+    with ksm.knob_lock():
+        return ksm.knobs()
+
+
+@pytest.fixture(autouse=True)
+def knobs_unchanged():
+    """Every test here leaves KSM's knobs as it found them."""
+    before = _held_knobs()
+    yield
+    assert _held_knobs() == before
+
+
 @pytest.fixture
 def ksm_state(tmp_path, monkeypatch):
     """KSM's knobs as found, put back at teardown (run last); fast scanning
@@ -426,11 +441,6 @@ def test_knob_lock_excludes_other_processes_and_nests():
     assert subprocess.run([sys.executable, "-c", probe, ksm.KNOB_LOCK], timeout=30).returncode == 0
 
 
-def _held_knobs():
-    with ksm.knob_lock():    # read when no holder has them changed
-        return ksm.knobs()
-
-
 BENCH_SMALL = ["--keys", "48", "--value-kib", "64", "--distinct", "4", "--pythons", "1"]
 
 
@@ -474,3 +484,69 @@ def test_bench_ksm_puts_every_knob_back(sig, tmp_path):
     from wp import procfs
     alive = lambda k: (lambda f: f is not None and not procfs.is_zombie(f))(procfs.stat_fields(k))  # noqa: E731
     assert [(k, procfs.comm(k)) for k in kids if alive(k)] == []
+
+
+def test_zombie_refused(capsys):
+    z = subprocess.Popen(["true"])
+    try:
+        from wp import procfs
+        wait_until(lambda: procfs.is_zombie(procfs.stat_fields(z.pid)), "pid %d a zombie" % z.pid, 10)
+        for cmd in ("enable", "disable", "estimate", "status"):
+            code, out, err = wp(capsys, "ksm", cmd, z.pid, *(["--no-daemon"] if cmd in ("enable", "disable") else []))
+            assert code == 4 and "zombie" in err, (cmd, err)
+    finally:
+        z.wait()
+
+
+def test_estimate_reads_a_traced_process(dd, capsys):
+    """The estimate stops and injects nothing: a process a debugger holds is
+    read, not refused, and stays as it was."""
+    t = dd(npages=256)
+    with RemoteProcess(t.pid):
+        code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["processes"][0]["duplicate_pages"] >= 128
+    t.check()
+
+
+def test_enable_says_how_long_ksmd_will_take(ksm_state, dd, capsys):
+    """At the kernel's default pace (100 pages every 20 ms) enable says how
+    long a pass over the process takes; scanning without sleep it says nothing."""
+    t = dd(npages=2048)
+    ksm.write("pages_to_scan", 100)
+    ksm.write("sleep_millisecs", 20)
+    code, out, err = wp(capsys, "ksm", "enable", t.pid, "--start", "--no-daemon")
+    assert code == 0, err
+    assert "ksmd scans 100 pages every 20 ms (~5,000 pages/s)" in err and "second pass" in err
+    ksm.write("sleep_millisecs", 0)
+    code, out, err = wp(capsys, "ksm", "enable", t.pid, "--no-daemon")
+    assert code == 0 and "pages/s" not in err
+    assert wp(capsys, "ksm", "disable", t.pid, "--no-daemon")[0] == 0
+    ksm.restore_knobs()
+
+
+def test_estimate_progress_on_stderr(dd, capsys, monkeypatch):
+    """Progress goes to stderr as pages are read (every 256 MiB; 1 MiB
+    here), for both reads with --interval; --quiet has none."""
+    t = dd(npages=1024)
+    monkeypatch.setattr(ksm_advisor, "PROGRESS_BYTES", 1 << 20)
+    code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--interval", "0.05")
+    assert code == 0, err
+    for what in ("read", "second read"):
+        mib = [int(line.split()[5]) for line in err.splitlines()
+               if line.startswith("wp ksm estimate: pid %d: " % t.pid) and line.endswith(" MiB " + what)]
+        assert mib and mib[-1] >= 4 and mib == sorted(set(mib)), (what, err)
+    assert "KSM_SAVES" in out and "wp ksm estimate" not in out
+    code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--quiet")
+    assert code == 0 and err == ""
+
+
+def test_own_process_and_wpd_itself_refused(wpd, capsys):  # noqa: F811
+    """One-shot wp cannot inject into itself; wpd refuses itself and names the one-shot way."""
+    code, out, err = wp(capsys, "ksm", "enable", os.getpid(), "--no-daemon")
+    assert code == 4 and "is this process" in err
+    r = subprocess.run(WP + ["--socket", wpd.sock, "ksm", "enable", str(wpd.pid)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 4 and "is wpd itself" in r.stderr and "--no-daemon" in r.stderr, r.stderr
+    assert not ksm.process_stat(wpd.pid)["ksm_merge_any"]
+    assert not ksm.process_stat(os.getpid())["ksm_merge_any"]

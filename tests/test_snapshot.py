@@ -12,7 +12,6 @@ import shutil
 import struct
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -24,6 +23,7 @@ from wp.session import Session
 from wp.space import ProcessSpace
 
 from conftest import Sweep
+from fixtures_core import memtarget, wait_until  # noqa: F401 (memtarget is a fixture)
 
 NCPU = os.cpu_count()
 
@@ -47,19 +47,6 @@ class Held(SnapshotProtector):
         if self.held == "plain":
             self.go.wait(10)
         super()._copy_plain(p)
-
-
-def memtarget(target_bin, spawn, kind, npages):
-    """A memtarget process: (pid, addr, length, its two uffds, cmd(line) ->
-    the words of its answer)."""
-    p = spawn([target_bin("memtarget"), kind, str(npages)])
-    _, pid, addr, length, _, u1, u2 = p.stdout.readline().split()
-
-    def cmd(line):
-        p.stdin.write(line + "\n")
-        p.stdin.flush()
-        return p.stdout.readline().split()
-    return int(pid), int(addr, 16), int(length, 16), [int(u1), int(u2)], cmd
 
 
 @pytest.fixture
@@ -101,7 +88,7 @@ def read_core_range(path, start, length):
 def test_every_snapshot_holds_one_instant(sweep, tmp_path, kind):
     t = sweep(kind, 2048)
     assert t.cmd("s 0") == ["ok"]
-    time.sleep(0.05)
+    wait_until(lambda: t.swept() > 0, "the target sweeping")
     gens = []
     for i in range(4):
         out = tmp_path / ("snap%d" % i)
@@ -116,17 +103,14 @@ def test_every_snapshot_holds_one_instant(sweep, tmp_path, kind):
     # Later snapshots saw later generations; the target still sweeps.
     assert gens == sorted(gens)
     before = t.swept()
-    deadline = time.monotonic() + 5
-    while t.swept() == before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert t.swept() > before
+    wait_until(lambda: t.swept() > before, "the target sweeping on")
     assert t.cmd("p")[0] == "ok"
 
 
 def test_core_of_sweeping_target_holds_one_instant(sweep, tmp_path):
     t = sweep("anon", 4096)
     assert t.cmd("s 0") == ["ok"]
-    time.sleep(0.05)
+    wait_until(lambda: t.swept() > 0, "the target sweeping")
     core = tmp_path / "core"
     st = snapshot(t.space(), str(core), cpu=NCPU - 1)
     assert st["threads"] == 2 and st["threads_with_registers"] == 2
@@ -194,7 +178,7 @@ def test_shared_file_copied_while_stopped(sweep, tmp_path):
     kinds = {m.kind for m in maps.read_maps(t.pid) if m.start < t.addr + t.length and m.end > t.addr}
     assert kinds == {maps.FILE}, "tmp_path must be on a disk filesystem, not tmpfs"
     assert t.cmd("s 0") == ["ok"]
-    time.sleep(0.05)
+    wait_until(lambda: t.swept() > 0, "the target sweeping")
     out = tmp_path / "raw"
     st = snapshot(t.space(), str(out), regions=[t.range()], raw=True, cpu=NCPU - 1)
     assert st["stop_ms"] is not None and not st["warnings"]
@@ -224,7 +208,7 @@ def test_async_memory_copied_late_is_flagged(sweep, tmp_path):
 
 
 @pytest.mark.parametrize("rewrite", [False, True])
-def test_pages_dropped_during_the_copy(target_bin, spawn, tmp_path, rewrite):
+def test_pages_dropped_during_the_copy(memtarget, tmp_path, rewrite):
     """MADV_DONTNEED of pages the copier has not reached. The REMOVE event
     comes before the zap but lets the target go as soon as it is read, so
     the snapshot copies the pages from the event where it wins that race;
@@ -232,7 +216,8 @@ def test_pages_dropped_during_the_copy(target_bin, spawn, tmp_path, rewrite):
     and a warning. Never the later bytes: not the zeros the target now
     reads unflagged, not what it wrote after the drop (a MISSING write fault,
     handled after the event)."""
-    pid, addr, length, uffds, cmd = memtarget(target_bin, spawn, "anon", 16)
+    t = memtarget("anon", 16)
+    pid, addr, length, uffds, cmd = t.pid, t.addr, t.length, t.uffds, t.cmd
     ps = 4096
     for i in range(16):
         assert cmd("w %d %d" % (i, 16 + i))[0] == "done"
@@ -271,11 +256,12 @@ def test_pages_dropped_during_the_copy(target_bin, spawn, tmp_path, rewrite):
     assert cmd("w 4 5")[0] == "done" and cmd("r 4")[2:] == ["5", str(5 * ps)]
 
 
-def test_never_populated_pages_are_skipped(target_bin, spawn, tmp_path):
+def test_never_populated_pages_are_skipped(memtarget, tmp_path):
     """Anonymous pages never touched are zeros in the image without being
     read or written (the file stays sparse); one first written after the
     instant is still zeros there."""
-    pid, addr, length, uffds, cmd = memtarget(target_bin, spawn, "anon-unpop", 256)
+    t = memtarget("anon-unpop", 256)
+    pid, addr, length, uffds, cmd = t.pid, t.addr, t.length, t.uffds, t.cmd
     assert cmd("w 5 1")[0] == "done" and cmd("w 40 2")[0] == "done"
     out = tmp_path / "raw"
     prot = Held(str(out), raw=True, chunk=4096)

@@ -6,7 +6,6 @@ of those writes as exactly one `wp` record whose phases add up. The session's
 fault loop writes resolve notes into the tracer's notes map (wp.notes), as
 wpd does for `wp trace`.
 """
-import contextlib
 import csv
 import io
 import json
@@ -29,6 +28,7 @@ from wp.tracing import probes, records, report
 from wp.tracing.trace import Tracer
 
 from conftest import needs_bcc
+from fixtures_core import MemTarget
 
 N = 16
 
@@ -65,9 +65,8 @@ def write_pages(p, n, value, after_each=None):
 
 def spawn_memtarget(target_bin, spawn, npages):
     """Returns (process, pid, addr, length, page size, its two uffds)."""
-    p = spawn([target_bin("memtarget"), "anon", str(npages)])
-    _, pid, addr, length, psize, u1, u2 = p.stdout.readline().split()
-    return p, int(pid), int(addr, 16), int(length, 16), int(psize), [int(u1), int(u2)]
+    t = MemTarget(spawn([target_bin("memtarget"), "anon", str(npages)]), npages)
+    return t.proc, t.pid, t.addr, t.length, t.page_size, t.uffds
 
 
 @pytest.fixture
@@ -528,24 +527,11 @@ def test_ebpf_prints_the_program(capsys):
     assert "-DTARGET_PID=1 " in out
 
 
-@contextlib.contextmanager
 def ksm_scanning():
-    """Kernel KSM scanning fast; its settings restored on exit."""
-    base = "/sys/kernel/mm/ksm/"
-    keys = ("run", "sleep_millisecs", "pages_to_scan")
-    old = {}
-    for k in keys:
-        with open(base + k) as f:
-            old[k] = f.read().strip()
-    try:
-        for k, v in (("pages_to_scan", "1000"), ("sleep_millisecs", "10"), ("run", "1")):
-            with open(base + k, "w") as f:
-                f.write(v)
-        yield
-    finally:
-        for k in reversed(keys):
-            with open(base + k, "w") as f:
-                f.write(old[k])
+    """Kernel KSM scanning fast; its settings restored on exit (holding
+    wp.ksm's knob lock meanwhile, as every test that changes them does)."""
+    from wp import ksm
+    return ksm.KsmSettings(unmerge=False, pages_to_scan=1000, sleep_millisecs=10, run=1)
 
 
 KSM_CHILD = """

@@ -162,7 +162,7 @@ def read_process(pid, progress=None):
                     done_bytes += n * PAGE
                     if progress and done_bytes >= next_report:
                         progress(pid, done_bytes)
-                        next_report += PROGRESS_BYTES
+                        next_report = (done_bytes // PROGRESS_BYTES + 1) * PROGRESS_BYTES
                 if nxt[0] <= addr:
                     break
                 addr = nxt[0]
@@ -342,9 +342,10 @@ def estimate(pids, interval=None, progress=None):
         time.sleep(interval)
         first = reads
         reads = []
+        again = (lambda pid, n: progress(pid, n, "second read")) if progress else None
         for r in first:
             try:
-                reads.append(read_process(r.pid, progress))
+                reads.append(read_process(r.pid, again))
             except NoSuchProcess:
                 reads.append(r)   # gone since: its first read stands
         volatile = [_volatile(a, b) if a is not b else np.zeros(len(a.addrs), dtype=bool)
@@ -383,7 +384,10 @@ def text(est):
     return "\n".join(lines)
 
 
-def progress_printer(stream=sys.stderr):
-    def report(pid, nbytes):
-        print("wp ksm estimate: pid %d: %d MiB read" % (pid, nbytes >> 20), file=stream, flush=True)
+def progress_printer(stream=None):
+    """Returns a progress callback printing to stream (default: sys.stderr
+    as it is when called)."""
+    def report(pid, nbytes, what="read"):
+        print("wp ksm estimate: pid %d: %d MiB %s" % (pid, nbytes >> 20, what), file=stream or sys.stderr,
+              flush=True)
     return report

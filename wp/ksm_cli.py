@@ -182,7 +182,34 @@ def cmd_enable(args, action):
     if action == "enable" and not res.get("started") and ksm.read("run") != 1:
         print("ksmd is not running (run=%s): nothing merges until `wp ksm start` (or --start)"
               % ksm.read("run"), file=sys.stderr)
+    elif action == "enable":
+        pace = _pace(args.pid)
+        if pace:
+            print(pace, file=sys.stderr)
     return EXIT_OK
+
+
+def _pace(pid):
+    """How long ksmd will take over pid at its knobs as set, or None when
+    it scans without sleeping. ksmd scans pages_to_scan pages, sleeps
+    sleep_millisecs, and merges a page on its second pass at the earliest
+    (the first only records its checksum): at the kernel's defaults (100
+    pages every 20 ms) a few hundred MiB take a minute, which looks like
+    nothing happening."""
+    from wp import procfs
+    k = ksm.knobs()
+    if not k.get("sleep_millisecs"):
+        return None
+    try:
+        pages = int(procfs.status(pid).get("RssAnon", "0 kB").split()[0]) * 1024 // os.sysconf("SC_PAGESIZE")
+    except OSError:
+        return None
+    rate = k["pages_to_scan"] * 1000.0 / k["sleep_millisecs"]
+    per_pass = pages / rate
+    return ("ksmd scans %d pages every %d ms (~%s pages/s): pid %d's %s anonymous pages take ~%.0f s a pass, "
+            "and a page merges on its second pass at the earliest (~%.0f s); `wp ksm start -o pages_to_scan=N` "
+            "scans faster" % (k["pages_to_scan"], k["sleep_millisecs"], format(int(rate), ","), pid,
+                              format(pages, ","), per_pass, 2 * per_pass))
 
 
 def cmd_start(args):

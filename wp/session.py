@@ -105,6 +105,62 @@ def _mode_for(kind, force_async, what):
     return "sync" if kind in _maps.SYNC_KINDS else "async"
 
 
+def _named_mappings(spec, mappings, pid):
+    """The mappings a named region (all, anon, shmem, hugetlb, file:PATH)
+    takes: writable ones but special memory, or every mapping of the file."""
+    writable = [m for m in mappings if m.writable and m.kind != _maps.SPECIAL]
+    if spec == "all":
+        return writable
+    if spec == "anon":
+        return [m for m in writable if m.kind == _maps.PRIVATE_ANON]
+    if spec == "shmem":
+        return [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM, _maps.SYSV_SHM)]
+    if spec == "hugetlb":
+        return [m for m in writable if m.kind == _maps.HUGETLB]
+    if spec.startswith("file:"):
+        path = os.path.realpath(spec[5:])
+        chosen = [m for m in mappings if m.path in (path, spec[5:])]
+        if not chosen:
+            raise BadRange("%s is not mapped in pid %d (see /proc/%d/maps)" % (spec[5:], pid, pid))
+        return chosen
+    raise BadRange("unknown region %r: use all, anon, shmem, hugetlb, file:PATH or START-END" % spec)
+
+
+def _range_region(spec, mappings, pid, mode):
+    """The Region of a START-END range: aligned to the pages there, mapped
+    throughout, of one kind of memory, and protectable in mode."""
+    start, end = _parse_range(spec) if isinstance(spec, str) else spec
+    what = "%#x-%#x" % (start, end)
+    if end <= start:
+        raise BadRange("empty range %s: END must be above START" % what)
+    covering = [m for m in mappings if m.end > start and m.start < end]
+    psize = max((m.page_size for m in covering), default=4096)
+    if start % psize or end % psize:
+        raise BadRange("range %s is not aligned to the %d kB pages there: round START down "
+                       "to %#x and END up to %#x" % (what, psize // 1024, start - start % psize,
+                                                      -(-end // psize) * psize))
+    pos = start
+    for m in covering:
+        if m.start > pos:
+            break
+        pos = max(pos, m.end)
+    if not covering or pos < end:
+        raise BadRange("range %s is not mapped in pid %d (hole at %#x; see /proc/%d/maps)"
+                       % (what, pid, pos if covering else start, pid))
+    kinds = sorted({m.kind for m in covering})
+    if len(kinds) > 1:
+        raise BadRange("range %s spans %s memory: protect each kind as a separate range"
+                       % (what, " and ".join(kinds)))
+    kind = kinds[0]
+    m0 = covering[0]
+    r_mode = _mode_for(kind, mode == "async", what)
+    if mode == "sync" and kind not in _maps.SYNC_KINDS:
+        raise UnsupportedMemory(
+            "sync write protection needs anonymous, shmem or hugetlbfs memory; %s is a %s "
+            "mapping%s: use async mode (--async)" % (what, kind, " of " + m0.path if m0.path else ""))
+    return Region(start, end, kind, r_mode, m0.path, psize)
+
+
 def resolve_regions(mappings, specs, pid, mode=None):
     """Returns the Regions that specs name, validated against mappings.
 
@@ -118,63 +174,15 @@ def resolve_regions(mappings, specs, pid, mode=None):
         UnsupportedMemory: sync asked for memory that only async can protect,
             or special memory.
     """
-    force_async = mode == "async"
     out = []
-    writable = [m for m in mappings if m.writable and m.kind != _maps.SPECIAL]
     for spec in specs:
         if isinstance(spec, str) and (spec in NAMED_REGIONS or not _looks_like_range(spec)):
-            if spec == "all":
-                chosen = writable
-            elif spec == "anon":
-                chosen = [m for m in writable if m.kind == _maps.PRIVATE_ANON]
-            elif spec == "shmem":
-                chosen = [m for m in writable if m.kind in (_maps.SHARED_ANON, _maps.MEMFD, _maps.SHMEM,
-                                                            _maps.SYSV_SHM)]
-            elif spec == "hugetlb":
-                chosen = [m for m in writable if m.kind == _maps.HUGETLB]
-            elif spec.startswith("file:"):
-                path = os.path.realpath(spec[5:])
-                chosen = [m for m in mappings if m.path in (path, spec[5:])]
-                if not chosen:
-                    raise BadRange("%s is not mapped in pid %d (see /proc/%d/maps)" % (spec[5:], pid, pid))
-            else:
-                raise BadRange("unknown region %r: use all, anon, shmem, hugetlb, file:PATH or START-END"
-                               % spec)
-            for m in chosen:
+            for m in _named_mappings(spec, mappings, pid):
                 what = "%#x-%#x (%s)" % (m.start, m.end, m.path or m.kind)
-                out.append(Region(m.start, m.end, m.kind, _mode_for(m.kind, force_async, what),
+                out.append(Region(m.start, m.end, m.kind, _mode_for(m.kind, mode == "async", what),
                                   m.path, m.page_size))
-            continue
-        start, end = _parse_range(spec) if isinstance(spec, str) else spec
-        what = "%#x-%#x" % (start, end)
-        if end <= start:
-            raise BadRange("empty range %s: END must be above START" % what)
-        covering = [m for m in mappings if m.end > start and m.start < end]
-        psize = max((m.page_size for m in covering), default=4096)
-        if start % psize or end % psize:
-            raise BadRange("range %s is not aligned to the %d kB pages there: round START down "
-                           "to %#x and END up to %#x" % (what, psize // 1024, start - start % psize,
-                                                          -(-end // psize) * psize))
-        pos = start
-        for m in covering:
-            if m.start > pos:
-                break
-            pos = max(pos, m.end)
-        if not covering or pos < end:
-            raise BadRange("range %s is not mapped in pid %d (hole at %#x; see /proc/%d/maps)"
-                           % (what, pid, pos if covering else start, pid))
-        kinds = sorted({m.kind for m in covering})
-        if len(kinds) > 1:
-            raise BadRange("range %s spans %s memory: protect each kind as a separate range"
-                           % (what, " and ".join(kinds)))
-        kind = kinds[0]
-        m0 = covering[0]
-        r_mode = _mode_for(kind, force_async, what)
-        if mode == "sync" and kind not in _maps.SYNC_KINDS:
-            raise UnsupportedMemory(
-                "sync write protection needs anonymous, shmem or hugetlbfs memory; %s is a %s "
-                "mapping%s: use async mode (--async)" % (what, kind, " of " + m0.path if m0.path else ""))
-        out.append(Region(start, end, kind, r_mode, m0.path, psize))
+        else:
+            out.append(_range_region(spec, mappings, pid, mode))
     # Overlapping specs (e.g. "all" and a range) would register twice.
     out.sort(key=lambda r: r.start)
     for a, b in zip(out, out[1:]):
@@ -332,40 +340,11 @@ class Session:
                 if u is None:
                     continue    # new since the first read, of a mode no uffd was opened for
                 try:
-                    try:
-                        u.register(r.start, r.length, self._register_mode(r))
-                    except OSError as err:
-                        # Mapped again just as it was (allocators reuse
-                        # addresses) by the time the error is looked at?
-                        # Then once more, before believing the error.
-                        if not (last and err.errno in (errno.EINVAL, errno.ENOMEM)
-                                and not self.protector.fixed_regions and not self._moved(r)):
-                            raise
-                        u.register(r.start, r.length, self._register_mode(r))
+                    self._register(u, r, last)
                 except OSError as err:
-                    moved = err.errno in (errno.EINVAL, errno.ENOMEM)
-                    if moved and self.protector.fixed_regions and self._moved(r):
-                        raise LayoutChanged(
-                            "pid %d mapped or unmapped memory at %#x-%#x while wp was protecting it: "
-                            "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
-                    if moved and not last:
+                    if self._register_failed(r, err, last):
                         changed.append(r)
-                        continue
-                    if moved and not self.protector.fixed_regions and not self._explicit(r):
-                        # Still moving after as many reads (a mapping the
-                        # target keeps unmapping and mapping again): left
-                        # out; refresh() protects it if it stays.
-                        log.warning("pid %d: %#x-%#x kept changing while being protected: left out "
-                                    "for now (%s)", self.pid, r.start, r.end, err)
-                        continue
-                    why = err
-                    if err.errno == errno.EBUSY:
-                        # A VMA takes one userfaultfd at a time.
-                        why = ("another userfaultfd has it registered already (wpd, another wp "
-                               "snapshot or track, or the program's own): if wpd is attached to pid "
-                               "%d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
-                    raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
-                                            % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
+                    continue
                 try:
                     self._protect(u, r.start, r.length)
                 except OSError as err:
@@ -397,6 +376,52 @@ class Session:
         self.regions = list(registered)
         self.regions.sort(key=lambda r: r.start)
         self._index()
+
+    def _register(self, u, r, last):
+        """UFFDIO_REGISTER of region r on u. On the last attempt, a range the
+        target mapped again just as it was (allocators reuse addresses) by
+        the time the error is looked at is registered once more before the
+        error is believed."""
+        try:
+            u.register(r.start, r.length, self._register_mode(r))
+        except OSError as err:
+            if not (last and err.errno in (errno.EINVAL, errno.ENOMEM)
+                    and not self.protector.fixed_regions and not self._moved(r)):
+                raise
+            u.register(r.start, r.length, self._register_mode(r))
+
+    def _register_failed(self, r, err, last):
+        """Decides about region r that UFFDIO_REGISTER refused with err:
+        returns True to try it again after the maps are read anew, False to
+        leave it out (with a warning; refresh() may protect it later).
+
+        Raises:
+            LayoutChanged: r moved and the protector has fixed_regions.
+            UnsupportedMemory: the kernel will not register r (the error
+                says why, and what to do about another uffd holding it).
+        """
+        moved = err.errno in (errno.EINVAL, errno.ENOMEM)
+        if moved and self.protector.fixed_regions and self._moved(r):
+            raise LayoutChanged(
+                "pid %d mapped or unmapped memory at %#x-%#x while wp was protecting it: "
+                "nothing was changed; try again" % (self.pid, r.start, r.end)) from err
+        if moved and not last:
+            return True
+        if moved and not self.protector.fixed_regions and not self._explicit(r):
+            # Still moving after as many reads (a mapping the target keeps
+            # unmapping and mapping again): left out; refresh() protects
+            # it if it stays.
+            log.warning("pid %d: %#x-%#x kept changing while being protected: left out "
+                        "for now (%s)", self.pid, r.start, r.end, err)
+            return False
+        why = err
+        if err.errno == errno.EBUSY:
+            # A VMA takes one userfaultfd at a time.
+            why = ("another userfaultfd has it registered already (wpd, another wp "
+                   "snapshot or track, or the program's own): if wpd is attached to pid "
+                   "%d (wp status), detach it first (wp detach %d)" % (self.pid, self.pid))
+        raise UnsupportedMemory("cannot register %#x-%#x (%s %s) for %s write protection: %s"
+                                % (r.start, r.end, r.kind, r.path, r.mode, why)) from err
 
     #: How long a WRITEPROTECT may keep saying EAGAIN before start gives up.
     EAGAIN_TIMEOUT = 5.0

@@ -127,6 +127,49 @@ class _TraceProcess:
             self.proc.wait()
 
 
+def _write_round(w, name, tracer, handler, spin, hcpu):
+    """Writes w's pages once under a fresh trace session, traced by tracer
+    (None: untraced) with profile name; returns each write's latency."""
+    space = ProcessSpace(w.pid, w.take_uffd)
+    s = Session(space, TraceProtector(exact=True), regions=[(w.addr, w.addr + w.length)],
+                handler=handler, spin=spin, cpu=hcpu)
+    with s:
+        if tracer:
+            tracer.resume()
+            s.set_trace(tracer.notes_map(), **PROFILES[name][1])
+        try:
+            return w.write()
+        finally:
+            if tracer:
+                tracer.pause()
+
+
+def _overhead(st, un, medians, untraced_medians):
+    """A profile's overhead over untraced writes, in percent."""
+    # Each round's traced median over the untraced one just before it:
+    # the machine's slow drifts cancel out.
+    paired = [t / u - 1 for t, u in zip(medians, untraced_medians)]
+    return {"overhead_pct_median": round((st["us_median"] / un["us_median"] - 1) * 100, 1),
+            "overhead_pct_mean": round((st["us_mean"] / un["us_mean"] - 1) * 100, 1),
+            "overhead_pct_paired": round(statistics.median(paired) * 100, 1),
+            "overhead_pct_rounds": [round(x * 100, 1) for x in paired]}
+
+
+def _records_seen(rs, meta, expected):
+    """What a profile's tracer recorded: wp's records against those
+    expected, events lost, and the traced latency and phases' medians."""
+    recs = [r for r in rs if r["kind"] == "wp"]
+    st = {"wp_records": len(recs), "expected_records": expected, "lost": meta.get("lost", 0)}
+    tl = sorted(r["latency_ns"] for r in recs if r.get("latency_ns"))
+    if tl:
+        st["trace_latency_us_median"] = round(statistics.median(tl) / 1000, 3)
+        names = sorted({p for r in recs for p in r.get("phases", {})})
+        st["trace_phases_us_median"] = {
+            p: round(statistics.median(r["phases"].get(p, 0) for r in recs) / 1000, 3)
+            for p in names}
+    return st
+
+
 def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_PROFILES,
         settle=3.0, progress=None):
     """Returns the comparison as a dict (see the module docstring). Each
@@ -158,21 +201,9 @@ def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_
             if progress:
                 progress("round %d/%d" % (rnd + 1, rounds))
             for name in ("untraced",) + tuple(profiles):
-                tracer = tracers.get(name)
-                space = ProcessSpace(w.pid, w.take_uffd)
-                s = Session(space, TraceProtector(exact=True), regions=[(w.addr, w.addr + w.length)],
-                            handler=handler, spin=spin, cpu=hcpu)
-                with s:
-                    if tracer:
-                        tracer.resume()
-                        s.set_trace(tracer.notes_map(), **PROFILES[name][1])
-                    try:
-                        got = w.write()
-                    finally:
-                        if tracer:
-                            tracer.pause()
-                    lat[name].extend(got)
-                    round_medians[name].append(statistics.median(got))
+                got = _write_round(w, name, tracers.get(name), handler, spin, hcpu)
+                lat[name].extend(got)
+                round_medians[name].append(statistics.median(got))
         results = {name: tracers.pop(name).stop() for name in profiles}
     finally:
         w.close()
@@ -186,26 +217,9 @@ def run(pages=2048, rounds=20, where="same", handler="python", profiles=DEFAULT_
            "tracer_cpus": sorted(tracer_cpus) or None, "handler": handler, "pages": pages,
            "rounds": rounds, "settle_s": settle, "untraced": un, "profiles": {}}
     for name in profiles:
-        rs, meta = results[name]
-        recs = [r for r in rs if r["kind"] == "wp"]
         st = _stats(lat[name])
-        st["overhead_pct_median"] = round((st["us_median"] / un["us_median"] - 1) * 100, 1)
-        st["overhead_pct_mean"] = round((st["us_mean"] / un["us_mean"] - 1) * 100, 1)
-        # Each round's traced median over the untraced one just before it:
-        # the machine's slow drifts cancel out.
-        paired = [t / u - 1 for t, u in zip(round_medians[name], round_medians["untraced"])]
-        st["overhead_pct_paired"] = round(statistics.median(paired) * 100, 1)
-        st["overhead_pct_rounds"] = [round(x * 100, 1) for x in paired]
-        st["wp_records"] = len(recs)
-        st["expected_records"] = 0 if name == "bare" else pages * rounds
-        st["lost"] = meta.get("lost", 0)
-        tl = sorted(r["latency_ns"] for r in recs if r.get("latency_ns"))
-        if tl:
-            st["trace_latency_us_median"] = round(statistics.median(tl) / 1000, 3)
-            names = sorted({p for r in recs for p in r.get("phases", {})})
-            st["trace_phases_us_median"] = {
-                p: round(statistics.median(r["phases"].get(p, 0) for r in recs) / 1000, 3)
-                for p in names}
+        st.update(_overhead(st, un, round_medians[name], round_medians["untraced"]))
+        st.update(_records_seen(*results[name], expected=0 if name == "bare" else pages * rounds))
         if name != "bare":
             st["goal_met"] = st["overhead_pct_paired"] <= 10.0
         out["profiles"][name] = st

@@ -20,6 +20,42 @@ def _us(ns):
     return ns / 1000.0
 
 
+def _phase_slices(r, pid, tid):
+    """Returns (the fault's phase slices laid end to end from its start,
+    {phase: its start in ns})."""
+    ev, phase_start, t = [], {}, r["ts_ns"]
+    for name in PHASES:
+        d = r["phases"].get(name)
+        if d is None:
+            continue
+        phase_start[name] = t
+        if d > 0:
+            ev.append({"ph": "X", "name": name, "cat": "phase", "pid": pid, "tid": tid,
+                       "ts": _us(t), "dur": _us(d)})
+        t += d
+    return ev, phase_start
+
+
+def _daemon_span(r):
+    """Returns (start ns, end ns, name) of the daemon's turn for fault r:
+    its callback if timed (--callbacks), else read to ioctl; None if the
+    record has neither."""
+    times = r.get("times", {})
+    if "cb_enter" in times and "cb_exit" in times:
+        return times["cb_enter"], times["cb_exit"], "on_write"
+    if "read" in times and "ioctl" in times:
+        return times["read"], times["ioctl"], "handle"
+    return None
+
+
+def _flow(flow_id, name, src, dst):
+    """A flow arrow from src to dst, each (pid, tid, ns)."""
+    return [{"ph": "s", "id": flow_id, "name": name, "cat": "flow", "pid": src[0], "tid": src[1],
+             "ts": _us(src[2])},
+            {"ph": "f", "bp": "e", "id": flow_id, "name": name, "cat": "flow", "pid": dst[0],
+             "tid": dst[1], "ts": _us(dst[2])}]
+
+
 def to_trace_events(records, meta=None):
     """Returns the trace-event dict ({"traceEvents": [...]}) of records."""
     meta = meta or {}
@@ -54,43 +90,24 @@ def to_trace_events(records, meta=None):
         t0 = r["ts_ns"]
         ev.append({"ph": "X", "name": "%s fault %s" % (kind, r["addr"]), "cat": "fault", "pid": pid,
                    "tid": tid, "ts": _us(t0), "dur": _us(r["latency_ns"]), "args": args})
-        t = t0
-        phase_start = {}
-        for name in PHASES:
-            d = r["phases"].get(name)
-            if d is None:
-                continue
-            phase_start[name] = t
-            if d > 0:
-                ev.append({"ph": "X", "name": name, "cat": "phase", "pid": pid, "tid": tid,
-                           "ts": _us(t), "dur": _us(d)})
-            t += d
-        times = r.get("times", {})
+        phases, phase_start = _phase_slices(r, pid, tid)
+        ev.extend(phases)
         htid = r.get("handler_tid")
         if not htid or daemon_pid is None:
             continue
         name_thread(daemon_pid, htid, "wp daemon %d" % daemon_pid, "wp-faults %d" % htid)
-        if "cb_enter" in times and "cb_exit" in times:
-            d0, d1, dname = times["cb_enter"], times["cb_exit"], "on_write"
-        elif "read" in times and "ioctl" in times:
-            d0, d1, dname = times["read"], times["ioctl"], "handle"
-        else:
+        span = _daemon_span(r)
+        if span is None:
             continue
+        d0, d1, dname = span
         ev.append({"ph": "X", "name": "%s %s" % (dname, r["addr"]), "cat": "daemon", "pid": daemon_pid,
                    "tid": htid, "ts": _us(d0), "dur": _us(max(d1 - d0, 1)),
                    "args": {"addr": r["addr"], "writer_tid": tid, "decision": r.get("decision")}})
-        # fault -> daemon: starts inside the fault slice, ends at the daemon slice
-        flow += 1
-        ev.append({"ph": "s", "id": flow, "name": "uffd message", "cat": "flow", "pid": pid, "tid": tid,
-                   "ts": _us(t0)})
-        ev.append({"ph": "f", "bp": "e", "id": flow, "name": "uffd message", "cat": "flow",
-                   "pid": daemon_pid, "tid": htid, "ts": _us(d0)})
-        # daemon -> writer: the wakeup, ends in the writer's last phase
+        # fault -> daemon: starts inside the fault slice, ends at the daemon slice;
+        # daemon -> writer: the wakeup, ends in the writer's last phase.
         last = max(phase_start.values()) if phase_start else t0
-        flow += 1
-        ev.append({"ph": "s", "id": flow, "name": "wakeup", "cat": "flow", "pid": daemon_pid, "tid": htid,
-                   "ts": _us(d0)})
-        ev.append({"ph": "f", "bp": "e", "id": flow, "name": "wakeup", "cat": "flow", "pid": pid, "tid": tid,
-                   "ts": _us(last)})
+        ev.extend(_flow(flow + 1, "uffd message", (pid, tid, t0), (daemon_pid, htid, d0)))
+        ev.extend(_flow(flow + 2, "wakeup", (daemon_pid, htid, d0), (pid, tid, last)))
+        flow += 2
     return {"traceEvents": ev, "displayTimeUnit": "ns",
             "otherData": {k: v for k, v in meta.items() if isinstance(v, (int, str, float))}}

@@ -343,8 +343,9 @@ def add_parser(subparsers):
     return p
 
 
-def main(argv=None):
-    """Runs `wp trace`; returns the exit code."""
+def _parse_args(argv):
+    """Returns wp trace's arguments, with pid, interval and count taken from
+    the positional words (bcc's habit: PID [interval [count]], or -p PID)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     pos = list(args.positional)
@@ -356,9 +357,93 @@ def main(argv=None):
         parser.error("usage: wp trace PID [interval [count]] or wp trace -p PID [interval [count]]")
     if pos:
         parser.error("too many arguments: %s" % " ".join(pos))
-    from wp.errors import DaemonUnreachable, NotRoot, WPError
+    return args
+
+
+def _daemon_side(args):
+    """Finds the process that handles the target's faults: wpd (asked over
+    its socket) unless --daemon-pid names another. Sets args.notes and
+    args.syscalls to what can be seen of it; returns (daemon pid, wpd's
+    async regions of the target, whether wpd serves the target)."""
+    from wp.errors import DaemonUnreachable, WPError
+    if args.daemon_pid is not None:
+        if not args.notes and not args.lean:
+            args.syscalls = True     # a uffd handler that is not wp's: see it from outside
+        if args.lean:
+            args.notes = False
+        return args.daemon_pid, [], False
+    try:
+        daemon_pid, async_regions, attached = _wpd_target(args)
+    except (OSError, WPError) as err:
+        raise DaemonUnreachable("cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid"
+                                % err) from None
+    if not attached:
+        print("wp trace: pid %d is not attached to wpd (`wp attach %d` first): only its ordinary "
+              "page faults%s are traced" % (args.pid, args.pid, " and KSM events" if args.ksm else ""),
+              file=sys.stderr)
+    args.notes = attached and not args.lean
+    return daemon_pid, async_regions, attached
+
+
+class _PauseSignals:
+    """SIGUSR1 pauses (the probes detached: no cost to the system), SIGUSR2
+    resumes; each is acknowledged on stderr once done (wp bench trace
+    waits for it). Taken from entry on: one sent during bcc's compile waits
+    for it rather than kill the process (their default action)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __enter__(self):
+        self.wanted = []
+        self._old = [signal.signal(sig, lambda sig, _: self.wanted.append(sig)) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in zip(self.SIGNALS, self._old):
+            signal.signal(sig, handler)
+
+    def apply(self, tracer):
+        """Pauses or resumes tracer as the signals that came ask."""
+        while self.wanted:
+            if self.wanted.pop(0) == signal.SIGUSR1:
+                tracer.pause()
+                print("wp trace: paused (SIGUSR2 resumes)", file=sys.stderr, flush=True)
+            else:
+                tracer.resume()
+                print("wp trace: resumed", file=sys.stderr, flush=True)
+
+
+def _trace_until_done(tracer, args, pause):
+    """Pumps the ring buffer until Ctrl-C, --duration, or count intervals
+    printed; returns how many intervals were printed."""
+    from wp.tracing.report import format_summary, summarize
+    stop = threading.Event()
+    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    deadline = time.monotonic() + args.duration if args.duration else None
+    intervals = 0
+    next_print = time.monotonic() + args.interval if args.interval else float("inf")
+    try:
+        while not stop.is_set():
+            if deadline and time.monotonic() >= deadline:
+                break
+            tracer.pump(100)
+            pause.apply(tracer)
+            if not args.output and time.monotonic() >= next_print:
+                _live_print(tracer, args, format_summary, summarize)
+                intervals += 1
+                next_print += args.interval
+                if args.count and intervals >= args.count:
+                    break
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return intervals
+
+
+def main(argv=None):
+    """Runs `wp trace`; returns the exit code."""
+    args = _parse_args(argv)
+    from wp.errors import NotRoot
     from wp.remote import validate_pid
-    regions = None
     if args.region:
         from wp.session import check_specs
         check_specs(args.region)
@@ -369,91 +454,33 @@ def main(argv=None):
     if os.geteuid() != 0:
         raise NotRoot("tracing the fault path needs root (bcc loads BPF programs): run it as root")
     validate_pid(args.pid)
-    if args.region:
-        regions = _regions(args.pid, args.region)
-    async_regions = []
-    daemon_pid = args.daemon_pid
-    via_wpd = daemon_pid is None
-    if via_wpd:
-        try:
-            daemon_pid, async_regions, attached = _wpd_target(args)
-        except (OSError, WPError) as err:
-            raise DaemonUnreachable("cannot ask wpd for its pid (%s): start wpd, or pass --daemon-pid"
-                                    % err) from None
-        if not attached:
-            print("wp trace: pid %d is not attached to wpd (`wp attach %d` first): only its ordinary "
-                  "page faults%s are traced" % (args.pid, args.pid, " and KSM events" if args.ksm else ""),
-                  file=sys.stderr)
-            via_wpd = False
-        args.notes = attached
-    elif not args.notes and not args.lean:
-        args.syscalls = True     # a uffd handler that is not wp's: see it from outside
-    if args.lean:
-        args.notes = False
+    regions = _regions(args.pid, args.region) if args.region else None
+    daemon_pid, async_regions, via_wpd = _daemon_side(args)
     tracer = Tracer(args.pid, daemon_pid, path=args.output, regions=regions,
                     async_regions=async_regions, ksm=args.ksm, usdt=args.usdt, notes=args.notes,
                     syscalls=args.syscalls, keep=0 if args.output else 1000000, defer=bool(args.output))
-    # SIGUSR1 pauses (the probes detached: no cost to the system), SIGUSR2
-    # resumes; each is acknowledged on stderr once done (wp bench trace
-    # waits for it). Taken from now on: one sent during bcc's compile
-    # waits for it rather than kill the process (their default action).
-    wanted = []
-    usr = (signal.SIGUSR1, signal.SIGUSR2)
-    old_usr = [signal.signal(sig, lambda sig, _: wanted.append(sig)) for sig in usr]
-
-    def restore_usr():
-        for sig, handler in zip(usr, old_usr):
-            signal.signal(sig, handler)
-
-    try:
+    with _PauseSignals() as pause:
         tracer.start()
-    except BaseException:
-        restore_usr()
-        raise
-    asked_wpd = via_wpd and (args.notes or args.usdt != "none")
-    if asked_wpd:
-        _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
-    stop = threading.Event()
-    old = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    deadline = time.monotonic() + args.duration if args.duration else None
-    what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
-    if args.notes and not via_wpd:
-        what += " [notes map: pid %d fd %d]" % (os.getpid(), tracer.probes.notes_fd)
-    if args.output:
-        print("Tracing %s to %s... Hit Ctrl-C to end." % (what, args.output), file=sys.stderr)
-    else:
-        print("Tracing %s... Hit Ctrl-C to end." % what, file=sys.stderr)
-    from wp.tracing.report import format_summary, summarize
-    intervals = 0
-    next_print = time.monotonic() + args.interval if args.interval else float("inf")
-    try:
-        while not stop.is_set():
-            now = time.monotonic()
-            if deadline and now >= deadline:
-                break
-            tracer.pump(100)
-            while wanted:
-                if wanted.pop(0) == signal.SIGUSR1:
-                    tracer.pause()
-                    print("wp trace: paused (SIGUSR2 resumes)", file=sys.stderr, flush=True)
-                else:
-                    tracer.resume()
-                    print("wp trace: resumed", file=sys.stderr, flush=True)
-            if not args.output and time.monotonic() >= next_print:
-                _live_print(tracer, args, format_summary, summarize)
-                intervals += 1
-                next_print += args.interval
-                if args.count and intervals >= args.count:
-                    break
-    finally:
-        signal.signal(signal.SIGINT, old)
-        restore_usr()
-        if tracer.spooled > 100000:
-            print("wp trace: writing %d records to %s..." % (tracer.spooled, args.output), file=sys.stderr)
-        counters = tracer.stop()
+        asked_wpd = via_wpd and (args.notes or args.usdt != "none")
         if asked_wpd:
-            _wpd_trace(args, None, False)
+            _wpd_trace(args, tracer.probes.notes_fd, args.usdt != "none")
+        what = "write faults of pid %d (daemon %s)" % (args.pid, daemon_pid)
+        if args.notes and not via_wpd:
+            what += " [notes map: pid %d fd %d]" % (os.getpid(), tracer.probes.notes_fd)
+        print("Tracing %s%s... Hit Ctrl-C to end." % (what, " to " + args.output if args.output else ""),
+              file=sys.stderr)
+        intervals = 0
+        try:
+            intervals = _trace_until_done(tracer, args, pause)
+        finally:
+            if tracer.spooled > 100000:
+                print("wp trace: writing %d records to %s..." % (tracer.spooled, args.output),
+                      file=sys.stderr)
+            counters = tracer.stop()
+            if asked_wpd:
+                _wpd_trace(args, None, False)
     if not args.output and (args.count is None or intervals < args.count):
+        from wp.tracing.report import format_summary, summarize
         _live_print(tracer, args, format_summary, summarize)
     if args.output:
         print("%d records written to %s, %d events lost" % (tracer.written, args.output,
