@@ -539,3 +539,14 @@ def test_estimate_progress_on_stderr(dd, capsys, monkeypatch):
     assert "KSM_SAVES" in out and "wp ksm estimate" not in out
     code, out, err = wp(capsys, "ksm", "estimate", t.pid, "--quiet")
     assert code == 0 and err == ""
+
+
+def test_own_process_and_wpd_itself_refused(wpd, capsys):  # noqa: F811
+    """One-shot wp cannot inject into itself; wpd refuses itself and names the one-shot way."""
+    code, out, err = wp(capsys, "ksm", "enable", os.getpid(), "--no-daemon")
+    assert code == 4 and "is this process" in err
+    r = subprocess.run(WP + ["--socket", wpd.sock, "ksm", "enable", str(wpd.pid)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 4 and "is wpd itself" in r.stderr and "--no-daemon" in r.stderr, r.stderr
+    assert not ksm.process_stat(wpd.pid)["ksm_merge_any"]
+    assert not ksm.process_stat(os.getpid())["ksm_merge_any"]
