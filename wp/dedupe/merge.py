@@ -12,6 +12,7 @@ MergeStage is a part of DedupeProtector (wp.dedupe.protector). It uses
 ``_freeze``, ``_unfreeze``, ``_still_frozen``; plan.py's ``_runs_for``;
 track.py's ``_region``.
 """
+import bisect
 import logging
 import time
 
@@ -184,6 +185,7 @@ class MergeStage:
                 if stuck:
                     log.error("pid %d: threads %s never stopped; they stay traced", self.pid,
                               sorted(stuck))
+        self._count_merged(ok_store)
         self.counters["remote_ms"] += (time.monotonic() - t0) * 1000
         self.counters["target_sys_s"] += sys_time(self.pid) - sys0
         return ok_store, ok_zero
@@ -254,16 +256,38 @@ class MergeStage:
                 ok_zero.append(run)
             else:
                 self.counters["merge_errors"] += 1
-        self._record_merged(ok_store)
+        self._register_merged(ok_store)
         return ok_store, ok_zero
 
     def _same_bytes(self, runs_, zero=False):
         """The parts of runs_ [(start, n, idx)] whose pages hold, read now
         (every thread stopped), the bytes of their store page idx.. (zeros
         when zero); idx moves with a split. Pages that differ are counted in
-        changed_meanwhile and left alone."""
+        changed_meanwhile and left alone.
+
+        Only runs in a merged VMA (a store mapping when the pass began) are
+        read: in anonymous memory only our freeze sets the WP bit, and the
+        target's DONTNEED drops it with the page, so present and WP (what
+        _still_frozen kept) is proof enough there. In a merged VMA, B maps
+        pages back in at faults, so the bytes are checked."""
         if not runs_:
             return runs_
+        ps = self.page_size
+        vmas = getattr(self, "_store_vmas", None)
+        if vmas is not None:
+            starts = [v[0] for v in vmas]
+            def in_store(s, n):   # vmas are sorted and disjoint
+                k = bisect.bisect_left(starts, s + n * ps) - 1
+                return k >= 0 and vmas[k][1] > s
+            keep = [r for r in runs_ if not in_store(r[0], r[1])]
+            check = [r for r in runs_ if in_store(r[0], r[1])]
+            if not check:
+                return runs_
+        else:
+            keep, check = [], runs_
+        return sorted(keep + self._same_bytes_read(check, zero))
+
+    def _same_bytes_read(self, runs_, zero):
         ps = self.page_size
         sc = self._scanner
         addrs, want = [], []
@@ -296,22 +320,16 @@ class MergeStage:
                     first = None
         return out
 
-    def _record_merged(self, ok_store):
-        """Bookkeeping for runs just mapped from the store, and their
-        registration on B (before the target's threads run again)."""
+    def _register_merged(self, ok_store):
+        """Registers runs just mapped from the store on B, and forgets any
+        removed mark of their pages (every thread of the target stopped:
+        no REMOVE event of theirs can be in flight)."""
         ps = self.page_size
-        refs = self.idx_refs
         removed = self.b.removed
-        with self.lock:
-            for s, n, idx in ok_store:
-                r = self._region(s)
-                base = r.index(s)
-                r.merged[base:base + n] = range(idx + 1, idx + n + 1)
-                for x in range(idx, idx + n):
-                    refs[x] = refs.get(x, 0) + 1
-                if removed:
+        if removed:
+            with self.lock:
+                for s, n, _ in ok_store:
                     removed.difference_update(range(s, s + n * ps, ps))
-            self.store.ref_runs(ok_store)
         register = self.b.uffd.register
         mode = MERGED_MODE
         for s, n, idx in ok_store:
@@ -323,3 +341,18 @@ class MergeStage:
                 except OSError as err:
                     log.warning("pid %d: merged %#x+%d pages but cannot register them: %s",
                                 self.pid, s, n, err)
+
+    def _count_merged(self, ok_store):
+        """Bookkeeping for runs just mapped from the store: which store
+        page each page maps, and the refcounts. Done once the target runs
+        again (it is not what keeps its bytes right), before the batch
+        unfreezes (A's fault loop asks is_merged after that)."""
+        refs = self.idx_refs
+        with self.lock:
+            for s, n, idx in ok_store:
+                r = self._region(s)
+                base = r.index(s)
+                r.merged[base:base + n] = range(idx + 1, idx + n + 1)
+                for x in range(idx, idx + n):
+                    refs[x] = refs.get(x, 0) + 1
+            self.store.ref_runs(ok_store)

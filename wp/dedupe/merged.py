@@ -23,8 +23,10 @@ and whose guardian took over).
   checks): the batch mapped the old bytes over the zeros the target had
   already read (issue 12's stale page).
 - The kernel hands out pending faults before pending events: a fault
-  whose ioctl says EAGAIN (an event pending) is resolved later by a retry
-  thread (DEFER), never by waking the writer into the same fault again.
+  whose ioctl says EAGAIN (an event pending) is left (DEFER) and its
+  writer woken a moment later by another thread, so that it faults again
+  once the loop has read the event; only the loop's thread maps (see
+  Merged._rewake).
 
 # What Merged needs of its owner (DedupeProtector, or Orphan in the guardian)
 ``page_size``; ``lock`` (guards ``frozen`` and our ``removed``);
@@ -144,7 +146,7 @@ class Merged:
         self.missing_faults = 0
         self.deferred = 0       # faults resolved later (EAGAIN)
         self.fill_errors = 0
-        self._deferred = {}     # page -> zero: faults to resolve once EAGAIN clears
+        self._deferred = set()  # pages whose writer _rewake wakes once EAGAIN may have cleared
         self._dlock = threading.Lock()
         self._dcond = threading.Condition(self._dlock)
         self._dthread = None
@@ -193,18 +195,19 @@ class Merged:
     def _fill(self, p, zero):
         """Maps p: fresh zeros if it was removed (or is a hole), the store
         page otherwise. Returns the loop's decision: WAKE once mapped, DEFER
-        if the kernel said EAGAIN (an event is pending: _retry maps it
-        once the loop has read the event). Never the store page for a
+        if the kernel said EAGAIN (an event is pending: _rewake wakes the
+        writer a moment later, and its fault comes again, to be decided
+        here after the loop has read the event). Never the store page for a
         removed page, whatever fails."""
         try:
             self._map(p, zero)
         except BlockingIOError:
             with self._dlock:
-                self._deferred[p] = zero
+                self._deferred.add(p)
                 self._dcond.notify()
                 if self._dthread is None:
-                    self._dthread = threading.Thread(target=self._retry, daemon=True,
-                                                     name="wp-dedupe-retry-%d" % self.pid)
+                    self._dthread = threading.Thread(target=self._rewake, daemon=True,
+                                                     name="wp-dedupe-rewake-%d" % self.pid)
                     self._dthread.start()
             self.deferred += 1
             return DEFER
@@ -216,7 +219,8 @@ class Merged:
 
     def _map(self, p, zero):
         """Resolves the fault at p (raises what the ioctl raises but EEXIST:
-        something is mapped there already)."""
+        something is mapped there already). Runs on the loop's thread only,
+        the thread that reads REMOVE events: see _rewake."""
         ps = self.owner.page_size
         try:
             if zero:
@@ -229,41 +233,36 @@ class Merged:
         except FileExistsError:
             pass
         if zero:
+            # The copy woke the writer already; a DONTNEED it does next
+            # is a REMOVE event this thread reads only after this line.
             with self.owner.lock:
                 self.removed.discard(p)
 
-    def _retry(self):
+    # Why deferred faults are woken, not mapped, by another thread: the
+    # decision (zeros or the store page) and the mark of a removed page
+    # must follow REMOVE events in the order this loop reads them. A
+    # thread of its own that mapped zeros and then forgot the mark could
+    # forget the mark of a DONTNEED the woken writer did meanwhile (its
+    # next read then mapped the store page: old bytes right after
+    # MADV_DONTNEED, issue 12), and one that mapped the store page could
+    # map it after a DONTNEED whose event the loop had read and not yet
+    # handled. Woken, the writer faults again, and this loop decides.
+    def _rewake(self):
         while True:
             with self._dlock:
                 self._dcond.wait_for(lambda: self._deferred or self._closed)
-                if self._closed:
-                    pending = list(self._deferred)
-                    self._deferred.clear()
-                    for p in pending:   # never leave a writer blocked
-                        try:
-                            self.uffd.wake(p, self.owner.page_size)
-                        except OSError:
-                            pass
-                    return
-                items = list(self._deferred.items())
-            kept = False
-            for p, zero in items:
-                try:
-                    self._map(p, zero)
-                except BlockingIOError:
-                    kept = True
-                    continue
-                except OSError as err:
-                    self.fill_errors += 1
-                    log.debug("pid %d: filling %#x: %s", self.pid, p, err)
-                with self._dlock:
-                    self._deferred.pop(p, None)
+                pending = list(self._deferred)
+                self._deferred.clear()
+                closed = self._closed
+            if not closed:
+                time.sleep(0.0002)   # let the loop read the pending event first
+            for p in pending:
                 try:
                     self.uffd.wake(p, self.owner.page_size)
                 except OSError:
                     pass
-            if kept:
-                time.sleep(0.0002)
+            if closed:
+                return
 
     def on_event(self, event):
         name = event["event"]

@@ -36,6 +36,7 @@ class ScanStage:
         t_wall = time.monotonic()
         nvmas, anon, store_vmas = light_maps(self.pid, self.store.inode)
         self._vmas = nvmas
+        self._store_vmas = store_vmas   # merge.py's _same_bytes
         self._limited = False
         self._adopt(anon)
         new = [(s, e) for s, e in anon if (s, e) not in self._skipped
