@@ -155,10 +155,15 @@ static int count_batch(struct wp_loop *loop, struct wp_msg *out, int n)
 int wp_loop_next(struct wp_loop *loop, struct wp_msg *out, int max, int timeout_ms)
 {
 	uint64_t deadline = timeout_ms >= 0 ? wp_now_ns() + timeout_ms * 1000000ull : 0;
-	int n = spin_read(loop, out, max);
-	if (n != 0)
-		return n < 0 ? n : count_batch(loop, out, n);
-	loop->burst = 0;
+	int n;
+	if (timeout_ms != 0) {
+		/* Timeout 0 is a look, not a wait (native/faultpy.c looks with
+		 * the GIL held): no spin, and the burst kept for the wait. */
+		n = spin_read(loop, out, max);
+		if (n != 0)
+			return n < 0 ? n : count_batch(loop, out, n);
+		loop->burst = 0;
+	}
 	for (;;) {
 		int r = wait_readable(loop, timeout_ms);
 		if (r < 0)

@@ -11,9 +11,20 @@
  * from a Python loop, each fault paid a cffi call (its argument and result
  * converted, errno saved and restored), the loop's bytecodes, a
  * struct.unpack and a tuple copy for the Fault, and the decision's tests:
- * ~0.5 us over the C handler. Here the fault costs the GIL taken back after
- * the blocking read (it is released for it, as cffi did), the Fault built in
- * place (one allocation and its ints) and the callback itself.
+ * ~0.5 us over the C handler. Here the fault costs the Fault built in place
+ * (one allocation and its ints) and the callback itself.
+ *
+ * The GIL: a step that waits for the next fault must give it up (cffi gave
+ * it up around every call). But with writer and handler on one CPU the
+ * resolving ioctl wakes the writer, which runs at once, writes the next page
+ * and faults: when the handler runs again the next message is already
+ * queued. So each step first reads without waiting (timeout 0: the same
+ * poll and read a waiting step makes) with the GIL held, and gives the GIL
+ * up only to wait (~0.1 us a fault saved, wp bench faults). So that other
+ * threads (wpd's requests, other targets' fault loops) are not kept off the
+ * GIL by a burst of faults, every WP_RUN_HOLD-th step gives it up anyway:
+ * they wait at most that many faults, not the interpreter's 5 ms switch
+ * interval.
  *
  * Everything else returns to Python (wp.faults.FaultLoop._steps), which
  * handles it as before: events, minor faults, the careful path, a decision
@@ -30,6 +41,9 @@
 /* What run() returns besides wp_loop_step's own codes. */
 #define WP_RUN_DECIDE 100    /* (DECIDE, fault, decision): not the default */
 #define WP_RUN_RAISED 101    /* (RAISED, fault, exception): on_write raised */
+
+/* Steps in a row taken with the GIL held (see run) before one gives it up. */
+#define WP_RUN_HOLD 16
 
 typedef int (*step_fn)(struct wp_loop *);
 
@@ -98,11 +112,21 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 	}
 	PyTypeObject *type = (PyTypeObject *)args[3];
 	struct wp_fault *f = &loop->fault;
+	int held = 0;   /* steps taken without giving the GIL up */
 	for (;;) {
-		int n;
-		Py_BEGIN_ALLOW_THREADS
-		n = step(loop);
-		Py_END_ALLOW_THREADS
+		int n = 0, wait = loop->timeout_ms;
+		if (held < WP_RUN_HOLD) {   /* a message already queued? */
+			loop->timeout_ms = 0;
+			n = step(loop);
+			loop->timeout_ms = wait;
+			held++;
+		}
+		if (n == 0 && wait != 0) {
+			held = 0;
+			Py_BEGIN_ALLOW_THREADS
+			n = step(loop);
+			Py_END_ALLOW_THREADS
+		}
 		if (n != WP_STEP_WRITE && n != WP_STEP_TIMED)
 			return result(n, NULL, NULL);
 		PyObject *fault = make_fault(type, f);
