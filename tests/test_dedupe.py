@@ -156,6 +156,10 @@ def test_munmap_and_mremap_of_merged_ranges(dd, dedupe):
 def test_proc_mem_reads_merged_bytes(dd, dedupe):
     t = dd(256, 4)
     dedupe(t)
+    ents = t.entries()
+    # The duplicates (pages 0 and 1 of each four) are store pages now: what
+    # /proc/PID/mem reads of them comes through the merged mapping.
+    assert all(is_file(ents[i]) for i in range(256) if i % 4 in (0, 1))
     for i in range(256):
         assert t.page(i) == pattern(i, 4), "page %d" % i
 

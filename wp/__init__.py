@@ -25,9 +25,10 @@ that turns -errno into an OSError naming the call)::
     maps, procfs      /proc/PID/maps (regions, kinds); stat, status, comm,
                       threads, children
     pidfd             pidfd_open + pidfd_getfd: another process's fd
-    remote            every ptrace: syscalls injected into a target
-                      (RemoteProcess, SYS), all its threads held
-                      (ThreadStop), one thread stopped for its registers
+    ptrace            ptrace(): all a target's threads held (ThreadStop),
+                      one thread stopped for its registers
+    remote            syscalls injected into a target (RemoteProcess, SYS),
+                      built on native/remote.c
     launch            a process caught at its first instruction (wp run)
     space             a process's memory, local or remote (Space)
     session           one target protected: regions, uffds, events, close
@@ -110,7 +111,7 @@ How each protector keeps the target's semantics
   lands in exactly one interval.
 - snapshot (protectors/snapshot.py): the instant is when protection is
   installed (threads stopped for their registers just before, released
-  right after: remote.stop_thread); a write to a page not yet copied
+  right after: ptrace.stop_thread); a write to a page not yet copied
   copies it first, a background thread copies the rest and unprotects.
   Pages dropped or unmapped before their copy are taken from the REMOVE
   event where the copy wins the race, else named in ``discarded``.
@@ -133,7 +134,7 @@ Kernel facts, by part
 - reading memory a uffd handles (process_vm_readv waits, /proc/PID/mem
   does not): space.py.
 - syscall injection (restart, signals, job control, rseq, seccomp):
-  native/remote.c; stopping every thread: remote.py.
+  native/remote.c; stopping every thread: ptrace.py.
 - the fault path's costs and events: faults.py, native/faultloop.c;
   async WP and MADV_DONTNEED: session.py (scan_written).
 - merging by mmap, copy on write, max_map_count, the store: dedupe's

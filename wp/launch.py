@@ -13,7 +13,7 @@ import signal
 import time
 
 from wp.errors import TargetError
-from wp.remote import (PTRACE_CONT, PTRACE_DETACH, PTRACE_EVENT_EXEC, PTRACE_O_TRACEEXEC,
+from wp.ptrace import (PTRACE_CONT, PTRACE_DETACH, PTRACE_EVENT_EXEC, PTRACE_O_TRACEEXEC,
                        PTRACE_SEIZE, WALL, ptrace)
 
 __all__ = ["seize_for_exec", "stop_at_exec"]

@@ -118,8 +118,11 @@ def read_maps(pid, tries=5):
     The kernel writes smaps a page of text at a time, taking the mmap lock
     for each: a process that maps and unmaps meanwhile (allocators do, all
     the time) can be read half before and half after a change, and two
-    entries then overlap. Such a torn read is read again (up to tries times;
-    the last one is returned as read).
+    entries then overlap. Such a torn read is read again, up to tries times;
+    if the last is torn too, an entry overlapped by the one after it (read
+    before the change, that one after) is left out. The list is stale a
+    moment later anyway: a session registers what it names and reads the
+    maps again where the kernel says the layout moved.
 
     Raises:
         ProcessLookupError / FileNotFoundError: no such process.
@@ -128,7 +131,12 @@ def read_maps(pid, tries=5):
         mappings = _read_smaps(pid)
         if all(a.end <= b.start for a, b in zip(mappings, mappings[1:])):
             return mappings
-    return _read_smaps(pid)
+    out = []
+    for m in _read_smaps(pid):
+        while out and out[-1].end > m.start:
+            out.pop()
+        out.append(m)
+    return out
 
 
 def _read_smaps(pid):

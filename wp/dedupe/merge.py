@@ -3,7 +3,7 @@
 In one ptrace round trip the target itself runs mmap(MAP_PRIVATE|
 MAP_FIXED) of store pages over duplicates, MADV_DONTNEED over zero pages
 and MADV_POPULATE_READ, with every other thread of it stopped
-(wp.remote.ThreadStop); the merged runs are registered on B before the
+(wp.ptrace.ThreadStop); the merged runs are registered on B before the
 threads run again.
 
 MergeStage is a part of DedupeProtector (wp.dedupe.protector). It uses
@@ -20,7 +20,8 @@ from wp.dedupe.merged import MERGED_MODE, retry
 from wp.dedupe.target import (MADV_DONTNEED, MADV_POPULATE_READ, MAP_FIXED, MAP_PRIVATE, remote,
                               store_fd_in, sys_time)
 from wp.pagemap import page_runs
-from wp.remote import SYS, ThreadStop
+from wp.ptrace import ThreadStop
+from wp.remote import SYS
 
 __all__ = ["MergeStage"]
 

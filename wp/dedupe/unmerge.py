@@ -6,7 +6,7 @@ memory again (at detach, for a forked child, and by the guardian).
   it atomically for the target's threads (mremap holds the mmap lock).
 - The target's own MADV_DONTNEED is not a write: write protection does not
   keep it from dropping a page between our read and the mremap. Every
-  thread of the process is stopped (wp.remote.ThreadStop) for the whole
+  thread of the process is stopped (wp.ptrace.ThreadStop) for the whole
   unmerge; a thread inside madvise stops only once madvise returned.
 """
 import logging
@@ -14,7 +14,8 @@ import logging
 from wp import pagemap as _pagemap
 from wp.dedupe.merged import MERGED_MODE, retry, zero_fill
 from wp.dedupe.target import MREMAP_FIXED, MREMAP_MAYMOVE, light_maps, remote
-from wp.remote import SYS, ThreadStop
+from wp.ptrace import ThreadStop
+from wp.remote import SYS
 
 __all__ = ["unmerge_runs"]
 

@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 
-from wp import elfcore, pagemap, procfs, remote
+from wp import elfcore, pagemap, procfs, ptrace
 from wp.errors import BadRange, Failed, UnsupportedMemory
 from wp.protector import UNPROTECT, Unprotect, WriteProtector
 from wp.session import subtract_ranges
@@ -362,7 +362,7 @@ class SnapshotProtector(WriteProtector):
                     break
                 for tid in new:
                     try:
-                        stopped[tid] = remote.stop_thread(tid)
+                        stopped[tid] = ptrace.stop_thread(tid)
                     except OSError as err:
                         failed[tid] = err
             err = failed.get(self.pid)
@@ -374,7 +374,7 @@ class SnapshotProtector(WriteProtector):
                 t = elfcore.Thread(tid)
                 if self.regs:
                     try:
-                        t.regs, t.fpregs, t.xstate = remote.thread_registers(tid)
+                        t.regs, t.fpregs, t.xstate = ptrace.thread_registers(tid)
                     except OSError:
                         pass    # a core without this thread's registers
                 self.threads.append(t)
@@ -387,7 +387,7 @@ class SnapshotProtector(WriteProtector):
                 self._wait_protected()
         finally:
             for tid, s in stopped.items():
-                remote.release_thread(tid, s)
+                ptrace.release_thread(tid, s)
             self.stop_ns = time.monotonic_ns() - t0
         if failed:
             log.debug("pid %d: threads not stopped: %s", self.pid, failed)
